@@ -1,0 +1,63 @@
+"""``python -m runner``: compose the config with Hydra, run the pipeline, print and write the report.
+
+Bad input of any kind ends in one line per problem, ``error: <stage>: ...``, and exit code 2.
+Anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from runner.config import load_config
+from runner.errors import RunnerError
+from runner.pipeline import run
+from runner.report import format_predictions, format_summary, write_outputs
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger("runner")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def app(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    config = load_config(cfg)
+    result = run(config, run_dir)
+    paths = write_outputs(result, run_dir)
+    print(format_summary(result), format_predictions(result), sep="\n\n")
+    print(f"\nWrote {', '.join(paths)} to {run_dir}")
+
+
+def main() -> int:
+    # Let Hydra's own errors (unknown group option, bad override) reach us, to print them in one line.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        app()
+    except RunnerError as e:
+        for line in e.lines:
+            print(f"error: {e.stage}: {line}", file=sys.stderr)
+        return 2
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"error: config: {_one_line(str(e) or str(e.__cause__) or type(e).__name__)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _one_line(message: str) -> str:
+    """Hydra's multi-line messages (a header, then an indented list of options) on one line."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    head, options = [], []
+    for line in lines:
+        (options if head and head[-1].endswith(":") else head).append(line)
+    return " ".join(head) + (" " + ", ".join(options) if options else "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

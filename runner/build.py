@@ -1,0 +1,68 @@
+"""Stage 1: build the model skeleton with every parameter on the meta device.
+
+Parameters cost no memory here. Buffers are built for real on the CPU: they are small,
+and non-persistent ones (causal masks, rotary frequencies) are in no checkpoint, so this
+is the one moment their values can be computed. The dispatcher moves them to their device.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from runner.config import ModelSpec
+from runner.errors import BuildError
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Every ``nn.Parameter`` registered inside this context lands on meta.
+
+    ``nn.Linear(10000, 10000)`` first gets an uninitialised CPU tensor (untouched pages,
+    no real memory), which is swapped for meta before ``reset_parameters`` runs, so even a
+    100B-parameter model builds in seconds.
+    """
+    original = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def import_target(target: str) -> Any:
+    """``runner.zoo.gpt.GPT`` -> the class. Raises BuildError naming ``model.arch._target_``."""
+    module_name, _, attr = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise BuildError(f"model.arch._target_: cannot import {target!r} ({e}); "
+                         "expected an importable nn.Module class such as runner.zoo.gpt.GPT") from e
+
+
+def build_skeleton(spec: ModelSpec) -> nn.Module:
+    """Instantiate ``spec.arch`` with parameters on meta, in eval mode."""
+    target = spec.arch["_target_"]
+    cls = import_target(target)
+    kwargs = {k: v for k, v in spec.arch.items() if k != "_target_"}
+    log.info("Building model <%s> on meta", target)
+    with meta_parameters():
+        try:
+            model = cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise BuildError(f"model.arch: cannot build {target}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise BuildError(f"model.arch._target_: {target} built a {type(model).__name__}, expected an nn.Module")
+    return model.eval().requires_grad_(False)

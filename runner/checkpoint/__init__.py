@@ -1,0 +1,23 @@
+"""Stage 2: find the checkpoint, read its headers, and check its keys against the model.
+
+Each source resolves to safetensors files on disk; tensors are read later, one at a time,
+by the dispatcher.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from runner.checkpoint.files import Checkpoint, TensorEntry, open_safetensors
+from runner.checkpoint.keys import KeyReport, check_keys
+from runner.checkpoint.synthetic import synthetic_checkpoint
+from runner.config import CheckpointSpec, ModelSpec
+
+__all__ = ["Checkpoint", "KeyReport", "TensorEntry", "check_keys", "open_checkpoint"]
+
+
+def open_checkpoint(spec: CheckpointSpec, model_spec: ModelSpec, model: nn.Module) -> Checkpoint:
+    """The checkpoint ``spec`` names, headers read, no tensor loaded."""
+    if spec.source == "synthetic":
+        return open_safetensors(synthetic_checkpoint(spec, model_spec, model), source="synthetic")
+    assert spec.path is not None  # the schema requires it for this source
+    return open_safetensors(spec.path, source=spec.source)

@@ -1,0 +1,124 @@
+"""Safetensors checkpoints on disk: one file, or shards with ``model.safetensors.index.json``.
+
+Only headers are read when a checkpoint is opened; tensors are read one at a time, on
+demand, through file handles kept open for the whole run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from runner.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+class Checkpoint:
+    """The tensors of a safetensors checkpoint, by name, read lazily."""
+
+    def __init__(self, files: list[Path], source: str, revision: str | None = None):
+        self.files = files
+        self.source = source
+        self.revision = revision
+        self._handles = {}
+        self.entries: dict[str, TensorEntry] = {}
+        for file in files:
+            handle = self._open(file)
+            for key in handle.keys():
+                s = handle.get_slice(key)
+                if key in self.entries:
+                    raise CheckpointError(f"{key}: stored twice, in {self.entries[key].file.name} and {file.name}")
+                self.entries[key] = TensorEntry(file, _DTYPES[s.get_dtype()], tuple(s.get_shape()))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype most of its floating-point tensors are stored in."""
+        counts = Counter(e.dtype for e in self.entries.values() if e.dtype.is_floating_point)
+        return counts.most_common(1)[0][0] if counts else torch.float32
+
+    def read(self, key: str) -> torch.Tensor:
+        """One tensor, as stored, in CPU memory."""
+        entry = self.entries[key]
+        try:
+            return self._handles[entry.file].get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{entry.file}: cannot read tensor {key} ({e}); the file may be truncated") from e
+
+    def fingerprint(self) -> dict:
+        return {"source": self.source, "revision": self.revision,
+                "files": [{"path": str(f), "bytes": f.stat().st_size} for f in self.files]}
+
+    def _open(self, file: Path):
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({_one_line(e)}); "
+                                  "re-download or re-export it") from e
+        self._handles[file] = handle
+        return handle
+
+
+def open_safetensors(path: Path, source: str = "local") -> Checkpoint:
+    """A ``.safetensors`` file, a folder of shards (with or without the index), or the index file itself.
+
+    Raises:
+        CheckpointError: the path is missing or holds no safetensors, or the index names a missing shard
+            or a tensor its shard lacks.
+    """
+    if not path.exists():
+        raise CheckpointError(f"checkpoint.path: {path} does not exist; point it at a .safetensors file, "
+                              f"a folder of shards or its {INDEX_NAME}")
+    if path.is_dir() and (path / INDEX_NAME).exists():
+        path = path / INDEX_NAME
+    if path.suffix == ".json":
+        return _from_index(path, source)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"checkpoint.path: {path} holds no .safetensors files")
+        return Checkpoint(files, source)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"checkpoint.path: {path.name} is not a .safetensors file or index; "
+                              "only safetensors checkpoints are read")
+    return Checkpoint([path], source)
+
+
+def _from_index(index: Path, source: str) -> Checkpoint:
+    try:
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid index; expected JSON with a 'weight_map' object") from e
+    files = sorted({index.parent / name for name in weight_map.values()})
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{index}: names shard(s) {', '.join(missing)} that are not in {index.parent}; "
+                              "the download is incomplete")
+    checkpoint = Checkpoint(files, source)
+    absent = [key for key, name in weight_map.items()
+              if key not in checkpoint.entries or checkpoint.entries[key].file.name != name]
+    if absent:
+        raise CheckpointError(f"{index}: lists {len(absent)} tensor(s) its shards do not hold, "
+                              f"e.g. {absent[0]} in {weight_map[absent[0]]}; the index and shards do not match")
+    return checkpoint
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

@@ -1,0 +1,49 @@
+"""Compare a checkpoint's names and shapes with the model on meta, before any memory is allocated."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from torch import nn
+
+from runner.blocks import ModelLayout, tensor_slots
+from runner.checkpoint.files import Checkpoint
+from runner.errors import CheckpointError
+
+MAX_LINES = 20
+
+
+@dataclass(frozen=True)
+class KeyReport:
+    ignored: tuple[str, ...]   # checkpoint keys knowingly skipped: non-persistent buffers, second copies of tied weights
+
+
+def check_keys(checkpoint: Checkpoint, model: nn.Module, layout: ModelLayout) -> KeyReport:
+    """Every tensor the model needs is in the checkpoint with the right shape, and nothing unknown is.
+
+    Raises:
+        CheckpointError: one line per missing, unexpected or mis-shaped tensor.
+    """
+    shapes = {name: tuple(t.shape) for name, _, _, t in tensor_slots(model)}
+    needed = [s for s in shapes if s not in layout.ties and s not in layout.non_persistent]
+    stored = checkpoint.entries
+    errors = []
+    for name in needed:
+        if name not in stored:
+            close = difflib.get_close_matches(name, list(stored), n=1, cutoff=0.7)
+            hint = f"; the closest stored name is {close[0]}" if close else ""
+            errors.append(f"missing tensor {name} (module {name.rpartition('.')[0] or '(root)'}){hint}")
+        elif stored[name].shape != shapes[name]:
+            errors.append(f"shape mismatch for {name}: the checkpoint has {list(stored[name].shape)}, "
+                          f"the model expects {list(shapes[name])}; check the model config against the checkpoint")
+    ignorable = set(layout.ties) | set(layout.non_persistent)
+    ignored = sorted(k for k in stored if k in ignorable)
+    for key in sorted(k for k in stored if k not in shapes):
+        close = difflib.get_close_matches(key, list(shapes), n=1, cutoff=0.7)
+        hint = f"; the closest model name is {close[0]}" if close else ""
+        errors.append(f"unexpected tensor {key} in {stored[key].file.name}: the model has no such parameter{hint}")
+    if errors:
+        more = [f"... and {len(errors) - MAX_LINES} more"] if len(errors) > MAX_LINES else []
+        raise CheckpointError(*errors[:MAX_LINES], *more)
+    return KeyReport(tuple(ignored))
+

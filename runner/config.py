@@ -1,0 +1,160 @@
+"""The config edge: Hydra's DictConfig -> plain dict -> JSON Schema -> frozen dataclasses.
+
+Nothing past this module touches omegaconf; the pipeline takes a ``RunConfig``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from runner.errors import ConfigError
+from runner.schema import schema_errors
+from runner.sizes import parse_size
+
+Strategy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    arch: dict[str, Any]  # `_target_` plus its constructor arguments
+    no_split_module_classes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    source: Literal["synthetic", "local"]
+    path: Path | None = None        # local
+    seed: int = 0                   # synthetic
+    dtype: str = "float32"          # synthetic: the dtype the weights are stored in
+    shard_size: int = 500 * 10**6   # synthetic
+    cache_dir: Path | None = None   # synthetic
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    name: str
+    simulated: bool
+    gpus: dict[str, int] | None     # None: detect the real ones
+    cpu: int | None                 # None: detect the available RAM, less cpu_reserve
+    cuda_context_reserve: int = 0
+    cpu_reserve: int = 0
+
+
+@dataclass(frozen=True)
+class PlacementSpec:
+    strategy: Strategy
+    max_memory: dict[str, int]      # device name -> byte cap; only the devices the user capped
+    device_map: dict[str, str]      # module name -> device, pinned by the user
+    offload_folder: Path | None
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    prompts: tuple[str, ...]
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelSpec
+    checkpoint: CheckpointSpec
+    hardware: HardwareSpec
+    placement: PlacementSpec
+    generation: GenerationSpec
+    dtype: DType
+    seed: int
+    resolved: dict[str, Any] = field(default_factory=dict, compare=False)  # for the report
+
+
+def to_plain(cfg: DictConfig) -> dict[str, Any]:
+    """Resolve every interpolation; a missing mandatory value (``???``) is a config error."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {_first_line(e)}; set it on the command line, e.g. {key}=...") from e
+
+
+def load_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
+    """Validate a composed config against ``schemas/config.schema.json`` and type it.
+
+    Raises:
+        ConfigError: with one line per problem, all found at once.
+    """
+    plain = to_plain(cfg) if isinstance(cfg, DictConfig) else cfg
+    plain.pop("hydra", None)
+    errors = schema_errors(plain, "config")
+    if errors:
+        raise ConfigError(*errors)
+    return _typed(plain)
+
+
+def _typed(c: dict[str, Any]) -> RunConfig:
+    ck, hw = c["checkpoint"], c["hardware"]
+    checkpoint = CheckpointSpec(
+        source=ck["source"],
+        path=_path(ck.get("path")),
+        seed=ck.get("seed", 0),
+        dtype=ck.get("dtype", "float32"),
+        shard_size=parse_size(ck["shard_size"]) if "shard_size" in ck else CheckpointSpec.shard_size,
+        cache_dir=_path(ck.get("cache_dir")),
+    )
+    hardware = HardwareSpec(
+        name=hw["name"],
+        simulated=hw["simulated"],
+        gpus=None if hw["gpus"] == "auto" else {k: parse_size(v) for k, v in hw["gpus"].items()},
+        cpu=None if hw["cpu"] == "auto" else parse_size(hw["cpu"]),
+        cuda_context_reserve=parse_size(hw.get("cuda_context_reserve", "0B")),
+        cpu_reserve=parse_size(hw.get("cpu_reserve", "0B")),
+    )
+    placement = PlacementSpec(
+        strategy=c["placement"]["strategy"],
+        max_memory={_device_name(k): parse_size(v) for k, v in c["max_memory"].items() if v is not None},
+        device_map=_flatten_map(c["device_map"]),
+        offload_folder=_path(c["offload_folder"]),
+    )
+    model = c["model"]
+    return RunConfig(
+        model=ModelSpec(model["name"], dict(model["arch"]), tuple(model["no_split_module_classes"])),
+        checkpoint=checkpoint,
+        hardware=hardware,
+        placement=placement,
+        generation=GenerationSpec(tuple(c["prompts"]), c["max_new_tokens"]),
+        dtype=c["dtype"],
+        seed=c["seed"],
+        resolved=c,
+    )
+
+
+def _device_name(key: str) -> str:
+    """``max_memory`` keys: ``0`` is short for ``cuda:0`` (the command line cannot spell a colon in a key)."""
+    return f"cuda:{key}" if str(key).isdigit() else str(key)
+
+
+def _flatten_map(node: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``+device_map.transformer.h.0=cuda:1`` arrives nested; module names are dotted paths."""
+    flat: dict[str, str] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten_map(value, name + "."))
+        elif isinstance(value, str):
+            flat[name] = value
+        else:
+            raise ConfigError(f"device_map.{name}: {value!r} is not a device; expected cpu, disk or cuda:N")
+    return flat
+
+
+def _path(value: str | None) -> Path | None:
+    return None if value is None else Path(os.path.expandvars(value)).expanduser()
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

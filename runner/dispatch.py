@@ -1,0 +1,106 @@
+"""Stage 5: stream the weights to their devices and hook the blocks so the model runs across them.
+
+Each tensor is read from the checkpoint once, cast to the compute dtype, and assigned
+straight to its final device: no full state dict, no second copy. Tied tensors are
+loaded once and every slot that shares them is pointed at the same tensor.
+
+Hooks sit on block boundaries only. A block's pre-forward hook moves its inputs to the
+device it computes on; blocks planned on disk are streamed in before they run and
+dropped right after (see ``runner.offload``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from runner.blocks import ModelLayout, get_slot, set_slot
+from runner.checkpoint import Checkpoint
+from runner.hardware import Hardware
+from runner.memory import MemoryLedger
+from runner.offload import DiskBlock, prepare_disk_block
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one block's weights live and where it computes."""
+
+    stored: str      # "cuda:0", "cpu" or "disk"
+    compute: str     # a GPU or "cpu": disk blocks compute on the main device
+
+
+def torch_device(name: str, hardware: Hardware) -> torch.device:
+    """The torch device behind a logical one: simulated GPUs are backed by the CPU."""
+    if name.startswith("cuda:") and not hardware.get(name).simulated:
+        return torch.device(name)
+    return torch.device("cpu")
+
+
+def dispatch(model: nn.Module, layout: ModelLayout, block_devices: dict[str, str], hardware: Hardware,
+             checkpoint: Checkpoint, dtype: torch.dtype, offload_folder: Path, ledger: MemoryLedger) -> None:
+    """Load every resident block onto its device, prepare disk blocks, and install the hooks."""
+    for block in layout.blocks:
+        stored = block_devices[block.name]
+        compute = hardware.main_device if stored == "disk" else stored
+        module = model.get_submodule(block.name)
+        target = torch_device(compute, hardware)
+        if stored == "disk":
+            hook: Any = prepare_disk_block(module, block, layout, checkpoint, dtype, offload_folder, target,
+                                           ledger, compute)
+        else:
+            _load_block(model, block.tensors, layout, checkpoint, dtype, target, ledger, stored)
+            hook = None
+        _install_hooks(module, target, hook)
+    for alias, owner in layout.ties.items():  # the owner is loaded by now, wherever it lives
+        set_slot(model, alias, get_slot(model, owner))
+
+
+def _load_block(model: nn.Module, slots: tuple[str, ...], layout: ModelLayout, checkpoint: Checkpoint,
+                dtype: torch.dtype, device: torch.device, ledger: MemoryLedger, stored: str) -> None:
+    for slot in slots:
+        if slot in layout.ties:
+            continue
+        if slot in layout.non_persistent:  # built for real on the CPU by the builder
+            tensor = get_slot(model, slot).to(device)
+        else:
+            tensor = cast_and_move(checkpoint.read(slot), dtype, device)
+        ledger.allocate(stored, layout.tensor_bytes[slot], slot)
+        set_slot(model, slot, tensor)
+
+
+def cast_and_move(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Cast floating tensors to the compute dtype and move: one copy at most, never an fp32 detour."""
+    if tensor.is_floating_point() and tensor.dtype != dtype:
+        # Cast on the smaller side of the move, so no transient copy is bigger than the result.
+        if dtype.itemsize < tensor.dtype.itemsize:
+            return tensor.to(dtype).to(device)
+        return tensor.to(device).to(dtype)
+    return tensor.to(device)
+
+
+def _install_hooks(module: nn.Module, device: torch.device, disk: DiskBlock | None) -> None:
+    def pre_forward(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if disk is not None:
+            disk.load()
+        return _to(args, device), _to(kwargs, device)
+
+    module.register_forward_pre_hook(pre_forward, with_kwargs=True)
+    if disk is not None:
+        module.register_forward_hook(lambda *_: disk.unload())
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True) if value.device != device else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+

@@ -1,0 +1,53 @@
+"""One root error per run, one subclass per stage.
+
+A ``RunnerError`` is bad input, never a bug: ``python -m runner`` prints each of
+its lines as ``error: <stage>: <line>`` and exits with code 2. Anything else that
+escapes is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class RunnerError(Exception):
+    """Bad input found by some stage; ``lines`` holds every finding, one per line."""
+
+    stage = "runner"
+
+    def __init__(self, *lines: str):
+        self.lines = tuple(lines) or ("unknown error",)
+        super().__init__("\n".join(self.lines))
+
+
+class ConfigError(RunnerError):
+    stage = "config"
+
+
+class HardwareError(RunnerError):
+    stage = "hardware"
+
+
+class BuildError(RunnerError):
+    stage = "build"
+
+
+class CheckpointError(RunnerError):
+    stage = "checkpoint"
+
+
+class PlanError(RunnerError):
+    stage = "plan"
+
+
+class MapError(RunnerError):
+    """The device map does not fit the model or the hardware (validate stage)."""
+
+    stage = "device_map"
+
+
+class OffloadError(RunnerError):
+    stage = "offload"
+
+
+class SimulatedOutOfMemory(RunnerError):
+    """A simulated GPU was asked to hold more bytes than its budget."""
+
+    stage = "memory"

@@ -1,0 +1,105 @@
+"""The devices a run may place weights on, each with the byte budget the planner may fill.
+
+Real GPUs are detected through torch; simulated ones are declared in the profile and
+backed by CPU tensors, but carry the same names (``cuda:N``) and budgets, so the
+planner, the hooks and the byte accounting cannot tell them apart.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import psutil
+import torch
+
+from runner.config import HardwareSpec
+from runner.errors import HardwareError
+from runner.sizes import format_bytes
+
+log = logging.getLogger(__name__)
+
+DeviceKind = Literal["gpu", "cpu", "disk"]
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str           # "cuda:0", "cpu" or "disk"
+    kind: DeviceKind
+    budget: int         # bytes of weights the planner may put here
+    simulated: bool = False
+
+    @property
+    def index(self) -> int:
+        """GPU id; sorts GPUs by id, then cpu, then disk (fastest memory first)."""
+        return int(self.name.split(":")[1]) if self.kind == "gpu" else {"cpu": 10**6, "disk": 10**6 + 1}[self.kind]
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    devices: tuple[Device, ...]  # GPUs by ascending id, then cpu, then disk
+
+    @property
+    def gpus(self) -> tuple[Device, ...]:
+        return tuple(d for d in self.devices if d.kind == "gpu")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.devices)
+
+    @property
+    def main_device(self) -> str:
+        """Where disk-offloaded blocks compute and where outputs land: the first GPU, else the CPU."""
+        return self.gpus[0].name if self.gpus else "cpu"
+
+    def get(self, name: str) -> Device:
+        for device in self.devices:
+            if device.name == name:
+                return device
+        raise KeyError(name)
+
+
+def detect_hardware(spec: HardwareSpec, max_memory: dict[str, int], offload_folder: Path) -> Hardware:
+    """Budgets from the profile (or the machine), each replaced by its ``max_memory`` cap when one is set.
+
+    Raises:
+        HardwareError: a GPU the profile names is not on this machine, or ``max_memory``
+            names a device the profile lacks.
+    """
+    gpus = _gpu_budgets(spec)
+    cpu = spec.cpu if spec.cpu is not None else max(psutil.virtual_memory().available - spec.cpu_reserve, 0)
+    devices = [Device(name, "gpu", budget, spec.simulated) for name, budget in gpus.items()]
+    devices.sort(key=lambda d: d.index)
+    devices += [Device("cpu", "cpu", cpu), Device("disk", "disk", _free_disk(offload_folder))]
+    names = [d.name for d in devices]
+    unknown = [name for name in max_memory if name not in names]
+    if unknown:
+        raise HardwareError(*(f"max_memory.{name}: hardware={spec.name} has no device {name}; "
+                              f"its devices are {', '.join(names)}" for name in unknown))
+    devices = [Device(d.name, d.kind, max_memory.get(d.name, d.budget), d.simulated) for d in devices]
+    for d in devices:
+        log.debug("device %s: budget %s%s", d.name, format_bytes(d.budget), " (simulated)" if d.simulated else "")
+    return Hardware(spec.name, tuple(devices))
+
+
+def _gpu_budgets(spec: HardwareSpec) -> dict[str, int]:
+    if spec.simulated:
+        return dict(spec.gpus or {})
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if spec.gpus is None:  # detect: free memory less what the CUDA context will take
+        return {f"cuda:{i}": max(torch.cuda.mem_get_info(i)[0] - spec.cuda_context_reserve, 0) for i in range(count)}
+    missing = [name for name in spec.gpus if int(name.split(":")[1]) >= count]
+    if missing:
+        raise HardwareError(f"hardware.gpus: {', '.join(missing)} not found; this machine has {count} CUDA GPU(s). "
+                            "Use hardware=auto, or a simulated profile such as hardware=sim_2gpu")
+    return dict(spec.gpus)
+
+
+def _free_disk(folder: Path) -> int:
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free

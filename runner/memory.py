@@ -1,0 +1,31 @@
+"""Per-device byte accounting of the weights the runner holds, for real and simulated devices alike.
+
+On simulated GPUs this is the only memory accounting there is, so the ledger enforces
+their budgets: going over raises as a real GPU's allocator would.
+"""
+from __future__ import annotations
+
+from runner.errors import SimulatedOutOfMemory
+from runner.hardware import Hardware
+from runner.sizes import format_bytes
+
+
+class MemoryLedger:
+    def __init__(self, hardware: Hardware):
+        self.budgets = {d.name: d.budget for d in hardware.devices}
+        self._enforced = {d.name for d in hardware.devices if d.simulated}
+        self.current = dict.fromkeys(self.budgets, 0)
+        self.peak = dict.fromkeys(self.budgets, 0)
+
+    def allocate(self, device: str, nbytes: int, what: str) -> None:
+        self.current[device] += nbytes
+        if device in self._enforced and self.current[device] > self.budgets[device]:
+            self.current[device] -= nbytes
+            raise SimulatedOutOfMemory(
+                f"{device} (simulated) is out of memory: {what} needs {format_bytes(nbytes)}, "
+                f"{format_bytes(self.budgets[device] - self.current[device])} of its "
+                f"{format_bytes(self.budgets[device])} budget is free")
+        self.peak[device] = max(self.peak[device], self.current[device])
+
+    def release(self, device: str, nbytes: int) -> None:
+        self.current[device] -= nbytes

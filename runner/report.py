@@ -1,0 +1,131 @@
+"""Stage 7: what a run tells the user: the tables on screen and three schema-checked files.
+
+``device_map.json`` (the map, compact and per block), ``predictions.jsonl`` (one line per
+prompt) and ``report.json`` (timings, bytes per device, checkpoint, versions and the
+resolved config).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+import runner
+from runner.blocks import ModelLayout
+from runner.pipeline import RunResult
+from runner.schema import schema_errors
+from runner.sizes import format_bytes
+from runner.validate import covers
+
+PACKAGES = ("torch", "hydra-core", "omegaconf", "safetensors", "huggingface_hub", "jsonschema", "psutil")
+
+
+def compact_map(block_devices: dict[str, str], layout: ModelLayout) -> dict[str, str]:
+    """The shortest map with the same meaning: a module whose blocks all share a device stands for them."""
+    order = {b.name: i for i, b in enumerate(layout.blocks)}
+    chosen: dict[str, str] = {}
+    for module in sorted(layout.modules | set(block_devices), key=lambda m: (m.count(".") + bool(m), m)):
+        if any(covers(c, module) for c in chosen):
+            continue
+        under = {device for name, device in block_devices.items() if covers(module, name)}
+        if len(under) == 1:
+            chosen[module] = under.pop()
+    first = {m: min(order[b] for b in block_devices if covers(m, b)) for m in chosen}
+    return dict(sorted(chosen.items(), key=lambda kv: first[kv[0]]))
+
+
+def device_map_document(result: RunResult) -> dict:
+    sizes = {b.name: b for b in result.layout.blocks}
+    return {
+        "model": result.config.model.name,
+        "strategy": result.plan.strategy,
+        "device_map": compact_map(result.check.block_devices, result.layout),
+        "blocks": [{"name": name, "class": sizes[name].class_name, "device": device, "bytes": sizes[name].nbytes}
+                   for name, device in result.check.block_devices.items()],
+    }
+
+
+def report_document(result: RunResult) -> dict:
+    cfg = result.config
+    devices = [{
+        "name": d.name, "kind": d.kind, "simulated": d.simulated, "budget": d.budget,
+        "planned_bytes": result.check.loads[d.name], "reserve": result.plan.reserves.get(d.name, 0),
+        "peak_bytes": result.ledger.peak[d.name], "resident_bytes": result.ledger.current[d.name],
+    } for d in result.hardware.devices]
+    return {
+        "runner_version": runner.__version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": cfg.model.name, "target": cfg.model.arch["_target_"], "bytes": result.layout.total_bytes,
+                  "blocks": len(result.layout.blocks)},
+        "dtype": str(result.dtype).removeprefix("torch."),
+        "strategy": result.plan.strategy,
+        "hardware": {"name": result.hardware.name, "main_device": result.hardware.main_device},
+        "devices": devices,
+        "checkpoint": {**result.checkpoint.fingerprint(), "ignored_keys": list(result.keys.ignored)},
+        "warnings": list(result.check.warnings),
+        "timings": result.timings,
+        "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
+        "config": cfg.resolved,
+    }
+
+
+def write_outputs(result: RunResult, run_dir: Path) -> dict[str, Path]:
+    """Write the three files, each checked against its schema first: a mismatch is a bug, never written."""
+    documents = {
+        "device_map.json": (device_map_document(result), "device_map"),
+        "report.json": (report_document(result), "report"),
+    }
+    predictions = [asdict(p) for p in result.predictions]
+    problems = [f"{name}: {e}" for name, (doc, schema) in documents.items() for e in schema_errors(doc, schema)]
+    problems += [f"predictions.jsonl line {i + 1}: {e}" for i, p in enumerate(predictions)
+                 for e in schema_errors(p, "prediction")]
+    if problems:
+        raise RuntimeError("output does not match its schema (a bug in the runner): " + "; ".join(problems))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, (doc, _) in documents.items():
+        paths[name] = _atomic_write(run_dir / name, json.dumps(doc, indent=2) + "\n")
+    lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+    paths["predictions.jsonl"] = _atomic_write(run_dir / "predictions.jsonl", lines)
+    return paths
+
+
+def format_summary(result: RunResult) -> str:
+    """The module table, the per-device table, then warnings: what the user reads first."""
+    compact = compact_map(result.check.block_devices, result.layout)
+    width = max([len(m or "(model)") for m in compact] + [6])
+    lines = [f"{'module':<{width}}  device", f"{'-' * width}  ------"]
+    lines += [f"{module or '(model)':<{width}}  {device}" for module, device in compact.items()]
+    lines += ["", f"{'device':<8} {'blocks':>6} {'planned':>12} {'reserve':>12} {'peak':>12} {'budget':>12}"]
+    counts: dict[str, int] = {}
+    for device in result.check.block_devices.values():
+        counts[device] = counts.get(device, 0) + 1
+    for d in result.hardware.devices:
+        name = d.name + ("*" if d.simulated else "")
+        lines.append(f"{name:<8} {counts.get(d.name, 0):>6} {format_bytes(result.check.loads[d.name]):>12} "
+                     f"{format_bytes(result.plan.reserves.get(d.name, 0)):>12} "
+                     f"{format_bytes(result.ledger.peak[d.name]):>12} {format_bytes(d.budget):>12}")
+    if any(d.simulated for d in result.hardware.devices):
+        lines.append("* simulated: backed by CPU memory, budget enforced by the runner")
+    return "\n".join(lines)
+
+
+def format_predictions(result: RunResult) -> str:
+    return "\n".join(f"[{p.index}] {p.prompt!r} -> {p.completion!r}" for p in result.predictions)
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None

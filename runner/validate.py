@@ -1,0 +1,136 @@
+"""Stage 4: check a device map against the model on meta and the hardware, before any weight is read.
+
+Errors (all found, then raised once): unknown or overlapping names, devices the hardware
+lacks, tensors left uncovered, unsplittable blocks split, tied weights apart, budgets
+exceeded. Warnings: GPU hops that go back along the forward order.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from runner.blocks import ModelLayout
+from runner.errors import MapError
+from runner.hardware import Hardware
+from runner.sizes import format_bytes
+
+
+@dataclass(frozen=True)
+class MapCheck:
+    block_devices: dict[str, str]   # every block -> device, forward order
+    loads: dict[str, int]           # device -> resident bytes
+    warnings: tuple[str, ...]
+
+
+def resolve_pins(pins: dict[str, str], layout: ModelLayout, hardware: Hardware) -> dict[str, str]:
+    """A partial map (module -> device) as block -> device. A pin on a module covers every block under it.
+
+    Raises:
+        MapError: an unknown module or device, overlapping pins, or a pin inside an unsplittable block.
+    """
+    errors = _name_errors(pins, layout, hardware)
+    blocks: dict[str, str] = {}
+    for key, device in pins.items():
+        under = [b.name for b in layout.blocks if covers(key, b.name)]
+        inside = [b for b in layout.blocks if b.name != key and covers(b.name, key)]
+        if inside:
+            errors.append(f"device_map.{key}: it is inside block {inside[0].name} ({inside[0].class_name}), "
+                          f"which cannot be split; pin {inside[0].name or '(the whole model)'} instead")
+        for name in under:
+            blocks[name] = device
+    if errors:
+        raise MapError(*errors)
+    return blocks
+
+
+def check_map(device_map: dict[str, str], layout: ModelLayout, hardware: Hardware,
+              reserves: dict[str, int] | None = None) -> MapCheck:
+    """Validate a full map (module or tensor names -> device) for this model and hardware.
+
+    Raises:
+        MapError: one line per problem found.
+    """
+    errors = _name_errors(device_map, layout, hardware)
+    slot_device: dict[str, str] = {}
+    for slot in layout.tensor_bytes:
+        keys = sorted((k for k in device_map if covers(k, slot)), key=len)
+        if keys:
+            slot_device[slot] = device_map[keys[-1]]
+
+    block_devices: dict[str, str] = {}
+    for block in layout.blocks:
+        devices = sorted({slot_device[s] for s in block.tensors if s in slot_device})
+        uncovered = [s for s in block.tensors if s not in slot_device]
+        target = block.name or 'the key ""'
+        if uncovered:
+            errors.append(f"device_map: {block.name or 'the model'} ({block.class_name}) is not covered: "
+                          f"{', '.join(uncovered[:3])}{' ...' if len(uncovered) > 3 else ''} have no device; "
+                          f"add {target} to the map")
+        elif len(devices) > 1:
+            errors.append(f"device_map: block {block.name} ({block.class_name}) is split across "
+                          f"{' and '.join(devices)}; it cannot be split, map it whole to one device")
+        else:
+            block_devices[block.name] = devices[0]
+
+    for alias, owner in layout.ties.items():
+        a, o = slot_device.get(alias), slot_device.get(owner)
+        if a and o and a != o:
+            errors.append(f"device_map: {alias} is tied to {owner} but they are on {a} and {o}; "
+                          "tied weights must sit on one device")
+
+    loads = {name: 0 for name in hardware.names}
+    for slot, nbytes in layout.tensor_bytes.items():
+        if slot not in layout.ties and slot in slot_device and slot_device[slot] in loads:
+            loads[slot_device[slot]] += nbytes
+    for name, load in loads.items():
+        need = load + (reserves or {}).get(name, 0)
+        budget = hardware.get(name).budget
+        if need > budget:
+            errors.append(f"device_map: {name} holds {format_bytes(need)} but its budget is {format_bytes(budget)} "
+                          f"({format_bytes(need - budget)} over); move blocks off it or raise max_memory.{name}")
+    if errors:
+        raise MapError(*errors)
+    return MapCheck(block_devices, loads, tuple(_hop_warnings(block_devices, layout)))
+
+
+def _hop_warnings(block_devices: dict[str, str], layout: ModelLayout) -> list[str]:
+    """A hop back to a GPU already left, or to a lower GPU id, moves the activations one extra time."""
+    warnings, visited = [], []
+    previous = None
+    for block in layout.blocks:
+        device = block_devices[block.name]
+        if not device.startswith("cuda:"):
+            continue
+        if previous and device != previous[1]:
+            if device in visited or int(device[5:]) < int(previous[1][5:]):
+                why = f" (it shares weights with {block.tied_to})" if block.tied_to else ""
+                warnings.append(f"non-sequential GPU hop {previous[1]} -> {device} between {previous[0]} and "
+                                f"{block.name}{why}: the activations make an extra trip")
+        if device not in visited:
+            visited.append(device)
+        previous = (block.name, device)
+    return warnings
+
+
+def _name_errors(device_map: dict[str, str], layout: ModelLayout, hardware: Hardware) -> list[str]:
+    errors = []
+    names = layout.modules | set(layout.tensor_bytes)
+    for key, device in device_map.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else "module names are dotted paths such as transformer.h.0"
+            errors.append(f"device_map.{key}: the model has no module or tensor named {key!r}; {hint}")
+        if device not in hardware.names:
+            errors.append(f"device_map.{key}: device {device!r} is not in hardware={hardware.name}; "
+                          f"expected one of {', '.join(hardware.names)}")
+    keys = sorted(device_map)
+    for i, key in enumerate(keys):
+        for other in keys[i + 1:]:
+            if key != other and covers(key, other):
+                errors.append(f"device_map: {key} and {other} overlap; map each module once")
+    return errors
+
+
+def covers(key: str, name: str) -> bool:
+    """Whether map key ``key`` covers module or tensor ``name`` ("" covers everything)."""
+    return key == "" or name == key or name.startswith(key + ".")

@@ -1,0 +1,1 @@
+"""The project's own model zoo: plain nn.Modules with Hugging Face-compatible module names."""
