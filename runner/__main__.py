@@ -23,14 +23,19 @@ from runner.report import format_predictions, format_summary, write_outputs
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("runner")
+_failures: list[RunnerError] = []  # a failed job is reported and recorded; a sweep goes on with the next
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def app(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    config = load_config(cfg)
-    result = run(config, run_dir)
-    paths = write_outputs(result, run_dir)
+    try:
+        result = run(load_config(cfg), run_dir)
+        paths = write_outputs(result, run_dir)
+    except RunnerError as e:
+        _print_error(e)
+        _failures.append(e)
+        return
     print(format_summary(result), format_predictions(result), sep="\n\n")
     print(f"\nWrote {', '.join(paths)} to {run_dir}")
 
@@ -40,18 +45,20 @@ def main() -> int:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         app()
-    except RunnerError as e:
-        for line in e.lines:
-            print(f"error: {e.stage}: {line}", file=sys.stderr)
-        return 2
     except (HydraException, OmegaConfBaseException) as e:
         print(f"error: config: {_one_line(str(e) or str(e.__cause__) or type(e).__name__)}", file=sys.stderr)
         return 2
-    return 0
+    return 2 if _failures else 0
+
+
+def _print_error(e: RunnerError) -> None:
+    for line in e.lines:
+        print(f"error: {e.stage}: {line}", file=sys.stderr)
 
 
 def _one_line(message: str) -> str:
     """Hydra's multi-line messages (a header, then an indented list of options) on one line."""
+    message = message.split("Config search path")[0]  # Hydra appends its search path: noise to a user
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     head, options = [], []
     for line in lines:

@@ -54,9 +54,9 @@ def prepare(cfg: RunConfig, run_dir: Path) -> RunResult:
     timings: dict[str, float] = {}
     with _timed(timings, "build"):
         model = build_skeleton(cfg.model)
-    with _timed(timings, "checkpoint"):
-        checkpoint = open_checkpoint(cfg.checkpoint, cfg.model, model)
-    dtype = checkpoint.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    # Headers only; synthetic weights are written after the map is validated, when we know they are needed.
+    checkpoint = None if cfg.checkpoint.source == "synthetic" else open_checkpoint(cfg.checkpoint, cfg.model, model)
+    dtype = _compute_dtype(cfg, checkpoint)
     offload_folder = cfg.placement.offload_folder or run_dir / "offload"
     with _timed(timings, "plan"):
         layout = describe_model(model, cfg.model.no_split_module_classes, dtype)
@@ -69,6 +69,8 @@ def prepare(cfg: RunConfig, run_dir: Path) -> RunResult:
         check = check_map(plan.device_map, layout, hardware, plan.reserves)
         for warning in check.warnings:
             log.warning(warning)
+    with _timed(timings, "checkpoint"):
+        checkpoint = checkpoint or open_checkpoint(cfg.checkpoint, cfg.model, model)
         keys = check_keys(checkpoint, model, layout)
         if keys.ignored:
             log.info("Ignoring checkpoint tensors the model does not load: %s", ", ".join(keys.ignored))
@@ -90,6 +92,13 @@ def run(cfg: RunConfig, run_dir: Path) -> RunResult:
         result.predictions = greedy_generate(result.model, ByteTokenizer(vocab), cfg.generation.prompts,
                                              cfg.generation.max_new_tokens, context)
     return result
+
+
+def _compute_dtype(cfg: RunConfig, checkpoint: Checkpoint | None) -> torch.dtype:
+    """``dtype: auto`` is the checkpoint's own (a synthetic one's is in its spec)."""
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    return checkpoint.dtype if checkpoint else getattr(torch, cfg.checkpoint.dtype)
 
 
 @contextlib.contextmanager
