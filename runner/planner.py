@@ -70,7 +70,7 @@ def plan_device_map(
                             f"raise max_memory.{main_device} or pin fewer blocks there")
         gpu_caps = STRATEGIES[strategy](free, [(d.name, capacity[d.name]) for d in devices if d.kind == "gpu"])
         order = gpu_caps + [(d.name, capacity[d.name]) for d in devices if d.kind != "gpu"]
-        placed = _fill(free, order)
+        placed = _fill(free, order, gpus=len(gpu_caps))
         on_disk = [item.nbytes for item in free if placed[item.names[0]] == "disk"]
         on_disk += [item.nbytes for item in items if item.pin == "disk"]
         if max(on_disk, default=0) <= reserve:
@@ -133,22 +133,46 @@ STRATEGIES = {"sequential": _sequential, "balanced": _balanced, "balanced_low_0"
 
 # -- the shared machinery --------------------------------------------------------------------------------------
 
-def _fill(items: Sequence[_Item], order: GpuCaps) -> dict[str, str]:
-    """Walk the items in order; move to the next device when the current one cannot take the next item."""
+def _fill(items: Sequence[_Item], order: GpuCaps, gpus: int = 0) -> dict[str, str]:
+    """Walk the items in order; move to the next device when the current one cannot take the next item.
+
+    The first ``gpus`` entries of ``order`` are GPUs, the rest offload tiers (CPU, disk). An item
+    bigger than every GPU goes to an offload tier without using up the GPUs, so a huge embedding
+    in front no longer pushes the whole model off the GPUs.
+    """
     placed: dict[str, str] = {}
-    cursor, used = 0, 0
+    used = dict.fromkeys((name for name, _ in order), 0)
+    gpu, tier = 0, gpus  # cursors: the GPU being filled, the offload tier being filled
+
+    def advance(cursor: int, item: _Item, stop: int) -> int:
+        while cursor < stop and used[order[cursor][0]] + item.nbytes > order[cursor][1]:
+            cursor += 1
+        return cursor
+
     for item in items:
-        while cursor < len(order) and used + item.nbytes > order[cursor][1]:
-            cursor, used = cursor + 1, 0
-        if cursor == len(order):
-            raise PlanError(f"block {item.names[0]} ({format_bytes(item.nbytes)}) does not fit on any device "
-                            f"left after the blocks before it; budgets: "
-                            + ", ".join(f"{d} {format_bytes(c)}" for d, c in order)
-                            + "; raise max_memory (disk included) or use a smaller dtype")
-        used += item.nbytes
+        too_big = all(item.nbytes > cap for _, cap in order[:gpus])
+        if gpu < gpus and too_big and used[order[gpu][0]]:
+            gpu += 1  # the GPU's run ends here, so that it stays contiguous
+        if gpu < gpus and not too_big:
+            gpu = advance(gpu, item, gpus)
+        if gpu < gpus and not too_big:
+            device = order[gpu][0]
+        else:
+            tier = advance(tier, item, len(order))
+            if tier == len(order):
+                _no_room(item, order)
+            device = order[tier][0]
+        used[device] += item.nbytes
         for name in item.names:
-            placed[name] = order[cursor][0]
+            placed[name] = device
     return placed
+
+
+def _no_room(item: _Item, order: GpuCaps) -> None:
+    raise PlanError(f"block {item.names[0]} ({format_bytes(item.nbytes)}) does not fit on any device "
+                    f"left after the blocks before it; budgets: "
+                    + ", ".join(f"{d} {format_bytes(c)}" for d, c in order)
+                    + "; raise max_memory (disk included) or use a smaller dtype")
 
 
 def _fits(items: Sequence[_Item], gpus: GpuCaps) -> bool:

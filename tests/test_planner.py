@@ -1,0 +1,172 @@
+"""Exact maps on hand-sized models, for every strategy, with pins, reserves and impossible budgets."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runner.blocks import Block, describe_model
+from runner.build import build_skeleton
+from runner.config import ModelSpec
+from runner.errors import PlanError
+from runner.hardware import Device
+from runner.planner import plan_device_map
+
+DISK = 10**12
+
+
+def block(name: str, nbytes: int, tied_to: str | None = None) -> Block:
+    return Block(name, "Block", nbytes, (f"{name}.weight",), tied_to)
+
+
+# An embedding (40 B) whose weight the head (0 B of its own) shares, four 20 B blocks and a 4 B norm.
+BLOCKS = [block("emb", 40), block("b0", 20), block("b1", 20), block("b2", 20), block("b3", 20), block("norm", 4),
+          block("head", 0, tied_to="emb")]
+
+
+def devices(*gpus: int, cpu: int = 100, gpu_ids: tuple[int, ...] | None = None) -> list[Device]:
+    ids = gpu_ids or tuple(range(len(gpus)))
+    return ([Device(f"cuda:{i}", "gpu", b) for i, b in zip(ids, gpus)]
+            + [Device("cpu", "cpu", cpu), Device("disk", "disk", DISK)])
+
+
+def plan(strategy: str, devs: list[Device], pins: dict[str, str] | None = None, blocks=BLOCKS):
+    gpus = [d.name for d in devs if d.kind == "gpu"]
+    return plan_device_map(blocks, devs, strategy, pins or {}, gpus[0] if gpus else "cpu")
+
+
+def as_runs(device_map: dict[str, str]) -> list[tuple[str, list[str]]]:
+    runs: list[tuple[str, list[str]]] = []
+    for name, device in device_map.items():
+        if runs and runs[-1][0] == device:
+            runs[-1][1].append(name)
+        else:
+            runs.append((device, [name]))
+    return runs
+
+
+def test_sequential_fills_gpu0_first():
+    p = plan("sequential", devices(80, 80))
+    assert p.device_map == {"emb": "cuda:0", "b0": "cuda:0", "b1": "cuda:0", "b2": "cuda:1", "b3": "cuda:1",
+                            "norm": "cuda:1", "head": "cuda:0"}
+    assert p.loads == {"cuda:0": 80, "cuda:1": 44, "cpu": 0, "disk": 0}
+    assert p.reserves == {}
+
+
+def test_balanced_is_the_most_even_contiguous_split():
+    # Splits of 124 B over two GPUs: 40+20 | 64 is the smallest maximum.
+    assert plan("balanced", devices(80, 80)).device_map == {
+        "emb": "cuda:0", "b0": "cuda:0", "b1": "cuda:1", "b2": "cuda:1", "b3": "cuda:1", "norm": "cuda:1",
+        "head": "cuda:0"}
+    # Over three GPUs: 40 | 40 | 44.
+    assert plan("balanced", devices(80, 80, 80)).device_map == {
+        "emb": "cuda:0", "b0": "cuda:1", "b1": "cuda:1", "b2": "cuda:2", "b3": "cuda:2", "norm": "cuda:2",
+        "head": "cuda:0"}
+
+
+def test_balanced_low_0_keeps_gpu0_empty_when_the_others_suffice():
+    p = plan("balanced_low_0", devices(80, 80, 80))
+    assert p.device_map == {"emb": "cuda:1", "b0": "cuda:1", "b1": "cuda:2", "b2": "cuda:2", "b3": "cuda:2",
+                            "norm": "cuda:2", "head": "cuda:1"}
+    assert p.loads["cuda:0"] == 0
+
+
+def test_balanced_low_0_gives_gpu0_only_the_prefix_that_does_not_fit_elsewhere():
+    # GPUs 1 and 2 hold 50 B each: emb + b0 (60 B) cannot all go there, so GPU 0 takes emb.
+    p = plan("balanced_low_0", devices(80, 50, 50))
+    assert as_runs(p.device_map) == [("cuda:0", ["emb"]), ("cuda:1", ["b0", "b1"]), ("cuda:2", ["b2", "b3", "norm"]),
+                                     ("cuda:0", ["head"])]
+
+
+def test_non_contiguous_gpu_ids_are_used_in_order():
+    p = plan("balanced", devices(80, 80, 80, gpu_ids=(0, 2, 3)))
+    assert {d for d in p.device_map.values()} == {"cuda:0", "cuda:2", "cuda:3"}
+    assert p.device_map["b0"] == "cuda:2" and p.device_map["norm"] == "cuda:3"
+
+
+def test_low_0_with_gap_ids_spreads_over_the_others():
+    p = plan("balanced_low_0", devices(80, 80, 80, gpu_ids=(0, 2, 3)))
+    assert p.loads["cuda:0"] == 0 and p.loads["cuda:2"] == 60 and p.loads["cuda:3"] == 64
+
+
+@pytest.mark.parametrize("strategy", ["sequential", "balanced", "balanced_low_0", "auto"])
+def test_too_little_gpu_memory_degenerates_to_gpus_then_cpu_then_disk(strategy):
+    # 124 B over 2 x 30 B GPUs and a 50 B CPU. The 40 B embedding fits no GPU, so it goes to the CPU
+    # without using up the GPUs; disk blocks stream into cuda:0, so 20 B are reserved there.
+    p = plan(strategy, devices(30, 30, cpu=50))
+    assert p.device_map == {"emb": "cpu", "b0": "cuda:1", "b1": "disk", "b2": "disk", "b3": "disk", "norm": "disk",
+                            "head": "cpu"}
+    assert p.reserves == {"cuda:0": 20}
+    assert p.loads == {"cuda:0": 0, "cuda:1": 20, "cpu": 40, "disk": 64}
+
+
+def test_no_reserve_when_nothing_is_on_disk():
+    p = plan("sequential", devices(60, cpu=100))
+    assert p.device_map["b1"] == "cpu" and "disk" not in p.device_map.values()
+    assert p.reserves == {}
+
+
+def test_cpu_only_hardware_spills_to_disk_and_reserves_on_cpu():
+    p = plan("auto", devices(cpu=90))
+    # Without a reserve the CPU would take emb, b0, b1 (80 B); but disk blocks stream into the CPU,
+    # and 80 + the 20 B reserve is over 90 B, so b1 moves to disk too.
+    assert as_runs(p.device_map) == [("cpu", ["emb", "b0"]), ("disk", ["b1", "b2", "b3", "norm"]), ("cpu", ["head"])]
+    assert p.reserves == {"cpu": 20}
+
+
+@pytest.mark.parametrize("strategy", ["sequential", "balanced", "balanced_low_0", "auto"])
+def test_pins_are_kept_and_the_rest_planned_around_them(strategy):
+    p = plan(strategy, devices(80, 80), pins={"b3": "cpu", "emb": "cuda:1", "head": "cuda:1"})
+    assert p.device_map["b3"] == "cpu"
+    assert p.device_map["emb"] == p.device_map["head"] == "cuda:1"
+    assert p.loads["cpu"] == 20
+    assert p.loads["cuda:0"] + p.loads["cuda:1"] == 104
+
+
+def test_exact_map_with_pins_sequential():
+    # cuda:0 takes emb (40 B); b0 and b2 fill cuda:1; b3 and norm go on to the CPU, beside the pinned b1.
+    p = plan("sequential", devices(50, 50), pins={"b1": "cpu"})
+    assert p.device_map == {"emb": "cuda:0", "b0": "cuda:1", "b1": "cpu", "b2": "cuda:1", "b3": "cpu",
+                            "norm": "cpu", "head": "cuda:0"}
+
+
+def test_a_pin_on_one_tied_block_carries_the_other():
+    p = plan("sequential", devices(80, 80), pins={"head": "cpu"})
+    assert p.device_map["emb"] == "cpu" and p.device_map["head"] == "cpu"
+
+
+def test_tied_blocks_pinned_apart_is_an_error():
+    with pytest.raises(PlanError, match="share tied weights"):
+        plan("sequential", devices(80, 80), pins={"emb": "cuda:0", "head": "cuda:1"})
+
+
+def test_pins_over_a_budget_are_an_error():
+    with pytest.raises(PlanError, match=r"cuda:0: pinned blocks need 60 B, its budget is 50 B"):
+        plan("sequential", devices(50, 50), pins={"b0": "cuda:0", "b1": "cuda:0", "b2": "cuda:0"})
+
+
+def test_a_block_bigger_than_every_device_names_it_and_the_budgets():
+    with pytest.raises(PlanError) as e:
+        plan("auto", devices(30, 30, cpu=35))
+    assert e.value.lines == ("block emb + head (40 B) cannot be split and fits no device: "
+                             "cuda:0 30 B, cuda:1 30 B, cpu 35 B; raise max_memory or use a smaller dtype",)
+
+
+def test_plans_are_deterministic():
+    maps = {tuple(plan("balanced_low_0", devices(80, 50, 50)).device_map.items()) for _ in range(5)}
+    assert len(maps) == 1
+
+
+def test_gpt2tiny_sizes_are_counted_by_hand():
+    spec = ModelSpec("gpt2tiny", {"_target_": "runner.zoo.gpt.GPT", "vocab_size": 256, "block_size": 64,
+                                  "n_layer": 2, "n_head": 2, "n_embd": 16}, ("Block",))
+    layout = describe_model(build_skeleton(spec), spec.no_split_module_classes, torch.float32)
+    # wte 256x16, wpe 64x16, a Block: 2 LayerNorms (2x16 each), c_attn 16x48+48, c_proj 16x16+16,
+    # c_fc 16x64+64, mlp.c_proj 64x16+16; the head shares wte's weight; all fp32.
+    block_bytes = 4 * (2 * 32 + 16 * 48 + 48 + 16 * 16 + 16 + 16 * 64 + 64 + 64 * 16 + 16)
+    assert [(b.name, b.nbytes, b.tied_to) for b in layout.blocks] == [
+        ("transformer.wte", 256 * 16 * 4, None), ("transformer.wpe", 64 * 16 * 4, None),
+        ("transformer.h.0", block_bytes, None), ("transformer.h.1", block_bytes, None),
+        ("transformer.ln_f", 128, None), ("lm_head", 0, "transformer.wte")]
+    assert layout.ties == {"lm_head.weight": "transformer.wte.weight"}
+    half = describe_model(build_skeleton(spec), spec.no_split_module_classes, torch.bfloat16)
+    assert half.total_bytes * 2 == layout.total_bytes
