@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -52,6 +53,14 @@ def import_target(target: str) -> Any:
                          "expected an importable nn.Module class such as runner.zoo.gpt.GPT") from e
 
 
+def _parameters(cls: Any) -> str:
+    try:
+        names = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+    except (TypeError, ValueError):
+        return "arguments its documentation lists"
+    return ", ".join(names) if names else "no arguments"
+
+
 def build_skeleton(spec: ModelSpec) -> nn.Module:
     """Instantiate ``spec.arch`` with parameters on meta, in eval mode."""
     target = spec.arch["_target_"]
@@ -62,7 +71,7 @@ def build_skeleton(spec: ModelSpec) -> nn.Module:
         try:
             model = cls(**kwargs)
         except (TypeError, ValueError) as e:
-            raise BuildError(f"model.arch: cannot build {target}: {e}") from e
+            raise BuildError(f"model.arch: cannot build {target}: {e}; it takes {_parameters(cls)}") from e
     if not isinstance(model, nn.Module):
         raise BuildError(f"model.arch._target_: {target} built a {type(model).__name__}, expected an nn.Module")
     return model.eval().requires_grad_(False)

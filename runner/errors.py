@@ -40,7 +40,7 @@ class PlanError(RunnerError):
 class MapError(RunnerError):
     """The device map does not fit the model or the hardware (validate stage)."""
 
-    stage = "device_map"
+    stage = "validate"
 
 
 class OffloadError(RunnerError):

@@ -62,6 +62,11 @@ class Hardware:
         raise KeyError(name)
 
 
+def cap_override(device: str) -> str:
+    """How a user raises a device's budget on the command line (a key cannot hold a colon there)."""
+    return f"+max_memory.{device.split(':')[1]}=<size>" if device.startswith("cuda:") else f"max_memory.{device}=<size>"
+
+
 def detect_hardware(spec: HardwareSpec, max_memory: dict[str, int], offload_folder: Path) -> Hardware:
     """Budgets from the profile (or the machine), each replaced by its ``max_memory`` cap when one is set.
 
@@ -77,7 +82,7 @@ def detect_hardware(spec: HardwareSpec, max_memory: dict[str, int], offload_fold
     names = [d.name for d in devices]
     unknown = [name for name in max_memory if name not in names]
     if unknown:
-        raise HardwareError(*(f"max_memory.{name}: hardware={spec.name} has no device {name}; "
+        raise HardwareError(*(f"max_memory: hardware={spec.name} has no device {name}; "
                               f"its devices are {', '.join(names)}" for name in unknown))
     devices = [Device(d.name, d.kind, max_memory.get(d.name, d.budget), d.simulated) for d in devices]
     for d in devices:

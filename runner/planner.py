@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from runner.blocks import Block
 from runner.errors import PlanError
-from runner.hardware import Device
+from runner.hardware import Device, cap_override
 from runner.sizes import format_bytes
 
 
@@ -67,7 +67,7 @@ def plan_device_map(
         if capacity[main_device] < 0:
             raise PlanError(f"{main_device}: streaming the biggest disk block needs {format_bytes(reserve)} there, "
                             f"but only {format_bytes(budgets[main_device] - pinned[main_device])} is left; "
-                            f"raise max_memory.{main_device} or pin fewer blocks there")
+                            f"raise it ({cap_override(main_device)}) or pin fewer blocks there")
         gpu_caps = STRATEGIES[strategy](free, [(d.name, capacity[d.name]) for d in devices if d.kind == "gpu"])
         order = gpu_caps + [(d.name, capacity[d.name]) for d in devices if d.kind != "gpu"]
         placed = _fill(free, order, gpus=len(gpu_caps))
@@ -213,4 +213,5 @@ def _check_fits(items: Sequence[_Item], devices: Sequence[Device], main_device: 
     if biggest and all(biggest.nbytes > d.budget for d in compute):
         raise PlanError(f"block {' + '.join(biggest.names)} ({format_bytes(biggest.nbytes)}) cannot be split and "
                         "fits no device: " + ", ".join(f"{d.name} {format_bytes(d.budget)}" for d in compute)
-                        + "; raise max_memory or use a smaller dtype")
+                        + " (a block planned on disk must still fit the device it runs on); "
+                        "raise max_memory, e.g. " + cap_override(compute[0].name) + ", or use a smaller dtype")

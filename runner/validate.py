@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from runner.blocks import ModelLayout
 from runner.errors import MapError
-from runner.hardware import Hardware
+from runner.hardware import Hardware, cap_override
 from runner.sizes import format_bytes
 
 
@@ -87,7 +87,7 @@ def check_map(device_map: dict[str, str], layout: ModelLayout, hardware: Hardwar
         budget = hardware.get(name).budget
         if need > budget:
             errors.append(f"device_map: {name} holds {format_bytes(need)} but its budget is {format_bytes(budget)} "
-                          f"({format_bytes(need - budget)} over); move blocks off it or raise max_memory.{name}")
+                          f"({format_bytes(need - budget)} over); move blocks off it or raise it ({cap_override(name)})")
     if errors:
         raise MapError(*errors)
     return MapCheck(block_devices, loads, tuple(_hop_warnings(block_devices, layout)))

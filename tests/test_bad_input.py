@@ -1,0 +1,164 @@
+"""Bad input ends in one ``error: <stage>: ...`` line per problem and exit code 2, never a traceback.
+
+The CLI cases run ``python -m runner`` for real; a map the planner can never produce
+(uncovered, overlapping, tied weights apart, over budget) is checked in-process.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from runner.blocks import ModelLayout, describe_model
+from runner.build import build_skeleton
+from runner.config import ModelSpec
+from runner.errors import MapError
+from runner.hardware import Device, Hardware
+from runner.validate import check_map
+
+TINY = ("model=gpt2tiny", "max_new_tokens=2")
+TINY_ARCH = {"_target_": "runner.zoo.gpt.GPT", "vocab_size": 256, "block_size": 64,
+             "n_layer": 2, "n_head": 2, "n_embd": 16}
+
+
+@pytest.fixture(scope="session")
+def cli_cache(tmp_path_factory) -> Path:
+    """One RUNNER_CACHE for every CLI run, so synthetic checkpoints are written once."""
+    return tmp_path_factory.mktemp("bad-input-cache")
+
+
+def run_cli(run_dir: Path, cache: Path, *overrides: str) -> str:
+    """Run the CLI on bad input; check the contract every failure shares; return its one stderr line."""
+    env = {**os.environ, "RUNNER_CACHE": str(cache)}
+    proc = subprocess.run([sys.executable, "-m", "runner", *overrides, f"hydra.run.dir={run_dir}"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    assert not (run_dir / "report.json").exists()
+    return lines[0]
+
+
+def assert_line(line: str, stage: str, *substrings: str) -> None:
+    assert line.startswith(f"error: {stage}: "), line
+    for s in substrings:
+        assert s in line, f"{s!r} not in {line!r}"
+
+
+# (overrides, stage, substrings the one error line must contain)
+CLI_CASES = {
+    "group-option-typo": (("placement=balancd",), "config",
+                          ("'placement/balancd'", "Available options", "balanced_low_0", "sequential")),
+    "unknown-key-plus": (("+foo=1",), "config", ("foo: unknown key", "expected one of", "max_new_tokens")),
+    "unknown-key-no-plus": (("foo=1",), "config", ("Could not override 'foo'", "use +foo=1")),
+    "size-bad-unit": (("max_memory.cpu=10GX",), "config",
+                      ("max_memory.cpu", "'10GX' is not valid", "expected a size with a unit")),
+    "size-negative": (("max_memory.cpu=-1GiB",), "config",
+                      ("max_memory.cpu", "'-1GiB' is not valid", "expected a size with a unit")),
+    "size-unitless": (("max_memory.cpu=100",), "config",
+                      ("max_memory.cpu", "100 is not valid", "expected a size with a unit", "500MB")),
+    "strategy-typo": (("placement.strategy=fast",), "config",
+                      ("placement.strategy", "'fast' is not valid", "expected one of", "balanced_low_0")),
+    "dtype-typo": (("dtype=float8",), "config", ("dtype", "'float8' is not valid", "expected one of", "bfloat16")),
+    "local-without-path": (("checkpoint=local",), "config",
+                           ("checkpoint.path", "Missing mandatory value", "checkpoint.path=...")),
+    "pin-unknown-device": (("hardware=sim_2gpu", "+device_map.lm_head=cuda:5"), "validate",
+                           ("device_map.lm_head", "'cuda:5' is not in hardware=sim_2gpu",
+                            "expected one of cuda:0, cuda:1, cpu, disk")),
+    "cap-unknown-device": (("hardware=sim_2gpu", "+max_memory.3=1GiB"), "hardware",
+                           ("max_memory: hardware=sim_2gpu has no device cuda:3", "its devices are cuda:0, cuda:1, cpu, disk")),
+    "pin-unknown-module": (("+device_map.lm_hed=cpu",), "validate",
+                           ("device_map.lm_hed", "no module or tensor named 'lm_hed'", "did you mean lm_head?")),
+    "pin-inside-block": (("+device_map.transformer.h.0.attn=cpu",), "validate",
+                         ("device_map.transformer.h.0.attn", "inside block transformer.h.0 (Block)",
+                          "cannot be split", "pin transformer.h.0 instead")),
+    "budget-below-largest-block": (("hardware=cpu", "max_memory.cpu=1KB"), "plan",
+                                   ("block transformer.wte + lm_head (16.00 KiB)", "cannot be split",
+                                    "fits no device: cpu 1000 B", "raise max_memory")),
+    "no-split-class-typo": (("model.no_split_module_classes=[Blok]",), "build",
+                            ("model.no_split_module_classes", "no module of class Blok", "its classes are Block")),
+    "unknown-arch-argument": (("+model.arch.foo=1",), "build",
+                              ("model.arch", "cannot build runner.zoo.gpt.GPT", "it takes vocab_size, block_size",
+                               "unexpected keyword argument 'foo'")),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CLI_CASES.values(), ids=CLI_CASES.keys())
+def test_cli_bad_input(case, tmp_path, cli_cache):
+    overrides, stage, substrings = case
+    line = run_cli(tmp_path / "run", cli_cache, *TINY, *overrides)
+    assert_line(line, stage, *substrings)
+
+
+@pytest.mark.slow
+def test_cli_local_checkpoint_missing(tmp_path, cli_cache):
+    missing = tmp_path / "missing.safetensors"
+    line = run_cli(tmp_path / "run", cli_cache, *TINY, "checkpoint=local", f"checkpoint.path={missing}")
+    assert_line(line, "checkpoint", f"checkpoint.path: {missing} does not exist",
+                "point it at a .safetensors file")
+
+
+# -- in-process: maps the planner never produces ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def layout() -> ModelLayout:
+    model = build_skeleton(ModelSpec("gpt2tiny", dict(TINY_ARCH), ("Block",)))
+    return describe_model(model, ("Block",), torch.float32)
+
+
+def hardware(gpu_budget: int = 10**6) -> Hardware:
+    return Hardware("test", (Device("cuda:0", "gpu", gpu_budget, simulated=True),
+                             Device("cpu", "cpu", 10**6), Device("disk", "disk", 10**9)))
+
+
+def full_map(layout: ModelLayout) -> dict[str, str]:
+    """A valid map: every block on the cpu."""
+    return {b.name: "cpu" for b in layout.blocks}
+
+
+def map_errors(device_map: dict[str, str], layout: ModelLayout, hw: Hardware) -> tuple[str, ...]:
+    with pytest.raises(MapError) as info:
+        check_map(device_map, layout, hw)
+    return info.value.lines
+
+
+def test_full_map_passes(layout):
+    check = check_map(full_map(layout), layout, hardware())
+    assert set(check.block_devices.values()) == {"cpu"}
+
+
+def test_map_leaves_a_parameter_uncovered(layout):
+    device_map = full_map(layout)
+    del device_map["transformer.ln_f"]
+    (line,) = map_errors(device_map, layout, hardware())
+    assert "transformer.ln_f (LayerNorm) is not covered" in line
+    assert "transformer.ln_f.weight, transformer.ln_f.bias have no device" in line
+    assert line.endswith("add transformer.ln_f to the map")
+
+
+def test_map_with_overlapping_keys(layout):
+    lines = map_errors({"transformer": "cpu", "transformer.h.0": "cpu", "lm_head": "cpu"}, layout, hardware())
+    assert lines == ("device_map: transformer and transformer.h.0 overlap; map each module once",)
+
+
+def test_map_splits_tied_weights(layout):
+    device_map = {**full_map(layout), "transformer.wte": "cpu", "lm_head": "cuda:0"}
+    (line,) = map_errors(device_map, layout, hardware())
+    assert "lm_head.weight is tied to transformer.wte.weight" in line
+    assert "on cuda:0 and cpu" in line and "must sit on one device" in line
+
+
+def test_map_exceeds_a_budget(layout):
+    block_bytes = next(b.nbytes for b in layout.blocks if b.name == "transformer.h.0")
+    device_map = {**full_map(layout), "transformer.h.0": "cuda:0"}
+    (line,) = map_errors(device_map, layout, hardware(gpu_budget=1000))
+    assert block_bytes == 13120  # 12.81 KiB, 12120 B over a 1000 B budget
+    assert line == ("device_map: cuda:0 holds 12.81 KiB but its budget is 1000 B (11.84 KiB over); "
+                    "move blocks off it or raise it (+max_memory.0=<size>)")

@@ -1,0 +1,106 @@
+"""Dispatched models compute what the plain model computes, wherever their blocks sit."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import compose_config
+from runner.build import build_skeleton
+from runner.build import import_target
+from runner.pipeline import prepare, run
+
+STRATEGIES = ["sequential", "balanced", "balanced_low_0", "auto"]
+# gpt2tiny with 6 blocks: wte (+ tied head) 16 KiB, wpe 4 KiB, each Block 13120 B, ln_f 128 B.
+SIX = ["model=gpt2tiny", "model.arch.n_layer=6", "hardware=sim_2gpu"]
+# Budgets that push blocks onto both simulated GPUs, the CPU and disk.
+TIGHT = ["+max_memory.0=30000B", "+max_memory.1=30000B", "max_memory.cpu=30000B"]
+TOKENS = torch.tensor([[72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]])
+
+
+def reference_model(cfg, dtype=torch.float32) -> torch.nn.Module:
+    """The plain way: build on CPU, load_state_dict of every shard, no hooks."""
+    arch = {k: v for k, v in cfg.model.arch.items() if k != "_target_"}
+    model = import_target(cfg.model.arch["_target_"])(**arch)
+    state = {}
+    for file in sorted(cfg.checkpoint.cache_dir.glob("*/*.safetensors")):
+        if file.parent.name.startswith(cfg.model.name):
+            state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert missing == ["lm_head.weight"] and unexpected == []  # the head is tied to wte, stored once
+    return model.to(dtype).eval()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_tight_budgets_span_every_tier_and_match_the_reference(strategy, tmp_path):
+    cfg = compose_config(*SIX, *TIGHT, f"placement={strategy}")
+    result = prepare(cfg, tmp_path)
+    assert set(result.check.block_devices.values()) == {"cuda:0", "cuda:1", "cpu", "disk"}
+    with torch.inference_mode():
+        logits = result.model(TOKENS)
+        expected = reference_model(cfg)(TOKENS)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_greedy_tokens_equal_the_all_cpu_run(strategy, tmp_path):
+    overrides = [*SIX, "max_new_tokens=6"]
+    cpu = run(compose_config(*overrides, "hardware=cpu"), tmp_path / "cpu")
+    spread = run(compose_config(*overrides, *TIGHT, f"placement={strategy}"), tmp_path / strategy)
+    assert set(spread.check.block_devices.values()) == {"cuda:0", "cuda:1", "cpu", "disk"}
+    assert [p.output_tokens for p in spread.predictions] == [p.output_tokens for p in cpu.predictions]
+    assert len(cpu.predictions[0].output_tokens) == 6
+
+
+def test_disk_blocks_hold_no_memory_between_forwards_and_stream_within_the_reserve(tmp_path):
+    cfg = compose_config(*SIX, *TIGHT, "placement=sequential")
+    result = prepare(cfg, tmp_path)
+    on_disk = [name for name, device in result.check.block_devices.items() if device == "disk"]
+    assert on_disk
+    for name in on_disk:
+        assert all(p.is_meta for p in result.model.get_submodule(name).parameters())
+    resident_cuda0 = result.ledger.current["cuda:0"]
+    with torch.inference_mode():
+        result.model(TOKENS)
+    for name in on_disk:  # dropped again after the forward
+        assert all(p.is_meta for p in result.model.get_submodule(name).parameters())
+    assert result.ledger.current["cuda:0"] == resident_cuda0
+    # While a disk block ran, cuda:0 held it on top of its resident blocks: exactly the planned reserve.
+    assert result.ledger.peak["cuda:0"] == resident_cuda0 + result.plan.reserves["cuda:0"]
+    assert result.ledger.peak["cuda:0"] <= result.hardware.get("cuda:0").budget
+
+
+def test_bfloat16_from_an_fp32_checkpoint_casts_per_tensor_and_converts_disk_blocks(tmp_path):
+    cfg = compose_config(*SIX, *TIGHT, "dtype=bfloat16", "placement=sequential", f"offload_folder={tmp_path / 'off'}")
+    result = prepare(cfg, tmp_path)
+    assert result.dtype == torch.bfloat16
+    assert {p.dtype for name, p in result.model.named_parameters() if not p.is_meta} == {torch.bfloat16}
+    converted = sorted(f.name for f in (tmp_path / "off").glob("*.safetensors"))
+    disk = [n for n, d in result.check.block_devices.items() if d == "disk"]
+    assert converted == sorted(f"{n}.safetensors" for n in disk)
+    with torch.inference_mode():
+        torch.testing.assert_close(result.model(TOKENS), reference_model(cfg, torch.bfloat16)(TOKENS), rtol=0, atol=0)
+
+
+def test_tied_head_is_one_tensor_on_one_device(tmp_path):
+    result = prepare(compose_config("model=gpt2tiny", "hardware=sim_2gpu", "placement=balanced"), tmp_path)
+    assert result.model.lm_head.weight is result.model.transformer.wte.weight
+    assert not result.model.lm_head.weight.is_meta
+    devices = result.check.block_devices
+    assert devices["lm_head"] == devices["transformer.wte"]
+
+
+def test_simulated_gpu_budgets_are_enforced_by_the_ledger(tmp_path):
+    from runner.errors import SimulatedOutOfMemory
+
+    result = prepare(compose_config("model=gpt2tiny", "hardware=sim_2gpu"), tmp_path)
+    free = result.hardware.get("cuda:0").budget - result.ledger.current["cuda:0"]
+    with pytest.raises(SimulatedOutOfMemory, match=r"cuda:0 \(simulated\) is out of memory"):
+        result.ledger.allocate("cuda:0", free + 1, "a test tensor")
+
+
+def test_skeleton_allocates_no_parameter_memory():
+    cfg = compose_config("model=gpt2xl")
+    model = build_skeleton(cfg.model)
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == 1_557_611_200  # GPT-2 XL, head tied
