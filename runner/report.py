@@ -95,10 +95,10 @@ def write_outputs(result: RunResult, run_dir: Path) -> dict[str, Path]:
 
 def format_summary(result: RunResult) -> str:
     """The module table, the per-device table, then warnings: what the user reads first."""
-    compact = compact_map(result.check.block_devices, result.layout)
-    width = max([len(m or "(model)") for m in compact] + [6])
+    rows = _numbered_runs(compact_map(result.check.block_devices, result.layout))
+    width = max([len(m) for m, _ in rows] + [6])
     lines = [f"{'module':<{width}}  device", f"{'-' * width}  ------"]
-    lines += [f"{module or '(model)':<{width}}  {device}" for module, device in compact.items()]
+    lines += [f"{module:<{width}}  {device}" for module, device in rows]
     lines += ["", f"{'device':<8} {'blocks':>6} {'planned':>12} {'reserve':>12} {'peak':>12} {'budget':>12}"]
     counts: dict[str, int] = {}
     for device in result.check.block_devices.values():
@@ -111,6 +111,21 @@ def format_summary(result: RunResult) -> str:
     if any(d.simulated for d in result.hardware.devices):
         lines.append("* simulated: backed by CPU memory, budget enforced by the runner")
     return "\n".join(lines)
+
+
+def _numbered_runs(compact: dict[str, str]) -> list[tuple[str, str]]:
+    """``transformer.h.3 .. transformer.h.9`` on one device as one row, ``transformer.h.3-9``."""
+    rows: list[tuple[str, str, int, int]] = []  # parent, device, first, last (-1: not numbered)
+    for module, device in compact.items():
+        parent, _, last = module.rpartition(".")
+        if last.isdigit() and rows and rows[-1][:2] == (parent + ".", device) and rows[-1][3] == int(last) - 1:
+            rows[-1] = (rows[-1][0], device, rows[-1][2], int(last))
+        elif last.isdigit():
+            rows.append((parent + ".", device, int(last), int(last)))
+        else:
+            rows.append((module or "(model)", device, -1, -1))
+    return [(name if first < 0 else f"{name}{first}" if first == last else f"{name}{first}-{last}", device)
+            for name, device, first, last in rows]
 
 
 def format_predictions(result: RunResult) -> str:
