@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 INDEX_NAME = "model.safetensors.index.json"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+           "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "C64": torch.complex64}
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class Checkpoint:
             handle = self._open(file)
             for key in handle.keys():
                 s = handle.get_slice(key)
+                if s.get_dtype() not in _DTYPES:
+                    raise CheckpointError(f"{file}: tensor {key} is stored as {s.get_dtype()}, which the runner "
+                                          f"cannot load; supported: {', '.join(_DTYPES)}")
                 if key in self.entries:
                     raise CheckpointError(f"{key}: stored twice, in {self.entries[key].file.name} and {file.name}")
                 self.entries[key] = TensorEntry(file, _DTYPES[s.get_dtype()], tuple(s.get_shape()))
@@ -103,9 +107,12 @@ def open_safetensors(path: Path, source: str = "local") -> Checkpoint:
 
 def _from_index(index: Path, source: str) -> Checkpoint:
     try:
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a valid index; expected JSON with a 'weight_map' object") from e
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        weight_map = e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: not a valid index; expected JSON with a 'weight_map' object "
+                              "of tensor name -> shard file name")
     files = sorted({index.parent / name for name in weight_map.values()})
     missing = [f.name for f in files if not f.exists()]
     if missing:

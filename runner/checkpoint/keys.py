@@ -38,6 +38,9 @@ def check_keys(checkpoint: Checkpoint, model: nn.Module, layout: ModelLayout) ->
                           f"the model expects {list(shapes[name])}; check the model config against the checkpoint")
     ignorable = set(layout.ties) | set(layout.non_persistent)
     ignored = sorted(k for k in stored if k in ignorable)
+    errors += [f"shape mismatch for {k}: the checkpoint has {list(stored[k].shape)}, the model expects "
+               f"{list(shapes[k])}; check the model config against the checkpoint"
+               for k in ignored if k in layout.ties and stored[k].shape != shapes[k]]
     for key in sorted(k for k in stored if k not in shapes):
         close = difflib.get_close_matches(key, list(shapes), n=1, cutoff=0.7)
         hint = f"; the closest model name is {close[0]}" if close else ""

@@ -37,20 +37,27 @@ def synthetic_checkpoint(spec: CheckpointSpec, model_spec: ModelSpec, model: nn.
     if (folder / INDEX_NAME).exists():
         log.info("Reusing synthetic checkpoint %s", folder)
         return folder
+    tmp = spec.cache_dir / f".tmp-{digest}-{os.getpid()}"
     try:
         spec.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = spec.cache_dir / f".tmp-{digest}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         log.info("Writing synthetic checkpoint to %s", folder)
         _write(tmp, model, getattr(torch, spec.dtype), spec.seed, spec.shard_size)
+        if folder.exists() and not (folder / INDEX_NAME).exists():
+            log.warning("Replacing damaged synthetic checkpoint %s", folder)
+            shutil.rmtree(folder)
         try:
             tmp.rename(folder)
-        except OSError:  # another run finished the same checkpoint first
-            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            if not (folder / INDEX_NAME).exists():
+                raise
+            log.info("Another run wrote %s first; using it", folder)  # same seed, same bytes
     except OSError as e:
         raise CheckpointError(f"checkpoint.cache_dir: cannot write the synthetic checkpoint under {spec.cache_dir} "
                               f"({e.strerror or e}); set checkpoint.cache_dir or RUNNER_CACHE to a writable folder") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
     return folder
 
 
