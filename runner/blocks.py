@@ -7,7 +7,7 @@ they run wherever their input is.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -35,6 +35,11 @@ class ModelLayout:
     @property
     def total_bytes(self) -> int:
         return sum(b.nbytes for b in self.blocks)
+
+    def in_order(self, names: tuple[str, ...]) -> ModelLayout:
+        """The same layout with its blocks in ``names``' order (the forward order)."""
+        by_name = {b.name: b for b in self.blocks}
+        return replace(self, blocks=tuple(by_name[n] for n in names))
 
     def block_of(self, tensor: str) -> Block:
         for block in self.blocks:

@@ -53,12 +53,19 @@ class PlacementSpec:
     max_memory: dict[str, int]      # device name -> byte cap; only the devices the user capped
     device_map: dict[str, str]      # module name -> device, pinned by the user
     offload_folder: Path | None
+    allow_disk: bool = True
 
 
 @dataclass(frozen=True)
 class GenerationSpec:
     prompts: tuple[str, ...]
     max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    batch_size: int
+    seq_len: int
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,8 @@ class RunConfig:
     generation: GenerationSpec
     dtype: DType
     seed: int
+    runtime: RuntimeSpec = RuntimeSpec(1, 256)
+    mode: Literal["run", "plan"] = "run"
     resolved: dict[str, Any] = field(default_factory=dict, compare=False)  # for the report
 
 
@@ -118,7 +127,8 @@ def _typed(c: dict[str, Any]) -> RunConfig:
         strategy=c["placement"]["strategy"],
         max_memory={_device_name(k): parse_size(v) for k, v in c["max_memory"].items() if v is not None},
         device_map=_flatten_map(c["device_map"]),
-        offload_folder=_path(c["offload_folder"]),
+        offload_folder=_path(c["offload"]["folder"]),
+        allow_disk=c["offload"]["allow_disk"],
     )
     model = c["model"]
     return RunConfig(
@@ -129,6 +139,8 @@ def _typed(c: dict[str, Any]) -> RunConfig:
         generation=GenerationSpec(tuple(c["prompts"]), c["max_new_tokens"]),
         dtype=c["dtype"],
         seed=c["seed"],
+        runtime=RuntimeSpec(c["runtime"]["batch_size"], c["runtime"]["seq_len"]),
+        mode=c["mode"],
         resolved=c,
     )
 

@@ -94,8 +94,8 @@ def _gpu_budgets(spec: HardwareSpec) -> dict[str, int]:
     if spec.simulated:
         return dict(spec.gpus or {})
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if spec.gpus is None:  # detect: free memory less what the CUDA context will take
-        return {f"cuda:{i}": max(torch.cuda.mem_get_info(i)[0] - spec.cuda_context_reserve, 0) for i in range(count)}
+    if spec.gpus is None:  # detect: the free memory (the planner keeps the CUDA context's share free)
+        return {f"cuda:{i}": torch.cuda.mem_get_info(i)[0] for i in range(count)}
     missing = [name for name in spec.gpus if int(name.split(":")[1]) >= count]
     if missing:
         raise HardwareError(f"hardware.gpus: {', '.join(missing)} not found; this machine has {count} CUDA GPU(s). "

@@ -1,4 +1,4 @@
-"""The whole run, top to bottom: build -> checkpoint -> plan -> validate -> load -> generate.
+"""The whole run, top to bottom: build -> plan -> validate -> checkpoint -> load -> generate.
 
 Takes a typed ``RunConfig`` and a run folder; knows nothing of Hydra. Each stage lives in
 its own module; this file only orders them and times them.
@@ -24,7 +24,9 @@ from runner.errors import BuildError
 from runner.hardware import Hardware, detect_hardware
 from runner.infer import Prediction, greedy_generate
 from runner.memory import MemoryLedger
-from runner.planner import Plan, plan_device_map
+from runner.order import ForwardTrace, forward_order
+from runner.planner import Plan, PlanRequest, plan_device_map
+from runner.reserves import RuntimeShape, device_reserves, kv_bytes
 from runner.tokenizer import ByteTokenizer
 from runner.validate import MapCheck, check_map, resolve_pins
 
@@ -32,52 +34,78 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class RunResult:
-    """Everything the report needs; also what tests inspect."""
+class Planned:
+    """Everything known before a weight is read: the model on meta, the hardware, the plan and its check."""
 
     config: RunConfig
+    model: nn.Module
     dtype: torch.dtype
     hardware: Hardware
     layout: ModelLayout
+    trace: ForwardTrace
+    request: PlanRequest
     plan: Plan
     check: MapCheck
-    checkpoint: Checkpoint
-    keys: KeyReport
-    ledger: MemoryLedger
-    model: nn.Module
-    predictions: list[Prediction] = field(default_factory=list)
+    checkpoint: Checkpoint | None
+    keys: KeyReport | None
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def prepare(cfg: RunConfig, run_dir: Path) -> RunResult:
-    """Every stage up to a dispatched model, ready to run."""
+@dataclass
+class RunResult(Planned):
+    """A planned run, loaded (and, after ``run``, generated)."""
+
+    ledger: MemoryLedger | None = None
+    predictions: list[Prediction] = field(default_factory=list)
+
+
+def plan(cfg: RunConfig, run_dir: Path) -> Planned:
+    """Build on meta, read checkpoint headers (if any), plan and validate. Allocates no weight memory."""
     timings: dict[str, float] = {}
     with _timed(timings, "build"):
         model = build_skeleton(cfg.model)
     # Headers only; synthetic weights are written after the map is validated, when we know they are needed.
     checkpoint = None if cfg.checkpoint.source == "synthetic" else open_checkpoint(cfg.checkpoint, cfg.model, model)
     dtype = _compute_dtype(cfg, checkpoint)
-    offload_folder = cfg.placement.offload_folder or run_dir / "offload"
     with _timed(timings, "plan"):
         layout = describe_model(model, cfg.model.no_split_module_classes, dtype)
-        hardware = detect_hardware(cfg.hardware, cfg.placement.max_memory, offload_folder)
-        pins = resolve_pins(cfg.placement.device_map, layout, hardware)
+        trace = forward_order(model, layout)
+        layout = layout.in_order(trace.order)
+        hardware = detect_hardware(cfg.hardware, cfg.placement.max_memory, _offload_folder(cfg, run_dir))
+        shape = RuntimeShape(cfg.runtime.batch_size, cfg.runtime.seq_len)
+        request = PlanRequest(
+            blocks=layout.blocks, devices=hardware.devices, strategy=cfg.placement.strategy,
+            main_device=hardware.main_device, pins=resolve_pins(cfg.placement.device_map, layout, hardware),
+            reserves=device_reserves(hardware, trace, shape, dtype.itemsize, cfg.hardware.cuda_context_reserve),
+            kv_bytes=kv_bytes(layout, trace, cfg.model.no_split_module_classes, shape, dtype.itemsize),
+            allow_disk=cfg.placement.allow_disk)
         log.info("Planning %s over %s with strategy %s", cfg.model.name, ", ".join(hardware.names),
                  cfg.placement.strategy)
-        plan = plan_device_map(layout.blocks, hardware.devices, cfg.placement.strategy, pins, hardware.main_device)
+        the_plan = plan_device_map(request)
     with _timed(timings, "validate"):
-        check = check_map(plan.device_map, layout, hardware, plan.reserves)
+        check = check_map(the_plan.device_map, layout, hardware, the_plan.reserves,
+                          {name: n * dtype.itemsize for name, n in trace.input_elems.items()})
         for warning in check.warnings:
             log.warning(warning)
+        keys = check_keys(checkpoint, model, layout) if checkpoint else None
+    return Planned(cfg, model, dtype, hardware, layout, trace, request, the_plan, check, checkpoint, keys, timings)
+
+
+def prepare(cfg: RunConfig, run_dir: Path) -> RunResult:
+    """Every stage up to a dispatched model, ready to run."""
+    planned = plan(cfg, run_dir)
+    timings = planned.timings
     with _timed(timings, "checkpoint"):
-        checkpoint = checkpoint or open_checkpoint(cfg.checkpoint, cfg.model, model)
-        keys = check_keys(checkpoint, model, layout)
+        checkpoint = planned.checkpoint or open_checkpoint(cfg.checkpoint, cfg.model, planned.model)
+        keys = planned.keys or check_keys(checkpoint, planned.model, planned.layout)
         if keys.ignored:
             log.info("Ignoring checkpoint tensors the model does not load: %s", ", ".join(keys.ignored))
-    ledger = MemoryLedger(hardware)
+    ledger = MemoryLedger(planned.hardware)
     with _timed(timings, "load"):
-        dispatch(model, layout, check.block_devices, hardware, checkpoint, dtype, offload_folder, ledger)
-    return RunResult(cfg, dtype, hardware, layout, plan, check, checkpoint, keys, ledger, model, timings=timings)
+        dispatch(planned.model, planned.layout, planned.check.block_devices, planned.hardware, checkpoint,
+                 planned.dtype, _offload_folder(cfg, run_dir), ledger)
+    fields = {k: getattr(planned, k) for k in Planned.__dataclass_fields__}
+    return RunResult(**{**fields, "checkpoint": checkpoint, "keys": keys}, ledger=ledger)
 
 
 def run(cfg: RunConfig, run_dir: Path) -> RunResult:
@@ -92,6 +120,10 @@ def run(cfg: RunConfig, run_dir: Path) -> RunResult:
         result.predictions = greedy_generate(result.model, ByteTokenizer(vocab), cfg.generation.prompts,
                                              cfg.generation.max_new_tokens, context)
     return result
+
+
+def _offload_folder(cfg: RunConfig, run_dir: Path) -> Path:
+    return cfg.placement.offload_folder or run_dir / "offload"
 
 
 def _compute_dtype(cfg: RunConfig, checkpoint: Checkpoint | None) -> torch.dtype:

@@ -11,19 +11,35 @@ when they run, so room for the biggest of them is reserved there, and only then.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field, replace
 
 from runner.blocks import Block
 from runner.errors import PlanError
 from runner.hardware import Device, cap_override
+from runner.optimal import Problem, best_partition
 from runner.sizes import format_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    blocks: tuple[Block, ...]             # forward order
+    devices: tuple[Device, ...]           # GPUs by id, then cpu, then disk
+    strategy: str
+    main_device: str                      # where disk blocks are streamed in to run
+    pins: dict[str, str] = field(default_factory=dict)             # block -> device, kept as given
+    reserves: dict[str, dict[str, int]] = field(default_factory=dict)  # device -> reason -> bytes kept free
+    kv_bytes: dict[str, int] = field(default_factory=dict)         # block -> KV cache it keeps where it computes
+    allow_disk: bool = True
 
 
 @dataclass(frozen=True)
 class Plan:
-    device_map: dict[str, str]   # every block -> device, in forward order
-    loads: dict[str, int]        # device -> bytes of weights resident there
-    reserves: dict[str, int]     # device -> bytes held back to stream disk blocks in
+    device_map: dict[str, str]             # every block -> device, in forward order
+    loads: dict[str, int]                  # device -> bytes of weights resident there
+    reserves: dict[str, dict[str, int]]    # device -> reason -> bytes kept free: runtime, KV cache, disk staging
     strategy: str
 
 
@@ -32,61 +48,145 @@ class _Item:
     """Blocks that must share a device (tied weights), placed as one at the first one's position."""
 
     names: tuple[str, ...]
-    nbytes: int
+    weight: int   # bytes of weights: what disk holds and what "off GPU" counts
+    kv: int       # KV cache bytes, resident with the block (on the main device when the block is on disk)
     pin: str | None
 
+    @property
+    def size(self) -> int:
+        """Bytes the item takes on a GPU or the CPU."""
+        return self.weight + self.kv
 
-def plan_device_map(
-    blocks: Sequence[Block],
-    devices: Sequence[Device],
-    strategy: str,
-    pins: dict[str, str],
-    main_device: str,
-) -> Plan:
-    """Place ``blocks`` on ``devices`` with ``strategy``, keeping the user's ``pins`` (block -> device).
+
+def plan_device_map(request: PlanRequest) -> Plan:
+    """Place every block with the request's strategy, keeping its pins.
 
     Raises:
-        PlanError: a block fits no device, or the pins overfill one.
+        PlanError: a block fits no device, the pins overfill one, or the plan needs disk when disk is not allowed.
     """
-    items = _items(blocks, pins)
-    budgets = {d.name: d.budget for d in devices}
-    _check_fits(items, devices, main_device)
-    pinned = {name: 0 for name in budgets}
+    items = _items(request.blocks, request.pins, request.kv_bytes)
+    budgets = {d.name: d.budget - sum(request.reserves.get(d.name, {}).values()) for d in request.devices}
+    _check_fits(items, request.devices, budgets)
+    pinned = dict.fromkeys(budgets, 0)
     for item in items:
         if item.pin:
-            pinned[item.pin] += item.nbytes
-    over = [f"{d}: pinned blocks need {format_bytes(n)}, its budget is {format_bytes(budgets[d])}"
-            for d, n in pinned.items() if n > budgets[d]]
+            pinned[item.pin] += item.weight if item.pin == "disk" else item.size
+    over = [f"{d}: pinned blocks need {format_bytes(n)}, {format_bytes(max(budgets[d], 0))} is left of its budget "
+            "after reserves" for d, n in pinned.items() if n > budgets[d]]
     if over:
         raise PlanError(*over)
 
-    free = [item for item in items if not item.pin]
-    reserve = 0
-    while True:  # the reserve only grows, so this ends after at most len(items) rounds
-        capacity = {d: budgets[d] - pinned[d] - (reserve if d == main_device else 0) for d in budgets}
-        if capacity[main_device] < 0:
-            raise PlanError(f"{main_device}: streaming the biggest disk block needs {format_bytes(reserve)} there, "
-                            f"but only {format_bytes(budgets[main_device] - pinned[main_device])} is left; "
-                            f"raise it ({cap_override(main_device)}) or pin fewer blocks there")
-        gpu_caps = STRATEGIES[strategy](free, [(d.name, capacity[d.name]) for d in devices if d.kind == "gpu"])
-        order = gpu_caps + [(d.name, capacity[d.name]) for d in devices if d.kind != "gpu"]
-        placed = _fill(free, order, gpus=len(gpu_caps))
-        on_disk = [item.nbytes for item in free if placed[item.names[0]] == "disk"]
-        on_disk += [item.nbytes for item in items if item.pin == "disk"]
-        if max(on_disk, default=0) <= reserve:
-            break
-        reserve = max(on_disk)
+    placed, staging = _place(request, items, budgets, pinned)
+    if not request.allow_disk and "disk" in placed.values():
+        on_disk = sum(item.weight for item in items if placed[item.names[0]] == "disk")
+        raise PlanError(f"the model needs {format_bytes(on_disk)} more than the GPUs and the CPU can hold "
+                        f"(offload.allow_disk is false); raise max_memory, use a smaller dtype, or set "
+                        "offload.allow_disk=true")
+    order_index = {b.name: i for i, b in enumerate(request.blocks)}
+    device_map = dict(sorted(placed.items(), key=lambda kv: order_index[kv[0]]))
+    loads = dict.fromkeys(budgets, 0)
+    for item in items:
+        loads[device_map[item.names[0]]] += item.weight
+    reserves = {d: dict(r) for d, r in request.reserves.items() if r}
+    for device, nbytes in kv_cache(device_map, request.kv_bytes).items():
+        reserves.setdefault(device, {})["kv_cache"] = nbytes
+    if staging:
+        reserves.setdefault(request.main_device, {})["offload_staging"] = staging
+    return Plan(device_map, loads, reserves, request.strategy)
 
-    device_map = {}
-    for item in items:
-        for name in item.names:
-            device_map[name] = item.pin or placed[name]
-    order_index = {b.name: i for i, b in enumerate(blocks)}
-    device_map = dict(sorted(device_map.items(), key=lambda kv: order_index[kv[0]]))
-    loads = {d: 0 for d in budgets}
-    for item in items:
-        loads[device_map[item.names[0]]] += item.nbytes
-    return Plan(device_map, loads, {main_device: reserve} if reserve else {}, strategy)
+
+def kv_cache(device_map: dict[str, str], kv_bytes: dict[str, int]) -> dict[str, int]:
+    """device -> KV cache bytes of the blocks resident there (a disk block's is in the staging reserve)."""
+    out: dict[str, int] = {}
+    for block, nbytes in kv_bytes.items():
+        device = device_map.get(block)
+        if nbytes and device not in (None, "disk"):
+            out[device] = out.get(device, 0) + nbytes
+    return out
+
+
+def _place(request: PlanRequest, items: list[_Item], budgets: dict[str, int],
+           pinned: dict[str, int]) -> tuple[dict[str, str], int]:
+    """block -> device, and the staging room disk blocks need on the main device.
+
+    Disk blocks are streamed into the main device when they run, and their KV cache lives
+    there, so room is reserved there for the biggest one plus every disk block's KV cache,
+    and only when something is on disk. A bigger reserve can push more onto disk, so the
+    reserve is raised until it covers what it made.
+    """
+    main = request.main_device
+    if request.strategy == "auto":
+        return _place_auto(request, items, budgets, pinned)
+    free = [item for item in items if not item.pin]
+    staging = 0
+    while True:
+        capacity = {d: budgets[d] - pinned[d] - (staging if d == main else 0) for d in budgets}
+        if capacity[main] < 0:
+            raise PlanError(f"{main}: streaming disk blocks in needs {format_bytes(staging)} there, but only "
+                            f"{format_bytes(max(budgets[main] - pinned[main], 0))} is left; raise it "
+                            f"({cap_override(main)}) or pin fewer blocks there")
+        gpus = [(d.name, capacity[d.name]) for d in request.devices if d.kind == "gpu"]
+        order = STRATEGIES[request.strategy](free, gpus) + [(d.name, capacity[d.name]) for d in request.devices
+                                                           if d.kind != "gpu"]
+        placed = _fill(free, order, gpus=len(gpus))
+        for item in items:
+            for name in item.names:
+                placed[name] = item.pin or placed[name]
+        needed = _staging(items, placed)
+        if needed <= staging:
+            return placed, staging
+        staging = needed
+
+
+def _place_auto(request: PlanRequest, items: list[_Item], budgets: dict[str, int],
+                pinned: dict[str, int]) -> tuple[dict[str, str], int]:
+    """The exact search, once per candidate staging size (none, or the size of one of the items)."""
+    main = request.main_device
+    gpus = [d.name for d in request.devices if d.kind == "gpu"]
+    best: tuple | None = None
+    for limit in [0, *sorted({item.weight for item in items if item.weight})]:
+        extra = 0
+        for _ in range(len(items) + 1):  # grow the KV part of the staging room until it covers the disk blocks
+            reserve = (limit + extra) if limit else 0
+            caps = {d: budgets[d] - (reserve if d == main else 0) for d in budgets}
+            if caps[main] < 0:
+                break
+            problem = Problem([i.size for i in items], [i.weight for i in items], [i.pin for i in items],
+                              [(g, caps[g]) for g in gpus], caps["cpu"], caps["disk"], limit)
+            assignment = best_partition(problem)
+            if assignment is None:
+                break
+            placed = {name: device for item, device in zip(items, assignment) for name in item.names}
+            kv_on_disk = sum(item.kv for item in items if placed[item.names[0]] == "disk")
+            if kv_on_disk <= extra:
+                key = _merit(items, assignment, gpus) + (reserve,)
+                if best is None or key < best[0]:
+                    best = (key, placed, _staging(items, placed))
+                break
+            extra = kv_on_disk
+        if best is not None and best[0][1] == 0:
+            break  # nothing on disk: a staging reserve cannot do better
+    if best is None:
+        if any(i.pin for i in items):  # pins may rule out every contiguous map: keep them, fill around them
+            log.warning("the pinned blocks leave no map with one contiguous run per device; "
+                        "filling around them in order instead")
+            return _place(replace(request, strategy="sequential"), items, budgets, pinned)
+        _no_room(max(items, key=lambda i: i.size), [(d, budgets[d]) for d in budgets])
+    return best[1], best[2]
+
+
+def _merit(items: list[_Item], assignment: list[str], gpus: list[str]) -> tuple[int, int, int, int]:
+    """(bytes off GPU, bytes on disk, hops, largest GPU load): smaller is better, in that order."""
+    off = sum(item.weight for item, d in zip(items, assignment) if d not in gpus)
+    disk = sum(item.weight for item, d in zip(items, assignment) if d == "disk")
+    hops = sum(1 for a, b in zip(assignment, assignment[1:]) if a != b)
+    loads = [sum(item.size for item, d in zip(items, assignment) if d == g) for g in gpus]
+    return off, disk, hops, max(loads, default=0)
+
+
+def _staging(items: list[_Item], placed: dict[str, str]) -> int:
+    on_disk = [item for item in items if placed[item.names[0]] == "disk"]
+    return max((i.weight for i in on_disk), default=0) + sum(i.kv for i in on_disk)
 
 
 # -- strategies: each turns the GPUs' capacities into per-GPU caps for the sequential fill ----------------------
@@ -123,12 +223,12 @@ def _balanced_low_0(items: Sequence[_Item], gpus: GpuCaps) -> GpuCaps:
             high = mid
         else:
             low = mid + 1
-    head = sum(item.nbytes for item in items[:low])
+    head = sum(item.size for item in items[:low])
     return [(gpus[0][0], head)] + _balanced(items[low:], gpus[1:])
 
 
-# auto: for now the most even contiguous split over the GPUs, as `balanced`.
-STRATEGIES = {"sequential": _sequential, "balanced": _balanced, "balanced_low_0": _balanced_low_0, "auto": _balanced}
+# `auto` is not a cap rule: it is the exact search in runner/optimal.py.
+STRATEGIES = {"sequential": _sequential, "balanced": _balanced, "balanced_low_0": _balanced_low_0}
 
 
 # -- the shared machinery --------------------------------------------------------------------------------------
@@ -138,40 +238,43 @@ def _fill(items: Sequence[_Item], order: GpuCaps, gpus: int = 0) -> dict[str, st
 
     The first ``gpus`` entries of ``order`` are GPUs, the rest offload tiers (CPU, disk). An item
     bigger than every GPU goes to an offload tier without using up the GPUs, so a huge embedding
-    in front no longer pushes the whole model off the GPUs.
+    in front no longer pushes the whole model off the GPUs. No device is visited twice: a run,
+    once left, is closed.
     """
     placed: dict[str, str] = {}
     used = dict.fromkeys((name for name, _ in order), 0)
     gpu, tier = 0, gpus  # cursors: the GPU being filled, the offload tier being filled
 
-    def advance(cursor: int, item: _Item, stop: int) -> int:
-        while cursor < stop and used[order[cursor][0]] + item.nbytes > order[cursor][1]:
-            cursor += 1
-        return cursor
+    def fits(cursor: int, item: _Item) -> bool:
+        name, cap = order[cursor]
+        return used[name] + (item.weight if name == "disk" else item.size) <= cap
 
     for item in items:
-        too_big = all(item.nbytes > cap for _, cap in order[:gpus])
-        if gpu < gpus and too_big and used[order[gpu][0]]:
-            gpu += 1  # the GPU's run ends here, so that it stays contiguous
-        if gpu < gpus and not too_big:
-            gpu = advance(gpu, item, gpus)
+        too_big = all(item.size > cap for _, cap in order[:gpus])
+        if gpu < gpus and (too_big and used[order[gpu][0]] or not too_big and not fits(gpu, item)):
+            gpu += 1  # this GPU's run ends here
+            while gpu < gpus and not too_big and not fits(gpu, item):
+                gpu += 1
         if gpu < gpus and not too_big:
             device = order[gpu][0]
+            if tier < len(order) and used[order[tier][0]]:
+                tier += 1  # the offload run before this GPU run is closed
         else:
-            tier = advance(tier, item, len(order))
+            while tier < len(order) and not fits(tier, item):
+                tier += 1
             if tier == len(order):
                 _no_room(item, order)
             device = order[tier][0]
-        used[device] += item.nbytes
+        used[device] += item.weight if device == "disk" else item.size
         for name in item.names:
             placed[name] = device
     return placed
 
 
 def _no_room(item: _Item, order: GpuCaps) -> None:
-    raise PlanError(f"block {item.names[0]} ({format_bytes(item.nbytes)}) does not fit on any device "
-                    f"left after the blocks before it; budgets: "
-                    + ", ".join(f"{d} {format_bytes(c)}" for d, c in order)
+    raise PlanError(f"block {item.names[0]} ({format_bytes(item.size)}) does not fit on any device "
+                    f"left after the blocks before it; room after reserves: "
+                    + ", ".join(f"{d} {format_bytes(max(c, 0))}" for d, c in order)
                     + "; raise max_memory (disk included) or use a smaller dtype")
 
 
@@ -183,7 +286,7 @@ def _fits(items: Sequence[_Item], gpus: GpuCaps) -> bool:
     return True
 
 
-def _items(blocks: Sequence[Block], pins: dict[str, str]) -> list[_Item]:
+def _items(blocks: Sequence[Block], pins: dict[str, str], kv: dict[str, int]) -> list[_Item]:
     """Group tied blocks at the first one's position; a group is pinned if any member is."""
     group_of: dict[str, int] = {}
     groups: list[list[Block]] = []
@@ -202,16 +305,16 @@ def _items(blocks: Sequence[Block], pins: dict[str, str]) -> list[_Item]:
             raise PlanError(f"{', '.join(b.name for b in members)} share tied weights but are pinned to "
                             f"{', '.join(sorted(members_pins))}; pin them to one device")
         items.append(_Item(tuple(b.name for b in members), sum(b.nbytes for b in members),
-                           members_pins.pop() if members_pins else None))
+                           sum(kv.get(b.name, 0) for b in members), members_pins.pop() if members_pins else None))
     return items
 
 
-def _check_fits(items: Sequence[_Item], devices: Sequence[Device], main_device: str) -> None:
+def _check_fits(items: Sequence[_Item], devices: Sequence[Device], budgets: dict[str, int]) -> None:
     """Every block must be computable somewhere: resident on a GPU or the CPU, or streamed into the main device."""
-    compute = [d for d in devices if d.kind != "disk"]
-    biggest = max(items, key=lambda item: item.nbytes, default=None)
-    if biggest and all(biggest.nbytes > d.budget for d in compute):
-        raise PlanError(f"block {' + '.join(biggest.names)} ({format_bytes(biggest.nbytes)}) cannot be split and "
-                        "fits no device: " + ", ".join(f"{d.name} {format_bytes(d.budget)}" for d in compute)
-                        + " (a block planned on disk must still fit the device it runs on); "
-                        "raise max_memory, e.g. " + cap_override(compute[0].name) + ", or use a smaller dtype")
+    compute = [d.name for d in devices if d.kind != "disk"]
+    biggest = max(items, key=lambda item: item.size, default=None)
+    if biggest and all(biggest.size > budgets[d] for d in compute):
+        raise PlanError(f"block {' + '.join(biggest.names)} ({format_bytes(biggest.size)}) cannot be split and "
+                        "fits no device: " + ", ".join(f"{d} {format_bytes(max(budgets[d], 0))}" for d in compute)
+                        + " after reserves (a block planned on disk must still fit the device it runs on); "
+                        "raise max_memory, e.g. " + cap_override(compute[0]) + ", or use a smaller dtype")

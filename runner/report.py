@@ -52,7 +52,8 @@ def report_document(result: RunResult) -> dict:
     cfg = result.config
     devices = [{
         "name": d.name, "kind": d.kind, "simulated": d.simulated, "budget": d.budget,
-        "planned_bytes": result.check.loads[d.name], "reserve": result.plan.reserves.get(d.name, 0),
+        "planned_bytes": result.check.loads[d.name], "reserve": sum(result.plan.reserves.get(d.name, {}).values()),
+        "reserves": result.plan.reserves.get(d.name, {}),
         "peak_bytes": result.ledger.peak[d.name], "resident_bytes": result.ledger.current[d.name],
     } for d in result.hardware.devices]
     return {
@@ -106,7 +107,7 @@ def format_summary(result: RunResult) -> str:
     for d in result.hardware.devices:
         name = d.name + ("*" if d.simulated else "")
         lines.append(f"{name:<8} {counts.get(d.name, 0):>6} {format_bytes(result.check.loads[d.name]):>12} "
-                     f"{format_bytes(result.plan.reserves.get(d.name, 0)):>12} "
+                     f"{format_bytes(sum(result.plan.reserves.get(d.name, {}).values())):>12} "
                      f"{format_bytes(result.ledger.peak[d.name]):>12} {format_bytes(d.budget):>12}")
     if any(d.simulated for d in result.hardware.devices):
         lines.append("* simulated: backed by CPU memory, budget enforced by the runner")

@@ -44,8 +44,12 @@ def resolve_pins(pins: dict[str, str], layout: ModelLayout, hardware: Hardware) 
 
 
 def check_map(device_map: dict[str, str], layout: ModelLayout, hardware: Hardware,
-              reserves: dict[str, int] | None = None) -> MapCheck:
+              reserves: dict[str, dict[str, int]] | None = None,
+              activation_bytes: dict[str, int] | None = None) -> MapCheck:
     """Validate a full map (module or tensor names -> device) for this model and hardware.
+
+    ``reserves`` (device -> reason -> bytes, KV cache included) count against the budgets;
+    ``activation_bytes`` (block -> bytes per token flowing into it) sizes the hop warnings.
 
     Raises:
         MapError: one line per problem found.
@@ -83,17 +87,17 @@ def check_map(device_map: dict[str, str], layout: ModelLayout, hardware: Hardwar
         if slot not in layout.ties and slot in slot_device and slot_device[slot] in loads:
             loads[slot_device[slot]] += nbytes
     for name, load in loads.items():
-        need = load + (reserves or {}).get(name, 0)
+        need = load + sum((reserves or {}).get(name, {}).values())
         budget = hardware.get(name).budget
         if need > budget:
             errors.append(f"device_map: {name} holds {format_bytes(need)} but its budget is {format_bytes(budget)} "
                           f"({format_bytes(need - budget)} over); move blocks off it or raise it ({cap_override(name)})")
     if errors:
         raise MapError(*errors)
-    return MapCheck(block_devices, loads, tuple(_hop_warnings(block_devices, layout)))
+    return MapCheck(block_devices, loads, tuple(_hop_warnings(block_devices, layout, activation_bytes or {})))
 
 
-def _hop_warnings(block_devices: dict[str, str], layout: ModelLayout) -> list[str]:
+def _hop_warnings(block_devices: dict[str, str], layout: ModelLayout, activation_bytes: dict[str, int]) -> list[str]:
     """A hop back to a GPU already left, or to a lower GPU id, moves the activations one extra time."""
     warnings, visited = [], []
     previous = None
@@ -104,8 +108,10 @@ def _hop_warnings(block_devices: dict[str, str], layout: ModelLayout) -> list[st
         if previous and device != previous[1]:
             if device in visited or int(device[5:]) < int(previous[1][5:]):
                 why = f" (it shares weights with {block.tied_to})" if block.tied_to else ""
+                size = activation_bytes.get(block.name)
+                cost = f" ({format_bytes(size)} per token)" if size else ""
                 warnings.append(f"non-sequential GPU hop {previous[1]} -> {device} between {previous[0]} and "
-                                f"{block.name}{why}: the activations make an extra trip")
+                                f"{block.name}{why}: the activations make an extra trip{cost}")
         if device not in visited:
             visited.append(device)
         previous = (block.name, device)

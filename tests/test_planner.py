@@ -9,7 +9,7 @@ from runner.build import build_skeleton
 from runner.config import ModelSpec
 from runner.errors import PlanError
 from runner.hardware import Device
-from runner.planner import plan_device_map
+from runner.planner import PlanRequest, plan_device_map
 
 DISK = 10**12
 
@@ -29,9 +29,10 @@ def devices(*gpus: int, cpu: int = 100, gpu_ids: tuple[int, ...] | None = None) 
             + [Device("cpu", "cpu", cpu), Device("disk", "disk", DISK)])
 
 
-def plan(strategy: str, devs: list[Device], pins: dict[str, str] | None = None, blocks=BLOCKS):
+def plan(strategy: str, devs: list[Device], pins: dict[str, str] | None = None, blocks=BLOCKS, **kwargs):
     gpus = [d.name for d in devs if d.kind == "gpu"]
-    return plan_device_map(blocks, devs, strategy, pins or {}, gpus[0] if gpus else "cpu")
+    return plan_device_map(PlanRequest(tuple(blocks), tuple(devs), strategy, gpus[0] if gpus else "cpu",
+                                       pins or {}, **kwargs))
 
 
 def as_runs(device_map: dict[str, str]) -> list[tuple[str, list[str]]]:
@@ -88,15 +89,26 @@ def test_low_0_with_gap_ids_spreads_over_the_others():
     assert p.loads["cuda:0"] == 0 and p.loads["cuda:2"] == 60 and p.loads["cuda:3"] == 64
 
 
-@pytest.mark.parametrize("strategy", ["sequential", "balanced", "balanced_low_0", "auto"])
+@pytest.mark.parametrize("strategy", ["sequential", "balanced", "balanced_low_0"])
 def test_too_little_gpu_memory_degenerates_to_gpus_then_cpu_then_disk(strategy):
     # 124 B over 2 x 30 B GPUs and a 50 B CPU. The 40 B embedding fits no GPU, so it goes to the CPU
     # without using up the GPUs; disk blocks stream into cuda:0, so 20 B are reserved there.
     p = plan(strategy, devices(30, 30, cpu=50))
     assert p.device_map == {"emb": "cpu", "b0": "cuda:1", "b1": "disk", "b2": "disk", "b3": "disk", "norm": "disk",
                             "head": "cpu"}
-    assert p.reserves == {"cuda:0": 20}
+    assert p.reserves == {"cuda:0": {"offload_staging": 20}}
     assert p.loads == {"cuda:0": 0, "cuda:1": 20, "cpu": 40, "disk": 64}
+
+
+def test_auto_finds_the_partition_with_the_fewest_bytes_off_gpu():
+    # Same budgets. Disk is unavoidable (124 B > 30 + 30 + 50), and streaming a 20 B block in leaves
+    # cuda:0 only 10 B, so one GPU is left for blocks: auto puts b3 and the 4 B norm there (24 B),
+    # 100 B off GPU where the fill leaves 104.
+    p = plan("auto", devices(30, 30, cpu=50))
+    assert p.device_map == {"emb": "cpu", "b0": "disk", "b1": "disk", "b2": "disk", "b3": "cuda:1",
+                            "norm": "cuda:1", "head": "cpu"}
+    assert p.loads == {"cuda:0": 0, "cuda:1": 24, "cpu": 40, "disk": 60}
+    assert p.reserves == {"cuda:0": {"offload_staging": 20}}
 
 
 def test_no_reserve_when_nothing_is_on_disk():
@@ -110,16 +122,24 @@ def test_cpu_only_hardware_spills_to_disk_and_reserves_on_cpu():
     # Without a reserve the CPU would take emb, b0, b1 (80 B); but disk blocks stream into the CPU,
     # and 80 + the 20 B reserve is over 90 B, so b1 moves to disk too.
     assert as_runs(p.device_map) == [("cpu", ["emb", "b0"]), ("disk", ["b1", "b2", "b3", "norm"]), ("cpu", ["head"])]
-    assert p.reserves == {"cpu": 20}
+    assert p.reserves == {"cpu": {"offload_staging": 20}}
 
 
-@pytest.mark.parametrize("strategy", ["sequential", "balanced", "balanced_low_0", "auto"])
+@pytest.mark.parametrize("strategy", ["sequential", "balanced", "balanced_low_0"])
 def test_pins_are_kept_and_the_rest_planned_around_them(strategy):
     p = plan(strategy, devices(80, 80), pins={"b3": "cpu", "emb": "cuda:1", "head": "cuda:1"})
     assert p.device_map["b3"] == "cpu"
     assert p.device_map["emb"] == p.device_map["head"] == "cuda:1"
     assert p.loads["cpu"] == 20
     assert p.loads["cuda:0"] + p.loads["cuda:1"] == 104
+
+
+def test_auto_keeps_pins_and_each_device_contiguous():
+    # emb pinned to cuda:1 comes first, and GPUs run in ascending order, so cuda:0 cannot follow:
+    # cuda:1 takes emb, b0, b1 (80 B) and the CPU the rest, around the pinned b3.
+    p = plan("auto", devices(80, 80), pins={"b3": "cpu", "emb": "cuda:1", "head": "cuda:1"})
+    assert as_runs(p.device_map) == [("cuda:1", ["emb", "b0", "b1"]), ("cpu", ["b2", "b3", "norm"]),
+                                     ("cuda:1", ["head"])]
 
 
 def test_exact_map_with_pins_sequential():
@@ -140,7 +160,7 @@ def test_tied_blocks_pinned_apart_is_an_error():
 
 
 def test_pins_over_a_budget_are_an_error():
-    with pytest.raises(PlanError, match=r"cuda:0: pinned blocks need 60 B, its budget is 50 B"):
+    with pytest.raises(PlanError, match=r"cuda:0: pinned blocks need 60 B, 50 B is left of its budget after reserves"):
         plan("sequential", devices(50, 50), pins={"b0": "cuda:0", "b1": "cuda:0", "b2": "cuda:0"})
 
 
@@ -148,7 +168,7 @@ def test_a_block_bigger_than_every_device_names_it_and_the_budgets():
     with pytest.raises(PlanError) as e:
         plan("auto", devices(30, 30, cpu=35))
     assert e.value.lines == ("block emb + head (40 B) cannot be split and fits no device: cuda:0 30 B, cuda:1 30 B, "
-                             "cpu 35 B (a block planned on disk must still fit the device it runs on); raise "
+                             "cpu 35 B after reserves (a block planned on disk must still fit the device it runs on); raise "
                              "max_memory, e.g. +max_memory.0=<size>, or use a smaller dtype",)
 
 

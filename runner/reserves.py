@@ -1,0 +1,58 @@
+"""The memory model beyond weights: what each device must keep free for the run itself.
+
+Every figure here is taken off a device's budget before planning and listed in the plan:
+
+- ``cuda_context``: what the CUDA context takes at the first allocation (a profile setting);
+- ``activations``: the hidden states of one forward, ``ACTIVATION_COPIES`` copies of the widest
+  block input for ``batch_size x seq_len`` tokens (residual stream, norm output, q/k/v,
+  attention output and the 4x-wide MLP hidden state live together at the peak);
+- ``outputs``: the logits of one forward, on the main device, where outputs land;
+- ``kv_cache``: keys and values of every unsplittable block for ``batch_size x seq_len`` tokens,
+  counted with its block (see ``kv_bytes``).
+
+The staging room for streaming disk blocks in is added by the planner, and only when
+something is on disk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runner.blocks import ModelLayout
+from runner.hardware import Hardware
+from runner.order import ForwardTrace
+
+ACTIVATION_COPIES = 10
+
+
+@dataclass(frozen=True)
+class RuntimeShape:
+    batch_size: int
+    seq_len: int
+
+
+def device_reserves(hardware: Hardware, trace: ForwardTrace, shape: RuntimeShape, itemsize: int,
+                    cuda_context: int) -> dict[str, dict[str, int]]:
+    """device -> reason -> bytes, for every device that computes (GPUs and the CPU)."""
+    tokens = shape.batch_size * shape.seq_len
+    hidden = max(trace.input_elems.values(), default=0)
+    reserves: dict[str, dict[str, int]] = {}
+    for device in hardware.devices:
+        if device.kind == "disk":
+            continue
+        r = {}
+        if device.kind == "gpu" and cuda_context:
+            r["cuda_context"] = cuda_context
+        if hidden:
+            r["activations"] = ACTIVATION_COPIES * tokens * hidden * itemsize
+        if device.name == hardware.main_device and trace.output_elems:
+            r["outputs"] = tokens * trace.output_elems * itemsize
+        reserves[device.name] = {k: v for k, v in r.items() if v}
+    return reserves
+
+
+def kv_bytes(layout: ModelLayout, trace: ForwardTrace, no_split: tuple[str, ...], shape: RuntimeShape,
+             itemsize: int) -> dict[str, int]:
+    """Keys and values for every unsplittable (attention) block: 2 x tokens x its input width."""
+    tokens = shape.batch_size * shape.seq_len
+    return {b.name: 2 * tokens * trace.input_elems.get(b.name, 0) * itemsize
+            for b in layout.blocks if b.class_name in no_split}
