@@ -18,8 +18,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from runner.config import load_config
 from runner.errors import RunnerError
-from runner.pipeline import run
-from runner.report import format_predictions, format_summary, write_outputs
+from runner.explain import format_plan
+from runner.pipeline import plan, run
+from runner.report import format_map, format_predictions, format_summary, write_outputs, write_plan
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("runner")
@@ -30,13 +31,20 @@ _failures: list[RunnerError] = []  # a failed job is reported and recorded; a sw
 def app(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        result = run(load_config(cfg), run_dir)
-        paths = write_outputs(result, run_dir)
+        config = load_config(cfg)
+        if config.mode == "plan":
+            planned = plan(config, run_dir)
+            paths = write_plan(planned, run_dir)
+            text = format_map(planned) + "\n\n" + format_plan(planned)
+        else:
+            result = run(config, run_dir)
+            paths = write_outputs(result, run_dir)
+            text = format_summary(result) + "\n\n" + format_predictions(result)
     except RunnerError as e:
         _print_error(e)
         _failures.append(e)
         return
-    print(format_summary(result), format_predictions(result), sep="\n\n")
+    print(text)
     print(f"\nWrote {', '.join(paths)} to {run_dir}")
 
 

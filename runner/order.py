@@ -1,7 +1,8 @@
 """The forward order of the blocks, and the activation sizes the memory model needs, found without running the model.
 
 A model may declare its block order itself (a ``block_order()`` method returning module
-names). Otherwise one forward pass on meta tensors records which block runs first, and
+names). Otherwise one forward pass on meta tensors (token ids, or what the model's
+``trace_input(batch, tokens)`` returns) records which block runs first, and
 the size per token of what flows into each block and out of the model. If that trace
 fails (the model wants inputs we cannot guess), registration order is used, with a warning.
 """
@@ -61,8 +62,11 @@ def _trace(model: nn.Module, layout: ModelLayout) -> ForwardTrace:
     try:
         for slot, t in buffers.items():
             set_slot(model, slot, t.to("meta"))
+        make_input = getattr(model, "trace_input", None)
+        example = (make_input(1, TRACE_TOKENS) if callable(make_input)
+                   else torch.zeros(1, TRACE_TOKENS, dtype=torch.long, device="meta"))  # token ids
         with torch.no_grad():
-            out = model(torch.zeros(1, TRACE_TOKENS, dtype=torch.long, device="meta"))
+            out = model(example)
     finally:
         for h in handles:
             h.remove()

@@ -14,27 +14,12 @@ from importlib import metadata
 from pathlib import Path
 
 import runner
-from runner.blocks import ModelLayout
-from runner.pipeline import RunResult
+from runner.explain import compact_map, plan_document
+from runner.pipeline import Planned, RunResult
 from runner.schema import schema_errors
 from runner.sizes import format_bytes
-from runner.validate import covers
 
 PACKAGES = ("torch", "hydra-core", "omegaconf", "safetensors", "huggingface_hub", "jsonschema", "psutil")
-
-
-def compact_map(block_devices: dict[str, str], layout: ModelLayout) -> dict[str, str]:
-    """The shortest map with the same meaning: a module whose blocks all share a device stands for them."""
-    order = {b.name: i for i, b in enumerate(layout.blocks)}
-    chosen: dict[str, str] = {}
-    for module in sorted(layout.modules | set(block_devices), key=lambda m: (m.count(".") + bool(m), m)):
-        if any(covers(c, module) for c in chosen):
-            continue
-        under = {device for name, device in block_devices.items() if covers(module, name)}
-        if len(under) == 1:
-            chosen[module] = under.pop()
-    first = {m: min(order[b] for b in block_devices if covers(m, b)) for m in chosen}
-    return dict(sorted(chosen.items(), key=lambda kv: first[kv[0]]))
 
 
 def device_map_document(result: RunResult) -> dict:
@@ -74,14 +59,22 @@ def report_document(result: RunResult) -> dict:
 
 
 def write_outputs(result: RunResult, run_dir: Path) -> dict[str, Path]:
-    """Write the three files, each checked against its schema first: a mismatch is a bug, never written."""
-    documents = {
-        "device_map.json": (device_map_document(result), "device_map"),
-        "report.json": (report_document(result), "report"),
-    }
-    predictions = [asdict(p) for p in result.predictions]
+    """Write the run's three files."""
+    return write_documents(run_dir, {"device_map.json": (device_map_document(result), "device_map"),
+                                     "report.json": (report_document(result), "report")},
+                           [asdict(p) for p in result.predictions])
+
+
+def write_plan(planned: Planned, run_dir: Path) -> dict[str, Path]:
+    """Write ``plan.json`` (mode=plan)."""
+    return write_documents(run_dir, {"plan.json": (plan_document(planned), "plan")})
+
+
+def write_documents(run_dir: Path, documents: dict[str, tuple[dict, str]],
+                    predictions: list[dict] | None = None) -> dict[str, Path]:
+    """Each file is checked against its schema first: a mismatch is a bug, and nothing is written."""
     problems = [f"{name}: {e}" for name, (doc, schema) in documents.items() for e in schema_errors(doc, schema)]
-    problems += [f"predictions.jsonl line {i + 1}: {e}" for i, p in enumerate(predictions)
+    problems += [f"predictions.jsonl line {i + 1}: {e}" for i, p in enumerate(predictions or [])
                  for e in schema_errors(p, "prediction")]
     if problems:
         raise RuntimeError("output does not match its schema (a bug in the runner): " + "; ".join(problems))
@@ -89,18 +82,15 @@ def write_outputs(result: RunResult, run_dir: Path) -> dict[str, Path]:
     paths = {}
     for name, (doc, _) in documents.items():
         paths[name] = _atomic_write(run_dir / name, json.dumps(doc, indent=2) + "\n")
-    lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
-    paths["predictions.jsonl"] = _atomic_write(run_dir / "predictions.jsonl", lines)
+    if predictions is not None:
+        lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+        paths["predictions.jsonl"] = _atomic_write(run_dir / "predictions.jsonl", lines)
     return paths
 
 
 def format_summary(result: RunResult) -> str:
     """The module table, the per-device table, then warnings: what the user reads first."""
-    rows = _numbered_runs(compact_map(result.check.block_devices, result.layout))
-    width = max([len(m) for m, _ in rows] + [6])
-    lines = [f"{'module':<{width}}  device", f"{'-' * width}  ------"]
-    lines += [f"{module:<{width}}  {device}" for module, device in rows]
-    lines += ["", f"{'device':<8} {'blocks':>6} {'planned':>12} {'reserve':>12} {'peak':>12} {'budget':>12}"]
+    lines = [format_map(result), "", f"{'device':<8} {'blocks':>6} {'planned':>12} {'reserve':>12} {'peak':>12} {'budget':>12}"]
     counts: dict[str, int] = {}
     for device in result.check.block_devices.values():
         counts[device] = counts.get(device, 0) + 1
@@ -114,15 +104,24 @@ def format_summary(result: RunResult) -> str:
     return "\n".join(lines)
 
 
+def format_map(planned: Planned) -> str:
+    """The compact map as a two-column table, numbered siblings on one device folded into one row."""
+    rows = _numbered_runs(compact_map(planned.check.block_devices, planned.layout))
+    width = max([len(m) for m, _ in rows] + [6])
+    lines = [f"{'module':<{width}}  device", f"{'-' * width}  ------"]
+    lines += [f"{module:<{width}}  {device}" for module, device in rows]
+    return "\n".join(lines)
+
+
 def _numbered_runs(compact: dict[str, str]) -> list[tuple[str, str]]:
     """``transformer.h.3 .. transformer.h.9`` on one device as one row, ``transformer.h.3-9``."""
     rows: list[tuple[str, str, int, int]] = []  # parent, device, first, last (-1: not numbered)
     for module, device in compact.items():
-        parent, _, last = module.rpartition(".")
-        if last.isdigit() and rows and rows[-1][:2] == (parent + ".", device) and rows[-1][3] == int(last) - 1:
+        parent, dot, last = module.rpartition(".")
+        if last.isdigit() and rows and rows[-1][:2] == (parent + dot, device) and rows[-1][3] == int(last) - 1:
             rows[-1] = (rows[-1][0], device, rows[-1][2], int(last))
         elif last.isdigit():
-            rows.append((parent + ".", device, int(last), int(last)))
+            rows.append((parent + dot, device, int(last), int(last)))
         else:
             rows.append((module or "(model)", device, -1, -1))
     return [(name if first < 0 else f"{name}{first}" if first == last else f"{name}{first}-{last}", device)

@@ -57,9 +57,9 @@ def check_map(device_map: dict[str, str], layout: ModelLayout, hardware: Hardwar
     errors = _name_errors(device_map, layout, hardware)
     slot_device: dict[str, str] = {}
     for slot in layout.tensor_bytes:
-        keys = sorted((k for k in device_map if covers(k, slot)), key=len)
-        if keys:
-            slot_device[slot] = device_map[keys[-1]]
+        key = next((k for k in _ancestors(slot) if k in device_map), None)  # the most specific key covers it
+        if key is not None:
+            slot_device[slot] = device_map[key]
 
     block_devices: dict[str, str] = {}
     for block in layout.blocks:
@@ -129,12 +129,17 @@ def _name_errors(device_map: dict[str, str], layout: ModelLayout, hardware: Hard
         if device not in hardware.names:
             errors.append(f"device_map.{key}: device {device!r} is not in hardware={hardware.name}; "
                           f"expected one of {', '.join(hardware.names)}")
-    keys = sorted(device_map)
-    for i, key in enumerate(keys):
-        for other in keys[i + 1:]:
-            if key != other and covers(key, other):
-                errors.append(f"device_map: {key} and {other} overlap; map each module once")
+    for key in sorted(device_map):
+        for outer in _ancestors(key)[1:]:
+            if outer in device_map:
+                errors.append(f"device_map: {outer} and {key} overlap; map each module once")
     return errors
+
+
+def _ancestors(name: str) -> list[str]:
+    """``a.b.c`` -> ``[a.b.c, a.b, a, ""]``: every map key that could cover it, most specific first."""
+    parts = name.split(".") if name else []
+    return [".".join(parts[:i]) for i in range(len(parts), -1, -1)]
 
 
 def covers(key: str, name: str) -> bool:

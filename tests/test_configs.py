@@ -18,7 +18,7 @@ def test_every_group_is_shipped():
     assert set(GROUPS) == {"model", "checkpoint", "placement", "hardware"}
     assert {"gpt2tiny", "gpt2mini", "gpt2", "gpt2medium", "gpt2large", "gpt2xl"} <= set(GROUPS["model"])
     assert set(GROUPS["placement"]) == {"auto", "balanced", "balanced_low_0", "sequential"}
-    assert {"auto", "cpu", "sim_2gpu"} <= set(GROUPS["hardware"])
+    assert {"auto", "cpu", "sim_2gpu", "a100_8x80gb", "rtx4090_2x", "h100_4x80gb"} <= set(GROUPS["hardware"])
 
 
 @pytest.mark.parametrize("group, option", OPTIONS)
@@ -29,7 +29,8 @@ def test_option_composes_and_validates(group, option):
     if group == "placement":
         assert cfg.placement.strategy == option
     if group == "model":
-        assert cfg.model.name == option and cfg.model.no_split_module_classes == ("Block",)
+        assert cfg.model.name == option
+        assert cfg.model.no_split_module_classes == (() if option == "seq100b" else ("Block",))
 
 
 def test_gpt2xl_is_the_designs_example():
