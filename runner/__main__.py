@@ -32,7 +32,7 @@ def app(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         config = load_config(cfg)
-        if config.mode == "plan":
+        if config.mode in ("plan", "check"):
             planned = plan(config, run_dir)
             paths = write_plan(planned, run_dir)
             text = format_map(planned) + "\n\n" + format_plan(planned)

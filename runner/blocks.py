@@ -41,12 +41,6 @@ class ModelLayout:
         by_name = {b.name: b for b in self.blocks}
         return replace(self, blocks=tuple(by_name[n] for n in names))
 
-    def block_of(self, tensor: str) -> Block:
-        for block in self.blocks:
-            if tensor in block.tensors:
-                return block
-        raise KeyError(tensor)
-
 
 def tensor_nbytes(t: torch.Tensor, dtype: torch.dtype) -> int:
     """Bytes ``t`` takes once loaded: floating tensors are cast to ``dtype``, the rest keep theirs."""

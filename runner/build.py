@@ -65,13 +65,15 @@ def build_skeleton(spec: ModelSpec) -> nn.Module:
     """Instantiate ``spec.arch`` with parameters on meta, in eval mode."""
     target = spec.arch["_target_"]
     cls = import_target(target)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):  # checked before anything is called
+        raise BuildError(f"model.arch._target_: {target} is not an nn.Module class; "
+                         "expected a model class such as runner.zoo.gpt.GPT")
     kwargs = {k: v for k, v in spec.arch.items() if k != "_target_"}
     log.info("Building model <%s> on meta", target)
     with meta_parameters():
         try:
             model = cls(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise BuildError(f"model.arch: cannot build {target}: {e}; it takes {_parameters(cls)}") from e
-    if not isinstance(model, nn.Module):
-        raise BuildError(f"model.arch._target_: {target} built a {type(model).__name__}, expected an nn.Module")
+        except Exception as e:  # noqa: BLE001 -- the constructor is the user's: whatever it raises is about its arguments
+            raise BuildError(f"model.arch: cannot build {target}: {type(e).__name__}: {e}; "
+                             f"it takes {_parameters(cls)}") from e
     return model.eval().requires_grad_(False)

@@ -78,7 +78,8 @@ class RunConfig:
     dtype: DType
     seed: int
     runtime: RuntimeSpec = RuntimeSpec(1, 256)
-    mode: Literal["run", "plan"] = "run"
+    mode: Literal["run", "plan", "check"] = "run"
+    map_file: Path | None = None    # mode=check: the map to validate
     resolved: dict[str, Any] = field(default_factory=dict, compare=False)  # for the report
 
 
@@ -97,9 +98,11 @@ def load_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
     Raises:
         ConfigError: with one line per problem, all found at once.
     """
-    plain = to_plain(cfg) if isinstance(cfg, DictConfig) else cfg
+    plain = to_plain(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
     plain.pop("hydra", None)
     errors = schema_errors(plain, "config")
+    if not errors and plain["mode"] == "check" and not plain["map_file"]:
+        errors.append("map_file: mode=check needs the map to check, e.g. map_file=outputs/.../device_map.json")
     if errors:
         raise ConfigError(*errors)
     return _typed(plain)
@@ -141,6 +144,7 @@ def _typed(c: dict[str, Any]) -> RunConfig:
         seed=c["seed"],
         runtime=RuntimeSpec(c["runtime"]["batch_size"], c["runtime"]["seq_len"]),
         mode=c["mode"],
+        map_file=_path(c["map_file"]),
         resolved=c,
     )
 

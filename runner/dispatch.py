@@ -11,7 +11,6 @@ dropped right after (see ``runner.offload``).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,6 @@ from runner.memory import MemoryLedger
 from runner.offload import DiskBlock, prepare_disk_block
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where one block's weights live and where it computes."""
-
-    stored: str      # "cuda:0", "cpu" or "disk"
-    compute: str     # a GPU or "cpu": disk blocks compute on the main device
 
 
 def torch_device(name: str, hardware: Hardware) -> torch.device:
@@ -97,7 +88,8 @@ def _install_hooks(module: nn.Module, device: torch.device, disk: DiskBlock | No
 
 def _to(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True) if value.device != device else value
+        # non_blocking only towards CUDA: a GPU -> CPU copy would return before the data is there.
+        return value.to(device, non_blocking=device.type == "cuda") if value.device != device else value
     if isinstance(value, (list, tuple)):
         return type(value)(_to(v, device) for v in value)
     if isinstance(value, dict):

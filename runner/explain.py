@@ -84,7 +84,7 @@ def explanation(planned: Planned) -> list[str]:
             why = {"sequential": "filled in order", "balanced": "the most even split over the GPUs",
                    "balanced_low_0": "spread over GPUs 1..N-1; GPU 0 takes only what does not fit there",
                    "auto": "part of the best contiguous map (fewest bytes off GPU, then hops, then evenness)",
-                   }[plan.strategy] + f"; {device} has {format_bytes(rooms[device])} for weights after reserves"
+                   "check": "as the map file says"}[plan.strategy] + f"; {device} has {format_bytes(rooms[device])} for weights after reserves"
         elif any(sizes[n] > biggest_gpu_room for n in names):
             why = f"bigger than any GPU's room after reserves ({format_bytes(biggest_gpu_room)})"
         elif device == "cpu":

@@ -32,8 +32,8 @@ class Device:
     simulated: bool = False
 
     @property
-    def index(self) -> int:
-        """GPU id; sorts GPUs by id, then cpu, then disk (fastest memory first)."""
+    def sort_key(self) -> int:
+        """GPUs by id, then cpu, then disk: fastest memory first."""
         return int(self.name.split(":")[1]) if self.kind == "gpu" else {"cpu": 10**6, "disk": 10**6 + 1}[self.kind]
 
 
@@ -77,7 +77,7 @@ def detect_hardware(spec: HardwareSpec, max_memory: dict[str, int], offload_fold
     gpus = _gpu_budgets(spec)
     cpu = spec.cpu if spec.cpu is not None else max(psutil.virtual_memory().available - spec.cpu_reserve, 0)
     devices = [Device(name, "gpu", budget, spec.simulated) for name, budget in gpus.items()]
-    devices.sort(key=lambda d: d.index)
+    devices.sort(key=lambda d: d.sort_key)
     devices += [Device("cpu", "cpu", cpu), Device("disk", "disk", _free_disk(offload_folder))]
     names = [d.name for d in devices]
     unknown = [name for name in max_memory if name not in names]

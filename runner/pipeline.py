@@ -20,7 +20,7 @@ from runner.build import build_skeleton
 from runner.checkpoint import Checkpoint, KeyReport, check_keys, open_checkpoint
 from runner.config import RunConfig
 from runner.dispatch import dispatch
-from runner.errors import BuildError
+from runner.errors import BuildError, CheckpointError
 from runner.hardware import Hardware, detect_hardware
 from runner.infer import Prediction, greedy_generate
 from runner.memory import MemoryLedger
@@ -28,7 +28,7 @@ from runner.order import ForwardTrace, forward_order
 from runner.planner import Plan, PlanRequest, plan_device_map
 from runner.reserves import RuntimeShape, device_reserves, kv_bytes
 from runner.tokenizer import ByteTokenizer
-from runner.validate import MapCheck, check_map, resolve_pins
+from runner.validate import MapCheck, check_map, load_map_file, resolve_pins
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,19 @@ def plan(cfg: RunConfig, run_dir: Path) -> Planned:
             reserves=device_reserves(hardware, trace, shape, dtype.itemsize, cfg.hardware.cuda_context_reserve),
             kv_bytes=kv_bytes(layout, trace, cfg.model.no_split_module_classes, shape, dtype.itemsize),
             allow_disk=cfg.placement.allow_disk)
-        log.info("Planning %s over %s with strategy %s", cfg.model.name, ", ".join(hardware.names),
-                 cfg.placement.strategy)
-        the_plan = plan_device_map(request)
+        activation_bytes = {name: n * dtype.itemsize for name, n in trace.input_elems.items()}
+        if cfg.mode == "check":  # the map comes from a file, to be validated as it is
+            assert cfg.map_file is not None  # load_config requires it in this mode
+            check = check_map(load_map_file(cfg.map_file), layout, hardware, request.reserves, activation_bytes,
+                              request.kv_bytes)
+            the_plan = Plan(check.block_devices, _weights_per_device(layout, check.block_devices, hardware),
+                            check.reserves, "check")
+        else:
+            log.info("Planning %s over %s with strategy %s", cfg.model.name, ", ".join(hardware.names),
+                     cfg.placement.strategy)
+            the_plan = plan_device_map(request)
     with _timed(timings, "validate"):
-        check = check_map(the_plan.device_map, layout, hardware, the_plan.reserves,
-                          {name: n * dtype.itemsize for name, n in trace.input_elems.items()})
+        check = check_map(the_plan.device_map, layout, hardware, the_plan.reserves, activation_bytes)
         for warning in check.warnings:
             log.warning(warning)
         keys = check_keys(checkpoint, model, layout) if checkpoint else None
@@ -111,15 +118,24 @@ def prepare(cfg: RunConfig, run_dir: Path) -> RunResult:
 def run(cfg: RunConfig, run_dir: Path) -> RunResult:
     """Prepare, then generate for every prompt."""
     torch.manual_seed(cfg.seed)
-    result = prepare(cfg, run_dir)
     vocab = cfg.model.arch.get("vocab_size")
     if not isinstance(vocab, int):
-        raise BuildError("model.arch.vocab_size: the byte tokenizer needs the model's vocabulary size")
+        raise BuildError(f"model.arch.vocab_size: model {cfg.model.name} has no token vocabulary for the byte "
+                         "tokenizer; it can be planned (mode=plan) but not run")
+    tokenizer = ByteTokenizer(vocab)
+    result = prepare(cfg, run_dir)
     context = getattr(result.model, "block_size", 1 << 30)
     with _timed(result.timings, "generate"):
-        result.predictions = greedy_generate(result.model, ByteTokenizer(vocab), cfg.generation.prompts,
+        result.predictions = greedy_generate(result.model, tokenizer, cfg.generation.prompts,
                                              cfg.generation.max_new_tokens, context)
     return result
+
+
+def _weights_per_device(layout: ModelLayout, block_devices: dict[str, str], hardware: Hardware) -> dict[str, int]:
+    loads = dict.fromkeys(hardware.names, 0)
+    for block in layout.blocks:
+        loads[block_devices[block.name]] += block.nbytes
+    return loads
 
 
 def _offload_folder(cfg: RunConfig, run_dir: Path) -> Path:
@@ -130,7 +146,11 @@ def _compute_dtype(cfg: RunConfig, checkpoint: Checkpoint | None) -> torch.dtype
     """``dtype: auto`` is the checkpoint's own (a synthetic one's is in its spec)."""
     if cfg.dtype != "auto":
         return getattr(torch, cfg.dtype)
-    return checkpoint.dtype if checkpoint else getattr(torch, cfg.checkpoint.dtype)
+    dtype = checkpoint.dtype if checkpoint else getattr(torch, cfg.checkpoint.dtype)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise CheckpointError(f"dtype: auto would compute in the checkpoint's {str(dtype).removeprefix('torch.')}, "
+                              "which the runner does not run; set dtype=float32, float16 or bfloat16")
+    return dtype
 
 
 @contextlib.contextmanager

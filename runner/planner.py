@@ -76,7 +76,7 @@ def plan_device_map(request: PlanRequest) -> Plan:
     if over:
         raise PlanError(*over)
 
-    placed, staging = _place(request, items, budgets, pinned)
+    placed, _ = _place(request, items, budgets, pinned)
     if not request.allow_disk and "disk" in placed.values():
         on_disk = sum(item.weight for item in items if placed[item.names[0]] == "disk")
         raise PlanError(f"the model needs {format_bytes(on_disk)} more than the GPUs and the CPU can hold "
@@ -87,21 +87,34 @@ def plan_device_map(request: PlanRequest) -> Plan:
     loads = dict.fromkeys(budgets, 0)
     for item in items:
         loads[device_map[item.names[0]]] += item.weight
-    reserves = {d: dict(r) for d, r in request.reserves.items() if r}
-    for device, nbytes in kv_cache(device_map, request.kv_bytes).items():
-        reserves.setdefault(device, {})["kv_cache"] = nbytes
-    if staging:
-        reserves.setdefault(request.main_device, {})["offload_staging"] = staging
+    reserves = merge_reserves(request.reserves,
+                              map_reserves(device_map, request.blocks, request.kv_bytes, request.main_device))
     return Plan(device_map, loads, reserves, request.strategy)
 
 
-def kv_cache(device_map: dict[str, str], kv_bytes: dict[str, int]) -> dict[str, int]:
-    """device -> KV cache bytes of the blocks resident there (a disk block's is in the staging reserve)."""
-    out: dict[str, int] = {}
+def map_reserves(device_map: dict[str, str], blocks: Sequence[Block], kv_bytes: dict[str, int],
+                 main_device: str) -> dict[str, dict[str, int]]:
+    """What a map itself needs kept free: each device's KV cache, and staging room for disk blocks.
+
+    A disk block's KV cache lives on the main device, where it runs, so it is part of the staging room.
+    """
+    out: dict[str, dict[str, int]] = {}
     for block, nbytes in kv_bytes.items():
         device = device_map.get(block)
         if nbytes and device not in (None, "disk"):
-            out[device] = out.get(device, 0) + nbytes
+            out.setdefault(device, {})["kv_cache"] = out.get(device, {}).get("kv_cache", 0) + nbytes
+    staging = _staging(_items(blocks, {}, kv_bytes), device_map)
+    if staging:
+        out.setdefault(main_device, {})["offload_staging"] = staging
+    return out
+
+
+def merge_reserves(*parts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for part in parts:
+        for device, reasons in part.items():
+            if reasons:
+                out.setdefault(device, {}).update(reasons)
     return out
 
 

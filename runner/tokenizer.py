@@ -9,8 +9,6 @@ from runner.errors import BuildError
 
 
 class ByteTokenizer:
-    name = "bytes"
-
     def __init__(self, vocab_size: int):
         if vocab_size < 256:
             raise BuildError(f"model.arch.vocab_size: the byte tokenizer needs at least 256 ids, the model has {vocab_size}")

@@ -7,11 +7,14 @@ exceeded. Warnings: GPU hops that go back along the forward order.
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from runner.blocks import ModelLayout
 from runner.errors import MapError
 from runner.hardware import Hardware, cap_override
+from runner.planner import map_reserves, merge_reserves
 from runner.sizes import format_bytes
 
 
@@ -20,6 +23,7 @@ class MapCheck:
     block_devices: dict[str, str]   # every block -> device, forward order
     loads: dict[str, int]           # device -> resident bytes
     warnings: tuple[str, ...]
+    reserves: dict[str, dict[str, int]]  # what was counted against the budgets besides weights
 
 
 def resolve_pins(pins: dict[str, str], layout: ModelLayout, hardware: Hardware) -> dict[str, str]:
@@ -45,10 +49,11 @@ def resolve_pins(pins: dict[str, str], layout: ModelLayout, hardware: Hardware) 
 
 def check_map(device_map: dict[str, str], layout: ModelLayout, hardware: Hardware,
               reserves: dict[str, dict[str, int]] | None = None,
-              activation_bytes: dict[str, int] | None = None) -> MapCheck:
+              activation_bytes: dict[str, int] | None = None, kv_bytes: dict[str, int] | None = None) -> MapCheck:
     """Validate a full map (module or tensor names -> device) for this model and hardware.
 
-    ``reserves`` (device -> reason -> bytes, KV cache included) count against the budgets;
+    ``reserves`` (device -> reason -> bytes) count against the budgets; a map that did not come from
+    the planner also passes the blocks' ``kv_bytes``, so its own KV cache and disk staging count too;
     ``activation_bytes`` (block -> bytes per token flowing into it) sizes the hop warnings.
 
     Raises:
@@ -82,6 +87,9 @@ def check_map(device_map: dict[str, str], layout: ModelLayout, hardware: Hardwar
             errors.append(f"device_map: {alias} is tied to {owner} but they are on {a} and {o}; "
                           "tied weights must sit on one device")
 
+    if kv_bytes is not None and not errors:
+        reserves = merge_reserves(reserves or {}, map_reserves(block_devices, layout.blocks, kv_bytes,
+                                                                hardware.main_device))
     loads = {name: 0 for name in hardware.names}
     for slot, nbytes in layout.tensor_bytes.items():
         if slot not in layout.ties and slot in slot_device and slot_device[slot] in loads:
@@ -94,15 +102,21 @@ def check_map(device_map: dict[str, str], layout: ModelLayout, hardware: Hardwar
                           f"({format_bytes(need - budget)} over); move blocks off it or raise it ({cap_override(name)})")
     if errors:
         raise MapError(*errors)
-    return MapCheck(block_devices, loads, tuple(_hop_warnings(block_devices, layout, activation_bytes or {})))
+    hops = _hop_warnings(block_devices, layout, activation_bytes or {}, hardware.main_device)
+    return MapCheck(block_devices, loads, tuple(hops),
+                    reserves or {})
 
 
-def _hop_warnings(block_devices: dict[str, str], layout: ModelLayout, activation_bytes: dict[str, int]) -> list[str]:
-    """A hop back to a GPU already left, or to a lower GPU id, moves the activations one extra time."""
+def _hop_warnings(block_devices: dict[str, str], layout: ModelLayout, activation_bytes: dict[str, int],
+                  main_device: str) -> list[str]:
+    """A hop back to a GPU already left, or to a lower GPU id, moves the activations one extra time.
+
+    Disk blocks count where they compute: on the main device.
+    """
     warnings, visited = [], []
     previous = None
     for block in layout.blocks:
-        device = block_devices[block.name]
+        device = main_device if block_devices[block.name] == "disk" else block_devices[block.name]
         if not device.startswith("cuda:"):
             continue
         if previous and device != previous[1]:
@@ -145,3 +159,22 @@ def _ancestors(name: str) -> list[str]:
 def covers(key: str, name: str) -> bool:
     """Whether map key ``key`` covers module or tensor ``name`` ("" covers everything)."""
     return key == "" or name == key or name.startswith(key + ".")
+
+
+def load_map_file(path: Path) -> dict[str, str]:
+    """A map to check: ``device_map.json`` or ``plan.json`` (their ``device_map``), or a plain {module: device}.
+
+    Raises:
+        MapError: the file is missing, not JSON, or not a mapping of names to device strings.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MapError(f"map_file: cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                       "expected a device_map.json, a plan.json or a JSON object of module -> device") from e
+    if isinstance(data, dict) and isinstance(data.get("device_map"), dict):
+        data = data["device_map"]
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise MapError(f"map_file: {path} is not a map; expected a JSON object of module -> device "
+                       "(cpu, disk, cuda:N), or a file with such a 'device_map'")
+    return data

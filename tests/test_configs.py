@@ -54,8 +54,8 @@ def test_every_schema_error_is_reported_at_once():
     with pytest.raises(ConfigError) as e:
         compose_config("max_memory.cpu=10GX", "dtype=fp8", "max_new_tokens=0", "+bogus=1")
     assert e.value.lines == (
-        "bogus: unknown key; expected one of: checkpoint, device_map, dtype, hardware, max_memory, max_new_tokens, "
-        "mode, model, offload, placement, prompts, runtime, seed",
+        "bogus: unknown key; expected one of: checkpoint, device_map, dtype, hardware, map_file, max_memory, "
+        "max_new_tokens, mode, model, offload, placement, prompts, runtime, seed",
         "dtype: 'fp8' is not valid; expected one of: auto, float32, float16, bfloat16",
         "max_memory.cpu: '10GX' is not valid; expected a size with a unit, such as 500MB or 10GiB",
         "max_new_tokens: 0 is less than the minimum of 1",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +36,9 @@ class TensorEntry:
 class Checkpoint:
     """The tensors of a safetensors checkpoint, by name, read lazily."""
 
-    def __init__(self, files: list[Path], source: str, revision: str | None = None):
+    def __init__(self, files: list[Path], source: str):
         self.files = files
         self.source = source
-        self.revision = revision
         self._handles = {}
         self.entries: dict[str, TensorEntry] = {}
         for file in files:
@@ -54,8 +54,11 @@ class Checkpoint:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype most of its floating-point tensors are stored in."""
-        counts = Counter(e.dtype for e in self.entries.values() if e.dtype.is_floating_point)
+        """The dtype most of its floating-point bytes are stored in."""
+        counts: Counter[torch.dtype] = Counter()
+        for e in self.entries.values():
+            if e.dtype.is_floating_point:
+                counts[e.dtype] += math.prod(e.shape) * e.dtype.itemsize
         return counts.most_common(1)[0][0] if counts else torch.float32
 
     def read(self, key: str) -> torch.Tensor:
@@ -67,7 +70,7 @@ class Checkpoint:
             raise CheckpointError(f"{entry.file}: cannot read tensor {key} ({e}); the file may be truncated") from e
 
     def fingerprint(self) -> dict:
-        return {"source": self.source, "revision": self.revision,
+        return {"source": self.source, "revision": None,
                 "files": [{"path": str(f), "bytes": f.stat().st_size} for f in self.files]}
 
     def _open(self, file: Path):

@@ -25,6 +25,7 @@ def check_keys(checkpoint: Checkpoint, model: nn.Module, layout: ModelLayout) ->
         CheckpointError: one line per missing, unexpected or mis-shaped tensor.
     """
     shapes = {name: tuple(t.shape) for name, _, _, t in tensor_slots(model)}
+    floating = {name: t.is_floating_point() for name, _, _, t in tensor_slots(model)}
     needed = [s for s in shapes if s not in layout.ties and s not in layout.non_persistent]
     stored = checkpoint.entries
     errors = []
@@ -34,12 +35,13 @@ def check_keys(checkpoint: Checkpoint, model: nn.Module, layout: ModelLayout) ->
             hint = f"; the closest stored name is {close[0]}" if close else ""
             errors.append(f"missing tensor {name} (module {name.rpartition('.')[0] or '(root)'}){hint}")
         elif stored[name].shape != shapes[name]:
-            errors.append(f"shape mismatch for {name}: the checkpoint has {list(stored[name].shape)}, "
-                          f"the model expects {list(shapes[name])}; check the model config against the checkpoint")
+            errors.append(_shape_error(name, stored[name].shape, shapes[name]))
+        elif floating[name] and not stored[name].dtype.is_floating_point:
+            errors.append(f"dtype mismatch for {name}: the checkpoint stores {str(stored[name].dtype)[6:]}, "
+                          "the model needs floating point; the checkpoint is quantized or corrupt")
     ignorable = set(layout.ties) | set(layout.non_persistent)
     ignored = sorted(k for k in stored if k in ignorable)
-    errors += [f"shape mismatch for {k}: the checkpoint has {list(stored[k].shape)}, the model expects "
-               f"{list(shapes[k])}; check the model config against the checkpoint"
+    errors += [_shape_error(k, stored[k].shape, shapes[k])
                for k in ignored if k in layout.ties and stored[k].shape != shapes[k]]
     for key in sorted(k for k in stored if k not in shapes):
         close = difflib.get_close_matches(key, list(shapes), n=1, cutoff=0.7)
@@ -50,3 +52,7 @@ def check_keys(checkpoint: Checkpoint, model: nn.Module, layout: ModelLayout) ->
         raise CheckpointError(*errors[:MAX_LINES], *more)
     return KeyReport(tuple(ignored))
 
+
+def _shape_error(name: str, stored: tuple[int, ...], expected: tuple[int, ...]) -> str:
+    return (f"shape mismatch for {name}: the checkpoint has {list(stored)}, the model expects {list(expected)}; "
+            "check the model config against the checkpoint")

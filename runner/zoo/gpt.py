@@ -63,6 +63,10 @@ class GPT(nn.Module):
         layer_norm_epsilon: float = 1e-5,
     ):
         super().__init__()
+        sizes = dict(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+        bad = [f"{k}={v}" for k, v in sizes.items() if not isinstance(v, int) or v < 1]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: sizes must be positive integers")
         self.block_size = block_size
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(vocab_size, n_embd),
@@ -78,7 +82,8 @@ class GPT(nn.Module):
         if T > self.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.block_size}")
         pos = torch.arange(T, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        tok = self.transformer.wte(idx)
+        x = tok + self.transformer.wpe(pos).to(tok.device)  # the two tables may sit on different devices
         for block in self.transformer.h:
             x = block(x)
         return self.lm_head(self.transformer.ln_f(x))
