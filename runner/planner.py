@@ -11,6 +11,8 @@ when they run, so room for the biggest of them is reserved there, and only then.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import bisect
+import itertools
 import logging
 from dataclasses import dataclass, field, replace
 
@@ -212,7 +214,8 @@ def _sequential(items: Sequence[_Item], gpus: GpuCaps) -> GpuCaps:
 
 
 def _balanced(items: Sequence[_Item], gpus: GpuCaps) -> GpuCaps:
-    """The smallest common cap under which everything still fits on the GPUs: the most even contiguous split."""
+    """The most even contiguous split: the smallest common cap under which everything still fits on the
+    GPUs, then each GPU's cut as close to an equal share of what is left as that cap allows."""
     if not gpus or not _fits(items, gpus):
         return gpus  # too little GPU memory: fill the GPUs, then CPU, then disk
     low, high = 0, max(cap for _, cap in gpus)
@@ -222,7 +225,23 @@ def _balanced(items: Sequence[_Item], gpus: GpuCaps) -> GpuCaps:
             high = mid
         else:
             low = mid + 1
-    return [(name, min(cap, low)) for name, cap in gpus]
+    capped = [(name, min(cap, low)) for name, cap in gpus]
+    prefix = [0, *itertools.accumulate(item.size for item in items)]
+    caps, start = [], 0
+    for k, (name, cap) in enumerate(capped):
+        last = bisect.bisect_right(prefix, prefix[start] + cap) - 1  # the furthest cut this GPU can hold
+        lo, hi = start, last  # the nearest cut that leaves the rest placeable on the GPUs after this one
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _fits(items[mid:], capped[k + 1:]):
+                hi = mid
+            else:
+                lo = mid + 1
+        share = prefix[start] + (prefix[-1] - prefix[start]) / (len(capped) - k)
+        cut = min(range(lo, last + 1), key=lambda j: (abs(prefix[j] - share), -j))
+        caps.append((name, prefix[cut] - prefix[start]))
+        start = cut
+    return caps
 
 
 def _balanced_low_0(items: Sequence[_Item], gpus: GpuCaps) -> GpuCaps:
@@ -256,6 +275,7 @@ def _fill(items: Sequence[_Item], order: GpuCaps, gpus: int = 0) -> dict[str, st
     """
     placed: dict[str, str] = {}
     used = dict.fromkeys((name for name, _ in order), 0)
+    occupied: set[str] = set()  # devices holding an item, even a zero-byte one
     gpu, tier = 0, gpus  # cursors: the GPU being filled, the offload tier being filled
 
     def fits(cursor: int, item: _Item) -> bool:
@@ -264,13 +284,13 @@ def _fill(items: Sequence[_Item], order: GpuCaps, gpus: int = 0) -> dict[str, st
 
     for item in items:
         too_big = all(item.size > cap for _, cap in order[:gpus])
-        if gpu < gpus and (too_big and used[order[gpu][0]] or not too_big and not fits(gpu, item)):
+        if gpu < gpus and (too_big and order[gpu][0] in occupied or not too_big and not fits(gpu, item)):
             gpu += 1  # this GPU's run ends here
             while gpu < gpus and not too_big and not fits(gpu, item):
                 gpu += 1
         if gpu < gpus and not too_big:
             device = order[gpu][0]
-            if tier < len(order) and used[order[tier][0]]:
+            if tier < len(order) and order[tier][0] in occupied:
                 tier += 1  # the offload run before this GPU run is closed
         else:
             while tier < len(order) and not fits(tier, item):
@@ -279,6 +299,7 @@ def _fill(items: Sequence[_Item], order: GpuCaps, gpus: int = 0) -> dict[str, st
                 _no_room(item, order)
             device = order[tier][0]
         used[device] += item.weight if device == "disk" else item.size
+        occupied.add(device)
         for name in item.names:
             placed[name] = device
     return placed
