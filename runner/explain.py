@@ -78,19 +78,25 @@ def explanation(planned: Planned) -> list[str]:
         total = sum(sizes[n] for n in names)
         head = f"{label} -> {device}: {len(names)} block(s), {format_bytes(total)}"
         pinned = [n for n in names if n in request.pins]
+        tied = [b for b in planned.layout.blocks if b.name in names and b.tied_to]
         if pinned and len(pinned) == len(names):
             why = "pinned by device_map"
+        elif len(tied) == len(names):
+            why = f"shares its weights with {tied[0].tied_to}, so it sits with it"
         elif device in gpus:
             why = {"sequential": "filled in order", "balanced": "the most even split over the GPUs",
                    "balanced_low_0": "spread over GPUs 1..N-1; GPU 0 takes only what does not fit there",
                    "auto": "part of the best contiguous map (fewest bytes off GPU, then hops, then evenness)",
                    "check": "as the map file says"}[plan.strategy] + f"; {device} has {format_bytes(rooms[device])} for weights after reserves"
-        elif any(sizes[n] > biggest_gpu_room for n in names):
+        elif device == "cpu" and not gpus:
+            why = f"no GPU: resident in RAM ({format_bytes(rooms['cpu'])} after reserves), computes on the CPU"
+        elif gpus and any(sizes[n] > biggest_gpu_room for n in names):
             why = f"bigger than any GPU's room after reserves ({format_bytes(biggest_gpu_room)})"
         elif device == "cpu":
             why = "does not fit the room left on the GPUs; computes on the CPU"
         else:
-            why = (f"the GPUs and the CPU ({format_bytes(rooms.get('cpu', 0))} after reserves) are full; "
+            why = (f"{'the GPUs and ' if gpus else ''}the CPU ({format_bytes(rooms.get('cpu', 0))} after reserves) "
+                   f"{'are' if gpus else 'is'} full; "
                    f"streamed into {request.main_device} for each forward")
         lines.append(f"{head}: {why}")
     return lines
