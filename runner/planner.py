@@ -350,5 +350,6 @@ def _check_fits(items: Sequence[_Item], devices: Sequence[Device], budgets: dict
     if biggest and all(biggest.size > budgets[d] for d in compute):
         raise PlanError(f"block {' + '.join(biggest.names)} ({format_bytes(biggest.size)}) cannot be split and "
                         "fits no device: " + ", ".join(f"{d} {format_bytes(max(budgets[d], 0))}" for d in compute)
-                        + " after reserves (a block planned on disk must still fit the device it runs on); "
+                        + " after reserves; disk " + format_bytes(budgets.get("disk", 0))
+                        + " (a block planned on disk must still fit the device it runs on); "
                         "raise max_memory, e.g. " + cap_override(compute[0]) + ", or use a smaller dtype")

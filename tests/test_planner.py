@@ -168,7 +168,7 @@ def test_a_block_bigger_than_every_device_names_it_and_the_budgets():
     with pytest.raises(PlanError) as e:
         plan("auto", devices(30, 30, cpu=35))
     assert e.value.lines == ("block emb + head (40 B) cannot be split and fits no device: cuda:0 30 B, cuda:1 30 B, "
-                             "cpu 35 B after reserves (a block planned on disk must still fit the device it runs on); raise "
+                             "cpu 35 B after reserves; disk 931.32 GiB (a block planned on disk must still fit the device it runs on); raise "
                              "max_memory, e.g. +max_memory.0=<size>, or use a smaller dtype",)
 
 
