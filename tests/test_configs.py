@@ -16,6 +16,7 @@ OPTIONS = [(group, option) for group, options in sorted(GROUPS.items()) for opti
 
 def test_every_group_is_shipped():
     assert set(GROUPS) == {"model", "checkpoint", "placement", "hardware"}
+    assert set(GROUPS["model"]) <= set(GROUPS["checkpoint"])  # every model names the weights it comes with
     assert {"gpt2tiny", "gpt2mini", "gpt2", "gpt2medium", "gpt2large", "gpt2xl"} <= set(GROUPS["model"])
     assert set(GROUPS["placement"]) == {"auto", "balanced", "balanced_low_0", "sequential"}
     assert {"auto", "cpu", "sim_2gpu", "a100_8x80gb", "rtx4090_2x", "h100_4x80gb"} <= set(GROUPS["hardware"])
@@ -23,7 +24,8 @@ def test_every_group_is_shipped():
 
 @pytest.mark.parametrize("group, option", OPTIONS)
 def test_option_composes_and_validates(group, option):
-    extra = ["checkpoint.path=/models/gpt2.safetensors"] if (group, option) == ("checkpoint", "local") else []
+    extra = {"local": ["checkpoint.path=/models/gpt2.safetensors"], "gguf": ["checkpoint.path=/models/m.gguf"],
+             "hub": ["checkpoint.repo_id=org/name"]}.get(option, []) if group == "checkpoint" else []
     cfg = compose_config(f"{group}={option}", *extra)
     assert schema_errors(cfg.resolved, "config") == []
     if group == "placement":

@@ -9,6 +9,7 @@ from torch import nn
 
 from runner.checkpoint.files import Checkpoint, TensorEntry, open_safetensors
 from runner.checkpoint.keys import KeyReport, check_keys
+from runner.checkpoint.names import RenamedCheckpoint
 from runner.checkpoint.synthetic import synthetic_checkpoint
 from runner.config import CheckpointSpec, ModelSpec
 
@@ -16,8 +17,11 @@ __all__ = ["Checkpoint", "KeyReport", "TensorEntry", "check_keys", "open_checkpo
 
 
 def open_checkpoint(spec: CheckpointSpec, model_spec: ModelSpec, model: nn.Module) -> Checkpoint:
-    """The checkpoint ``spec`` names, headers read, no tensor loaded."""
+    """The checkpoint ``spec`` names, headers read, no tensor loaded, seen under the model's own names."""
     if spec.source == "synthetic":
-        return open_safetensors(synthetic_checkpoint(spec, model_spec, model), source="synthetic")
-    assert spec.path is not None  # the schema requires it for this source
-    return open_safetensors(spec.path, source=spec.source)
+        checkpoint = open_safetensors(synthetic_checkpoint(spec, model_spec, model), source="synthetic")
+    else:
+        assert spec.path is not None  # the schema requires it for this source
+        checkpoint = open_safetensors(spec.path, source=spec.source)
+    names = getattr(type(model), "checkpoint_names", None)
+    return RenamedCheckpoint(checkpoint, names(checkpoint.entries)) if callable(names) else checkpoint

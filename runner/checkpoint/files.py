@@ -39,6 +39,8 @@ class Checkpoint:
     def __init__(self, files: list[Path], source: str):
         self.files = files
         self.source = source
+        self.revision: str | None = None   # the resolved commit, for a Hub repo
+        self.ignored: dict[str, str] = {}  # stored key -> why it is knowingly skipped
         self._handles = {}
         self.entries: dict[str, TensorEntry] = {}
         for file in files:
@@ -70,7 +72,7 @@ class Checkpoint:
             raise CheckpointError(f"{entry.file}: cannot read tensor {key} ({e}); the file may be truncated") from e
 
     def fingerprint(self) -> dict:
-        return {"source": self.source, "revision": None,
+        return {"source": self.source, "revision": self.revision,
                 "files": [{"path": str(f), "bytes": f.stat().st_size} for f in self.files]}
 
     def _open(self, file: Path):

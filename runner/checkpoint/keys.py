@@ -41,8 +41,9 @@ def check_keys(checkpoint: Checkpoint, model: nn.Module, layout: ModelLayout) ->
                           "the model needs floating point; the checkpoint is quantized or corrupt")
     ignorable = set(layout.ties) | set(layout.non_persistent)
     ignored = sorted(k for k in stored if k in ignorable)
+    ignored += sorted(f"{key} ({why})" for key, why in getattr(checkpoint, "ignored", {}).items())
     errors += [_shape_error(k, stored[k].shape, shapes[k])
-               for k in ignored if k in layout.ties and stored[k].shape != shapes[k]]
+               for k in ignored if k in layout.ties and k in stored and stored[k].shape != shapes[k]]
     for key in sorted(k for k in stored if k not in shapes):
         close = difflib.get_close_matches(key, list(shapes), n=1, cutoff=0.7)
         hint = f"; the closest model name is {close[0]}" if close else ""

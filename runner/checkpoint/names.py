@@ -1,0 +1,73 @@
+"""A checkpoint seen under the model's own tensor names.
+
+Checkpoints of one architecture come in several layouts (Hugging Face GPT-2 stores its
+linear weights transposed as Conv1D, with or without a ``transformer.`` prefix, and carries
+legacy mask buffers). A model class may say how its names map onto a checkpoint's by
+defining ``checkpoint_names(stored) -> NameMap``; the rest of the runner then only ever
+sees the model's names and shapes.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from runner.checkpoint.files import TensorEntry
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one model tensor comes from: a stored key, and how to turn the stored tensor into it."""
+
+    key: str
+    transform: Transform | None = None
+    shape: tuple[int, ...] | None = None  # the shape after ``transform``; None: as stored
+
+
+@dataclass(frozen=True)
+class NameMap:
+    sources: dict[str, Source]                             # model name -> where it comes from
+    ignored: dict[str, str] = field(default_factory=dict)  # stored key -> why it is knowingly skipped
+
+
+def transpose(t: torch.Tensor) -> torch.Tensor:
+    """Conv1D ``[in, out]`` -> Linear ``[out, in]``; contiguous, so it streams like any other tensor."""
+    return t.t().contiguous()
+
+
+class RenamedCheckpoint:
+    """Any checkpoint (``entries``/``read``/``dtype``/``fingerprint``) under a ``NameMap``."""
+
+    def __init__(self, inner, names: NameMap):
+        self.inner = inner
+        self.sources = names.sources
+        self.ignored = {**getattr(inner, "ignored", {}), **names.ignored}
+        self.entries: dict[str, TensorEntry] = {}
+        for name, src in names.sources.items():
+            stored = inner.entries.get(src.key)
+            if stored is not None:
+                self.entries[name] = replace(stored, shape=src.shape or stored.shape)
+
+    @property
+    def files(self) -> list[Path]:
+        return self.inner.files
+
+    @property
+    def source(self) -> str:
+        return self.inner.source
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.dtype
+
+    def read(self, name: str) -> torch.Tensor:
+        src = self.sources[name]
+        tensor = self.inner.read(src.key)
+        return src.transform(tensor) if src.transform else tensor
+
+    def fingerprint(self) -> dict:
+        return self.inner.fingerprint()
