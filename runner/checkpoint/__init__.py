@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from runner.checkpoint.files import Checkpoint, TensorEntry, open_safetensors
+from runner.checkpoint.files import Checkpoint, TensorEntry, open_local, open_safetensors
 from runner.checkpoint.keys import KeyReport, check_keys
 from runner.checkpoint.names import RenamedCheckpoint
 from runner.checkpoint.synthetic import synthetic_checkpoint
@@ -20,8 +20,14 @@ def open_checkpoint(spec: CheckpointSpec, model_spec: ModelSpec, model: nn.Modul
     """The checkpoint ``spec`` names, headers read, no tensor loaded, seen under the model's own names."""
     if spec.source == "synthetic":
         checkpoint = open_safetensors(synthetic_checkpoint(spec, model_spec, model), source="synthetic")
+    elif spec.source == "hub":
+        from runner.checkpoint.hub import open_hub
+        checkpoint = open_hub(spec)
+    elif spec.source == "gguf":
+        from runner.checkpoint.gguf import open_gguf
+        checkpoint = open_gguf(spec.path)
     else:
         assert spec.path is not None  # the schema requires it for this source
-        checkpoint = open_safetensors(spec.path, source=spec.source)
+        checkpoint = open_local(spec.path, spec.allow_pickle)
     names = getattr(type(model), "checkpoint_names", None)
     return RenamedCheckpoint(checkpoint, names(checkpoint.entries)) if callable(names) else checkpoint

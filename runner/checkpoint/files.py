@@ -85,6 +85,11 @@ class Checkpoint:
         return handle
 
 
+def open_local(path: Path, allow_pickle: bool = False) -> Checkpoint:
+    """A checkpoint on disk, safetensors or (TODO: pickle) PyTorch files."""
+    return open_safetensors(path, source="local")
+
+
 def open_safetensors(path: Path, source: str = "local") -> Checkpoint:
     """A ``.safetensors`` file, a folder of shards (with or without the index), or the index file itself.
 
