@@ -61,13 +61,38 @@ def _parameters(cls: Any) -> str:
     return ", ".join(names) if names else "no arguments"
 
 
+def model_class(spec: ModelSpec) -> type[nn.Module]:
+    """The class ``model.arch._target_`` names, checked to be an nn.Module before anything is called."""
+    target = spec.arch["_target_"]
+    cls = import_target(target)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise BuildError(f"model.arch._target_: {target} is not an nn.Module class; "
+                         "expected a model class such as runner.zoo.gpt.GPT")
+    return cls
+
+
+def resolve_arch(spec: ModelSpec, config: dict[str, Any] | None, source: str) -> dict[str, Any]:
+    """With ``arch_from_checkpoint``, the constructor arguments the checkpoint's config gives, under the
+    ones the model config sets explicitly."""
+    if not spec.arch_from_checkpoint:
+        return dict(spec.arch)
+    if config is None:
+        raise BuildError(f"model.arch_from_checkpoint: checkpoint source {source} gives no architecture "
+                         "(no config.json beside the weights, no GGUF metadata); set model.arch's arguments")
+    cls = model_class(spec)
+    from_config = getattr(cls, "arch_from_config", None)
+    if callable(from_config):
+        derived = from_config(config)
+    else:  # any class: the config keys its constructor accepts
+        accepted = set(inspect.signature(cls).parameters)
+        derived = {k: v for k, v in config.items() if k in accepted}
+    return {**derived, **spec.arch}
+
+
 def build_skeleton(spec: ModelSpec) -> nn.Module:
     """Instantiate ``spec.arch`` with parameters on meta, in eval mode."""
     target = spec.arch["_target_"]
-    cls = import_target(target)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):  # checked before anything is called
-        raise BuildError(f"model.arch._target_: {target} is not an nn.Module class; "
-                         "expected a model class such as runner.zoo.gpt.GPT")
+    cls = model_class(spec)
     kwargs = {k: v for k, v in spec.arch.items() if k != "_target_"}
     log.info("Building model <%s> on meta", target)
     with meta_parameters():

@@ -26,6 +26,7 @@ class ModelSpec:
     name: str
     arch: dict[str, Any]  # `_target_` plus its constructor arguments
     no_split_module_classes: tuple[str, ...]
+    arch_from_checkpoint: bool = False  # the rest of the arguments come from the checkpoint's own config
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class PlacementSpec:
 class GenerationSpec:
     prompts: tuple[str, ...]
     max_new_tokens: int
+    chat: bool = True  # wrap each prompt in the tokenizer's chat template, when it has one
 
 
 @dataclass(frozen=True)
@@ -142,11 +144,12 @@ def _typed(c: dict[str, Any]) -> RunConfig:
     )
     model = c["model"]
     return RunConfig(
-        model=ModelSpec(model["name"], dict(model["arch"]), tuple(model["no_split_module_classes"])),
+        model=ModelSpec(model["name"], dict(model["arch"]), tuple(model["no_split_module_classes"]),
+                        model.get("arch_from_checkpoint", False)),
         checkpoint=checkpoint,
         hardware=hardware,
         placement=placement,
-        generation=GenerationSpec(tuple(c["prompts"]), c["max_new_tokens"]),
+        generation=GenerationSpec(tuple(c["prompts"]), c["max_new_tokens"], c["chat"]),
         dtype=c["dtype"],
         seed=c["seed"],
         runtime=RuntimeSpec(c["runtime"]["batch_size"], c["runtime"]["seq_len"]),

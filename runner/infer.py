@@ -25,8 +25,10 @@ class Prediction:
 
 @torch.inference_mode()
 def greedy_generate(model: nn.Module, tokenizer, prompts: tuple[str, ...], max_new_tokens: int,
-                    context: int) -> list[Prediction]:
-    """Extend each prompt by ``max_new_tokens`` argmax tokens, keeping the last ``context`` tokens as input."""
+                    context: int, shown: tuple[str, ...] | None = None) -> list[Prediction]:
+    """Extend each prompt by up to ``max_new_tokens`` argmax tokens, stopping at the tokenizer's end of
+    sequence, keeping the last ``context`` tokens as input. ``shown`` are the prompts as the user wrote
+    them (before a chat template), for the predictions."""
     predictions = []
     for index, prompt in enumerate(prompts):
         prompt_ids = tokenizer.encode(prompt)
@@ -36,7 +38,9 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: tuple[str, ...], max_n
             logits = model(ids[:, -context:])
             token = int(logits[0, -1].float().argmax().cpu())
             new.append(token)
+            if token in tokenizer.eos_ids:
+                break
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-        predictions.append(Prediction(index, prompt, tokenizer.decode(new), prompt_ids, new))
+        predictions.append(Prediction(index, (shown or prompts)[index], tokenizer.decode(new), prompt_ids, new))
         log.info("prompt %d: %d new tokens", index, len(new))
     return predictions

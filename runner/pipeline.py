@@ -9,25 +9,25 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from runner.blocks import ModelLayout, describe_model
-from runner.build import build_skeleton
-from runner.checkpoint import Checkpoint, KeyReport, check_keys, open_checkpoint
+from runner.build import build_skeleton, model_class, resolve_arch
+from runner.checkpoint import Checkpoint, KeyReport, architecture, check_keys, open_checkpoint
 from runner.config import RunConfig
 from runner.dispatch import dispatch
-from runner.errors import BuildError, CheckpointError
+from runner.errors import CheckpointError
 from runner.hardware import Hardware, detect_hardware
 from runner.infer import Prediction, greedy_generate
 from runner.memory import MemoryLedger
 from runner.order import ForwardTrace, forward_order
 from runner.planner import Plan, PlanRequest, plan_device_map
 from runner.reserves import RuntimeShape, device_reserves, kv_bytes
-from runner.tokenizer import ByteTokenizer
+from runner.tokenizer import apply_chat_template, tokenizer_for
 from runner.validate import MapCheck, check_map, load_map_file, resolve_pins
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,16 @@ class RunResult(Planned):
 def plan(cfg: RunConfig, run_dir: Path) -> Planned:
     """Build on meta, read checkpoint headers (if any), plan and validate. Allocates no weight memory."""
     timings: dict[str, float] = {}
-    with _timed(timings, "build"):
-        model = build_skeleton(cfg.model)
     # Headers only; synthetic weights are written after the map is validated, when we know they are needed.
-    checkpoint = None if cfg.checkpoint.source == "synthetic" else open_checkpoint(cfg.checkpoint, cfg.model, model)
+    checkpoint = None
+    if cfg.checkpoint.source != "synthetic":
+        with _timed(timings, "checkpoint"):
+            checkpoint = open_checkpoint(cfg.checkpoint, cfg.model, model_class(cfg.model))
+    with _timed(timings, "build"):
+        arch = resolve_arch(cfg.model, architecture(checkpoint) if checkpoint else None, cfg.checkpoint.source)
+        model_spec = replace(cfg.model, arch=arch)
+        model = build_skeleton(model_spec)
+    cfg = replace(cfg, model=model_spec)
     dtype = _compute_dtype(cfg, checkpoint)
     with _timed(timings, "plan"):
         layout = describe_model(model, cfg.model.no_split_module_classes, dtype)
@@ -103,7 +109,8 @@ def prepare(cfg: RunConfig, run_dir: Path) -> RunResult:
     planned = plan(cfg, run_dir)
     timings = planned.timings
     with _timed(timings, "checkpoint"):
-        checkpoint = planned.checkpoint or open_checkpoint(cfg.checkpoint, cfg.model, planned.model)
+        checkpoint = planned.checkpoint or open_checkpoint(cfg.checkpoint, cfg.model, type(planned.model),
+                                                           planned.model)
         keys = planned.keys or check_keys(checkpoint, planned.model, planned.layout)
         if keys.ignored:
             log.info("Ignoring checkpoint tensors the model does not load: %s", ", ".join(keys.ignored))
@@ -118,16 +125,17 @@ def prepare(cfg: RunConfig, run_dir: Path) -> RunResult:
 def run(cfg: RunConfig, run_dir: Path) -> RunResult:
     """Prepare, then generate for every prompt."""
     torch.manual_seed(cfg.seed)
-    vocab = cfg.model.arch.get("vocab_size")
-    if not isinstance(vocab, int):
-        raise BuildError(f"model.arch.vocab_size: model {cfg.model.name} has no token vocabulary for the byte "
-                         "tokenizer; it can be planned (mode=plan) but not run")
-    tokenizer = ByteTokenizer(vocab)
+    if cfg.checkpoint.source == "synthetic":  # fail before writing weights that could not be run
+        tokenizer_for(None, cfg.model.arch.get("vocab_size"))
     result = prepare(cfg, run_dir)
+    tokenizer = tokenizer_for(result.checkpoint, result.config.model.arch.get("vocab_size"))
+    prompts = cfg.generation.prompts
+    if cfg.generation.chat and tokenizer.chat_template:
+        prompts = tuple(apply_chat_template(tokenizer, p) for p in prompts)
     context = getattr(result.model, "block_size", 1 << 30)
     with _timed(result.timings, "generate"):
-        result.predictions = greedy_generate(result.model, tokenizer, cfg.generation.prompts,
-                                             cfg.generation.max_new_tokens, context)
+        result.predictions = greedy_generate(result.model, tokenizer, prompts, cfg.generation.max_new_tokens,
+                                             context, shown=cfg.generation.prompts)
     return result
 
 
@@ -158,5 +166,5 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     start = time.perf_counter()
     try:
         yield
-    finally:
-        timings[stage] = round(time.perf_counter() - start, 4)
+    finally:  # a stage may run in two parts (checkpoint headers, then weights): add them up
+        timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - start, 4)

@@ -24,15 +24,17 @@ def test_every_group_is_shipped():
 
 @pytest.mark.parametrize("group, option", OPTIONS)
 def test_option_composes_and_validates(group, option):
-    extra = {"local": ["checkpoint.path=/models/gpt2.safetensors"], "gguf": ["checkpoint.path=/models/m.gguf"],
-             "hub": ["checkpoint.repo_id=org/name"]}.get(option, []) if group == "checkpoint" else []
+    needs = {"local": ["checkpoint.path=/models/gpt2.safetensors"], "gguf": ["checkpoint.path=/models/m.gguf"],
+             "llama": ["checkpoint.path=/models/m.gguf"], "hub": ["checkpoint.repo_id=org/name"]}
+    extra = needs.get(option, []) if group in ("checkpoint", "model") else []
     cfg = compose_config(f"{group}={option}", *extra)
     assert schema_errors(cfg.resolved, "config") == []
     if group == "placement":
         assert cfg.placement.strategy == option
     if group == "model":
         assert cfg.model.name == option
-        assert cfg.model.no_split_module_classes == (() if option == "seq100b" else ("Block",))
+        expected = {"seq100b": (), "llama": ("LlamaDecoderLayer",), "smollm2_135m": ("LlamaDecoderLayer",)}
+        assert cfg.model.no_split_module_classes == expected.get(option, ("Block",))
 
 
 def test_gpt2xl_is_the_designs_example():
@@ -56,7 +58,7 @@ def test_every_schema_error_is_reported_at_once():
     with pytest.raises(ConfigError) as e:
         compose_config("max_memory.cpu=10GX", "dtype=fp8", "max_new_tokens=0", "+bogus=1")
     assert e.value.lines == (
-        "bogus: unknown key; expected one of: checkpoint, device_map, dtype, hardware, map_file, max_memory, "
+        "bogus: unknown key; expected one of: chat, checkpoint, device_map, dtype, hardware, map_file, max_memory, "
         "max_new_tokens, mode, model, offload, placement, prompts, runtime, seed",
         "dtype: 'fp8' is not valid; expected one of: auto, float32, float16, bfloat16",
         "max_memory.cpu: '10GX' is not valid; expected a size with a unit, such as 500MB or 10GiB",

@@ -5,6 +5,9 @@ by the dispatcher.
 """
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from torch import nn
 
 from runner.checkpoint.files import Checkpoint, TensorEntry, open_local, open_safetensors
@@ -12,13 +15,19 @@ from runner.checkpoint.keys import KeyReport, check_keys
 from runner.checkpoint.names import RenamedCheckpoint
 from runner.checkpoint.synthetic import synthetic_checkpoint
 from runner.config import CheckpointSpec, ModelSpec
+from runner.errors import CheckpointError
 
-__all__ = ["Checkpoint", "KeyReport", "TensorEntry", "check_keys", "open_checkpoint"]
+__all__ = ["Checkpoint", "KeyReport", "TensorEntry", "architecture", "check_keys", "open_checkpoint"]
 
 
-def open_checkpoint(spec: CheckpointSpec, model_spec: ModelSpec, model: nn.Module) -> Checkpoint:
-    """The checkpoint ``spec`` names, headers read, no tensor loaded, seen under the model's own names."""
+def open_checkpoint(spec: CheckpointSpec, model_spec: ModelSpec, model_class: type,
+                    model: nn.Module | None = None) -> Checkpoint:
+    """The checkpoint ``spec`` names, headers read, no tensor loaded, seen under the model class's own names.
+
+    Synthetic weights are drawn from the built skeleton, so that source needs ``model``.
+    """
     if spec.source == "synthetic":
+        assert model is not None, "synthetic weights are drawn from the built model"
         checkpoint = open_safetensors(synthetic_checkpoint(spec, model_spec, model), source="synthetic")
     elif spec.source == "hub":
         from runner.checkpoint.hub import open_hub
@@ -29,5 +38,20 @@ def open_checkpoint(spec: CheckpointSpec, model_spec: ModelSpec, model: nn.Modul
     else:
         assert spec.path is not None  # the schema requires it for this source
         checkpoint = open_local(spec.path, spec.allow_pickle)
-    names = getattr(type(model), "checkpoint_names", None)
+    names = getattr(model_class, "checkpoint_names", None)
     return RenamedCheckpoint(checkpoint, names(checkpoint.entries)) if callable(names) else checkpoint
+
+
+def architecture(checkpoint) -> dict[str, Any] | None:
+    """The architecture the checkpoint describes, as a Hugging Face config: GGUF metadata, or a
+    ``config.json`` beside the weights."""
+    inner = getattr(checkpoint, "inner", checkpoint)
+    if callable(getattr(inner, "config", None)):
+        return inner.config()
+    config = inner.files[0].parent / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config}: not a readable config.json ({type(e).__name__}); fix or remove it") from e

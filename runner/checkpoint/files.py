@@ -85,9 +85,35 @@ class Checkpoint:
         return handle
 
 
-def open_local(path: Path, allow_pickle: bool = False) -> Checkpoint:
-    """A checkpoint on disk, safetensors or (TODO: pickle) PyTorch files."""
-    return open_safetensors(path, source="local")
+def open_local(path: Path, allow_pickle: bool = False, source: str = "local") -> Checkpoint:
+    """A checkpoint on disk: safetensors (see ``open_safetensors``) or PyTorch ``.bin``/``.pt`` pickles.
+
+    A folder holding both kinds is read as safetensors, which cannot run code. Pickles load with
+    ``torch.load(weights_only=True)`` only, unless ``allow_pickle`` (see ``pickled.open_pickle``).
+
+    Raises:
+        CheckpointError: the path is missing, holds no checkpoint, or a file in it cannot be read.
+    """
+    from runner.checkpoint.pickled import is_pickle_path, open_pickle, pickle_files_in
+
+    if not path.exists():
+        raise CheckpointError(f"checkpoint.path: {path} does not exist; point it at a .safetensors file, "
+                              f"a folder of shards or its {INDEX_NAME}, or a PyTorch .bin/.pt file")
+    if path.is_dir():
+        if (path / INDEX_NAME).exists() or any(path.glob("*.safetensors")):
+            if pickle_files_in(path):
+                log.info("%s holds both safetensors and PyTorch pickle files: reading the safetensors", path)
+            return open_safetensors(path, source)
+        if pickle_files_in(path):
+            return open_pickle(path, allow_pickle, source)
+        raise CheckpointError(f"checkpoint.path: {path} holds no .safetensors or .bin/.pt files")
+    if is_pickle_path(path):
+        return open_pickle(path, allow_pickle, source)
+    if path.suffix not in (".safetensors", ".json"):
+        hint = "; for a GGUF file use checkpoint=gguf" if path.suffix == ".gguf" else ""
+        raise CheckpointError(f"checkpoint.path: {path.name} is not a .safetensors or PyTorch .bin/.pt file, "
+                              f"nor the index of either{hint}")
+    return open_safetensors(path, source)
 
 
 def open_safetensors(path: Path, source: str = "local") -> Checkpoint:

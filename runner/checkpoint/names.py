@@ -71,3 +71,6 @@ class RenamedCheckpoint:
 
     def fingerprint(self) -> dict:
         return self.inner.fingerprint()
+
+    def __getattr__(self, name: str):  # config(), tokenizer_fields() and the like of the inner checkpoint
+        return getattr(self.inner, name)
