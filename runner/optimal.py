@@ -27,6 +27,7 @@ State = tuple[int, int, int, int]  # items placed, next GPU, CPU used, disk used
 class Problem:
     sizes: Sequence[int]          # bytes an item takes where it is resident (weights + its KV cache)
     weights: Sequence[int]        # bytes of its weights: what counts as "off GPU", and what disk holds
+    kv: Sequence[int]             # its KV cache: on disk, it moves to the main device, so it costs as disk bytes
     pins: Sequence[str | None]    # device an item is pinned to, if any
     gpus: Sequence[tuple[str, int]]  # (name, capacity) in ascending id order
     cpu: int                      # CPU capacity
@@ -61,6 +62,7 @@ def _search(p: Problem, caps: list[int]) -> tuple[tuple[int, int, int], list[str
     n, gpus = len(p.sizes), len(caps)
     sizes = [0, *itertools.accumulate(p.sizes)]
     weights = [0, *itertools.accumulate(p.weights)]
+    disk_cost = [0, *itertools.accumulate(w + k for w, k in zip(p.weights, p.kv))]
     devices = [name for name, _ in p.gpus] + ["cpu", "disk"]
     span = {d: (min(i for i, pin in enumerate(p.pins) if pin == d), max(i for i, pin in enumerate(p.pins) if pin == d))
             for d in set(p.pins) - {None}}
@@ -93,7 +95,8 @@ def _search(p: Problem, caps: list[int]) -> tuple[tuple[int, int, int], list[str
 
     def offload_key(key: Key, tier: str, i: int, j: int) -> Key:
         moved = weights[j] - weights[i]
-        return key[0] + moved, key[1] + (moved if tier == "disk" else 0), key[2] + 1
+        on_disk = disk_cost[j] - disk_cost[i] if tier == "disk" else 0
+        return key[0] + moved, key[1] + on_disk, key[2] + 1
 
     while heap:
         key, _, state, lazy = heapq.heappop(heap)

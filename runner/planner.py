@@ -74,16 +74,24 @@ def plan_device_map(request: PlanRequest) -> Plan:
         if item.pin:
             pinned[item.pin] += item.weight if item.pin == "disk" else item.size
     over = [f"{d}: pinned blocks need {format_bytes(n)}, {format_bytes(max(budgets[d], 0))} is left of its budget "
-            "after reserves" for d, n in pinned.items() if n > budgets[d]]
+            "after reserves" for d, n in pinned.items() if n and n > budgets[d]]
     if over:
         raise PlanError(*over)
+    if not request.allow_disk and pinned_to_disk(request.pins):
+        raise PlanError(f"device_map pins {', '.join(pinned_to_disk(request.pins))} to disk, but offload.allow_disk "
+                        "is false; pin them to another device or set offload.allow_disk=true")
 
-    placed, _ = _place(request, items, budgets, pinned)
-    if not request.allow_disk and "disk" in placed.values():
-        on_disk = sum(item.weight for item in items if placed[item.names[0]] == "disk")
-        raise PlanError(f"the model needs {format_bytes(on_disk)} more than the GPUs and the CPU can hold "
-                        f"(offload.allow_disk is false); raise max_memory, use a smaller dtype, or set "
-                        "offload.allow_disk=true")
+    if request.allow_disk:
+        placed = _place(request, items, budgets, pinned)
+    else:
+        try:
+            placed = _place(request, items, {**budgets, "disk": -1}, pinned)  # not even a zero-byte block
+        except PlanError:
+            with_disk = _place(request, items, budgets, pinned)  # how much would have gone to disk
+            on_disk = sum(item.weight for item in items if with_disk[item.names[0]] == "disk")
+            raise PlanError(f"the model needs {format_bytes(on_disk)} more than the GPUs and the CPU can hold "
+                            f"(offload.allow_disk is false); raise max_memory, use a smaller dtype, or set "
+                            "offload.allow_disk=true") from None
     order_index = {b.name: i for i, b in enumerate(request.blocks)}
     device_map = dict(sorted(placed.items(), key=lambda kv: order_index[kv[0]]))
     loads = dict.fromkeys(budgets, 0)
@@ -91,7 +99,13 @@ def plan_device_map(request: PlanRequest) -> Plan:
         loads[device_map[item.names[0]]] += item.weight
     reserves = merge_reserves(request.reserves,
                               map_reserves(device_map, request.blocks, request.kv_bytes, request.main_device))
-    return Plan(device_map, loads, reserves, request.strategy)
+    # Nothing runs on a device without blocks (disk blocks run on the main device): it keeps no reserve.
+    used = set(device_map.values()) | ({request.main_device} if "disk" in device_map.values() else set())
+    return Plan(device_map, loads, {d: r for d, r in reserves.items() if d in used}, request.strategy)
+
+
+def pinned_to_disk(pins: dict[str, str]) -> list[str]:
+    return sorted(name for name, device in pins.items() if device == "disk")
 
 
 def map_reserves(device_map: dict[str, str], blocks: Sequence[Block], kv_bytes: dict[str, int],
@@ -121,17 +135,28 @@ def merge_reserves(*parts: dict[str, dict[str, int]]) -> dict[str, dict[str, int
 
 
 def _place(request: PlanRequest, items: list[_Item], budgets: dict[str, int],
-           pinned: dict[str, int]) -> tuple[dict[str, str], int]:
-    """block -> device, and the staging room disk blocks need on the main device.
+           pinned: dict[str, int]) -> dict[str, str]:
+    """block -> device.
 
     Disk blocks are streamed into the main device when they run, and their KV cache lives
     there, so room is reserved there for the biggest one plus every disk block's KV cache,
     and only when something is on disk. A bigger reserve can push more onto disk, so the
     reserve is raised until it covers what it made.
     """
-    main = request.main_device
     if request.strategy == "auto":
         return _place_auto(request, items, budgets, pinned)
+    try:
+        return _place_by_fill(request, items, budgets, pinned)
+    except PlanError:
+        # The fill walks forward only: an early offload run, once closed, can leave a later block nowhere
+        # but disk, and its staging nowhere to go. The exact search finds a map whenever one exists.
+        log.warning("strategy %s found no map under these budgets; using placement=auto's map", request.strategy)
+        return _place_auto(request, items, budgets, pinned)
+
+
+def _place_by_fill(request: PlanRequest, items: list[_Item], budgets: dict[str, int],
+                   pinned: dict[str, int]) -> dict[str, str]:
+    main = request.main_device
     free = [item for item in items if not item.pin]
     staging = 0
     while True:
@@ -149,12 +174,12 @@ def _place(request: PlanRequest, items: list[_Item], budgets: dict[str, int],
                 placed[name] = item.pin or placed[name]
         needed = _staging(items, placed)
         if needed <= staging:
-            return placed, staging
+            return placed
         staging = needed
 
 
 def _place_auto(request: PlanRequest, items: list[_Item], budgets: dict[str, int],
-                pinned: dict[str, int]) -> tuple[dict[str, str], int]:
+                pinned: dict[str, int]) -> dict[str, str]:
     """The exact search, once per candidate staging size (none, or the size of one of the items)."""
     main = request.main_device
     gpus = [d.name for d in request.devices if d.kind == "gpu"]
@@ -162,12 +187,12 @@ def _place_auto(request: PlanRequest, items: list[_Item], budgets: dict[str, int
     for limit in [0, *sorted({item.weight for item in items if item.weight})]:
         extra = 0
         for _ in range(len(items) + 1):  # grow the KV part of the staging room until it covers the disk blocks
-            reserve = (limit + extra) if limit else 0
+            reserve = limit + extra
             caps = {d: budgets[d] - (reserve if d == main else 0) for d in budgets}
-            if caps[main] < 0:
-                break
-            problem = Problem([i.size for i in items], [i.weight for i in items], [i.pin for i in items],
-                              [(g, caps[g]) for g in gpus], caps["cpu"], caps["disk"], limit)
+            if reserve and caps[main] < 0:
+                break  # no room to stream disk blocks in
+            problem = Problem([i.size for i in items], [i.weight for i in items], [i.kv for i in items],
+                              [i.pin for i in items], [(g, caps[g]) for g in gpus], caps["cpu"], caps["disk"], limit)
             assignment = best_partition(problem)
             if assignment is None:
                 break
@@ -176,24 +201,24 @@ def _place_auto(request: PlanRequest, items: list[_Item], budgets: dict[str, int
             if kv_on_disk <= extra:
                 key = _merit(items, assignment, gpus) + (reserve,)
                 if best is None or key < best[0]:
-                    best = (key, placed, _staging(items, placed))
+                    best = (key, placed)
                 break
             extra = kv_on_disk
-        if best is not None and best[0][1] == 0:
-            break  # nothing on disk: a staging reserve cannot do better
+        if best is not None and best[0][0] == 0:
+            break  # nothing off GPU: a staging reserve cannot do better
     if best is None:
         if any(i.pin for i in items):  # pins may rule out every contiguous map: keep them, fill around them
             log.warning("the pinned blocks leave no map with one contiguous run per device; "
                         "filling around them in order instead")
-            return _place(replace(request, strategy="sequential"), items, budgets, pinned)
+            return _place_by_fill(replace(request, strategy="sequential"), items, budgets, pinned)
         _no_room(max(items, key=lambda i: i.size), [(d, budgets[d]) for d in budgets])
-    return best[1], best[2]
+    return best[1]
 
 
 def _merit(items: list[_Item], assignment: list[str], gpus: list[str]) -> tuple[int, int, int, int]:
-    """(bytes off GPU, bytes on disk, hops, largest GPU load): smaller is better, in that order."""
+    """(bytes off GPU, bytes moved for disk blocks, hops, largest GPU load): smaller is better, in that order."""
     off = sum(item.weight for item, d in zip(items, assignment) if d not in gpus)
-    disk = sum(item.weight for item, d in zip(items, assignment) if d == "disk")
+    disk = sum(item.size for item, d in zip(items, assignment) if d == "disk")  # weights, and KV to the main device
     hops = sum(1 for a, b in zip(assignment, assignment[1:]) if a != b)
     loads = [sum(item.size for item, d in zip(items, assignment) if d == g) for g in gpus]
     return off, disk, hops, max(loads, default=0)
@@ -229,7 +254,7 @@ def _balanced(items: Sequence[_Item], gpus: GpuCaps) -> GpuCaps:
     prefix = [0, *itertools.accumulate(item.size for item in items)]
     caps, start = [], 0
     for k, (name, cap) in enumerate(capped):
-        last = bisect.bisect_right(prefix, prefix[start] + cap) - 1  # the furthest cut this GPU can hold
+        last = max(start, bisect.bisect_right(prefix, prefix[start] + cap) - 1)  # the furthest cut it can hold
         lo, hi = start, last  # the nearest cut that leaves the rest placeable on the GPUs after this one
         while lo < hi:
             mid = (lo + hi) // 2

@@ -21,9 +21,11 @@ STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 FILLS = STRATEGIES[1:]
 HUGE = 10**9
 SETTINGS = settings(max_examples=300, deadline=None, database=None)
-AUTO_MISSES_DISK_MAPS = pytest.mark.xfail(strict=True, reason=(
-    "auto stops after the reserve-free search when its best has nothing on disk, though a staging reserve "
-    "can unlock a map with fewer bytes off GPU (and its KV-staging fixed point can overshoot)"))
+# Known limit, rare: auto sizes the KV part of the staging room by a fixed point that can overshoot (it jumps
+# to the KV of every block the first search put on disk) and then misses a map with fewer bytes off GPU.
+# It shows only when KV caches rival block weights; not strict, as random search finds it only now and then.
+AUTO_KV_STAGING_OVERSHOOT = pytest.mark.xfail(strict=False, reason=(
+    "auto's KV-staging fixed point can overshoot and miss a map with fewer bytes off GPU"))
 
 
 @st.composite
@@ -111,8 +113,14 @@ def check_sound(request: PlanRequest, plan: Plan) -> None:
     # 2. budgets: weights + every reserve (the user's, KV of resident blocks, disk staging) within each budget
     loads = {d: weight(request, [b for b in dm if dm[b] == d]) for d in names}
     assert plan.loads == loads
+    # the user's reserves stay on every device that runs something (disk blocks run on the main device);
+    # a device that runs nothing keeps none
+    running = set(dm.values()) | ({request.main_device} if "disk" in dm.values() else set())
     for device, reasons in request.reserves.items():
-        assert all(plan.reserves[device][reason] == nbytes for reason, nbytes in reasons.items())
+        if device in running:
+            assert all(plan.reserves[device][reason] == nbytes for reason, nbytes in reasons.items())
+        else:
+            assert device not in plan.reserves
     for d in names:
         kv = size(request, [b for b in dm if dm[b] == d]) - loads[d] if d != "disk" else 0
         assert plan.reserves.get(d, {}).get("kv_cache", 0) == kv
@@ -146,7 +154,8 @@ def fewest_off_gpu(request: PlanRequest) -> int | None:
             used[d] += w + kv * (d != "disk")
         disk = [(w, kv) for (w, kv), d in zip(items, devices) if d == "disk"]
         used[request.main_device] += max((w for w, _ in disk), default=0) + sum(kv for _, kv in disk)
-        if all(used[d] <= room[d] for d in room):
+        running = set(devices) | ({request.main_device} if disk else set())  # others keep no reserve
+        if all(used[d] <= room[d] for d in running):
             off = sum(w for (w, _), d in zip(items, devices) if d not in gpus)
             best = off if best is None else min(best, off)
     return best
@@ -160,8 +169,7 @@ def test_every_plan_covers_fits_keeps_pins_and_ties(request_):
         check_sound(request_, result)
 
 
-@pytest.mark.xfail(strict=True, reason="auto puts a zero-weight block with a KV cache on disk without the room to "
-                   "stream it in: with no weights on disk its staging search reserves nothing, yet accepts the map")
+# Once a bug: auto put a zero-weight block with a KV cache on disk without reserving room to stream it in.
 @SETTINGS
 @given(requests())
 @example(hand_made([10, 0], gpus=[10], cpu=0, kv_bytes={"b1": 5}))
@@ -171,10 +179,9 @@ def test_every_plan_fits_also_with_kv_on_zero_byte_blocks(request_):
         check_sound(request_, result)
 
 
-@pytest.mark.parametrize("strategy", ["auto", *(pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=(
-    "a block too big for every GPU goes to the CPU, a small one after it to a GPU closes the CPU run, so the next "
-    "big one must go to disk, whose staging overfills the main GPU: PlanError though the CPU alone holds it all")))
-    for s in FILLS)])
+# Once a bug of the fills: a block too big for every GPU went to the CPU, a small one after it to a GPU closed
+# the CPU run, and the next big one had to go to disk, whose staging overfilled the main GPU.
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @SETTINGS
 @given(requests(pins=False, reserves=False, kv_without_weights=False))
 @example(hand_made([1, 0, 1], gpus=[0], cpu=2))
@@ -197,7 +204,7 @@ def test_plans_are_deterministic(request_, data):
         assert isinstance(again, PlanError) and again.lines == first.lines
 
 
-@AUTO_MISSES_DISK_MAPS
+@AUTO_KV_STAGING_OVERSHOOT
 @SETTINGS
 @given(requests(pins=False))
 @example(hand_made([3, 2, 1], gpus=[1, 2], cpu=5))
@@ -209,7 +216,7 @@ def test_auto_is_never_worse_than_the_fills_on_bytes_off_gpu(request_):
                    for p in plans.values()), plans
 
 
-@AUTO_MISSES_DISK_MAPS
+@AUTO_KV_STAGING_OVERSHOOT
 @settings(max_examples=150, deadline=None, database=None)
 @given(requests(pins=False, max_blocks=5, max_gpus=3))
 @example(hand_made([40, 60, 45, 50, 10], gpus=[90, 45, 10], cpu=300))
@@ -230,11 +237,11 @@ def test_allow_disk_false_never_plans_disk(request_):
         check_sound(request_, result)
         assert "disk" not in result.device_map.values()
     elif isinstance(plan_or_error(replace(request_, allow_disk=True)), Plan):  # only disk was missing: say so
-        assert "more than the GPUs and the CPU can hold" in str(result), result.lines
+        assert ("more than the GPUs and the CPU can hold" in str(result)
+                or "to disk, but offload.allow_disk is false" in str(result)), result.lines
 
 
-@pytest.mark.xfail(strict=True, reason="with allow_disk=false, a block pinned to disk (or a zero-weight one auto "
-                   "puts there) is blamed on memory: 'the model needs 0 B more than the GPUs and the CPU can hold'")
+# Once a bug: a block pinned to disk was blamed on memory ('the model needs 0 B more ...').
 @SETTINGS
 @given(requests(allow_disk=False))
 @example(replace(hand_made([0], gpus=[], cpu=0), pins={"b0": "disk"}, allow_disk=False))
