@@ -89,11 +89,30 @@ def resolve_arch(spec: ModelSpec, config: dict[str, Any] | None, source: str) ->
     return {**derived, **spec.arch}
 
 
+def _instantiate_nested(value: Any, key: str) -> Any:
+    """An argument that is itself ``{_target_: SomeConfigClass, ...}`` (transformers' ``config=``) is built first."""
+    if isinstance(value, dict) and "_target_" in value:
+        cls = import_target(value["_target_"])
+        if not isinstance(cls, type):
+            raise BuildError(f"{key}._target_: {value['_target_']} is not a class")
+        args = {k: _instantiate_nested(v, f"{key}.{k}") for k, v in value.items() if k != "_target_"}
+        try:
+            return cls(**args)
+        except Exception as e:  # noqa: BLE001 -- the user's class: whatever it raises is about its arguments
+            raise BuildError(f"{key}: cannot build {value['_target_']}: {type(e).__name__}: {e}") from e
+    return value
+
+
+def no_split_classes(spec: ModelSpec, model: nn.Module) -> tuple[str, ...]:
+    """The config's ``no_split_module_classes``, else the model's own ``_no_split_modules`` (transformers)."""
+    return spec.no_split_module_classes or tuple(getattr(model, "_no_split_modules", None) or ())
+
+
 def build_skeleton(spec: ModelSpec) -> nn.Module:
     """Instantiate ``spec.arch`` with parameters on meta, in eval mode."""
     target = spec.arch["_target_"]
     cls = model_class(spec)
-    kwargs = {k: v for k, v in spec.arch.items() if k != "_target_"}
+    kwargs = {k: _instantiate_nested(v, f"model.arch.{k}") for k, v in spec.arch.items() if k != "_target_"}
     log.info("Building model <%s> on meta", target)
     with meta_parameters():
         try:

@@ -35,7 +35,8 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: tuple[str, ...], max_n
         ids = torch.tensor([prompt_ids], dtype=torch.long)
         new: list[int] = []
         for _ in range(max_new_tokens):
-            logits = model(ids[:, -context:])
+            out = model(ids[:, -context:])
+            logits = getattr(out, "logits", out)  # transformers models return an output object
             token = int(logits[0, -1].float().argmax().cpu())
             new.append(token)
             if token in tokenizer.eos_ids:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from runner.blocks import ModelLayout, describe_model
-from runner.build import build_skeleton, model_class, resolve_arch
+from runner.build import build_skeleton, model_class, no_split_classes, resolve_arch
 from runner.checkpoint import Checkpoint, KeyReport, architecture, check_keys, open_checkpoint
 from runner.config import RunConfig
 from runner.dispatch import dispatch
@@ -74,6 +74,7 @@ def plan(cfg: RunConfig, run_dir: Path) -> Planned:
     cfg = replace(cfg, model=model_spec)
     dtype = _compute_dtype(cfg, checkpoint)
     with _timed(timings, "plan"):
+        cfg = replace(cfg, model=replace(cfg.model, no_split_module_classes=no_split_classes(cfg.model, model)))
         layout = describe_model(model, cfg.model.no_split_module_classes, dtype)
         trace = forward_order(model, layout)
         layout = layout.in_order(trace.order)
@@ -125,10 +126,12 @@ def prepare(cfg: RunConfig, run_dir: Path) -> RunResult:
 def run(cfg: RunConfig, run_dir: Path) -> RunResult:
     """Prepare, then generate for every prompt."""
     torch.manual_seed(cfg.seed)
-    if cfg.checkpoint.source == "synthetic":  # fail before writing weights that could not be run
-        tokenizer_for(None, cfg.model.arch.get("vocab_size"))
+    if cfg.checkpoint.source == "synthetic" and "config" not in cfg.model.arch:
+        tokenizer_for(None, cfg.model.arch.get("vocab_size"))  # fail before writing weights that could not be run
     result = prepare(cfg, run_dir)
-    tokenizer = tokenizer_for(result.checkpoint, result.config.model.arch.get("vocab_size"))
+    hf_config = getattr(result.model, "config", None)  # transformers models carry their vocabulary there
+    vocab = result.config.model.arch.get("vocab_size", getattr(hf_config, "vocab_size", None))
+    tokenizer = tokenizer_for(result.checkpoint, vocab)
     prompts = cfg.generation.prompts
     if cfg.generation.chat and tokenizer.chat_template:
         prompts = tuple(apply_chat_template(tokenizer, p) for p in prompts)
