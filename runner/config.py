@@ -59,6 +59,7 @@ class PlacementSpec:
     device_map: dict[str, str]      # module name -> device, pinned by the user
     offload_folder: Path | None
     allow_disk: bool = True
+    prefetch: int = 1               # disk blocks read ahead of the one running
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ def _typed(c: dict[str, Any]) -> RunConfig:
         device_map=_flatten_map(c["device_map"]),
         offload_folder=_path(c["offload"]["folder"]),
         allow_disk=c["offload"]["allow_disk"],
+        prefetch=c["offload"]["prefetch"],
     )
     model = c["model"]
     return RunConfig(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +20,7 @@ from runner.blocks import ModelLayout, get_slot, set_slot
 from runner.checkpoint import Checkpoint
 from runner.hardware import Hardware
 from runner.memory import MemoryLedger
-from runner.offload import DiskBlock, prepare_disk_block
+from runner.offload import DiskBlock, Prefetcher, disk_blocks
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +33,24 @@ def torch_device(name: str, hardware: Hardware) -> torch.device:
 
 
 def dispatch(model: nn.Module, layout: ModelLayout, block_devices: dict[str, str], hardware: Hardware,
-             checkpoint: Checkpoint, dtype: torch.dtype, offload_folder: Path, ledger: MemoryLedger) -> None:
-    """Load every resident block onto its device, prepare disk blocks, and install the hooks."""
+             checkpoint: Checkpoint, dtype: torch.dtype, offload_folder: Path, ledger: MemoryLedger,
+             prefetch: int = 1) -> None:
+    """Load every resident block onto its device, prepare disk blocks, and install the hooks.
+
+    Disk blocks compute on the main device; ``prefetch`` of them are read ahead of the one running.
+    """
+    main = hardware.main_device
+    streamed = disk_blocks(model, layout, block_devices, checkpoint, dtype, offload_folder,
+                           torch_device(main, hardware), ledger, main)
+    prefetcher = Prefetcher(streamed, prefetch, ledger, main)
+    by_name = {d.name: d for d in streamed}
     for block in layout.blocks:
         stored = block_devices[block.name]
-        compute = hardware.main_device if stored == "disk" else stored
-        module = model.get_submodule(block.name)
+        compute = main if stored == "disk" else stored
         target = torch_device(compute, hardware)
-        if stored == "disk":
-            hook: Any = prepare_disk_block(module, block, layout, checkpoint, dtype, offload_folder, target,
-                                           ledger, compute)
-        else:
+        if stored != "disk":
             _load_block(model, block.tensors, layout, checkpoint, dtype, target, ledger, stored)
-            hook = None
-        _install_hooks(module, target, hook)
+        _install_hooks(model.get_submodule(block.name), target, by_name.get(block.name), prefetcher)
     for alias, owner in layout.ties.items():  # the owner is loaded by now, wherever it lives
         set_slot(model, alias, get_slot(model, owner))
 
@@ -75,15 +78,16 @@ def cast_and_move(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device
     return tensor.to(device)
 
 
-def _install_hooks(module: nn.Module, device: torch.device, disk: DiskBlock | None) -> None:
+def _install_hooks(module: nn.Module, device: torch.device, disk: DiskBlock | None, prefetcher: Prefetcher) -> None:
+    """One hook pair per block: move the inputs to where it computes; stream a disk block in and out."""
     def pre_forward(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if disk is not None:
-            disk.load()
+            prefetcher.before(disk)
         return _to(args, device), _to(kwargs, device)
 
     module.register_forward_pre_hook(pre_forward, with_kwargs=True)
     if disk is not None:
-        module.register_forward_hook(lambda *_: disk.unload())
+        module.register_forward_hook(lambda *_: prefetcher.after(disk))
 
 
 def _to(value: Any, device: torch.device) -> Any:

@@ -5,6 +5,8 @@ their budgets: going over raises as a real GPU's allocator would.
 """
 from __future__ import annotations
 
+import threading
+
 from runner.errors import SimulatedOutOfMemory
 from runner.hardware import Hardware
 from runner.sizes import format_bytes
@@ -16,8 +18,13 @@ class MemoryLedger:
         self._enforced = {d.name for d in hardware.devices if d.simulated}
         self.current = dict.fromkeys(self.budgets, 0)
         self.peak = dict.fromkeys(self.budgets, 0)
+        self._lock = threading.Lock()
 
     def allocate(self, device: str, nbytes: int, what: str) -> None:
+        with self._lock:  # the prefetch thread allocates too
+            self._allocate(device, nbytes, what)
+
+    def _allocate(self, device: str, nbytes: int, what: str) -> None:
         self.current[device] += nbytes
         if device in self._enforced and self.current[device] > self.budgets[device]:
             self.current[device] -= nbytes
@@ -28,4 +35,5 @@ class MemoryLedger:
         self.peak[device] = max(self.peak[device], self.current[device])
 
     def release(self, device: str, nbytes: int) -> None:
-        self.current[device] -= nbytes
+        with self._lock:
+            self.current[device] -= nbytes

@@ -1,86 +1,194 @@
-"""Blocks planned on disk: their weights stay out of memory between uses.
+"""Blocks planned on disk: streamed in just before they run, dropped right after, prefetched ahead.
 
-The simplest correct way: a disk block's tensors are read just before it runs, straight
-from the checkpoint's safetensors files when they are stored in the compute dtype, else
-from a copy converted once into the offload folder, and dropped as soon as it is done.
+- Weights stored in the compute dtype are read straight from the checkpoint's safetensors
+  files, with ``pread`` into a private buffer (no memory map, so nothing piles up in the
+  process's resident memory); descriptors and header offsets stay open for the run.
+- Weights that need converting (another dtype, GGUF, pickle) are written once into the
+  offload folder as safetensors, each file atomically, the manifest last. A later run with
+  the same checkpoint, dtype and map reuses the folder; a stale or half-written one is rebuilt.
+- While block *i* computes, a background thread reads the next ``depth`` disk blocks. On CUDA
+  they are copied from pinned memory on a separate stream, so copies overlap compute.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
 from runner.blocks import Block, ModelLayout, get_slot, set_slot
 from runner.checkpoint import Checkpoint
+from runner.checkpoint.files import Checkpoint as SafetensorsFiles
+from runner.checkpoint.names import RenamedCheckpoint
 from runner.errors import OffloadError
 from runner.memory import MemoryLedger
 
 log = logging.getLogger(__name__)
 
+MANIFEST = "offload-manifest.json"
+
 
 class DiskBlock:
-    """Streams one block's weights in for a forward and drops them after."""
+    """One disk block: where each of its tensors is read from, and how to put them in place and take them out."""
 
-    def __init__(self, module: nn.Module, prefix: str, slots: dict[str, str], read, device: torch.device,
-                 ledger: MemoryLedger, compute: str, sizes: dict[str, int]):
-        self.module, self.prefix = module, prefix
+    def __init__(self, module: nn.Module, block: Block, slots: dict[str, str], read, dtype: torch.dtype,
+                 device: torch.device, nbytes: int):
+        self.module, self.name = module, block.name
         self.slots = slots          # slot (relative to the block) -> key it is read from
-        self.read = read            # key -> CPU tensor in the compute dtype
-        self.device, self.ledger, self.compute = device, ledger, compute
-        self.nbytes = sum(sizes[key] for key in set(slots.values()))
+        self.read = read            # key -> CPU tensor
+        self.dtype, self.device, self.nbytes = dtype, device, nbytes
         self._meta = {slot: get_slot(module, slot) for slot in slots}
 
-    def load(self) -> None:
-        self.ledger.allocate(self.compute, self.nbytes, f"disk block {self.prefix or '(model)'}")
-        loaded: dict[str, torch.Tensor] = {}
-        for slot, key in self.slots.items():
-            if key not in loaded:
-                loaded[key] = self.read(key).to(self.device)
-            set_slot(self.module, slot, loaded[key])
+    def fetch(self) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+        """Read every tensor once and move it to the compute device. Safe to run on a worker thread."""
+        tensors: dict[str, torch.Tensor] = {}
+        event = None
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        for key in dict.fromkeys(self.slots.values()):
+            t = self.read(key)
+            if t.is_floating_point() and t.dtype != self.dtype:
+                t = t.to(self.dtype)
+            if stream is not None:  # pinned memory, and a copy that overlaps the compute stream
+                with torch.cuda.stream(stream):
+                    t = t.pin_memory().to(self.device, non_blocking=True)
+            tensors[key] = t
+        if stream is not None:
+            event = torch.cuda.Event()
+            event.record(stream)
+        return tensors, event
 
-    def unload(self) -> None:
+    def attach(self, tensors: dict[str, torch.Tensor]) -> None:
+        for slot, key in self.slots.items():
+            set_slot(self.module, slot, tensors[key])
+
+    def detach(self) -> None:
         for slot, meta in self._meta.items():
             set_slot(self.module, slot, meta)
-        self.ledger.release(self.compute, self.nbytes)
 
 
-def prepare_disk_block(module: nn.Module, block: Block, layout: ModelLayout, checkpoint: Checkpoint,
-                       dtype: torch.dtype, offload_folder: Path, device: torch.device, ledger: MemoryLedger,
-                       compute: str) -> DiskBlock:
-    """Keep the block's non-persistent buffers resident; arrange for the rest to be read per forward."""
-    cut = len(block.name) + 1 if block.name else 0
-    slots: dict[str, str] = {}
-    for slot in block.tensors:
-        if slot in layout.non_persistent:
-            ledger.allocate(compute, layout.tensor_bytes[slot], slot)
-            set_slot(module, slot[cut:], get_slot(module, slot[cut:]).to(device))
+class Prefetcher:
+    """Loads disk blocks in forward order, ``depth`` blocks ahead of the one running (0: on demand only)."""
+
+    def __init__(self, blocks: list[DiskBlock], depth: int, ledger: MemoryLedger, compute: str):
+        self.blocks, self.depth, self.ledger, self.compute = blocks, depth, ledger, compute
+        self.index = {b.name: i for i, b in enumerate(blocks)}
+        self.pending: dict[str, Future] = {}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if depth else None
+
+    def before(self, block: DiskBlock) -> None:
+        """Put the block's weights in place (waiting for a prefetch, or reading now), then read ahead."""
+        future = self.pending.pop(block.name, None)
+        if future is None:
+            self.ledger.allocate(self.compute, block.nbytes, f"disk block {block.name or '(model)'}")
+            tensors, event = block.fetch()
         else:
-            slots[slot[cut:]] = layout.ties.get(slot, slot)
-    keys = sorted(set(slots.values()))
-    convert = [k for k in keys if checkpoint.entries[k].dtype.is_floating_point and checkpoint.entries[k].dtype != dtype]
-    read = checkpoint.read
-    if convert:
-        read = _converted_reader(checkpoint, convert, dtype, offload_folder / f"{block.name or 'model'}.safetensors")
-    return DiskBlock(module, block.name, slots, read, device, ledger, compute,
-                     {k: layout.tensor_bytes[k] for k in keys})
+            tensors, event = future.result()
+        if event is not None:
+            torch.cuda.current_stream(block.device).wait_event(event)
+        block.attach(tensors)
+        if self.pool is None:
+            return
+        position = self.index[block.name]
+        for ahead in self.blocks[position + 1: position + 1 + self.depth]:
+            if ahead.name not in self.pending:
+                self.ledger.allocate(self.compute, ahead.nbytes, f"prefetch of disk block {ahead.name}")
+                self.pending[ahead.name] = self.pool.submit(ahead.fetch)
+
+    def after(self, block: DiskBlock) -> None:
+        block.detach()
+        self.ledger.release(self.compute, block.nbytes)
 
 
-def _converted_reader(checkpoint: Checkpoint, keys: list[str], dtype: torch.dtype, file: Path):
-    """Write the block's tensors in the compute dtype once, then read them from there."""
+def disk_blocks(model: nn.Module, layout: ModelLayout, block_devices: dict[str, str], checkpoint: Checkpoint,
+                dtype: torch.dtype, offload_folder: Path, device: torch.device, ledger: MemoryLedger,
+                compute: str) -> list[DiskBlock]:
+    """Every disk block in forward order, ready to stream; conversions written (or reused) first.
+
+    Non-persistent buffers stay resident on the compute device: no checkpoint has them.
+    """
+    on_disk = [b for b in layout.blocks if block_devices[b.name] == "disk"]
+    plans: list[tuple[nn.Module, Block, dict[str, str]]] = []
+    convert: dict[str, list[str]] = {}
+    for block in on_disk:
+        module = model.get_submodule(block.name)
+        cut = len(block.name) + 1 if block.name else 0
+        slots: dict[str, str] = {}
+        for slot in block.tensors:
+            if slot in layout.non_persistent:
+                ledger.allocate(compute, layout.tensor_bytes[slot], slot)
+                set_slot(module, slot[cut:], get_slot(module, slot[cut:]).to(device))
+            else:
+                slots[slot[cut:]] = layout.ties.get(slot, slot)
+        keys = sorted(set(slots.values()))
+        if _needs_conversion(checkpoint, keys, dtype):
+            convert[block.name] = keys
+        plans.append((module, block, slots))
+    converted = _converted(checkpoint, convert, dtype, offload_folder) if convert else None
+    direct = getattr(checkpoint, "read_uncached", checkpoint.read)
+    out = []
+    for module, block, slots in plans:
+        read = converted.read_uncached if block.name in convert else direct
+        nbytes = sum(layout.tensor_bytes[k] for k in set(slots.values()))
+        out.append(DiskBlock(module, block, slots, read, dtype, device, nbytes))
+    return out
+
+
+def _needs_conversion(checkpoint, keys: list[str], dtype: torch.dtype) -> bool:
+    """Anything but safetensors in the compute dtype is converted once, not on every forward."""
+    if isinstance(checkpoint, RenamedCheckpoint):
+        if any(checkpoint.sources[k].transform for k in keys):
+            return True  # transposed on the way: once, rather than on every forward
+        keys = [checkpoint.sources[k].key for k in keys]
+        checkpoint = checkpoint.inner
+    if type(checkpoint) is not SafetensorsFiles:
+        return True  # GGUF (quantized) or pickle
+    return any(checkpoint.entries[k].dtype.is_floating_point and checkpoint.entries[k].dtype != dtype for k in keys)
+
+
+def _converted(checkpoint, blocks: dict[str, list[str]], dtype: torch.dtype, folder: Path):
+    """The offload folder, written now or reused when its manifest matches this checkpoint, dtype and map."""
+    fingerprint = hashlib.sha256(json.dumps({"checkpoint": checkpoint.fingerprint(), "dtype": str(dtype),
+                                             "blocks": blocks}, sort_keys=True).encode()).hexdigest()
+    files = {name: folder / f"{name or 'model'}.safetensors" for name in blocks}
+    manifest = folder / MANIFEST
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(".tmp")
-        save_file({k: checkpoint.read(k).to(dtype) for k in keys}, str(tmp))
-        tmp.replace(file)  # atomic: a half-written file never carries the final name
-    except OSError as e:
-        raise OffloadError(f"offload_folder: cannot write {file} ({e.strerror or e}); "
-                           "set offload_folder to a writable folder with room for the disk blocks") from e
-    handle = safe_open(str(file), framework="pt", device="cpu")
-    original = checkpoint.read
-    converted = set(keys)
-    return lambda key: handle.get_tensor(key) if key in converted else original(key)
+        recorded = json.loads(manifest.read_text()) if manifest.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        recorded = None
+    if recorded and recorded.get("fingerprint") == fingerprint and all(f.is_file() for f in files.values()):
+        log.info("Reusing converted disk weights in %s", folder)
+    else:
+        if recorded is not None or manifest.exists():
+            log.warning("Offload folder %s is stale or incomplete; rebuilding it", folder)
+        _write(checkpoint, blocks, dtype, folder, files, manifest, fingerprint)
+    return SafetensorsFiles(list(files.values()), source="offload")
 
+
+def _write(checkpoint, blocks, dtype, folder: Path, files: dict[str, Path], manifest: Path, fingerprint: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest.unlink(missing_ok=True)  # from here on the folder is incomplete until the manifest is back
+        for name, keys in blocks.items():
+            tmp = files[name].with_suffix(".tmp")
+            save_file({k: _converted_tensor(checkpoint, k, dtype) for k in keys}, str(tmp))
+            tmp.replace(files[name])  # atomic: a half-written file never carries the final name
+        tmp = manifest.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "blocks": sorted(blocks)}))
+        tmp.replace(manifest)
+    except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as its own type
+        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
+        hint = ("the disk is full; free space or set offload.folder to a larger disk" if full
+                else "set offload.folder to a writable folder with room for the disk blocks")
+        raise OffloadError(f"offload.folder: cannot write {folder} ({getattr(e, 'strerror', None) or e}); {hint}") from e
+
+
+def _converted_tensor(checkpoint, key: str, dtype: torch.dtype) -> torch.Tensor:
+    t = checkpoint.read(key)
+    return (t.to(dtype) if t.is_floating_point() else t).contiguous()

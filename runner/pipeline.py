@@ -85,12 +85,12 @@ def plan(cfg: RunConfig, run_dir: Path) -> Planned:
             main_device=hardware.main_device, pins=resolve_pins(cfg.placement.device_map, layout, hardware),
             reserves=device_reserves(hardware, trace, shape, dtype.itemsize, cfg.hardware.cuda_context_reserve),
             kv_bytes=kv_bytes(layout, trace, cfg.model.no_split_module_classes, shape, dtype.itemsize),
-            allow_disk=cfg.placement.allow_disk)
+            allow_disk=cfg.placement.allow_disk, prefetch=cfg.placement.prefetch)
         activation_bytes = {name: n * dtype.itemsize for name, n in trace.input_elems.items()}
         if cfg.mode == "check":  # the map comes from a file, to be validated as it is
             assert cfg.map_file is not None  # load_config requires it in this mode
             check = check_map(load_map_file(cfg.map_file), layout, hardware, request.reserves, activation_bytes,
-                              request.kv_bytes)
+                              request.kv_bytes, request.prefetch)
             the_plan = Plan(check.block_devices, _weights_per_device(layout, check.block_devices, hardware),
                             check.reserves, "check")
         else:
@@ -118,7 +118,7 @@ def prepare(cfg: RunConfig, run_dir: Path) -> RunResult:
     ledger = MemoryLedger(planned.hardware)
     with _timed(timings, "load"):
         dispatch(planned.model, planned.layout, planned.check.block_devices, planned.hardware, checkpoint,
-                 planned.dtype, _offload_folder(cfg, run_dir), ledger)
+                 planned.dtype, _offload_folder(cfg, run_dir), ledger, cfg.placement.prefetch)
     fields = {k: getattr(planned, k) for k in Planned.__dataclass_fields__}
     return RunResult(**{**fields, "checkpoint": checkpoint, "keys": keys}, ledger=ledger)
 

@@ -35,6 +35,7 @@ class PlanRequest:
     reserves: dict[str, dict[str, int]] = field(default_factory=dict)  # device -> reason -> bytes kept free
     kv_bytes: dict[str, int] = field(default_factory=dict)         # block -> KV cache it keeps where it computes
     allow_disk: bool = True
+    prefetch: int = 0                     # disk blocks held ahead of the running one: each needs staging room
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ def plan_device_map(request: PlanRequest) -> Plan:
     for item in items:
         loads[device_map[item.names[0]]] += item.weight
     reserves = merge_reserves(request.reserves,
-                              map_reserves(device_map, request.blocks, request.kv_bytes, request.main_device))
+                              map_reserves(device_map, request.blocks, request.kv_bytes, request.main_device,
+                                           request.prefetch))
     # Nothing runs on a device without blocks (disk blocks run on the main device): it keeps no reserve.
     used = set(device_map.values()) | ({request.main_device} if "disk" in device_map.values() else set())
     return Plan(device_map, loads, {d: r for d, r in reserves.items() if d in used}, request.strategy)
@@ -109,7 +111,7 @@ def pinned_to_disk(pins: dict[str, str]) -> list[str]:
 
 
 def map_reserves(device_map: dict[str, str], blocks: Sequence[Block], kv_bytes: dict[str, int],
-                 main_device: str) -> dict[str, dict[str, int]]:
+                 main_device: str, prefetch: int = 0) -> dict[str, dict[str, int]]:
     """What a map itself needs kept free: each device's KV cache, and staging room for disk blocks.
 
     A disk block's KV cache lives on the main device, where it runs, so it is part of the staging room.
@@ -119,7 +121,7 @@ def map_reserves(device_map: dict[str, str], blocks: Sequence[Block], kv_bytes: 
         device = device_map.get(block)
         if nbytes and device not in (None, "disk"):
             out.setdefault(device, {})["kv_cache"] = out.get(device, {}).get("kv_cache", 0) + nbytes
-    staging = _staging(_items(blocks, {}, kv_bytes), device_map)
+    staging = _staging(_items(blocks, {}, kv_bytes), device_map, prefetch)
     if staging:
         out.setdefault(main_device, {})["offload_staging"] = staging
     return out
@@ -172,7 +174,7 @@ def _place_by_fill(request: PlanRequest, items: list[_Item], budgets: dict[str, 
         for item in items:
             for name in item.names:
                 placed[name] = item.pin or placed[name]
-        needed = _staging(items, placed)
+        needed = _staging(items, placed, request.prefetch)
         if needed <= staging:
             return placed
         staging = needed
@@ -187,7 +189,7 @@ def _place_auto(request: PlanRequest, items: list[_Item], budgets: dict[str, int
     for limit in [0, *sorted({item.weight for item in items if item.weight})]:
         extra = 0
         for _ in range(len(items) + 1):  # grow the KV part of the staging room until it covers the disk blocks
-            reserve = limit + extra
+            reserve = limit * (1 + request.prefetch) + extra
             caps = {d: budgets[d] - (reserve if d == main else 0) for d in budgets}
             if reserve and caps[main] < 0:
                 break  # no room to stream disk blocks in
@@ -197,13 +199,13 @@ def _place_auto(request: PlanRequest, items: list[_Item], budgets: dict[str, int
             if assignment is None:
                 break
             placed = {name: device for item, device in zip(items, assignment) for name in item.names}
-            kv_on_disk = sum(item.kv for item in items if placed[item.names[0]] == "disk")
-            if kv_on_disk <= extra:
+            needed = _staging(items, placed, request.prefetch)
+            if needed <= reserve:
                 key = _merit(items, assignment, gpus) + (reserve,)
                 if best is None or key < best[0]:
                     best = (key, placed)
                 break
-            extra = kv_on_disk
+            extra = needed - limit * (1 + request.prefetch)
         if best is not None and best[0][0] == 0:
             break  # nothing off GPU: a staging reserve cannot do better
     if best is None:
@@ -224,9 +226,12 @@ def _merit(items: list[_Item], assignment: list[str], gpus: list[str]) -> tuple[
     return off, disk, hops, max(loads, default=0)
 
 
-def _staging(items: list[_Item], placed: dict[str, str]) -> int:
+def _staging(items: list[_Item], placed: dict[str, str], prefetch: int) -> int:
+    """Room on the main device for the running disk block and ``prefetch`` read ahead (the biggest ones, to be
+    safe), plus every disk block's KV cache, which lives there."""
     on_disk = [item for item in items if placed[item.names[0]] == "disk"]
-    return max((i.weight for i in on_disk), default=0) + sum(i.kv for i in on_disk)
+    held = sorted((i.weight for i in on_disk), reverse=True)[: 1 + prefetch]
+    return sum(held) + sum(i.kv for i in on_disk)
 
 
 # -- strategies: each turns the GPUs' capacities into per-GPU caps for the sequential fill ----------------------

@@ -49,7 +49,8 @@ def resolve_pins(pins: dict[str, str], layout: ModelLayout, hardware: Hardware) 
 
 def check_map(device_map: dict[str, str], layout: ModelLayout, hardware: Hardware,
               reserves: dict[str, dict[str, int]] | None = None,
-              activation_bytes: dict[str, int] | None = None, kv_bytes: dict[str, int] | None = None) -> MapCheck:
+              activation_bytes: dict[str, int] | None = None, kv_bytes: dict[str, int] | None = None,
+              prefetch: int = 0) -> MapCheck:
     """Validate a full map (module or tensor names -> device) for this model and hardware.
 
     ``reserves`` (device -> reason -> bytes) count against the budgets; a map that did not come from
@@ -89,7 +90,7 @@ def check_map(device_map: dict[str, str], layout: ModelLayout, hardware: Hardwar
 
     if kv_bytes is not None and not errors:
         reserves = merge_reserves(reserves or {}, map_reserves(block_devices, layout.blocks, kv_bytes,
-                                                                hardware.main_device))
+                                                                hardware.main_device, prefetch))
     loads = {name: 0 for name in hardware.names}
     for slot, nbytes in layout.tensor_bytes.items():
         if slot not in layout.ties and slot in slot_device and slot_device[slot] in loads:

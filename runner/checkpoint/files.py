@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ class Checkpoint:
         self.revision: str | None = None   # the resolved commit, for a Hub repo
         self.ignored: dict[str, str] = {}  # stored key -> why it is knowingly skipped
         self._handles = {}
+        self._fds: dict[Path, int] = {}
+        self._located: dict[str, tuple[Path, int, int]] | None = None
         self.entries: dict[str, TensorEntry] = {}
         for file in files:
             handle = self._open(file)
@@ -62,6 +65,48 @@ class Checkpoint:
             if e.dtype.is_floating_point:
                 counts[e.dtype] += math.prod(e.shape) * e.dtype.itemsize
         return counts.most_common(1)[0][0] if counts else torch.float32
+
+    def read_uncached(self, key: str) -> torch.Tensor:
+        """One tensor, as stored, read with ``pread`` into its own buffer rather than through the memory map.
+
+        For weights streamed in on every forward (disk blocks): a mapped read leaves the file's pages
+        mapped into this process, so they pile up in its resident memory; a plain read does not, and
+        the buffer goes when the tensor does. The file descriptor and the header offsets stay open
+        for the run.
+        """
+        located = self._offsets().get(key)
+        if located is None:  # not a safetensors tensor (e.g. a pickle): the ordinary read
+            return self.read(key)
+        file, start, nbytes = located
+        entry = self.entries[key]
+        buffer = bytearray(nbytes)
+        try:
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            if os.preadv(fd, [buffer], start) != nbytes:
+                raise OSError(f"short read of {nbytes} bytes at {start}")
+        except OSError as e:
+            raise CheckpointError(f"{file}: cannot read tensor {key} ({e}); the file may be truncated") from e
+        if nbytes == 0:
+            return torch.empty(entry.shape, dtype=entry.dtype)
+        return torch.frombuffer(buffer, dtype=entry.dtype).reshape(entry.shape)
+
+    def _offsets(self) -> dict[str, tuple[Path, int, int]]:
+        """key -> (file, absolute byte offset, byte count), from each file's JSON header, parsed once."""
+        if self._located is None:
+            self._located = {}
+            for file in self.files:
+                if file.suffix != ".safetensors":
+                    continue
+                with open(file, "rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(size))
+                for key, meta in header.items():
+                    if key != "__metadata__":
+                        begin, end = meta["data_offsets"]
+                        self._located[key] = (file, 8 + size + begin, end - begin)
+        return self._located
 
     def read(self, key: str) -> torch.Tensor:
         """One tensor, as stored, in CPU memory."""

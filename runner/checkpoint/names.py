@@ -69,6 +69,12 @@ class RenamedCheckpoint:
         tensor = self.inner.read(src.key)
         return src.transform(tensor) if src.transform else tensor
 
+    def read_uncached(self, name: str) -> torch.Tensor:
+        src = self.sources[name]
+        read = getattr(self.inner, "read_uncached", self.inner.read)
+        tensor = read(src.key)
+        return src.transform(tensor) if src.transform else tensor
+
     def fingerprint(self) -> dict:
         return self.inner.fingerprint()
 

@@ -75,6 +75,8 @@ class PickleCheckpoint(Checkpoint):
     are listed in ``ignored`` with what they are, and the report shows them.
     """
 
+    _located: dict = {}  # no byte offsets: read_uncached falls back to the (memory-mapped) read
+
     def __init__(self, files: list[Path], source: str, allow_pickle: bool = False):
         # Not Checkpoint.__init__: that one opens safetensors headers. The attributes are the same.
         self.files = files

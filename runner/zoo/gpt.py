@@ -2,12 +2,22 @@
 
 ``Block`` holds the residual connections, so the planner must never split one.
 The head is tied to the token embedding, as in GPT-2: one tensor, stored once.
+
+``GPT.checkpoint_names`` reads both GPT-2 checkpoint layouts: minGPT-style (this module's own
+names, ``nn.Linear`` weights ``[out, in]``) and Hugging Face's (``Conv1D`` weights ``[in, out]``,
+with or without the ``transformer.`` prefix, legacy mask buffers).
 """
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from runner.checkpoint.files import TensorEntry
+from runner.checkpoint.names import NameMap, Source, transpose
+from runner.errors import CheckpointError
 
 
 class CausalSelfAttention(nn.Module):
@@ -87,3 +97,76 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         return self.lm_head(self.transformer.ln_f(x))
+
+    @classmethod
+    def checkpoint_names(cls, stored: dict[str, TensorEntry]) -> NameMap:
+        """This model's names on a GPT-2 checkpoint in either layout, decided once for the whole checkpoint.
+
+        Every stored key is accounted for: mapped to the model name it holds (the four Conv1D weights of a
+        Hugging Face checkpoint transposed on read), ignored with a reason (legacy mask buffers), or kept
+        under its own name, so that the key check reports it as unexpected. A model tensor the checkpoint
+        lacks gets no source, so the key check reports it as missing.
+
+        Raises:
+            CheckpointError: the checkpoint mixes ``[in, out]`` and ``[out, in]`` linear weights.
+        """
+        conv1d = _stored_as_conv1d(stored)
+        sources: dict[str, Source] = {}
+        ignored: dict[str, str] = {}
+        # Prefixed keys first: if a checkpoint holds a tensor under both spellings, the bare one is unexpected.
+        for key in sorted(stored, key=lambda k: not k.startswith(_PREFIX)):
+            if _LEGACY_MASK.fullmatch(key):
+                ignored[key] = "legacy attention mask buffer, rebuilt by the model"
+                continue
+            rest = key.removeprefix(_PREFIX)
+            name = _PREFIX + rest if _TRANSFORMER_KEY.fullmatch(rest) else key
+            if name in sources:
+                name = key
+            shape = stored[key].shape
+            if conv1d and name.endswith(_CONV1D) and len(shape) == 2:
+                sources[name] = Source(key, transform=transpose, shape=(shape[1], shape[0]))
+            else:
+                sources[name] = Source(key)
+        return NameMap(sources, ignored)
+
+
+_PREFIX = "transformer."
+# The model's tensors under ``transformer.``, as both layouts name them (Hugging Face's GPT2Model drops the prefix).
+_TRANSFORMER_KEY = re.compile(r"(?:wte|wpe)\.weight|ln_f\.(?:weight|bias)"
+                              r"|h\.\d+\.(?:ln_[12]|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.(?:weight|bias)")
+# Causal-mask buffers older checkpoints carry (minGPT's and Hugging Face's ``attn.bias``, HF's ``attn.masked_bias``).
+_LEGACY_MASK = re.compile(r"(?:transformer\.)?h\.\d+\.attn\.(?:bias|masked_bias)")
+# The weights Hugging Face stores as Conv1D ``[in, out]``; ours are nn.Linear ``[out, in]``.
+_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+# Output width over input width of the two non-square ones, when no bias tells the output width.
+_WIDENING = {".attn.c_attn.weight": 3, ".mlp.c_fc.weight": 4}
+
+
+def _stored_as_conv1d(stored: dict[str, TensorEntry]) -> bool:
+    """Whether the checkpoint's linear weights are ``[in, out]`` (Hugging Face Conv1D), for all four kinds at once.
+
+    Each non-square weight votes: its bias gives its output width, else c_attn/c_fc widen by 3/4. A square one
+    (``attn.c_proj``) cannot tell, so the decision is per checkpoint, never per tensor. With no vote (no such
+    weight, or none of a telling shape) the checkpoint is read as stored, and the key check reports the shapes.
+    """
+    votes: dict[bool, str] = {}
+    for key, entry in stored.items():
+        suffix = next((s for s in _CONV1D if key.endswith(s)), None)
+        if suffix is None or len(entry.shape) != 2:
+            continue
+        rows, cols = entry.shape
+        bias = stored.get(key.removesuffix("weight") + "bias")
+        if bias is not None and len(bias.shape) == 1:
+            out = bias.shape[0]
+            if rows == cols or out not in (rows, cols):
+                continue
+            votes.setdefault(cols == out, key)
+        elif suffix in _WIDENING and rows != cols:
+            if cols == _WIDENING[suffix] * rows:
+                votes.setdefault(True, key)
+            elif rows == _WIDENING[suffix] * cols:
+                votes.setdefault(False, key)
+    if len(votes) == 2:
+        raise CheckpointError(f"{votes[True]} is stored [in, out] (Hugging Face Conv1D) but {votes[False]} is "
+                              "[out, in] (nn.Linear); a GPT-2 checkpoint must use one layout throughout")
+    return votes.get(True, False)

@@ -1,0 +1,105 @@
+"""Disk offload: streamed reads, prefetch, and an offload folder that is reused, rebuilt or refused clearly."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from conftest import compose_config
+from runner.errors import OffloadError
+from runner.offload import MANIFEST
+from runner.pipeline import prepare
+
+TOKENS = torch.tensor([[72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]])
+# gpt2tiny with 6 blocks (about 100 kB in fp32, 50 kB in bf16) on a CPU of 60 kB: some blocks go to disk.
+DISKY = ["model=gpt2tiny", "model.arch.n_layer=6", "hardware=cpu", "runtime.seq_len=1"]
+
+
+def logits(*overrides: str, tmp_path) -> tuple[torch.Tensor, object]:
+    half = any(o.startswith("dtype=") and o != "dtype=float32" for o in overrides)
+    cap = "max_memory.cpu=30000B" if half else "max_memory.cpu=60000B"
+    result = prepare(compose_config(*DISKY, cap, *overrides), tmp_path)
+    assert "disk" in result.check.block_devices.values()
+    with torch.inference_mode():
+        return result.model(TOKENS), result
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_prefetch_depths_give_identical_outputs(depth, tmp_path):
+    resident = prepare(compose_config("model=gpt2tiny", "model.arch.n_layer=6", "hardware=cpu"), tmp_path / "all")
+    with torch.inference_mode():
+        expected = resident.model(TOKENS)
+    out, result = logits(f"offload.prefetch={depth}", tmp_path=tmp_path / f"d{depth}")
+    assert torch.equal(out, expected)
+    disk = [b.nbytes for b in result.layout.blocks if result.check.block_devices[b.name] == "disk"]
+    held = sum(sorted(disk, reverse=True)[: 1 + depth])  # the running block and `depth` read ahead
+    assert result.ledger.peak["cpu"] <= result.check.loads["cpu"] + held
+    assert result.ledger.current["cpu"] == result.check.loads["cpu"]  # all streamed blocks dropped again
+
+
+def test_disk_reads_bypass_the_memory_map(tmp_path):
+    """Weights in the compute dtype are read from the checkpoint itself, into private buffers."""
+    _, result = logits("offload.prefetch=0", tmp_path=tmp_path)
+    assert not (tmp_path / "offload").exists()  # nothing converted: fp32 checkpoint, fp32 compute
+    key = next(s for b in result.layout.blocks if result.check.block_devices[b.name] == "disk"
+               for s in b.tensors if s.endswith("weight"))
+    direct = result.checkpoint.read_uncached(key)
+    assert torch.equal(direct, result.checkpoint.read(key))
+    assert direct.untyped_storage().nbytes() == direct.numel() * direct.element_size()  # its own buffer
+
+
+def test_converted_weights_are_written_once_and_reused(tmp_path):
+    folder = tmp_path / "off"
+    first, _ = logits("dtype=bfloat16", f"offload.folder={folder}", tmp_path=tmp_path / "a")
+    files = sorted(folder.glob("*.safetensors"))
+    assert files and (folder / MANIFEST).is_file()
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    second, _ = logits("dtype=bfloat16", f"offload.folder={folder}", tmp_path=tmp_path / "b")
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps  # reused, not rewritten
+    assert torch.equal(first, second)
+
+
+def test_a_stale_folder_is_rebuilt(tmp_path):
+    folder = tmp_path / "off"
+    logits("dtype=bfloat16", f"offload.folder={folder}", tmp_path=tmp_path / "a")
+    # Another dtype makes the recorded fingerprint stale: the folder is rebuilt, not trusted.
+    out, _ = logits("dtype=float16", f"offload.folder={folder}", tmp_path=tmp_path / "b")
+    reference, _ = logits("dtype=float16", f"offload.folder={tmp_path / 'fresh'}", tmp_path=tmp_path / "c")
+    assert torch.equal(out, reference)
+
+
+def test_an_interrupted_conversion_is_detected_and_redone(tmp_path):
+    folder = tmp_path / "off"
+    expected, _ = logits("dtype=bfloat16", f"offload.folder={folder}", tmp_path=tmp_path / "a")
+    # As if the run died mid-write: the manifest is written last, so it is missing, and a file is cut short.
+    (folder / MANIFEST).unlink()
+    victim = sorted(folder.glob("*.safetensors"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    out, _ = logits("dtype=bfloat16", f"offload.folder={folder}", tmp_path=tmp_path / "b")
+    assert torch.equal(out, expected)
+    assert (folder / MANIFEST).is_file()
+
+
+def test_an_unwritable_folder_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the offload folder should be")
+    with pytest.raises(OffloadError) as e:
+        logits("dtype=bfloat16", f"offload.folder={blocker / 'off'}", tmp_path=tmp_path)
+    assert len(e.value.lines) == 1
+    assert e.value.lines[0].startswith(f"offload.folder: cannot write {blocker / 'off'}")
+    assert "set offload.folder to a writable folder" in e.value.lines[0]
+
+
+def test_a_full_disk_is_one_clear_error(tmp_path):
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        with pytest.raises(OffloadError) as e:
+            logits("dtype=bfloat16", f"offload.folder={mount / 'off'}", "max_memory.disk=1GB", tmp_path=tmp_path)
+        assert "the disk is full" in e.value.lines[0]
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
