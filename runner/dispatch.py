@@ -20,7 +20,8 @@ from runner.blocks import ModelLayout, get_slot, set_slot
 from runner.checkpoint import Checkpoint
 from runner.hardware import Hardware
 from runner.memory import MemoryLedger
-from runner.offload import DiskBlock, Prefetcher, disk_blocks
+from runner.compute import Compute
+from runner.offload import DiskBlock, Prefetcher, streamed_blocks
 
 log = logging.getLogger(__name__)
 
@@ -34,21 +35,23 @@ def torch_device(name: str, hardware: Hardware) -> torch.device:
 
 def dispatch(model: nn.Module, layout: ModelLayout, block_devices: dict[str, str], hardware: Hardware,
              checkpoint: Checkpoint, dtype: torch.dtype, offload_folder: Path, ledger: MemoryLedger,
-             prefetch: int = 1) -> None:
-    """Load every resident block onto its device, prepare disk blocks, and install the hooks.
+             prefetch: int = 1, compute: dict[str, Compute] | None = None) -> None:
+    """Load every resident block onto its device, prepare streamed blocks, and install the hooks.
 
-    Disk blocks compute on the main device; ``prefetch`` of them are read ahead of the one running.
+    ``compute`` says where each block runs (``runner.compute``; default: disk blocks on the main
+    device, the rest where they sit). Streamed blocks are read ``prefetch`` ahead of the one running.
     """
     main = hardware.main_device
-    streamed = disk_blocks(model, layout, block_devices, checkpoint, dtype, offload_folder,
-                           torch_device(main, hardware), ledger, main)
+    compute = compute or {b.name: Compute(main, True, "") if block_devices[b.name] == "disk"
+                          else Compute(block_devices[b.name], False, "") for b in layout.blocks}
+    streamed = streamed_blocks(model, layout, block_devices, {n for n, c in compute.items() if c.streamed},
+                               checkpoint, dtype, offload_folder, torch_device(main, hardware), ledger, main)
     prefetcher = Prefetcher(streamed, prefetch, ledger, main)
     by_name = {d.name: d for d in streamed}
     for block in layout.blocks:
         stored = block_devices[block.name]
-        compute = main if stored == "disk" else stored
-        target = torch_device(compute, hardware)
-        if stored != "disk":
+        target = torch_device(compute[block.name].device, hardware)
+        if block.name not in by_name:
             _load_block(model, block.tensors, layout, checkpoint, dtype, target, ledger, stored)
         _install_hooks(model.get_submodule(block.name), target, by_name.get(block.name), prefetcher)
     for alias, owner in layout.ties.items():  # the owner is loaded by now, wherever it lives

@@ -88,6 +88,8 @@ def explanation(planned: Planned) -> list[str]:
                    "balanced_low_0": "spread over GPUs 1..N-1; GPU 0 takes only what does not fit there",
                    "auto": "part of the best contiguous map (fewest bytes off GPU, then hops, then evenness)",
                    "check": "as the map file says"}[plan.strategy] + f"; {device} has {format_bytes(rooms[device])} for weights after reserves"
+        elif device == "cpu" and gpus and planned.compute[names[0]].reason != "resident":
+            why = planned.compute[names[0]].reason
         elif device == "cpu" and not gpus:
             why = f"no GPU: resident in RAM ({format_bytes(rooms['cpu'])} after reserves), computes on the CPU"
         elif gpus and any(sizes[n] > biggest_gpu_room for n in names):
@@ -126,10 +128,15 @@ def notices(planned: Planned) -> list[str]:
     if on_disk:
         out.append(f"offload cost: each forward streams {format_bytes(on_disk)} from disk into "
                    f"{planned.request.main_device}: at least {on_disk / DISK_GBPS / 1e9:.2f} s at {DISK_GBPS:g} GB/s")
-    if on_cpu:
-        cost = f"; moving them to a GPU instead would take {on_cpu / PCIE_GBPS / 1e9:.3f} s per forward at " \
-               f"{PCIE_GBPS:g} GB/s" if gpus else ""
-        out.append(f"offload cost: {format_bytes(on_cpu)} of weights compute on the CPU{cost}")
+    streamed_cpu = sum(b.nbytes for b in layout.blocks
+                       if devices[b.name] == "cpu" and planned.compute[b.name].streamed)
+    if streamed_cpu:
+        out.append(f"offload cost: each forward copies {format_bytes(streamed_cpu)} of CPU-resident weights into "
+                   f"{planned.request.main_device}: at least {streamed_cpu / PCIE_GBPS / 1e9:.3f} s at "
+                   f"{PCIE_GBPS:g} GB/s (cheaper than moving their activations)")
+    if on_cpu - streamed_cpu:
+        out.append(f"offload cost: {format_bytes(on_cpu - streamed_cpu)} of weights compute on the CPU, "
+                   "where moving their activations costs less than moving them")
     if not on_disk and not on_cpu:
         out.append("nothing offloaded: no streaming cost per forward")
     if planned.trace.source == "registration":
@@ -149,7 +156,9 @@ def plan_document(planned: Planned) -> dict:
         "devices": device_rows(planned),
         "device_map": compact_map(planned.check.block_devices, planned.layout),
         "blocks": [{"name": b.name, "class": b.class_name, "device": planned.check.block_devices[b.name],
-                    "bytes": b.nbytes, "kv_bytes": planned.request.kv_bytes.get(b.name, 0)}
+                    "bytes": b.nbytes, "kv_bytes": planned.request.kv_bytes.get(b.name, 0),
+                    "compute": planned.compute[b.name].device, "streamed": planned.compute[b.name].streamed,
+                    "why": planned.compute[b.name].reason}
                    for b in planned.layout.blocks],
         "hops": hops(planned),
         "explanation": explanation(planned),

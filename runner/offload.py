@@ -106,14 +106,15 @@ class Prefetcher:
         self.ledger.release(self.compute, block.nbytes)
 
 
-def disk_blocks(model: nn.Module, layout: ModelLayout, block_devices: dict[str, str], checkpoint: Checkpoint,
-                dtype: torch.dtype, offload_folder: Path, device: torch.device, ledger: MemoryLedger,
-                compute: str) -> list[DiskBlock]:
-    """Every disk block in forward order, ready to stream; conversions written (or reused) first.
+def streamed_blocks(model: nn.Module, layout: ModelLayout, block_devices: dict[str, str], streamed: set[str],
+                    checkpoint: Checkpoint, dtype: torch.dtype, offload_folder: Path, device: torch.device,
+                    ledger: MemoryLedger, compute: str) -> list[DiskBlock]:
+    """Every block whose weights are copied in for each forward, in forward order: disk blocks (conversions
+    written or reused first) and CPU blocks that are cheaper to move than their activations.
 
     Non-persistent buffers stay resident on the compute device: no checkpoint has them.
     """
-    on_disk = [b for b in layout.blocks if block_devices[b.name] == "disk"]
+    on_disk = [b for b in layout.blocks if b.name in streamed]
     plans: list[tuple[nn.Module, Block, dict[str, str]]] = []
     convert: dict[str, list[str]] = {}
     for block in on_disk:
@@ -127,17 +128,31 @@ def disk_blocks(model: nn.Module, layout: ModelLayout, block_devices: dict[str, 
             else:
                 slots[slot[cut:]] = layout.ties.get(slot, slot)
         keys = sorted(set(slots.values()))
-        if _needs_conversion(checkpoint, keys, dtype):
+        if block_devices[block.name] == "disk" and _needs_conversion(checkpoint, keys, dtype):
             convert[block.name] = keys
         plans.append((module, block, slots))
     converted = _converted(checkpoint, convert, dtype, offload_folder) if convert else None
     direct = getattr(checkpoint, "read_uncached", checkpoint.read)
     out = []
     for module, block, slots in plans:
-        read = converted.read_uncached if block.name in convert else direct
+        if block_devices[block.name] == "cpu":
+            read = _resident_on_cpu(checkpoint, sorted(set(slots.values())), dtype, device, ledger, layout).__getitem__
+        else:
+            read = converted.read_uncached if block.name in convert else direct
         nbytes = sum(layout.tensor_bytes[k] for k in set(slots.values()))
         out.append(DiskBlock(module, block, slots, read, dtype, device, nbytes))
     return out
+
+
+def _resident_on_cpu(checkpoint, keys: list[str], dtype: torch.dtype, device: torch.device, ledger: MemoryLedger,
+                     layout: ModelLayout) -> dict[str, torch.Tensor]:
+    """A CPU block's weights, kept in RAM (pinned, when they go to a real GPU) to be copied in per forward."""
+    store = {}
+    for key in keys:
+        t = _converted_tensor(checkpoint, key, dtype)
+        store[key] = t.pin_memory() if device.type == "cuda" else t
+        ledger.allocate("cpu", layout.tensor_bytes[key], key)
+    return store
 
 
 def _needs_conversion(checkpoint, keys: list[str], dtype: torch.dtype) -> bool:

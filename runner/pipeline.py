@@ -18,6 +18,7 @@ from torch import nn
 from runner.blocks import ModelLayout, describe_model
 from runner.build import build_skeleton, model_class, no_split_classes, resolve_arch
 from runner.checkpoint import Checkpoint, KeyReport, architecture, check_keys, open_checkpoint
+from runner.compute import Compute, compute_plan
 from runner.config import RunConfig
 from runner.dispatch import dispatch
 from runner.errors import CheckpointError
@@ -46,6 +47,7 @@ class Planned:
     request: PlanRequest
     plan: Plan
     check: MapCheck
+    compute: dict[str, Compute]        # where each block runs, and why
     checkpoint: Checkpoint | None
     keys: KeyReport | None
     timings: dict[str, float] = field(default_factory=dict)
@@ -102,7 +104,12 @@ def plan(cfg: RunConfig, run_dir: Path) -> Planned:
         for warning in check.warnings:
             log.warning(warning)
         keys = check_keys(checkpoint, model, layout) if checkpoint else None
-    return Planned(cfg, model, dtype, hardware, layout, trace, request, the_plan, check, checkpoint, keys, timings)
+        main = hardware.main_device
+        room = hardware.get(main).budget - check.loads[main] - sum(the_plan.reserves.get(main, {}).values())
+        compute = compute_plan(layout.blocks, check.block_devices, main, activation_bytes,
+                               cfg.runtime.batch_size * cfg.runtime.seq_len, room, cfg.placement.prefetch)
+    return Planned(cfg, model, dtype, hardware, layout, trace, request, the_plan, check, compute, checkpoint, keys,
+                   timings)
 
 
 def prepare(cfg: RunConfig, run_dir: Path) -> RunResult:
@@ -118,7 +125,7 @@ def prepare(cfg: RunConfig, run_dir: Path) -> RunResult:
     ledger = MemoryLedger(planned.hardware)
     with _timed(timings, "load"):
         dispatch(planned.model, planned.layout, planned.check.block_devices, planned.hardware, checkpoint,
-                 planned.dtype, _offload_folder(cfg, run_dir), ledger, cfg.placement.prefetch)
+                 planned.dtype, _offload_folder(cfg, run_dir), ledger, cfg.placement.prefetch, planned.compute)
     fields = {k: getattr(planned, k) for k in Planned.__dataclass_fields__}
     return RunResult(**{**fields, "checkpoint": checkpoint, "keys": keys}, ledger=ledger)
 

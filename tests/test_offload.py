@@ -103,3 +103,36 @@ def test_a_full_disk_is_one_clear_error(tmp_path):
         assert "the disk is full" in e.value.lines[0]
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_cpu_blocks_compute_where_fewer_bytes_move():
+    from runner.blocks import Block
+    from runner.compute import compute_plan
+
+    blocks = (Block("emb", "Embedding", 4000, ("emb.weight",)), Block("small", "Block", 1000, ("small.w",)),
+              Block("big", "Block", 50000, ("big.w",)), Block("far", "Block", 100, ("far.w",)))
+    devices = {"emb": "cpu", "small": "cpu", "big": "cpu", "far": "disk"}
+    act = {"small": 64, "big": 64}
+    plan = compute_plan(blocks, devices, "cuda:0", act, tokens=32, room=3000, prefetch=1)
+    assert plan["emb"].device == "cpu" and "embedding lookup" in plan["emb"].reason
+    # 1000 B of weights < 2 x 32 tokens x 64 B of activations, and 2 copies fit the 3000 B of room: copy it in.
+    assert plan["small"].device == "cuda:0" and plan["small"].streamed
+    # 50000 B of weights > 4096 B of activations: compute on the CPU.
+    assert plan["big"].device == "cpu" and "activations move less" in plan["big"].reason
+    assert plan["far"].device == "cuda:0" and plan["far"].streamed
+    tight = compute_plan(blocks, devices, "cuda:0", act, tokens=32, room=1500, prefetch=1)
+    assert tight["small"].device == "cpu" and "no room" in tight["small"].reason
+    cpu_only = compute_plan(blocks, {**devices, "far": "disk"}, "cpu", act, tokens=32, room=10**9)
+    assert cpu_only["small"].device == "cpu" and not cpu_only["small"].streamed
+
+
+def test_a_streamed_cpu_block_gives_the_same_output(tmp_path):
+    overrides = ["model=gpt2tiny", "hardware=sim_2gpu", "runtime.batch_size=64", "+device_map.transformer.h.1=cpu"]
+    result = prepare(compose_config(*overrides), tmp_path / "s")
+    assert result.compute["transformer.h.1"].streamed  # 13 kB of weights against 64 x 256 tokens of activations
+    reference = prepare(compose_config("model=gpt2tiny", "hardware=cpu"), tmp_path / "r")
+    with torch.inference_mode():
+        assert torch.equal(result.model(TOKENS), reference.model(TOKENS))
+    assert all(p.is_meta for p in result.model.transformer.h[1].parameters())  # dropped after the forward
+    h1 = next(b for b in result.layout.blocks if b.name == "transformer.h.1")
+    assert result.ledger.current["cpu"] == h1.nbytes  # its weights stay in RAM between forwards

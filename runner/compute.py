@@ -1,0 +1,49 @@
+"""Where each block computes, given where its weights live. Pure: sizes in, a device and a reason out.
+
+- A block on a GPU computes there; a block on disk is streamed into the main device.
+- A block on the CPU either computes on the CPU, sending its activations there and back, or has
+  its weights copied to the main GPU for each forward: whichever moves fewer bytes for the batch
+  at hand, as long as the GPU has room for the copy. An embedding lookup always computes where
+  its table sits: it reads a few rows, not the table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runner.blocks import Block
+from runner.sizes import format_bytes
+
+LOOKUPS = ("Embedding", "EmbeddingBag")
+
+
+@dataclass(frozen=True)
+class Compute:
+    device: str
+    streamed: bool   # weights copied in for each forward (disk blocks, and CPU blocks cheaper to move)
+    reason: str
+
+
+def compute_plan(blocks: tuple[Block, ...], block_devices: dict[str, str], main_device: str,
+                 activation_bytes: dict[str, int], tokens: int, room: int, prefetch: int = 0) -> dict[str, Compute]:
+    """block -> where it computes. ``activation_bytes``: per token flowing into each block; ``room``: bytes the
+    main device can spare for weights copied in (what is left of its budget after the plan); up to
+    ``1 + prefetch`` copies are held there at once."""
+    out = {}
+    for block in blocks:
+        stored = block_devices[block.name]
+        if stored == "disk":
+            out[block.name] = Compute(main_device, True, f"streamed from disk into {main_device}")
+        elif stored != "cpu" or not main_device.startswith("cuda:"):
+            out[block.name] = Compute(stored, False, "resident")
+        elif block.class_name in LOOKUPS:
+            out[block.name] = Compute("cpu", False, "an embedding lookup computes where its table sits")
+        else:
+            moved = 2 * tokens * activation_bytes.get(block.name, 0)  # there and back
+            if block.nbytes < moved and (1 + prefetch) * block.nbytes <= room:
+                out[block.name] = Compute(main_device, True, f"copying its {format_bytes(block.nbytes)} of weights "
+                                          f"to {main_device} moves less than its {format_bytes(moved)} of activations")
+            else:
+                why = (f"its {format_bytes(moved)} of activations move less than its {format_bytes(block.nbytes)} "
+                       "of weights would" if block.nbytes >= moved else f"{main_device} has no room to copy it in")
+                out[block.name] = Compute("cpu", False, f"computes on the CPU: {why}")
+    return out
