@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import platform
+import resource
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
@@ -40,6 +41,8 @@ def report_document(result: RunResult) -> dict:
         "planned_bytes": result.check.loads[d.name], "reserve": sum(result.plan.reserves.get(d.name, {}).values()),
         "reserves": result.plan.reserves.get(d.name, {}),
         "peak_bytes": result.ledger.peak[d.name], "resident_bytes": result.ledger.current[d.name],
+        "predicted_peak_bytes": result.check.loads[d.name] + sum(result.plan.reserves.get(d.name, {}).values()),
+        **_measured_peak(d),
     } for d in result.hardware.devices]
     return {
         "runner_version": runner.__version__,
@@ -137,6 +140,20 @@ def _atomic_write(path: Path, text: str) -> Path:
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def _measured_peak(device) -> dict:
+    """What the machine says: the process's peak RSS for the CPU, the allocator's peak for a real GPU,
+    the runner's own ledger (``peak_bytes``) for simulated GPUs and disk."""
+    if device.kind == "cpu":
+        return {"measured_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "measured_by": "process peak RSS (weights, runtime and interpreter)"}
+    if device.kind == "gpu" and not device.simulated:
+        import torch
+
+        return {"measured_peak_bytes": torch.cuda.max_memory_allocated(device.name),
+                "measured_by": "torch.cuda.max_memory_allocated"}
+    return {"measured_peak_bytes": None, "measured_by": "the runner's ledger (peak_bytes)"}
 
 
 def _version(package: str) -> str | None:
