@@ -174,7 +174,7 @@ def open_safetensors(path: Path, source: str = "local") -> Checkpoint:
     if path.is_dir() and (path / INDEX_NAME).exists():
         path = path / INDEX_NAME
     if path.suffix == ".json":
-        return _from_index(path, source)
+        return from_index(path, lambda files: Checkpoint(files, source))
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
         if not files:
@@ -186,7 +186,9 @@ def open_safetensors(path: Path, source: str = "local") -> Checkpoint:
     return Checkpoint([path], source)
 
 
-def _from_index(index: Path, source: str) -> Checkpoint:
+def from_index(index: Path, open_files) -> Checkpoint:
+    """A sharded checkpoint through its index (``*.index.json``): ``open_files(shards)`` opens the shards,
+    then every tensor the index names must be in the shard it names."""
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
@@ -199,7 +201,7 @@ def _from_index(index: Path, source: str) -> Checkpoint:
     if missing:
         raise CheckpointError(f"{index}: names shard(s) {', '.join(missing)} that are not in {index.parent}; "
                               "the download is incomplete")
-    checkpoint = Checkpoint(files, source)
+    checkpoint = open_files(files)
     absent = [key for key, name in weight_map.items()
               if key not in checkpoint.entries or checkpoint.entries[key].file.name != name]
     if absent:

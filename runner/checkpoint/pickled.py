@@ -9,7 +9,6 @@ which is paged in when a tensor is read. The loaded dicts are kept for the whole
 """
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 import re
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from runner.checkpoint.files import Checkpoint, TensorEntry
+from runner.checkpoint.files import Checkpoint, TensorEntry, from_index
 from runner.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ def open_pickle(path: Path, allow_pickle: bool = False, source: str = "local") -
             return PickleCheckpoint(found, source, allow_pickle)
         path = found[0]
     if path.name.endswith(".index.json"):
-        return _from_index(path, source, allow_pickle)
+        return from_index(path, lambda files: PickleCheckpoint(files, source, allow_pickle))
     return PickleCheckpoint([path], source, allow_pickle)
 
 
@@ -204,28 +203,6 @@ def _pickle_intact(file: Path) -> bool:
 def _corrupt(file: Path, e: BaseException) -> CheckpointError:
     return CheckpointError(f"{file}: not a readable PyTorch checkpoint, truncated or corrupt "
                            f"({type(e).__name__}: {_short(e)}); re-download or re-export it")
-
-
-def _from_index(index: Path, source: str, allow_pickle: bool) -> PickleCheckpoint:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        weight_map = e
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"{index}: not a valid index; expected JSON with a 'weight_map' object "
-                              "of tensor name -> shard file name")
-    files = sorted({index.parent / name for name in weight_map.values()})
-    missing = [f.name for f in files if not f.exists()]
-    if missing:
-        raise CheckpointError(f"{index}: names shard(s) {', '.join(missing)} that are not in {index.parent}; "
-                              "the download is incomplete")
-    checkpoint = PickleCheckpoint(files, source, allow_pickle)
-    absent = [key for key, name in weight_map.items()
-              if key not in checkpoint.entries or checkpoint.entries[key].file.name != name]
-    if absent:
-        raise CheckpointError(f"{index}: lists {len(absent)} tensor(s) its shards do not hold, "
-                              f"e.g. {absent[0]} in {weight_map[absent[0]]}; the index and shards do not match")
-    return checkpoint
 
 
 def _one_line(e: BaseException) -> str:
