@@ -49,6 +49,10 @@ def dispatch(model: nn.Module, layout: ModelLayout, block_devices: dict[str, str
                                checkpoint, dtype, offload_folder, torch_device(main, hardware), ledger, main)
     prefetcher = Prefetcher(streamed, prefetch, ledger, main)
     by_name = {d.name: d for d in streamed}
+    resident = [s for b in layout.blocks if b.name not in by_name for s in b.tensors
+                if s not in layout.ties and s not in layout.non_persistent]
+    if hasattr(checkpoint, "read_ahead"):
+        checkpoint.read_ahead(resident)  # page the resident weights in while this thread works
     for block in layout.blocks:
         stored = block_devices[block.name]
         target = torch_device(compute[block.name].device, hardware)
@@ -67,7 +71,13 @@ def _load_block(model: nn.Module, slots: tuple[str, ...], layout: ModelLayout, c
         if slot in layout.non_persistent:  # built for real on the CPU by the builder
             tensor = get_slot(model, slot).to(device)
         else:
-            tensor = cast_and_move(checkpoint.read(slot), dtype, device)
+            entry = checkpoint.entries[slot]
+            cast = entry.dtype.is_floating_point and entry.dtype != dtype
+            # A tensor that is cast or copied to a GPU is read into a private buffer, not through the file's
+            # memory map, whose pages would otherwise stay counted in RSS next to the result.
+            read = checkpoint.read_uncached if (cast or device.type == "cuda") and hasattr(
+                checkpoint, "read_uncached") else checkpoint.read
+            tensor = cast_and_move(read(slot), dtype, device)
         ledger.allocate(stored, layout.tensor_bytes[slot], slot)
         set_slot(model, slot, tensor)
 

@@ -69,6 +69,10 @@ class RenamedCheckpoint:
         tensor = self.inner.read(src.key)
         return src.transform(tensor) if src.transform else tensor
 
+    def read_ahead(self, names: list[str]) -> None:
+        if hasattr(self.inner, "read_ahead"):
+            self.inner.read_ahead([self.sources[n].key for n in names if n in self.sources])
+
     def read_uncached(self, name: str) -> torch.Tensor:
         src = self.sources[name]
         read = getattr(self.inner, "read_uncached", self.inner.read)
