@@ -1,0 +1,941 @@
+#!/usr/bin/env python
+"""Disk-offload benchmark: the runner's offload engine against Accelerate's ``load_checkpoint_and_dispatch``.
+
+The checkpoint is the runner's own synthetic one for ``model=gpt2large`` (fp32, ~3.1 GB in ~500 MB shards
+with an index), written once by the runner into ``<cache>/synthetic`` (``--cache``, else ``RUNNER_CACHE``,
+else ``/tmp/offload-bench-cache``). Both sides dispatch the same class, ``runner.zoo.gpt.GPT``, on the CPU
+with a 1 GiB CPU budget and the rest on disk, and run a fixed ``[4, 128]`` batch of token ids:
+
+- ``runner``: ``runner.pipeline.prepare`` with ``hardware=cpu max_memory.cpu=1GiB runtime.batch_size=4
+  runtime.seq_len=128 offload.folder=<dir>`` (its planner places the blocks; disk blocks are read
+  straight from the checkpoint's shards, prefetched ``offload.prefetch`` blocks ahead);
+- ``accelerate``: ``init_empty_weights()`` + ``GPT(**arch)``, the map from Accelerate's own
+  ``infer_auto_device_map(max_memory={"cpu": 1GiB}, no_split_module_classes=["Block"])``, then
+  ``load_checkpoint_and_dispatch(model, <checkpoint folder>, device_map, offload_folder=<dir>)``
+  (whatever Accelerate does with the disk part, here writing ``.dat`` files, is part of what is compared).
+
+Each side is its own subprocess; both are started together and the parent alternates their forwards,
+so a busy spell on the machine (other jobs) hits both alike. Accelerate reads its own copy of the
+checkpoint (same bytes): pages one process maps for its resident blocks can't be evicted and would
+be cache hits for the other's disk reads. Before a side's load and before each of its evicted forwards,
+every file of its checkpoint and offload folder is fsynced and dropped from the page cache
+(``posix_fadvise(POSIX_FADV_DONTNEED)``; ``fincore`` reports what stayed). Per side: load time; one
+warm-up forward, ``--repeats`` evicted forwards (median reported), ``--warm`` warm forwards (no eviction);
+peak RSS (``ru_maxrss``) and RSS sampled every 10 ms during the forwards; bytes read from the device
+(``/proc/self/io``). The runner's disk reads are also timed (the bench wraps ``read_uncached`` and the
+prefetcher's ``before``, in its own process only): the read rate while reading, the CPU the reads cost
+(``getrusage(RUSAGE_THREAD)``), and the time the forward stalled waiting for a block; next to them,
+``dd iflag=direct bs=16M`` on the same shards.
+
+A third subprocess holds four models at once and runs them in interleaved, warm rounds: the runner's
+all-resident map (``max_memory.cpu=16GiB``), the plain ``GPT`` with ``load_state_dict`` of the same weights
+(its own copy: the hook-overhead target), the plain ``GPT`` on the runner's very tensors (a diagnostic:
+hooks alone), and the runner's 1 GiB disk map (the warm-cache target). The first round is a warm-up.
+These two targets compare fastest forwards when both had the cores to themselves ("busy" = process CPU
+time / (threads x wall) >= 0.9); on a busy machine they compare process CPU time, the work done.
+
+``--what-if`` adds the runner with the read path this bench proposes (``StagedReads``), patched in the
+bench's own processes only: a third disk-map side, ``runner+staged``, and a fifth model in the rounds.
+
+Run ``python bench/offload_bench.py``: ~4 minutes on 2 idle cores (a forward is ~4.5 s there; other
+jobs can make it 2-3x longer), plus ~25 s to write the checkpoint and its copy the first time.
+The exit code is 0 whatever the verdict.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import queue
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's runner, whatever an installed one points at
+GB, GiB, MiB = 10**9, 2**30, 2**20
+PAGE = os.sysconf("SC_PAGE_SIZE")
+BATCH, SEQ = 4, 128
+CPU_BUDGET = "1GiB"
+MODEL_OVERRIDES = ["model=gpt2large", "hardware=cpu", "checkpoint.shard_size=500MB", "dtype=float32",
+                   f"runtime.batch_size={BATCH}", f"runtime.seq_len={SEQ}"]
+TARGETS = {"load": 0.25, "evicted": 0.7, "warm": 1.05, "hooks": 1.03}
+RSS_SLACK = 600 * 10**6  # the issue's "+ 600 MB" of runtime above the budget and two blocks
+
+
+# -- probes -------------------------------------------------------------------------------------------------------
+
+def read_bytes() -> int:
+    """Bytes this process caused to be fetched from storage (all threads), from /proc/self/io."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def files_under(*roots: Path) -> list[Path]:
+    out = []
+    for root in roots:
+        if root.is_file():
+            out.append(root)
+        elif root.is_dir():
+            out += sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+    return out
+
+
+def evict(*roots: Path) -> int:
+    """Drop every file's pages under ``roots`` from the page cache; bytes still cached after (fincore; -1 unknown).
+
+    Pages a process has mapped stay (the kernel will not drop them): resident weights that are views of a
+    mapped shard are memory, not disk, on both sides.
+    """
+    files = files_under(*roots)
+    for file in files:
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)  # dirty pages (a just-written offload folder) cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    if not files:
+        return 0
+    try:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, files)],
+                             capture_output=True, text=True, check=True).stdout
+        return sum(int(x) for x in out.split())
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        return -1
+
+
+class Sampler(threading.Thread):
+    """RSS every ``interval`` seconds, max per phase (the main thread sets ``phase``)."""
+
+    def __init__(self, interval: float = 0.01):
+        super().__init__(daemon=True)
+        self.interval, self.phase = interval, "setup"
+        self.peaks: dict[str, int] = {}
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        fd = os.open("/proc/self/statm", os.O_RDONLY)
+        try:
+            while not self._halt.is_set():
+                rss = int(os.pread(fd, 128, 0).split()[1]) * PAGE
+                self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
+                self._halt.wait(self.interval)
+        finally:
+            os.close(fd)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+class ReadStats:
+    """The runner's disk reads, counted in the bench process only: ``read_uncached`` calls (bytes, seconds,
+    on any thread) and the time the forward's thread spent in the prefetcher's ``before`` (a stall: waiting
+    for a block's reads, or reading it itself)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.bytes = self.calls = 0
+        self.read_s = self.stall_s = self.user_s = self.sys_s = 0.0
+
+    def install(self) -> None:
+        from runner.checkpoint.files import Checkpoint
+        from runner.offload import Prefetcher
+        stats, read, before = self, Checkpoint.read_uncached, Prefetcher.before
+
+        def timed_read(checkpoint, key):
+            r0, t0 = resource.getrusage(resource.RUSAGE_THREAD), time.perf_counter()
+            tensor = read(checkpoint, key)
+            stats.record(tensor.numel() * tensor.element_size(), t0, r0)
+            return tensor
+
+        def timed_before(prefetcher, block):
+            t0 = time.perf_counter()
+            before(prefetcher, block)
+            stats.stall_s += time.perf_counter() - t0
+
+        Checkpoint.read_uncached, Prefetcher.before = timed_read, timed_before
+
+    def record(self, nbytes: int, t0: float, r0) -> None:
+        """One read of ``nbytes`` that started at ``t0`` (perf_counter) with this thread's rusage ``r0``."""
+        dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_THREAD)
+        with self.lock:
+            self.bytes += nbytes
+            self.calls += 1
+            self.read_s += dt
+            self.user_s += r1.ru_utime - r0.ru_utime
+            self.sys_s += r1.ru_stime - r0.ru_stime
+
+    FIELDS = ("bytes", "calls", "read_s", "stall_s", "user_s", "sys_s")
+
+    def snapshot(self) -> tuple[float, ...]:
+        with self.lock:
+            return tuple(getattr(self, f) for f in self.FIELDS)
+
+
+class StagedReads:
+    """What-if (``--what-if``): the read path proposed for the runner, patched in the bench's processes only.
+
+    Each disk block is read into a reusable, page-aligned staging arena (one per block in flight: the running
+    one and those prefetched; handed back when the block is detached), not into a fresh ``bytearray`` per
+    tensor, so no page is faulted in, zeroed and unmapped again on every forward. A tensor is read from the
+    page cache when it is all there (``preadv(RWF_NOWAIT)`` fails rather than wait for the disk); otherwise
+    with ``O_DIRECT`` over its page-aligned span, straight from the device into the arena, without
+    the cost of filling the page cache; a block whose first tensor is not cached is read that way throughout
+    (a probe that misses starts the kernel's readahead, so it is not repeated). Blocks it cannot stage (a transform on the way, a dtype cast, a
+    non-CPU device) keep the shipped path. ``only``: the ids of the modules to stage (None: all).
+    """
+
+    ALIGN = 4096
+
+    def __init__(self, stats: ReadStats | None = None, only: set[int] | None = None):
+        self.stats, self.only = stats, only
+        self.lock = threading.Lock()
+        self.free: list[mmap.mmap] = []
+        self.held: dict[int, mmap.mmap] = {}
+        self.fds: dict[tuple[Path, bool], int] = {}
+        self.arenas = self.direct_reads = self.cached_reads = 0
+
+    def install(self) -> None:
+        from runner.offload import DiskBlock
+        fetch, detach, staged = DiskBlock.fetch, DiskBlock.detach, self
+
+        def staged_fetch(block):
+            if staged.only is None or id(block.module) in staged.only:
+                tensors = staged.fetch(block)
+                if tensors is not None:
+                    return tensors, None
+            return fetch(block)
+
+        def staged_detach(block):
+            detach(block)
+            with staged.lock:
+                arena = staged.held.pop(id(block), None)
+                if arena is not None:
+                    staged.free.append(arena)
+
+        DiskBlock.fetch, DiskBlock.detach = staged_fetch, staged_detach
+
+    def _fd(self, file: Path, direct: bool) -> int:
+        fd = self.fds.get((file, direct))
+        if fd is None:
+            try:
+                fd = os.open(file, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+            except OSError:  # a filesystem without O_DIRECT: buffered
+                fd = self._fd(file, False)
+            self.fds[(file, direct)] = fd
+        return fd
+
+    def _arena(self, size: int) -> mmap.mmap:
+        with self.lock:
+            fits = [a for a in self.free if len(a) >= size]
+            if fits:
+                arena = min(fits, key=len)
+                self.free.remove(arena)
+                return arena
+            self.arenas += 1
+        return mmap.mmap(-1, -(-size // MiB) * MiB)  # anonymous, so page-aligned
+
+    def fetch(self, block) -> dict | None:
+        import torch
+        checkpoint = block.read.__self__  # the runner reads disk blocks through this checkpoint's read_uncached
+        inner = getattr(checkpoint, "inner", checkpoint)
+        if block.device.type != "cpu" or not hasattr(inner, "_offsets"):
+            return None
+        located, spans, a = inner._offsets(), [], self.ALIGN
+        for key in dict.fromkeys(block.slots.values()):
+            source = getattr(checkpoint, "sources", {}).get(key)
+            if source is not None and source.transform is not None:
+                return None
+            stored = source.key if source is not None else key
+            entry = inner.entries[stored]
+            if stored not in located or (entry.dtype.is_floating_point and entry.dtype != block.dtype):
+                return None
+            file, start, nbytes = located[stored]
+            spans.append((key, file, start, nbytes, start // a * a, -(-(start + nbytes) // a) * a, entry))
+        arena = self._arena(sum(end - begin for *_, begin, end, _ in spans))
+        view, pos, tensors, cold = memoryview(arena), 0, {}, False
+        for key, file, start, nbytes, begin, end, entry in spans:
+            r0, t0 = resource.getrusage(resource.RUSAGE_THREAD), time.perf_counter()
+            at = pos + start - begin  # the same place whichever way it is read
+            got = -1
+            if not cold:
+                try:
+                    got = os.preadv(self._fd(file, False), [view[at:at + nbytes]], start, os.RWF_NOWAIT)
+                except BlockingIOError:  # not (all) in the page cache
+                    cold = True
+            if got == nbytes:
+                self.cached_reads += 1
+            else:
+                got = os.preadv(self._fd(file, True), [view[pos:pos + end - begin]], begin)
+                if got < start + nbytes - begin:  # a short read only past the end of the file
+                    raise OSError(f"{file}: short read of {key}")
+                self.direct_reads += 1
+            tensors[key] = (torch.frombuffer(view[at:at + nbytes], dtype=entry.dtype).reshape(entry.shape)
+                            if nbytes else torch.empty(entry.shape, dtype=entry.dtype))
+            if self.stats:
+                self.stats.record(nbytes, t0, r0)
+            pos += end - begin
+        with self.lock:
+            self.held[id(block)] = arena
+        return tensors
+
+
+# -- the children: one side each, in a fresh process --------------------------------------------------------------
+
+def compose_config(*overrides: str):
+    """The config ``python -m runner <overrides>`` would run with, typed (as tests/conftest.py composes it)."""
+    from hydra import compose, initialize_config_dir
+
+    from runner.config import load_config
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        return load_config(compose(config_name="config", overrides=list(overrides)))
+
+
+def _quiet() -> None:
+    import logging
+    import warnings
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _tokens(vocab: int):
+    import torch
+    return torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+
+
+def _logits_summary(logits) -> dict[str, Any]:
+    last = logits[:, -1].float()
+    return {"argmax": logits[:, -4:].float().argmax(-1).flatten().tolist(), "sum": float(last.sum()),
+            "abs": float(last.abs().sum())}
+
+
+def _arch() -> dict[str, Any]:
+    return {k: v for k, v in compose_config(*MODEL_OVERRIDES).model.arch.items() if k != "_target_"}
+
+
+def child_write() -> None:
+    """Have the runner write (or find) its synthetic checkpoint; print its folder."""
+    _quiet()
+    from runner.build import build_skeleton
+    from runner.checkpoint.synthetic import synthetic_checkpoint
+    cfg = compose_config(*MODEL_OVERRIDES)
+    folder = synthetic_checkpoint(cfg.checkpoint, cfg.model, build_skeleton(cfg.model))
+    print("STEP " + json.dumps({"folder": str(folder)}), flush=True)
+
+
+def child_side(side: str, work: Path, folder: Path) -> None:
+    """One side with the disk map, as a server: the parent says ``load``, ``forward <kind>`` and ``done`` on
+    stdin (having evicted the side's files when the step asks for it), and gets one ``STEP {json}`` line back."""
+    _quiet()
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+    from runner.zoo.gpt import GPT
+    offload = work / f"{slug(side)}-offload"
+    extra: dict[str, Any] = {}
+    stats = None
+    if side.startswith("runner"):
+        from runner.pipeline import prepare
+        stats = ReadStats()
+        stats.install()
+        # The what-if side reads its own copy of the checkpoint (see main), as a local one: same bytes.
+        overrides = MODEL_OVERRIDES if side == "runner" else [
+            *(o for o in MODEL_OVERRIDES if not o.startswith("checkpoint.")), "checkpoint=local",
+            f"checkpoint.path={folder}"]
+        cfg = compose_config(*overrides, f"max_memory.cpu={CPU_BUDGET}", f"offload.folder={offload}")
+        if side == "runner+staged":
+            staged = StagedReads(stats)
+            staged.install()
+        arch = {k: v for k, v in cfg.model.arch.items() if k != "_target_"}
+        extra["prefetch"] = cfg.placement.prefetch
+    else:
+        from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+        from accelerate.utils import infer_auto_device_map
+        arch = _arch()
+        shutil.rmtree(offload, ignore_errors=True)  # Accelerate rewrites it anyway; no stale files to evict
+    tokens = _tokens(arch["vocab_size"])
+    threads = torch.get_num_threads()
+    sampler = Sampler()
+    sampler.start()
+    model, logits, forwards = None, None, []
+
+    def step(payload: dict[str, Any]) -> None:
+        print("STEP " + json.dumps(payload), flush=True)
+
+    print("READY", flush=True)
+    for line in sys.stdin:
+        command = line.split()
+        if command == ["load"]:
+            io0 = read_bytes()
+            sampler.phase = "load"
+            t0 = time.perf_counter()
+            if side.startswith("runner"):
+                result = prepare(cfg, work / f"{slug(side)}-run")
+                model = result.model
+                devices = result.check.block_devices
+                disk = [b for b in result.layout.blocks if devices[b.name] == "disk"]
+                extra["timings"] = dict(result.timings)
+                extra["streamed"] = sum(b.nbytes for b in disk)
+                extra["largest_disk_block"] = max((b.nbytes for b in disk), default=0)
+                extra["map"] = _summarize({b.name: devices[b.name] for b in result.layout.blocks})
+                extra["planned_cpu"] = sum(b.nbytes for b in result.layout.blocks if devices[b.name] == "cpu")
+                extra["reserves"] = result.plan.reserves
+                assert Path(result.checkpoint.files[0]).parent == folder, (result.checkpoint.files[0], folder)
+            else:
+                with init_empty_weights():
+                    model = GPT(**arch)
+                # init_empty_weights re-creates every Parameter as it is registered, which unties the head from
+                # wte: tie again, as transformers' tie_weights() would, or lm_head stays on meta.
+                model.lm_head.weight = model.transformer.wte.weight
+                device_map = infer_auto_device_map(model, max_memory={"cpu": _size(CPU_BUDGET)},
+                                                   no_split_module_classes=["Block"])
+                model = load_checkpoint_and_dispatch(model, checkpoint=str(folder), device_map=device_map,
+                                                     offload_folder=str(offload), no_split_module_classes=["Block"])
+                model.eval()
+                sizes = _module_bytes(arch)
+                extra["map"] = _summarize({k: str(v) for k, v in device_map.items()})
+                extra["streamed"] = sum(sizes.get(k, 0) for k, v in device_map.items() if v == "disk")
+                extra["planned_cpu"] = sum(sizes.get(k, 0) for k, v in device_map.items() if v == "cpu")
+                dat = files_under(offload)
+                extra["offload_files"] = {"count": len(dat), "bytes": sum(f.stat().st_size for f in dat),
+                                          "kinds": sorted({f.suffix for f in dat})}
+            load = time.perf_counter() - t0
+            sampler.phase = "after load"
+            extra["load_read_bytes"] = read_bytes() - io0
+            step({"load": load})
+        elif command[:1] == ["forward"]:
+            i = len(forwards)
+            sampler.phase = f"forward {i}"
+            before = stats.snapshot() if stats else None
+            io, c0, t = read_bytes(), time.process_time(), time.perf_counter()
+            with torch.inference_mode():
+                logits = model(tokens)
+            wall, cpu, io = time.perf_counter() - t, time.process_time() - c0, read_bytes() - io
+            sampler.phase = "between"
+            row = {"kind": command[1], "wall": wall, "cpu": cpu, "busy": cpu / threads / wall, "read_bytes": io,
+                   "rss": sampler.peaks.get(f"forward {i}", 0), "loadavg": os.getloadavg()[0]}
+            if stats:
+                after = stats.snapshot()
+                row.update(zip(ReadStats.FIELDS, (a - b for a, b in zip(after, before))))
+            forwards.append(row)
+            print(f"  > {side} forward {i} ({command[1]}): {wall:.2f} s wall, {cpu:.2f} s cpu, "
+                  f"{io / GB:.2f} GB read from the device", file=sys.stderr, flush=True)
+            step(row)
+        elif command == ["done"]:
+            sampler.stop()
+            if side == "runner+staged":
+                extra["staged"] = {"arenas": staged.arenas, "direct": staged.direct_reads,
+                                   "cached": staged.cached_reads}
+            step({"forwards": forwards, "logits": _logits_summary(logits) if logits is not None else None,
+                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "rss_load": sampler.peaks.get("load", 0),
+                  "rss_forwards": max((r["rss"] for r in forwards), default=0), **extra})
+            return
+
+
+def child_compare(work: Path, folder: Path, rounds: int, what_if: bool) -> None:
+    """Warm, interleaved: the runner's all-resident map, the plain model, the runner's disk map (and, with
+    ``what_if``, a second disk-map model with the staged reads)."""
+    _quiet()
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+    from runner.pipeline import prepare
+    from runner.zoo.gpt import GPT
+    arch = _arch()
+    tokens = _tokens(arch["vocab_size"])
+    timings = {}
+    t0 = time.perf_counter()
+    resident = prepare(compose_config(*MODEL_OVERRIDES, "max_memory.cpu=16GiB"), work / "resident-run")
+    timings["resident load"] = time.perf_counter() - t0
+    assert set(resident.check.block_devices.values()) == {"cpu"}, resident.check.block_devices
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        plain = GPT(**arch)
+    plain = plain.to_empty(device="cpu").eval()
+    plain.lm_head.weight = plain.transformer.wte.weight  # to_empty leaves meta parameters untied
+    missing, unexpected = plain.load_state_dict(resident.model.state_dict())  # a copy: the plain model's own memory
+    assert not missing and not unexpected, (missing, unexpected)
+    timings["plain load_state_dict"] = time.perf_counter() - t0
+    with torch.device("meta"):  # a diagnostic: the plain model on the runner's own tensors (no copy, no hooks)
+        shared = GPT(**arch).eval()
+    shared.load_state_dict(resident.model.state_dict(), assign=True)
+    shared.lm_head.weight = shared.transformer.wte.weight  # assign gives each name its own Parameter: tie again
+    t0 = time.perf_counter()
+    offload = prepare(compose_config(*MODEL_OVERRIDES, f"max_memory.cpu={CPU_BUDGET}",
+                                     f"offload.folder={work / 'runner-offload'}"), work / "runner-run")
+    timings["disk-map load"] = time.perf_counter() - t0
+    models = {"resident": resident.model, "plain": plain, "plain, runner's tensors": shared,
+              "disk map (warm)": offload.model}
+    if what_if:
+        t0 = time.perf_counter()
+        staged = prepare(compose_config(*MODEL_OVERRIDES, f"max_memory.cpu={CPU_BUDGET}",
+                                        f"offload.folder={work / 'runner-offload'}"), work / "runner-run")
+        StagedReads(only={id(m) for m in staged.model.modules()}).install()
+        timings["staged disk-map load"] = time.perf_counter() - t0
+        models["disk map (warm, staged)"] = staged.model
+    threads = torch.get_num_threads()
+    hook_s, hooks = _hook_cost(resident.model, torch.zeros(BATCH, SEQ, arch["n_embd"]))
+    times: dict[str, list[float]] = {k: [] for k in models}
+    cpus: dict[str, list[float]] = {k: [] for k in models}
+    io: dict[str, int] = dict.fromkeys(models, 0)
+    logits = {}
+    names = list(models)
+    for r in range(rounds + 1):  # round 0 is every model's warm-up
+        order = names[r % len(names):] + names[:r % len(names)]  # rotate, so no model always goes first
+        for name in order:
+            b, c, t = read_bytes(), time.process_time(), time.perf_counter()
+            with torch.inference_mode():
+                out = models[name](tokens)
+            wall, cpu = time.perf_counter() - t, time.process_time() - c
+            if r:
+                times[name].append(wall)
+                cpus[name].append(cpu)
+                io[name] += read_bytes() - b
+            logits[name] = _logits_summary(out)
+            print(f"  > compare round {r} {name}: {wall:.2f} s wall, {cpu:.2f} s cpu", file=sys.stderr, flush=True)
+    print("STEP " + json.dumps({"times": times, "cpu": cpus, "threads": threads, "read_bytes": io, "logits": logits,
+                                "timings": timings, "hook_s": hook_s, "hooks": hooks}), flush=True)
+
+
+def _hook_cost(model, x, repeats: int = 200) -> tuple[float, int]:
+    """Seconds the model's forward hooks take per forward, called directly on an activation-sized input (their
+    own cost, free of the forward-to-forward noise), and how many there are."""
+    calls = []
+    for module in model.modules():
+        for key, hook in module._forward_pre_hooks.items():
+            with_kwargs = key in module._forward_pre_hooks_with_kwargs
+            calls.append((hook, module, with_kwargs))
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        for hook, module, with_kwargs in calls:
+            hook(module, (x,), {}) if with_kwargs else hook(module, (x,))
+    return (time.perf_counter() - t0) / repeats, len(calls)
+
+
+def slug(side: str) -> str:
+    return side.replace("+", "-")
+
+
+def _size(text: str) -> int:
+    from runner.sizes import parse_size
+    return parse_size(text)
+
+
+def _module_bytes(arch: dict[str, Any]) -> dict[str, int]:
+    """Bytes of each top-level block name Accelerate's map uses (from a meta copy of the same class)."""
+    import torch
+
+    from runner.zoo.gpt import GPT
+    with torch.device("meta"):
+        meta = GPT(**arch)
+    out = {}
+    for name, module in meta.named_modules():
+        out[name] = sum(p.numel() * 4 for p in module.parameters())
+    out["lm_head"] = 0  # tied to wte: stored (and counted) once
+    return out
+
+
+def _summarize(device_map: dict[str, str]) -> str:
+    """'cpu[wte..h.3 6] -> disk[h.4..ln_f 33] -> cpu[lm_head 1]'."""
+    runs: list[tuple[str, list[str]]] = []
+    for name, device in device_map.items():
+        short = name.removeprefix("transformer.")
+        if runs and runs[-1][0] == device:
+            runs[-1][1].append(short)
+        else:
+            runs.append((device, [short]))
+    return " -> ".join(f"{d}[{n[0]}{'..' + n[-1] if len(n) > 1 else ''} {len(n)}]" for d, n in runs)
+
+
+# -- the parent -----------------------------------------------------------------------------------------------------
+
+class Child:
+    """A bench subprocess: commands on its stdin, one ``STEP {json}`` line back per command (``READY`` first);
+    its ``  > `` progress lines are passed through, the rest of its stderr (tqdm bars, warnings) kept for errors."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", *args], cwd=ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._pump_out, daemon=True).start()
+        threading.Thread(target=self._pump_err, daemon=True).start()
+
+    def _pump_out(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith(("STEP ", "READY")):
+                self.lines.put(line)
+        self.lines.put(None)
+
+    def _pump_err(self) -> None:
+        for line in self.proc.stderr:
+            if line.startswith("  > "):
+                print(line.rstrip("\n"), file=sys.stderr, flush=True)
+            self.stderr.append(line)
+
+    def ask(self, command: str | None, timeout: float) -> dict[str, Any]:
+        """Send ``command`` (None: just wait) and return its STEP payload, or ``{"error": ...}``."""
+        try:
+            if command is not None:
+                self.proc.stdin.write(command + "\n")
+                self.proc.stdin.flush()
+            line = self.lines.get(timeout=timeout)
+        except (BrokenPipeError, OSError):
+            line = None
+        except queue.Empty:
+            self.proc.kill()
+            return {"error": f"no answer to {command!r} within {timeout:.0f} s"}
+        if line is None:
+            self.proc.wait()
+            time.sleep(0.2)  # let the stderr pump finish
+            tail = [x.strip() for x in "".join(self.stderr).replace("\r", "\n").splitlines() if x.strip()]
+            return {"error": (tail or [f"exit code {self.proc.returncode}"])[-1][:400]}
+        return json.loads(line[5:]) if line.startswith("STEP ") else {"ready": True}
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def dd_rate(files: list[Path]) -> tuple[float | None, str]:
+    """GB/s of ``dd iflag=direct`` over the files (page cache bypassed)."""
+    total, seconds = 0, 0.0
+    for file in files:
+        proc = subprocess.run(["dd", f"if={file}", "of=/dev/null", "bs=16M", "iflag=direct"],
+                              capture_output=True, text=True, check=False)
+        match = re.search(r"(\d+) bytes .* copied, ([\d.,]+) s", proc.stderr)
+        if proc.returncode or not match:
+            return None, (proc.stderr.strip().splitlines() or ["dd failed"])[-1]
+        total += int(match.group(1))
+        seconds += float(match.group(2).replace(",", "."))
+    return total / seconds / GB, f"{total / GB:.2f} GB in {seconds:.2f} s"
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def gb(n: float | None) -> str:
+    return "-" if n is None else f"{n / GB:.2f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}x"
+
+
+def verdict(ok: bool | None, text: str) -> str:
+    return f"[{'n/a ' if ok is None else 'PASS' if ok else 'MISS'}] {text}"
+
+
+BUSY_OK = 0.9  # a forward that got less than this share of the cores ran on a busy machine (other jobs)
+
+
+def report(sides: dict[str, dict[str, Any]], compare: dict[str, Any], dd: float | None, dd_note: str,
+           total: int) -> None:
+    acc = sides.get("accelerate", {})
+    print(f"\nAll figures: GB = 1e9 bytes, seconds. Checkpoint {gb(total)} GB fp32; batch {BATCH} x {SEQ} tokens; "
+          f"max_memory.cpu={CPU_BUDGET}, the rest on disk. 'busy' = process CPU time / (torch threads x wall): "
+          f"~1 when the forward had the cores to itself, lower when other jobs took them.")
+    for side, r in sides.items():
+        if "error" in r:
+            print(f"{side}: error: {r['error']}")
+    ok = {s: r for s, r in sides.items() if "error" not in r}
+    def kinds(r: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+        return [f for f in r["forwards"] if f["kind"] == kind]
+
+    if ok:
+        print("\nDisk-map runs (one subprocess per side, forwards alternating between the sides; evicted: medians):")
+        head = (f"{'side':10} {'load':>6} {'evicted fwd':>11} {'cpu s':>6} {'busy':>4} {'stall':>5} {'warm fwd':>8} "
+                f"{'streamed/fwd':>12} {'device read/fwd':>15} {'peak RSS':>8} {'RSS fwds':>8} {'RSS load':>8}")
+        print(head)
+        print("-" * len(head))
+        for side, r in ok.items():
+            ev, wm = kinds(r, "evicted"), kinds(r, "warm")
+            stall = f"{med([f['stall_s'] for f in ev]):5.2f}" if "stall_s" in ev[0] else f"{'-':>5}"
+            print(f"{side:10} {r['load']:6.2f} {med([f['wall'] for f in ev]):11.2f} {med([f['cpu'] for f in ev]):6.2f} "
+                  f"{med([f['busy'] for f in ev]):4.2f} {stall} "
+                  f"{med([f['wall'] for f in wm]) if wm else float('nan'):8.2f} {gb(r['streamed']):>12} "
+                  f"{gb(med([f['read_bytes'] for f in ev])):>15} {gb(r['peak']):>8} {gb(r['rss_forwards']):>8} "
+                  f"{gb(r['rss_load']):>8}")
+        for side, r in ok.items():
+            print(f"  {side}: map {r['map']}; CPU-planned weights {gb(r['planned_cpu'])} GB")
+            print("    forwards (wall s/busy): " + ", ".join(f"{f['kind']} {f['wall']:.2f}/{f['busy']:.2f}"
+                                                    for f in r["forwards"]))
+            print(f"    bytes of its files still cached after each eviction: before the load "
+                  f"{r['cached_before_load'] / MiB:.0f} MiB, before forwards at most {max(r['cached']) / MiB:.0f} MiB "
+                  f"(mapped pages of resident weights stay); read from the device by the load: "
+                  f"{gb(r['load_read_bytes'])} GB")
+            if side.startswith("runner"):
+                print(f"    prefetch depth {r['prefetch']}; stages (s): "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in r["timings"].items())
+                      + "; reserves: " + ", ".join(f"{d}: " + ", ".join(f"{k} {gb(v)}" for k, v in x.items())
+                                                   for d, x in r["reserves"].items()) + " GB")
+            if "offload_files" in r:
+                f = r["offload_files"]
+                print(f"    offload folder after the load: {f['count']} files, {gb(f['bytes'])} GB "
+                      f"({', '.join(f['kinds'])})")
+
+    print("\nDisk reads during an evicted forward (medians over the evicted forwards):")
+    for side, r in ok.items():
+        ev, wm = kinds(r, "evicted"), kinds(r, "warm")
+        wall = med([f["wall"] for f in ev])
+        if "bytes" not in ev[0]:
+            print(f"  {side}: {gb(med([f['read_bytes'] for f in ev]))} GB from the device, "
+                  f"{gb(med([f['read_bytes'] for f in ev]) / wall)} GB/s over the forward")
+            continue
+        print(f"  {side}: {gb(med([f['bytes'] for f in ev]))} GB streamed in {med([f['calls'] for f in ev]):.0f} "
+              f"reads: {gb(med([f['bytes'] for f in ev]) / wall)} GB/s over the forward, "
+              f"{gb(med([f['bytes'] / f['read_s'] for f in ev if f['read_s']]))} GB/s while reading (bytes / seconds "
+              f"inside the reads); the forward waited {med([f['stall_s'] for f in ev]):.2f} s of {wall:.2f} s "
+              f"for blocks; the reads cost {med([f['sys_s'] for f in ev]):.2f} s system + "
+              f"{med([f['user_s'] for f in ev]):.2f} s user CPU (getrusage of the reading thread)")
+        if wm:
+            print(f"    warm: {gb(med([f['bytes'] / f['read_s'] for f in wm if f['read_s']]))} GB/s while reading, "
+                  f"{gb(med([f['read_bytes'] for f in wm]))} GB from the device; the reads cost "
+                  f"{med([f['sys_s'] for f in wm]):.2f} s system + {med([f['user_s'] for f in wm]):.2f} s user CPU")
+        if "staged" in r:
+            print(f"    staged reads: {r['staged']['arenas']} arenas; {r['staged']['direct']} O_DIRECT reads, "
+                  f"{r['staged']['cached']} from the page cache, over the whole run")
+    print(f"  dd iflag=direct bs=16M, same shards: {'-' if dd is None else f'{dd:.2f} GB/s'} ({dd_note})")
+
+    cmp_ok = bool(compare) and "error" not in compare
+    busy: dict[str, list[float]] = {}
+    if cmp_ok:
+        threads = compare["threads"]
+        busy = {n: [c / threads / w for c, w in zip(compare["cpu"][n], t)] for n, t in compare["times"].items()}
+        print(f"\nWarm, interleaved in one subprocess ({len(compare['times']['resident'])} rounds after a warm-up "
+              f"round): wall s fastest, median; process CPU s median; each round's wall/busy")
+        for name, t in compare["times"].items():
+            print(f"  {name:23} {min(t):6.2f} {med(t):6.2f} {med(compare['cpu'][name]):6.2f}   "
+                  + ", ".join(f"{x:.2f}/{b:.2f}" for x, b in zip(t, busy[name]))
+                  + f"   (device reads {gb(compare['read_bytes'][name])} GB)")
+        print("  loads (s): " + ", ".join(f"{k} {v:.2f}" for k, v in compare["timings"].items()))
+    elif compare:
+        print(f"\ncompare: error: {compare['error']}")
+
+    ref = compare.get("logits", {}).get("plain") if cmp_ok else None
+    if ref:
+        rows = {**{f"compare {k}": v for k, v in compare["logits"].items()},
+                **{s: r["logits"] for s, r in ok.items()}}
+        same = [n for n, v in rows.items() if v["argmax"] == ref["argmax"]
+                and abs(v["sum"] - ref["sum"]) <= 1e-3 * max(1.0, ref["abs"])]
+        print(f"\nLogits equal to the plain model's (argmax of the last 4 positions, sum of the last row): "
+              f"{', '.join(same)}" + (f"; DIFFERENT: {', '.join(n for n in rows if n not in same)}"
+                                      if len(same) < len(rows) else ""))
+
+    def interleaved(key: str, name: str, base: str, label: str) -> str:
+        if not cmp_ok or name not in compare["times"]:
+            return verdict(None, f"{label}: not measured")
+        t, c = compare["times"], compare["cpu"]
+        fa, fb = t[name].index(min(t[name])), t[base].index(min(t[base]))
+        quiet = busy[name][fa] >= BUSY_OK and busy[base][fb] >= BUSY_OK
+        wall_ratio, cpu_ratio = min(t[name]) / min(t[base]), med(c[name]) / med(c[base])
+        used = wall_ratio if quiet else cpu_ratio
+        how = ("fastest wall, both had the cores" if quiet else
+               f"machine busy (fastest forwards busy {busy[name][fa]:.2f} / {busy[base][fb]:.2f}): judged on "
+               f"process CPU time, the work done")
+        return verdict(used <= TARGETS[key], f"{label}: {used:.3f}x <= {TARGETS[key]} ({how}; fastest wall "
+                                             f"{min(t[name]):.2f} vs {min(t[base]):.2f} s = {wall_ratio:.3f}x, median "
+                                             f"wall {med(t[name]) / med(t[base]):.3f}x, median CPU {cpu_ratio:.3f}x)")
+
+    has_acc = bool(acc) and "error" not in acc
+    for side, warm_model, tag in (("runner", "disk map (warm)", ""), ("runner+staged", "disk map (warm, staged)",
+                                                                      "[what-if: runner+staged] ")):
+        if side not in sides:
+            continue
+        r = sides[side]
+        has = "error" not in r
+        print(f"\n{tag}the same targets with the proposed reads:" if tag else "\nTargets (issue 5):")
+        lines = []
+        if has and has_acc:
+            a, b = r["load"], acc["load"]
+            lines.append(verdict(a <= TARGETS["load"] * b, f"load {a:.2f} s <= {TARGETS['load']} x Accelerate's "
+                                                           f"{b:.2f} s = {TARGETS['load'] * b:.2f} s ({a / b:.2f}x)"))
+            ev_a, ev_b = kinds(r, "evicted"), kinds(acc, "evicted")
+            a, b = med([f["wall"] for f in ev_a]), med([f["wall"] for f in ev_b])
+            lines.append(verdict(a <= TARGETS["evicted"] * b,
+                                 f"evicted forward {a:.2f} s <= {TARGETS['evicted']} x Accelerate's {b:.2f} s = "
+                                 f"{TARGETS['evicted'] * b:.2f} s ({a / b:.2f}x; busy "
+                                 f"{med([f['busy'] for f in ev_a]):.2f} vs {med([f['busy'] for f in ev_b]):.2f})"))
+        else:
+            lines += [verdict(None, "load vs Accelerate: not measured"),
+                      verdict(None, "evicted forward vs Accelerate: not measured")]
+        lines.append(interleaved("warm", warm_model, "resident", "warm forward, disk map vs the runner's all-resident"))
+        if has:
+            bound = _size(CPU_BUDGET) + 2 * r["largest_disk_block"] + RSS_SLACK
+            lines.append(verdict(r["peak"] <= bound,
+                                 f"peak RSS {gb(r['peak'])} GB <= 1 GiB + two blocks ({gb(2 * r['largest_disk_block'])}"
+                                 f") + 600 MB = {gb(bound)} GB" + (f" (Accelerate {gb(acc['peak'])} GB: "
+                                                                   f"{r['peak'] / acc['peak']:.2f}x)" if has_acc else "")))
+        else:
+            lines.append(verdict(None, "peak RSS: not measured"))
+        if not tag:
+            lines.append(interleaved("hooks", "resident", "plain", "hook overhead, all-resident runner vs plain GPT"))
+            if cmp_ok:
+                t, c, sh = compare["times"], compare["cpu"], "plain, runner's tensors"
+                lines.append(f"[info] the same split on the same tensors: all-resident runner vs plain GPT on the "
+                             f"runner's tensors (hooks alone) {min(t['resident']) / min(t[sh]):.3f}x fastest wall, "
+                             f"{med(c['resident']) / med(c[sh]):.3f}x CPU; plain on the runner's tensors vs plain on "
+                             f"its own copy (mapped checkpoint pages vs anonymous memory) "
+                             f"{min(t[sh]) / min(t['plain']):.3f}x, {med(c[sh]) / med(c['plain']):.3f}x CPU")
+                lines.append(f"[info] the hooks' own code, timed directly: {compare['hooks']} pre-forward hooks, "
+                             f"{compare['hook_s'] * 1e6:.0f} us per forward = "
+                             f"{compare['hook_s'] / min(t['resident']):.4%} of the all-resident forward")
+        if has and has_acc and kinds(r, "warm") and kinds(acc, "warm"):
+            wa, wb = kinds(r, "warm"), kinds(acc, "warm")
+            lines.append(f"[info] warm forward vs Accelerate's warm forward: "
+                         f"{ratio(med([f['wall'] for f in wa]), med([f['wall'] for f in wb]))} (busy "
+                         f"{med([f['busy'] for f in wa]):.2f} vs {med([f['busy'] for f in wb]):.2f}; "
+                         f"CPU {ratio(med([f['cpu'] for f in wa]), med([f['cpu'] for f in wb]))})")
+        print("\n".join(f"  {line}" for line in lines))
+
+
+def copy_checkpoint(folder: Path, to: Path) -> Path:
+    """Accelerate's own copy of the checkpoint (same bytes), so that the two live sides share no page cache:
+    pages one side maps for its resident blocks would otherwise be cache hits for the other's disk reads."""
+    to.mkdir(parents=True, exist_ok=True)
+    for file in sorted(folder.iterdir()):
+        if file.is_file() and not ((to / file.name).is_file() and (to / file.name).stat().st_size == file.stat().st_size):
+            shutil.copyfile(file, to / file.name)
+    return to
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", type=Path, help="runner cache (default: RUNNER_CACHE, else /tmp/offload-bench-cache)")
+    parser.add_argument("--repeats", type=int, default=3, help="evicted forwards per side, after one warm-up")
+    parser.add_argument("--warm", type=int, default=1, help="warm forwards per side after the evicted ones")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved warm rounds (resident, plain, disk map) after a warm-up round")
+    parser.add_argument("--sides", nargs="+", choices=("runner", "accelerate", "compare"),
+                        default=["runner", "accelerate", "compare"])
+    parser.add_argument("--no-dd", action="store_true", help="skip the dd reference")
+    parser.add_argument("--what-if", action="store_true",
+                        help="also run the runner with the proposed read path patched in (StagedReads): a third "
+                             "disk-map side, runner+staged, and a fourth model in the warm rounds")
+    parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    cache = (args.cache or Path(os.environ.get("RUNNER_CACHE") or "/tmp/offload-bench-cache")).expanduser().resolve()
+    os.environ["RUNNER_CACHE"] = str(cache)  # the synthetic checkpoint config's cache_dir follows it
+    work = cache / "offload-bench"
+    if args.child:
+        kind, rest = args.child[0], args.child[1:]
+        if kind == "write":
+            child_write()
+        elif kind == "compare":
+            child_compare(work, Path(rest[0]), int(rest[1]), rest[2] == "1")
+        else:
+            child_side(kind, work, Path(rest[0]))
+        return 0
+
+    start = time.perf_counter()
+    print(f"torch {_version('torch')}, accelerate {_version('accelerate')}; {os.cpu_count()} cpus (torch threads "
+          f"{os.cpu_count()}); cache {cache}", flush=True)
+    print(f"plan: each side 1 warm-up + {args.repeats} evicted + {args.warm} warm forwards, the two sides alternating; "
+          f"then 1 warm-up + {args.rounds} interleaved rounds of " + ("5" if args.what_if else "4") + " models", flush=True)
+    work.mkdir(parents=True, exist_ok=True)
+    writer = Child("write")
+    written = writer.ask(None, timeout=600)
+    writer.close()
+    if "error" in written:
+        print(f"cannot write the synthetic checkpoint: {written['error']}")
+        return 0
+    folder = Path(written["folder"])
+    shards = sorted(folder.glob("*.safetensors"))
+    total = sum(f.stat().st_size for f in shards)
+    names = [s for s in ("runner", "accelerate") if s in args.sides]
+    if "accelerate" in names and not _importable("accelerate"):
+        names.remove("accelerate")
+    if args.what_if and "runner" in names:
+        names.append("runner+staged")
+    folders = {"runner": folder}
+    for side in names[1:]:  # each live side its own copy: no shared page cache, no shared mapped pages
+        folders[side] = copy_checkpoint(folder, work / f"{slug(side)}-checkpoint")
+    print(f"checkpoint: {folder} ({len(shards)} shards, {gb(total)} GB; copies for "
+          + (", ".join(f"{s} in {folders[s]}" for s in names[1:]) or "-")
+          + f"), ready after {time.perf_counter() - start:.0f} s", flush=True)
+    dd, dd_note = (None, "skipped") if args.no_dd else dd_rate(shards)
+    roots = {side: (folders[side], work / f"{slug(side)}-offload") for side in names}
+
+    sides: dict[str, dict[str, Any]] = {}
+    children: dict[str, Child] = {}
+    for side in names:  # started together, idle until asked: the parent alternates their forwards
+        children[side] = Child(side, str(folders[side]))
+        sides[side] = {"cached": []}
+    for side in names:
+        got = children[side].ask(None, timeout=300)
+        if "error" in got:
+            sides[side] = got
+    live = [s for s in names if "error" not in sides[s]]
+    for side in live:  # one load at a time, the other side idle
+        sides[side]["cached_before_load"] = evict(*roots[side])
+        got = children[side].ask("load", timeout=600)
+        sides[side].update(got)
+        print(f"  > {side} load: " + (got["error"] if "error" in got else f"{got['load']:.2f} s"), file=sys.stderr,
+              flush=True)
+    plan = ["warm-up"] + ["evicted"] * args.repeats + ["warm"] * args.warm
+    for i, kind in enumerate(plan):
+        live = [s for s in names if "error" not in sides[s]]
+        for side in live[i % len(live):] + live[:i % len(live)]:  # rotate who goes first
+            if kind != "warm":  # only this side's files: the other side's cache stays as it left it
+                sides[side]["cached"].append(evict(*roots[side]))
+            got = children[side].ask(f"forward {kind}", timeout=600)
+            if "error" in got:
+                sides[side]["error"] = got["error"]
+    for side in names:
+        if "error" not in sides[side]:
+            got = children[side].ask("done", timeout=120)
+            sides[side].update(got)
+        children[side].close()
+    print(f"[disk-map sides done after {time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
+
+    compare: dict[str, Any] = {}
+    if "compare" in args.sides:
+        child = Child("compare", str(folder), str(args.rounds), "1" if args.what_if else "0")
+        compare = child.ask(None, timeout=1200)
+        child.close()
+        print(f"[compare done after {time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
+    report(sides, compare, dd, dd_note, total)
+    if args.json:
+        args.json.write_text(json.dumps({"sides": sides, "compare": compare, "dd": dd}, indent=1))
+    print(f"\n(bench wall time {time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def _version(package: str) -> str:
+    try:
+        from importlib.metadata import version
+        return version(package)
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
