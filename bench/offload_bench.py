@@ -632,8 +632,9 @@ def dd_rate(files: list[Path]) -> tuple[float | None, str]:
     return total / seconds / GB, f"{total / GB:.2f} GB in {seconds:.2f} s"
 
 
-def med(values: list[float]) -> float:
-    return statistics.median(values)
+def med(values: list[float]) -> float | None:
+    """The median, or None when nothing was measured (e.g. reads the instrumentation does not see)."""
+    return statistics.median(values) if values else None
 
 
 def gb(n: float | None) -> str:

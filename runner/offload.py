@@ -1,8 +1,9 @@
 """Blocks planned on disk: streamed in just before they run, dropped right after, prefetched ahead.
 
 - Weights stored in the compute dtype are read straight from the checkpoint's safetensors
-  files, with ``pread`` into a private buffer (no memory map, so nothing piles up in the
-  process's resident memory); descriptors and header offsets stay open for the run.
+  files, with ``pread`` into ``depth + 1`` buffers reused from forward to forward (no memory
+  map, so nothing piles up in resident memory; no allocation or page faults per forward);
+  descriptors and header offsets stay open for the run.
 - Weights that need converting (another dtype, GGUF, pickle) are written once into the
   offload folder as safetensors, each file atomically, the manifest last. A later run with
   the same checkpoint, dtype and map reuses the folder; a stale or half-written one is rebuilt.
@@ -39,25 +40,38 @@ class DiskBlock:
     """One disk block: where each of its tensors is read from, and how to put them in place and take them out."""
 
     def __init__(self, module: nn.Module, block: Block, slots: dict[str, str], read, dtype: torch.dtype,
-                 device: torch.device, nbytes: int):
+                 device: torch.device, nbytes: int, read_into=None, sizes: dict[str, int] | None = None):
         self.module, self.name = module, block.name
         self.slots = slots          # slot (relative to the block) -> key it is read from
         self.read = read            # key -> CPU tensor
+        self.read_into = read_into  # (key, arena, offset) -> tensor viewed in the arena, or None
         self.dtype, self.device, self.nbytes = dtype, device, nbytes
+        self.offsets: dict[str, int] = {}  # key -> where it goes in an arena, 64-byte aligned for any dtype view
+        for key in dict.fromkeys(slots.values()):
+            self.offsets[key] = self.arena_bytes = getattr(self, "arena_bytes", 0)
+            self.arena_bytes += -(-(sizes or {}).get(key, 0) // 64) * 64
         self._meta = {slot: get_slot(module, slot) for slot in slots}
 
-    def fetch(self) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
-        """Read every tensor once and move it to the compute device. Safe to run on a worker thread."""
+    def fetch(self, arena: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+        """Read every tensor once and move it to the compute device. Safe to run on a worker thread.
+
+        With an ``arena``, tensors are read into it (reused from forward to forward: no allocation, no page
+        faults) and, on the CPU, used in place.
+        """
         tensors: dict[str, torch.Tensor] = {}
         event = None
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         for key in dict.fromkeys(self.slots.values()):
-            t = self.read(key)
+            t = None
+            if arena is not None and self.read_into is not None:
+                t = self.read_into(key, arena, self.offsets[key])
+            if t is None:
+                t = self.read(key)
             if t.is_floating_point() and t.dtype != self.dtype:
                 t = t.to(self.dtype)
             if stream is not None:  # pinned memory, and a copy that overlaps the compute stream
                 with torch.cuda.stream(stream):
-                    t = t.pin_memory().to(self.device, non_blocking=True)
+                    t = (t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True)
             tensors[key] = t
         if stream is not None:
             event = torch.cuda.Event()
@@ -81,17 +95,24 @@ class Prefetcher:
         self.index = {b.name: i for i, b in enumerate(blocks)}
         self.pending: dict[str, Future] = {}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if depth else None
+        # depth + 1 read buffers, the size of the biggest block, made on first use and reused: pinned for CUDA.
+        self.arena_bytes = max((b.arena_bytes for b in blocks if b.read_into), default=0)
+        self.free_arenas: list[torch.Tensor] = []
+        self.made_arenas = 0
+        self.held: dict[str, tuple[torch.Tensor | None, torch.cuda.Event | None]] = {}
 
     def before(self, block: DiskBlock) -> None:
         """Put the block's weights in place (waiting for a prefetch, or reading now), then read ahead."""
         future = self.pending.pop(block.name, None)
         if future is None:
             self.ledger.allocate(self.compute, block.nbytes, f"disk block {block.name or '(model)'}")
-            tensors, event = block.fetch()
+            arena = self._arena(block)
+            tensors, event = block.fetch(arena)
         else:
-            tensors, event = future.result()
+            arena, (tensors, event) = future.result()
         if event is not None:
             torch.cuda.current_stream(block.device).wait_event(event)
+        self.held[block.name] = (arena, event)
         block.attach(tensors)
         if self.pool is None:
             return
@@ -99,11 +120,27 @@ class Prefetcher:
         for ahead in self.blocks[position + 1: position + 1 + self.depth]:
             if ahead.name not in self.pending:
                 self.ledger.allocate(self.compute, ahead.nbytes, f"prefetch of disk block {ahead.name}")
-                self.pending[ahead.name] = self.pool.submit(ahead.fetch)
+                ahead_arena = self._arena(ahead)
+                self.pending[ahead.name] = self.pool.submit(lambda b=ahead, a=ahead_arena: (a, b.fetch(a)))
 
     def after(self, block: DiskBlock) -> None:
         block.detach()
+        arena, event = self.held.pop(block.name, (None, None))
+        if arena is not None:
+            if event is not None:
+                event.synchronize()  # the copy out of the arena is done before it is reused
+            self.free_arenas.append(arena)
         self.ledger.release(self.compute, block.nbytes)
+
+    def _arena(self, block: DiskBlock) -> torch.Tensor | None:
+        if block.read_into is None or not self.arena_bytes:
+            return None
+        if self.free_arenas:
+            return self.free_arenas.pop()
+        if self.made_arenas > self.depth:  # all in use (cannot happen in forward order): read without one
+            return None
+        self.made_arenas += 1
+        return torch.empty(self.arena_bytes, dtype=torch.uint8, pin_memory=block.device.type == "cuda")
 
 
 def streamed_blocks(model: nn.Module, layout: ModelLayout, block_devices: dict[str, str], streamed: set[str],
@@ -132,15 +169,17 @@ def streamed_blocks(model: nn.Module, layout: ModelLayout, block_devices: dict[s
             convert[block.name] = keys
         plans.append((module, block, slots))
     converted = _converted(checkpoint, convert, dtype, offload_folder) if convert else None
-    direct = getattr(checkpoint, "read_uncached", checkpoint.read)
     out = []
     for module, block, slots in plans:
+        read_into = None
         if block_devices[block.name] == "cpu":
             read = _resident_on_cpu(checkpoint, sorted(set(slots.values())), dtype, device, ledger, layout).__getitem__
         else:
-            read = converted.read_uncached if block.name in convert else direct
-        nbytes = sum(layout.tensor_bytes[k] for k in set(slots.values()))
-        out.append(DiskBlock(module, block, slots, read, dtype, device, nbytes))
+            source = converted if block.name in convert else checkpoint
+            read = getattr(source, "read_uncached", source.read)
+            read_into = getattr(source, "read_into", None)
+        sizes = {k: layout.tensor_bytes[k] for k in set(slots.values())}
+        out.append(DiskBlock(module, block, slots, read, dtype, device, sum(sizes.values()), read_into, sizes))
     return out
 
 

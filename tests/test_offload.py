@@ -136,3 +136,18 @@ def test_a_streamed_cpu_block_gives_the_same_output(tmp_path):
     assert all(p.is_meta for p in result.model.transformer.h[1].parameters())  # dropped after the forward
     h1 = next(b for b in result.layout.blocks if b.name == "transformer.h.1")
     assert result.ledger.current["cpu"] == h1.nbytes  # its weights stay in RAM between forwards
+
+
+def test_disk_blocks_are_read_into_reused_buffers(tmp_path):
+    """No allocation per forward: every disk block's weights land in one of depth + 1 reused arenas."""
+    _, result = logits("offload.prefetch=1", tmp_path=tmp_path)
+    storages = []
+    for name, device in result.check.block_devices.items():
+        if device == "disk" and name.startswith("transformer.h."):
+            layer = result.model.get_submodule(name).mlp.c_fc
+            layer.register_forward_pre_hook(lambda m, _: storages.append(m.weight.untyped_storage().data_ptr()))
+    with torch.inference_mode():
+        for _ in range(2):
+            result.model(TOKENS)
+    assert len(storages) >= 4
+    assert len(set(storages)) == 2  # the running block's arena and the one read ahead, over and over

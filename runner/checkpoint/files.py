@@ -93,6 +93,27 @@ class Checkpoint:
             return torch.empty(entry.shape, dtype=entry.dtype)
         return torch.frombuffer(buffer, dtype=entry.dtype).reshape(entry.shape)
 
+    def read_into(self, key: str, arena: torch.Tensor, offset: int) -> torch.Tensor | None:
+        """Read one tensor into ``arena`` (a uint8 buffer reused from forward to forward) at ``offset``, and
+        return it as a view there; None if it is not a plain safetensors tensor. No allocation, no zeroing."""
+        located = self._offsets().get(key)
+        entry = self.entries[key]
+        if located is None:
+            return None
+        file, start, nbytes = located
+        if offset + nbytes > arena.numel():
+            return None  # not what the arena was sized for: the caller reads it the ordinary way
+        view = arena[offset: offset + nbytes]
+        try:
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            if nbytes and os.preadv(fd, [memoryview(view.numpy())], start) != nbytes:
+                raise OSError(f"short read of {nbytes} bytes at {start}")
+        except OSError as e:
+            raise CheckpointError(f"{file}: cannot read tensor {key} ({e}); the file may be truncated") from e
+        return view.view(entry.dtype).view(entry.shape)
+
     def read_ahead(self, keys: list[str], chunk: int = 1 << 20) -> None:
         """Ask the kernel, from a background thread, to page in these tensors' bytes in file order, so that
         reading overlaps building, planning and the first forward. One advice call per MiB: a single call

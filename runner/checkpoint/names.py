@@ -73,6 +73,12 @@ class RenamedCheckpoint:
         if hasattr(self.inner, "read_ahead"):
             self.inner.read_ahead([self.sources[n].key for n in names if n in self.sources])
 
+    def read_into(self, name: str, arena: torch.Tensor, offset: int) -> torch.Tensor | None:
+        src = self.sources[name]
+        if src.transform or not hasattr(self.inner, "read_into"):
+            return None
+        return self.inner.read_into(src.key, arena, offset)
+
     def read_uncached(self, name: str) -> torch.Tensor:
         src = self.sources[name]
         read = getattr(self.inner, "read_uncached", self.inner.read)
