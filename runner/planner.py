@@ -75,7 +75,7 @@ def plan_device_map(request: PlanRequest) -> Plan:
         if item.pin:
             pinned[item.pin] += item.weight if item.pin == "disk" else item.size
     over = [f"{d}: pinned blocks need {format_bytes(n)}, {format_bytes(max(budgets[d], 0))} is left of its budget "
-            "after reserves" for d, n in pinned.items() if n and n > budgets[d]]
+            "after reserves" for d, n in pinned.items() if d in set(request.pins.values()) and n > budgets[d]]
     if over:
         raise PlanError(*over)
     if not request.allow_disk and pinned_to_disk(request.pins):

@@ -10,7 +10,7 @@ import re
 from dataclasses import replace
 
 import pytest
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import Phase, example, given, settings, strategies as st
 
 from runner.blocks import Block
 from runner.errors import PlanError
@@ -21,6 +21,8 @@ STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 FILLS = STRATEGIES[1:]
 HUGE = 10**9
 SETTINGS = settings(max_examples=300, deadline=None, database=None)
+# For the known-limit tests: a failure there is expected now and then, and shrinking it can take minutes.
+NO_SHRINK = settings(max_examples=300, deadline=None, database=None, phases=[Phase.explicit, Phase.generate])
 # Known limit, rare: auto sizes the KV part of the staging room by a fixed point that can overshoot (it jumps
 # to the KV of every block the first search put on disk) and then misses a map with fewer bytes off GPU.
 # It shows only when KV caches rival block weights; not strict, as random search finds it only now and then.
@@ -172,6 +174,7 @@ def test_every_plan_covers_fits_keeps_pins_and_ties(request_):
 # Once a bug: auto put a zero-weight block with a KV cache on disk without reserving room to stream it in.
 @SETTINGS
 @given(requests())
+@example(replace(hand_made([0], gpus=[0], cpu=0), pins={"b0": "cpu"}, reserves={"cpu": {"activations": 1}}))
 @example(hand_made([10, 0], gpus=[10], cpu=0, kv_bytes={"b1": 5}))
 def test_every_plan_fits_also_with_kv_on_zero_byte_blocks(request_):
     result = plan_or_error(request_)
@@ -205,7 +208,7 @@ def test_plans_are_deterministic(request_, data):
 
 
 @AUTO_KV_STAGING_OVERSHOOT
-@SETTINGS
+@NO_SHRINK
 @given(requests(pins=False))
 @example(hand_made([3, 2, 1], gpus=[1, 2], cpu=5))
 @example(hand_made([12, 0, 100], gpus=[132], cpu=1, kv_bytes={"b1": 1, "b2": 20}))  # the overshoot
@@ -217,7 +220,7 @@ def test_auto_is_never_worse_than_the_fills_on_bytes_off_gpu(request_):
 
 
 @AUTO_KV_STAGING_OVERSHOOT
-@settings(max_examples=150, deadline=None, database=None)
+@settings(max_examples=150, deadline=None, database=None, phases=[Phase.explicit, Phase.generate])
 @given(requests(pins=False, max_blocks=5, max_gpus=3))
 @example(hand_made([40, 60, 45, 50, 10], gpus=[90, 45, 10], cpu=300))
 @example(hand_made([12, 0, 100], gpus=[132], cpu=1, kv_bytes={"b1": 1, "b2": 20}))  # the overshoot
