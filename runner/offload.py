@@ -40,16 +40,18 @@ class DiskBlock:
     """One disk block: where each of its tensors is read from, and how to put them in place and take them out."""
 
     def __init__(self, module: nn.Module, block: Block, slots: dict[str, str], read, dtype: torch.dtype,
-                 device: torch.device, nbytes: int, read_into=None, sizes: dict[str, int] | None = None):
+                 device: torch.device, sizes: dict[str, int], read_into=None):
         self.module, self.name = module, block.name
         self.slots = slots          # slot (relative to the block) -> key it is read from
         self.read = read            # key -> CPU tensor
         self.read_into = read_into  # (key, arena, offset) -> tensor viewed in the arena, or None
-        self.dtype, self.device, self.nbytes = dtype, device, nbytes
+        self.dtype, self.device, self.nbytes = dtype, device, sum(sizes.values())
         self.offsets: dict[str, int] = {}  # key -> where it goes in an arena, 64-byte aligned for any dtype view
+        end = 0
         for key in dict.fromkeys(slots.values()):
-            self.offsets[key] = self.arena_bytes = getattr(self, "arena_bytes", 0)
-            self.arena_bytes += -(-(sizes or {}).get(key, 0) // 64) * 64
+            self.offsets[key] = end
+            end += -(-sizes[key] // 64) * 64
+        self.arena_bytes = end
         self._meta = {slot: get_slot(module, slot) for slot in slots}
 
     def fetch(self, arena: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
@@ -179,7 +181,7 @@ def streamed_blocks(model: nn.Module, layout: ModelLayout, block_devices: dict[s
             read = getattr(source, "read_uncached", source.read)
             read_into = getattr(source, "read_into", None)
         sizes = {k: layout.tensor_bytes[k] for k in set(slots.values())}
-        out.append(DiskBlock(module, block, slots, read, dtype, device, sum(sizes.values()), read_into, sizes))
+        out.append(DiskBlock(module, block, slots, read, dtype, device, sizes, read_into))
     return out
 
 

@@ -78,20 +78,7 @@ class Checkpoint:
         located = self._offsets().get(key)
         if located is None:  # not a safetensors tensor (e.g. a pickle): the ordinary read
             return self.read(key)
-        file, start, nbytes = located
-        entry = self.entries[key]
-        buffer = bytearray(nbytes)
-        try:
-            fd = self._fds.get(file)
-            if fd is None:
-                fd = self._fds[file] = os.open(file, os.O_RDONLY)
-            if os.preadv(fd, [buffer], start) != nbytes:
-                raise OSError(f"short read of {nbytes} bytes at {start}")
-        except OSError as e:
-            raise CheckpointError(f"{file}: cannot read tensor {key} ({e}); the file may be truncated") from e
-        if nbytes == 0:
-            return torch.empty(entry.shape, dtype=entry.dtype)
-        return torch.frombuffer(buffer, dtype=entry.dtype).reshape(entry.shape)
+        return self.read_into(key, torch.empty(located[2], dtype=torch.uint8), 0)
 
     def read_into(self, key: str, arena: torch.Tensor, offset: int) -> torch.Tensor | None:
         """Read one tensor into ``arena`` (a uint8 buffer reused from forward to forward) at ``offset``, and
