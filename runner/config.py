@@ -60,6 +60,7 @@ class PlacementSpec:
     offload_folder: Path | None
     allow_disk: bool = True
     prefetch: int = 1               # disk blocks read ahead of the one running
+    direct_io: bool = True          # disk blocks bypass the page cache unless already in it
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ def _typed(c: dict[str, Any]) -> RunConfig:
         offload_folder=_path(c["offload"]["folder"]),
         allow_disk=c["offload"]["allow_disk"],
         prefetch=c["offload"]["prefetch"],
+        direct_io=c["offload"]["direct_io"],
     )
     model = c["model"]
     return RunConfig(

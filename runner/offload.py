@@ -1,13 +1,15 @@
 """Blocks planned on disk: streamed in just before they run, dropped right after, prefetched ahead.
 
 - Weights stored in the compute dtype are read straight from the checkpoint's safetensors
-  files, with ``pread`` into ``depth + 1`` buffers reused from forward to forward (no memory
-  map, so nothing piles up in resident memory; no allocation or page faults per forward);
-  descriptors and header offsets stay open for the run.
+  files, a few large reads per block into ``depth + 1`` page-aligned buffers reused from
+  forward to forward (``runner.checkpoint.reads``): no memory map, so nothing piles up in
+  resident memory; no allocation or page faults per forward; ``O_DIRECT`` unless the bytes
+  are already in the page cache. Descriptors and header offsets stay open for the run.
 - Weights that need converting (another dtype, GGUF, pickle) are written once into the
   offload folder as safetensors, each file atomically, the manifest last. A later run with
   the same checkpoint, dtype and map reuses the folder; a stale or half-written one is rebuilt.
-- While block *i* computes, a background thread reads the next ``depth`` disk blocks. On CUDA
+- While block *i* computes, a background thread reads the next ``depth`` disk blocks (wrapping
+  around to the next forward's first). On CUDA
   they are copied from pinned memory on a separate stream, so copies overlap compute.
 """
 from __future__ import annotations
@@ -28,7 +30,8 @@ from runner.blocks import Block, ModelLayout, get_slot, set_slot
 from runner.checkpoint import Checkpoint
 from runner.checkpoint.files import Checkpoint as SafetensorsFiles
 from runner.checkpoint.names import RenamedCheckpoint
-from runner.errors import OffloadError
+from runner.checkpoint.reads import BlockReads, SpanReader, aligned_buffer, plan_reads
+from runner.errors import CheckpointError, OffloadError
 from runner.memory import MemoryLedger
 
 log = logging.getLogger(__name__)
@@ -37,38 +40,36 @@ MANIFEST = "offload-manifest.json"
 
 
 class DiskBlock:
-    """One disk block: where each of its tensors is read from, and how to put them in place and take them out."""
+    """One streamed block: where each of its tensors is read from, and how to put them in place and take them out."""
 
     def __init__(self, module: nn.Module, block: Block, slots: dict[str, str], read, dtype: torch.dtype,
-                 device: torch.device, sizes: dict[str, int], read_into=None):
+                 device: torch.device, nbytes: int, reads: BlockReads | None = None):
         self.module, self.name = module, block.name
         self.slots = slots          # slot (relative to the block) -> key it is read from
-        self.read = read            # key -> CPU tensor
-        self.read_into = read_into  # (key, arena, offset) -> tensor viewed in the arena, or None
-        self.dtype, self.device, self.nbytes = dtype, device, sum(sizes.values())
-        self.offsets: dict[str, int] = {}  # key -> where it goes in an arena, 64-byte aligned for any dtype view
-        end = 0
-        for key in dict.fromkeys(slots.values()):
-            self.offsets[key] = end
-            end += -(-sizes[key] // 64) * 64
-        self.arena_bytes = end
+        self.read = read            # key -> CPU tensor: the fallback, and CPU blocks' resident copies
+        self.reads = reads          # the block's spans in the checkpoint, read into a reused buffer
+        self.dtype, self.device, self.nbytes = dtype, device, nbytes
         self._meta = {slot: get_slot(module, slot) for slot in slots}
 
-    def fetch(self, arena: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+    def fetch(self, reader: SpanReader, buffer: torch.Tensor | None = None
+              ) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
         """Read every tensor once and move it to the compute device. Safe to run on a worker thread.
 
-        With an ``arena``, tensors are read into it (reused from forward to forward: no allocation, no page
-        faults) and, on the CPU, used in place.
+        With a ``buffer`` (reused from forward to forward: no allocation, no page faults) the block's spans
+        are read into it and, on the CPU, the tensors are used in place.
         """
+        if buffer is not None and self.reads is not None:
+            try:
+                read = reader.read(self.reads, buffer)
+            except OSError as e:
+                raise CheckpointError(f"{self.reads.spans[0].file}: cannot read disk block {self.name or '(model)'} "
+                                      f"({e}); the file may be truncated") from e
+        else:
+            read = {key: self.read(key) for key in dict.fromkeys(self.slots.values())}
         tensors: dict[str, torch.Tensor] = {}
         event = None
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        for key in dict.fromkeys(self.slots.values()):
-            t = None
-            if arena is not None and self.read_into is not None:
-                t = self.read_into(key, arena, self.offsets[key])
-            if t is None:
-                t = self.read(key)
+        for key, t in read.items():
             if t.is_floating_point() and t.dtype != self.dtype:
                 t = t.to(self.dtype)
             if stream is not None:  # pinned memory, and a copy that overlaps the compute stream
@@ -90,17 +91,22 @@ class DiskBlock:
 
 
 class Prefetcher:
-    """Loads disk blocks in forward order, ``depth`` blocks ahead of the one running (0: on demand only)."""
+    """Loads streamed blocks in forward order, ``depth`` blocks ahead of the one running (0: on demand only).
 
-    def __init__(self, blocks: list[DiskBlock], depth: int, ledger: MemoryLedger, compute: str):
+    Reading ahead wraps around: while the last blocks of one forward run, the first of the next is read,
+    so a model called again and again (generation) never waits for its first disk block.
+    """
+
+    def __init__(self, blocks: list[DiskBlock], depth: int, ledger: MemoryLedger, compute: str, direct: bool = True):
         self.blocks, self.depth, self.ledger, self.compute = blocks, depth, ledger, compute
+        self.reader = SpanReader(direct)
         self.index = {b.name: i for i, b in enumerate(blocks)}
         self.pending: dict[str, Future] = {}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if depth else None
         # depth + 1 read buffers, the size of the biggest block, made on first use and reused: pinned for CUDA.
-        self.arena_bytes = max((b.arena_bytes for b in blocks if b.read_into), default=0)
-        self.free_arenas: list[torch.Tensor] = []
-        self.made_arenas = 0
+        self.buffer_bytes = max((b.reads.nbytes for b in blocks if b.reads), default=0)
+        self.free_buffers: list[torch.Tensor] = []
+        self.made_buffers = 0
         self.held: dict[str, tuple[torch.Tensor | None, torch.cuda.Event | None]] = {}
 
     def before(self, block: DiskBlock) -> None:
@@ -108,41 +114,44 @@ class Prefetcher:
         future = self.pending.pop(block.name, None)
         if future is None:
             self.ledger.allocate(self.compute, block.nbytes, f"disk block {block.name or '(model)'}")
-            arena = self._arena(block)
-            tensors, event = block.fetch(arena)
+            buffer = self._buffer(block)
+            tensors, event = block.fetch(self.reader, buffer)
         else:
-            arena, (tensors, event) = future.result()
+            buffer, (tensors, event) = future.result()
         if event is not None:
             torch.cuda.current_stream(block.device).wait_event(event)
-        self.held[block.name] = (arena, event)
+        self.held[block.name] = (buffer, event)
         block.attach(tensors)
         if self.pool is None:
             return
         position = self.index[block.name]
-        for ahead in self.blocks[position + 1: position + 1 + self.depth]:
-            if ahead.name not in self.pending:
-                self.ledger.allocate(self.compute, ahead.nbytes, f"prefetch of disk block {ahead.name}")
-                ahead_arena = self._arena(ahead)
-                self.pending[ahead.name] = self.pool.submit(lambda b=ahead, a=ahead_arena: (a, b.fetch(a)))
+        for step in range(1, self.depth + 1):
+            ahead = self.blocks[(position + step) % len(self.blocks)]
+            if ahead.name in self.pending:
+                continue
+            self.ledger.allocate(self.compute, ahead.nbytes, f"prefetch of disk block {ahead.name or '(model)'}")
+            ahead_buffer = self._buffer(ahead)
+            self.pending[ahead.name] = self.pool.submit(
+                lambda b=ahead, buf=ahead_buffer: (buf, b.fetch(self.reader, buf)))
 
     def after(self, block: DiskBlock) -> None:
         block.detach()
-        arena, event = self.held.pop(block.name, (None, None))
-        if arena is not None:
+        buffer, event = self.held.pop(block.name, (None, None))
+        if buffer is not None:
             if event is not None:
-                event.synchronize()  # the copy out of the arena is done before it is reused
-            self.free_arenas.append(arena)
+                event.synchronize()  # the copy out of the buffer is done before it is reused
+            self.free_buffers.append(buffer)
         self.ledger.release(self.compute, block.nbytes)
 
-    def _arena(self, block: DiskBlock) -> torch.Tensor | None:
-        if block.read_into is None or not self.arena_bytes:
+    def _buffer(self, block: DiskBlock) -> torch.Tensor | None:
+        if block.reads is None:
             return None
-        if self.free_arenas:
-            return self.free_arenas.pop()
-        if self.made_arenas > self.depth:  # all in use (cannot happen in forward order): read without one
+        if self.free_buffers:
+            return self.free_buffers.pop()
+        if self.made_buffers > self.depth:  # all in use (cannot happen in forward order): read without one
             return None
-        self.made_arenas += 1
-        return torch.empty(self.arena_bytes, dtype=torch.uint8, pin_memory=block.device.type == "cuda")
+        self.made_buffers += 1
+        return aligned_buffer(self.buffer_bytes, pin=block.device.type == "cuda")
 
 
 def streamed_blocks(model: nn.Module, layout: ModelLayout, block_devices: dict[str, str], streamed: set[str],
@@ -173,15 +182,17 @@ def streamed_blocks(model: nn.Module, layout: ModelLayout, block_devices: dict[s
     converted = _converted(checkpoint, convert, dtype, offload_folder) if convert else None
     out = []
     for module, block, slots in plans:
-        read_into = None
+        keys = sorted(set(slots.values()))
+        reads = None
         if block_devices[block.name] == "cpu":
-            read = _resident_on_cpu(checkpoint, sorted(set(slots.values())), dtype, device, ledger, layout).__getitem__
+            read = _resident_on_cpu(checkpoint, keys, dtype, device, ledger, layout).__getitem__
         else:
             source = converted if block.name in convert else checkpoint
             read = getattr(source, "read_uncached", source.read)
-            read_into = getattr(source, "read_into", None)
-        sizes = {k: layout.tensor_bytes[k] for k in set(slots.values())}
-        out.append(DiskBlock(module, block, slots, read, dtype, device, sizes, read_into))
+            located = source.locate(keys) if hasattr(source, "locate") else None
+            reads = plan_reads(located) if located else None
+        out.append(DiskBlock(module, block, slots, read, dtype, device, sum(layout.tensor_bytes[k] for k in keys),
+                             reads))
     return out
 
 

@@ -27,7 +27,7 @@ from runner.infer import Prediction, greedy_generate
 from runner.memory import MemoryLedger
 from runner.order import ForwardTrace, forward_order
 from runner.planner import Plan, PlanRequest, plan_device_map
-from runner.reserves import RuntimeShape, device_reserves, kv_bytes
+from runner.reserves import RuntimeShape, device_reserves, keeps_kv_cache, kv_bytes
 from runner.tokenizer import apply_chat_template, tokenizer_for
 from runner.validate import MapCheck, check_map, load_map_file, resolve_pins
 
@@ -86,7 +86,8 @@ def plan(cfg: RunConfig, run_dir: Path) -> Planned:
             blocks=layout.blocks, devices=hardware.devices, strategy=cfg.placement.strategy,
             main_device=hardware.main_device, pins=resolve_pins(cfg.placement.device_map, layout, hardware),
             reserves=device_reserves(hardware, trace, shape, dtype.itemsize, cfg.hardware.cuda_context_reserve),
-            kv_bytes=kv_bytes(layout, trace, cfg.model.no_split_module_classes, shape, dtype.itemsize),
+            kv_bytes=kv_bytes(layout, trace, cfg.model.no_split_module_classes, shape, dtype.itemsize)
+            if keeps_kv_cache(model) else {},
             allow_disk=cfg.placement.allow_disk, prefetch=cfg.placement.prefetch)
         activation_bytes = {name: n * dtype.itemsize for name, n in trace.input_elems.items()}
         if cfg.mode == "check":  # the map comes from a file, to be validated as it is
@@ -125,7 +126,8 @@ def prepare(cfg: RunConfig, run_dir: Path) -> RunResult:
     ledger = MemoryLedger(planned.hardware)
     with _timed(timings, "load"):
         dispatch(planned.model, planned.layout, planned.check.block_devices, planned.hardware, checkpoint,
-                 planned.dtype, _offload_folder(cfg, run_dir), ledger, cfg.placement.prefetch, planned.compute)
+                 planned.dtype, _offload_folder(cfg, run_dir), ledger, cfg.placement.prefetch, planned.compute,
+                 cfg.placement.direct_io)
     fields = {k: getattr(planned, k) for k in Planned.__dataclass_fields__}
     return RunResult(**{**fields, "checkpoint": checkpoint, "keys": keys}, ledger=ledger)
 

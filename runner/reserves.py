@@ -8,7 +8,7 @@ Every figure here is taken off a device's budget before planning and listed in t
   attention output and the 4x-wide MLP hidden state live together at the peak);
 - ``outputs``: the logits of one forward, on the main device, where outputs land;
 - ``kv_cache``: keys and values of every unsplittable block for ``batch_size x seq_len`` tokens,
-  counted with its block (see ``kv_bytes``).
+  counted with its block (see ``kv_bytes``), for models that keep them (see ``keeps_kv_cache``).
 
 The staging room for streaming disk blocks in is added by the planner, and only when
 something is on disk.
@@ -16,6 +16,8 @@ something is on disk.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from torch import nn
 
 from runner.blocks import ModelLayout
 from runner.hardware import Hardware
@@ -48,6 +50,15 @@ def device_reserves(hardware: Hardware, trace: ForwardTrace, shape: RuntimeShape
             r["outputs"] = tokens * trace.output_elems * itemsize
         reserves[device.name] = {k: v for k, v in r.items() if v}
     return reserves
+
+
+def keeps_kv_cache(model: nn.Module) -> bool:
+    """Whether a forward keeps keys and values: as the model class declares (``keeps_kv_cache``), as a
+    transformers model's ``config.use_cache`` says, and otherwise yes, the safe side."""
+    declared = getattr(model, "keeps_kv_cache", None)
+    if isinstance(declared, bool):
+        return declared
+    return bool(getattr(getattr(model, "config", None), "use_cache", True))
 
 
 def kv_bytes(layout: ModelLayout, trace: ForwardTrace, no_split: tuple[str, ...], shape: RuntimeShape,

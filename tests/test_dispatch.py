@@ -54,7 +54,7 @@ def test_greedy_tokens_equal_the_all_cpu_run(strategy, tmp_path):
     assert len(cpu.predictions[0].output_tokens) == 6
 
 
-def test_disk_blocks_hold_no_memory_between_forwards_and_stream_within_the_reserve(tmp_path):
+def test_disk_blocks_hold_only_the_read_ahead_between_forwards_and_stream_within_the_reserve(tmp_path):
     cfg = compose_config(*SIX, *TIGHT, "placement=sequential")
     result = prepare(cfg, tmp_path)
     on_disk = [name for name, device in result.check.block_devices.items() if device == "disk"]
@@ -66,12 +66,13 @@ def test_disk_blocks_hold_no_memory_between_forwards_and_stream_within_the_reser
         result.model(TOKENS)
     for name in on_disk:  # dropped again after the forward
         assert all(p.is_meta for p in result.model.get_submodule(name).parameters())
-    assert result.ledger.current["cuda:0"] == resident_cuda0
+    first = next(b.nbytes for b in result.layout.blocks if b.name in on_disk)
+    assert result.ledger.current["cuda:0"] == resident_cuda0 + first  # the next forward's first, read ahead
     # While a disk block ran, cuda:0 held it and the next one (prefetch depth 1) on top of its resident
-    # blocks, within the planned staging room (which also holds the disk blocks' KV cache).
+    # blocks, within the planned staging room.
     biggest = max(b.nbytes for b in result.layout.blocks if b.name in on_disk)
     assert result.ledger.peak["cuda:0"] == resident_cuda0 + 2 * biggest
-    assert 2 * biggest < result.plan.reserves["cuda:0"]["offload_staging"]
+    assert 2 * biggest <= result.plan.reserves["cuda:0"]["offload_staging"]
     assert result.ledger.peak["cuda:0"] <= result.hardware.get("cuda:0").budget
 
 

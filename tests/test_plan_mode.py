@@ -25,8 +25,7 @@ def test_plan_mode_allocates_no_weights_and_explains_itself(tmp_path, runner_cac
     assert doc["order_source"] == "trace"
     rows = {r["name"]: r for r in doc["devices"]}
     assert rows["cuda:0"]["reserves"]["outputs"] == 256 * 50257 * 4  # logits of one 256-token forward
-    blocks_on_1 = sum(1 for b in doc["blocks"] if b["device"] == "cuda:1" and b["class"] == "Block")
-    assert rows["cuda:1"]["reserves"]["kv_cache"] == 2 * 256 * 1600 * 4 * blocks_on_1
+    assert "kv_cache" not in rows["cuda:1"]["reserves"]  # the zoo GPT keeps no keys and values
     assert all(r["free"] >= 0 for r in doc["devices"])
     assert [h["to"] for h in doc["hops"]] == ["cuda:1", "cuda:0"]
     assert doc["hops"][0]["bytes_per_token"] == 1600 * 4
@@ -100,3 +99,21 @@ def test_sizing_profiles_plan_without_the_hardware(tmp_path):
         planned = plan(compose_config("model=gpt2xl", f"hardware={hw}", "mode=plan"), tmp_path)
         assert set(planned.check.block_devices.values()) == {"cuda:0"}  # 6 GB fits one GPU: no hop at all
         assert planned.plan.reserves["cuda:0"]["cuda_context"] == 2**30
+
+
+def test_kv_cache_is_reserved_only_for_models_that_keep_one():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from runner.reserves import keeps_kv_cache
+    from runner.zoo.gpt import GPT
+    from runner.zoo.llama import Llama
+
+    assert not keeps_kv_cache(GPT(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=4))
+    assert not keeps_kv_cache(Llama(vocab_size=8, hidden_size=4, intermediate_size=8, num_hidden_layers=1,
+                                    num_attention_heads=1))
+    assert keeps_kv_cache(nn.Sequential(nn.Linear(2, 2)))  # unknown: the safe side
+    cached, uncached = nn.Linear(2, 2), nn.Linear(2, 2)
+    cached.config, uncached.config = SimpleNamespace(use_cache=True), SimpleNamespace(use_cache=False)
+    assert keeps_kv_cache(cached) and not keeps_kv_cache(uncached)  # a transformers model's config decides

@@ -67,5 +67,10 @@ def test_a_transformers_class_as_target(tmp_path):
     assert {b.class_name for b in result.layout.blocks} >= {"GPT2Block"}
     assert result.model.lm_head.weight is result.model.transformer.wte.weight  # its own tie, kept
     assert set(result.check.block_devices.values()) == {"cuda:0", "cuda:1"}
+    # Its forward keeps keys and values (config.use_cache): at least 2 x 256 tokens x 32 wide, fp32, per block.
+    on_1 = [b.name for b in result.layout.blocks
+            if b.class_name == "GPT2Block" and result.check.block_devices[b.name] == "cuda:1"]
+    assert all(result.request.kv_bytes[name] >= 2 * 256 * 32 * 4 for name in on_1)
+    assert on_1 and result.plan.reserves["cuda:1"]["kv_cache"] == sum(result.request.kv_bytes[n] for n in on_1)
     with torch.inference_mode():
         torch.testing.assert_close(result.model(TOKENS).logits, reference(TOKENS).logits, rtol=1e-4, atol=1e-5)

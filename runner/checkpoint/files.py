@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from runner.checkpoint.reads import Located
 from runner.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -70,36 +71,32 @@ class Checkpoint:
     def read_uncached(self, key: str) -> torch.Tensor:
         """One tensor, as stored, read with ``pread`` into its own buffer rather than through the memory map.
 
-        For weights streamed in on every forward (disk blocks): a mapped read leaves the file's pages
-        mapped into this process, so they pile up in its resident memory; a plain read does not, and
-        the buffer goes when the tensor does. The file descriptor and the header offsets stay open
-        for the run.
+        For tensors that are cast or copied to a GPU on the way: a mapped read leaves the file's pages
+        mapped into this process, so they stay counted in its resident memory next to the result; a
+        plain read does not, and the buffer goes when the tensor does.
         """
-        located = self._offsets().get(key)
+        located = self.locate([key])
         if located is None:  # not a safetensors tensor (e.g. a pickle): the ordinary read
             return self.read(key)
-        return self.read_into(key, torch.empty(located[2], dtype=torch.uint8), 0)
-
-    def read_into(self, key: str, arena: torch.Tensor, offset: int) -> torch.Tensor | None:
-        """Read one tensor into ``arena`` (a uint8 buffer reused from forward to forward) at ``offset``, and
-        return it as a view there; None if it is not a plain safetensors tensor. No allocation, no zeroing."""
-        located = self._offsets().get(key)
-        entry = self.entries[key]
-        if located is None:
-            return None
-        file, start, nbytes = located
-        if offset + nbytes > arena.numel():
-            return None  # not what the arena was sized for: the caller reads it the ordinary way
-        view = arena[offset: offset + nbytes]
+        loc = located[key]
+        buffer = torch.empty(loc.nbytes, dtype=torch.uint8)
         try:
-            fd = self._fds.get(file)
+            fd = self._fds.get(loc.file)
             if fd is None:
-                fd = self._fds[file] = os.open(file, os.O_RDONLY)
-            if nbytes and os.preadv(fd, [memoryview(view.numpy())], start) != nbytes:
-                raise OSError(f"short read of {nbytes} bytes at {start}")
+                fd = self._fds[loc.file] = os.open(loc.file, os.O_RDONLY)
+            if loc.nbytes and os.preadv(fd, [memoryview(buffer.numpy())], loc.start) != loc.nbytes:
+                raise OSError(f"short read of {loc.nbytes} bytes at {loc.start}")
         except OSError as e:
-            raise CheckpointError(f"{file}: cannot read tensor {key} ({e}); the file may be truncated") from e
-        return view.view(entry.dtype).view(entry.shape)
+            raise CheckpointError(f"{loc.file}: cannot read tensor {key} ({e}); the file may be truncated") from e
+        return buffer.view(loc.dtype).view(loc.shape)
+
+    def locate(self, keys: list[str]) -> dict[str, Located] | None:
+        """Where each tensor's bytes sit in its file, for reads that bypass the memory map
+        (``runner.checkpoint.reads``); None if any is not a plain safetensors tensor."""
+        offsets = self._offsets()
+        if not all(k in offsets for k in keys):
+            return None
+        return {k: Located(*offsets[k], self.entries[k].dtype, self.entries[k].shape) for k in keys}
 
     def read_ahead(self, keys: list[str], chunk: int = 1 << 20) -> None:
         """Ask the kernel, from a background thread, to page in these tensors' bytes in file order, so that

@@ -73,11 +73,15 @@ class RenamedCheckpoint:
         if hasattr(self.inner, "read_ahead"):
             self.inner.read_ahead([self.sources[n].key for n in names if n in self.sources])
 
-    def read_into(self, name: str, arena: torch.Tensor, offset: int) -> torch.Tensor | None:
-        src = self.sources[name]
-        if src.transform or not hasattr(self.inner, "read_into"):
+    def locate(self, names: list[str]):
+        """Where each tensor's bytes sit, under the model's names; None if any is transformed on the way."""
+        sources = [self.sources[n] for n in names]
+        if any(src.transform for src in sources) or not hasattr(self.inner, "locate"):
             return None
-        return self.inner.read_into(src.key, arena, offset)
+        located = self.inner.locate([src.key for src in sources])
+        if located is None:
+            return None
+        return {n: replace(located[src.key], shape=self.entries[n].shape) for n, src in zip(names, sources)}
 
     def read_uncached(self, name: str) -> torch.Tensor:
         src = self.sources[name]

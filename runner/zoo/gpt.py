@@ -63,6 +63,8 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """GPT-2 language model: token ids ``[B, T]`` in, next-token logits ``[B, T, vocab]`` out."""
 
+    keeps_kv_cache = False  # a forward keeps no keys and values: the planner reserves none
+
     def __init__(
         self,
         vocab_size: int = 50257,

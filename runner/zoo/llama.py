@@ -104,6 +104,8 @@ class Llama(nn.Module):
     Arguments carry Hugging Face ``LlamaConfig`` names, so a ``config.json`` maps onto them directly.
     """
 
+    keeps_kv_cache = False  # a forward keeps no keys and values: the planner reserves none
+
     def __init__(
         self,
         vocab_size: int = 32000,

@@ -1,0 +1,164 @@
+"""Block reads: the tensors of one block read with a few large calls into a reused, page-aligned buffer.
+
+Disk blocks are read again on every forward. Through a memory map their pages would pile up in
+resident memory; through the page cache the reading thread pays system CPU to fill the cache and
+copy out of it, CPU taken from the compute on a small machine. So:
+
+- a block's tensors are grouped into spans, one per run of nearby bytes in a file, widened to
+  ``ALIGN`` at both ends, and each span is filled by one ``preadv`` at a fixed place in the buffer;
+- a span that is all in the page cache is copied from it (``RWF_NOWAIT`` fails at once rather
+  than wait for the device, so probing costs nothing);
+- any other span is read with ``O_DIRECT``: the device writes straight into the buffer and no
+  cache is filled. ``direct=False``, or a filesystem that refuses ``O_DIRECT``, reads through
+  the page cache instead, so later forwards find it there.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+ALIGN = 4096         # O_DIRECT's alignment of buffer address, file offset and length on common devices
+MERGE_GAP = 1 << 20  # tensors closer than this in a file are read by one call, the bytes between them too
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where one tensor's bytes sit in a file, and what they are."""
+
+    file: Path
+    start: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Span:
+    """One read: ``need`` bytes of ``file`` from the aligned offset ``begin``, into the buffer at ``at``."""
+
+    file: Path
+    begin: int
+    need: int
+    at: int
+
+    @property
+    def length(self) -> int:
+        return -(-self.need // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class BlockReads:
+    spans: tuple[Span, ...]
+    tensors: dict[str, tuple[int, Located]]  # key -> (its offset in the buffer, what it is)
+    nbytes: int                              # the buffer it needs
+
+    def renamed(self, names: dict[str, str]) -> BlockReads:
+        """The same reads, with tensors known as ``names[stored key]``."""
+        return replace(self, tensors={name: self.tensors[key] for name, key in names.items()})
+
+
+def plan_reads(located: dict[str, Located]) -> BlockReads | None:
+    """Group tensors into aligned spans, in file order. None if a tensor could not be viewed in place
+    (its offset in the file is not a multiple of its item size)."""
+    if any(loc.start % loc.dtype.itemsize for loc in located.values()):
+        return None
+    spans: list[Span] = []
+    tensors: dict[str, tuple[int, Located]] = {}
+    at = 0
+    for key, loc in sorted(located.items(), key=lambda kv: (str(kv[1].file), kv[1].start)):
+        last = spans[-1] if spans else None
+        if last is None or last.file != loc.file or loc.start - (last.begin + last.need) > MERGE_GAP:
+            if last is not None:
+                at += last.length
+            last = Span(loc.file, loc.start // ALIGN * ALIGN, 0, at)
+            spans.append(last)
+        spans[-1] = replace(last, need=max(last.need, loc.start + loc.nbytes - last.begin))
+        tensors[key] = (spans[-1].at + loc.start - last.begin, loc)
+    if spans:
+        at += spans[-1].length
+    return BlockReads(tuple(spans), tensors, at)
+
+
+def aligned_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
+    """A uint8 buffer of ``nbytes`` whose first byte is ``ALIGN``-aligned, as ``O_DIRECT`` needs."""
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
+    shift = -raw.data_ptr() % ALIGN
+    return raw[shift: shift + nbytes]
+
+
+class SpanReader:
+    """Reads ``BlockReads`` into aligned buffers, through descriptors kept open for the run. Thread-safe."""
+
+    def __init__(self, direct: bool = True):
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        self.nowait = hasattr(os, "RWF_NOWAIT")
+        self._fds: dict[tuple[Path, bool], int] = {}
+        self._lock = threading.Lock()
+        self.counts = {"cached": 0, "direct": 0, "buffered": 0}  # spans, by how they were read
+
+    def read(self, reads: BlockReads, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Fill ``buffer`` (``aligned_buffer`` of at least ``reads.nbytes``) and return the tensors viewed in it.
+
+        Raises:
+            OSError: a file is shorter than its header says, or cannot be read.
+        """
+        if buffer.numel() < reads.nbytes or buffer.data_ptr() % ALIGN:
+            raise ValueError(f"a buffer of {reads.nbytes} bytes, {ALIGN}-aligned, is needed")
+        view = memoryview(buffer.numpy())
+        cold = not self.nowait  # once a span misses the cache the rest of the block will too: read it directly
+        for span in reads.spans:
+            got, how = -1, "cached"
+            if not cold:
+                got = self._read_cached(span, view[span.at: span.at + span.need])
+                cold = got < span.need
+            if got < span.need:
+                got, how = self._read(span, view[span.at: span.at + span.length])
+            if got < span.need:
+                raise OSError(f"short read: {span.need} bytes expected at {span.begin}, got {max(got, 0)}")
+            self.counts[how] += 1
+        return {key: buffer[at: at + loc.nbytes].view(loc.dtype).view(loc.shape)
+                for key, (at, loc) in reads.tensors.items()}
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def _read_cached(self, span: Span, into: memoryview) -> int:
+        try:
+            return os.preadv(self._fd(span.file, False), [into], span.begin, os.RWF_NOWAIT)
+        except BlockingIOError:  # not (all) in the page cache
+            return -1
+        except OSError:  # RWF_NOWAIT unsupported here: never probe again
+            self.nowait = False
+            return -1
+
+    def _read(self, span: Span, into: memoryview) -> tuple[int, str]:
+        if self.direct:
+            fd = self._fd(span.file, True)
+            if fd >= 0:
+                try:
+                    return os.preadv(fd, [into], span.begin), "direct"
+                except OSError:  # an alignment this device does not take: buffered from now on
+                    self.direct = False
+        return os.preadv(self._fd(span.file, False), [into[: span.need]], span.begin), "buffered"
+
+    def _fd(self, file: Path, direct: bool) -> int:
+        fd = self._fds.get((file, direct))
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get((file, direct))
+                if fd is None:
+                    try:
+                        fd = os.open(file, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+                    except OSError:
+                        if not direct:
+                            raise
+                        fd = -1  # a filesystem without O_DIRECT (e.g. some tmpfs): buffered reads
+                    self._fds[(file, direct)] = fd
+        return fd

@@ -1,0 +1,102 @@
+"""Block reads: spans planned from tensor offsets, filled from the page cache or with O_DIRECT, same bytes either way."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from runner.checkpoint.files import open_safetensors
+from runner.checkpoint.reads import ALIGN, MERGE_GAP, Located, Span, SpanReader, aligned_buffer, plan_reads
+
+F32 = torch.float32
+
+
+def test_nearby_tensors_share_one_aligned_span_and_far_ones_do_not():
+    a, b = Path("a.safetensors"), Path("b.safetensors")
+    located = {
+        "x": Located(a, 5000, 400, F32, (100,)),
+        "y": Located(a, 5400, 800, F32, (200,)),                   # right after x: same span
+        "far": Located(a, 5400 + 800 + MERGE_GAP + 4, 40, F32, (10,)),  # past the gap: a span of its own
+        "z": Located(b, 100, 8, F32, (2,)),                        # another file
+    }
+    reads = plan_reads(located)
+    assert reads.spans == (
+        Span(a, 4096, 6200 - 4096, 0),            # from the page holding x to the end of y
+        Span(a, (6200 + MERGE_GAP + 4) // ALIGN * ALIGN, (6200 + MERGE_GAP + 4) % ALIGN + 40, ALIGN),
+        Span(b, 0, 108, 2 * ALIGN),
+    )
+    assert {k: at for k, (at, _) in reads.tensors.items()} == {
+        "x": 5000 - 4096, "y": 5400 - 4096, "far": ALIGN + (6200 + MERGE_GAP + 4) % ALIGN, "z": 2 * ALIGN + 100}
+    assert reads.nbytes == 3 * ALIGN
+
+
+def test_a_tensor_not_aligned_to_its_item_size_is_not_planned():
+    assert plan_reads({"x": Located(Path("a"), 4098, 8, F32, (2,))}) is None
+
+
+def _evicted(files: list[Path]) -> None:
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    tensors = {f"h.{i}.{n}": torch.randn(s) for i in range(3) for n, s in (("w", (64, 33)), ("b", (33,)))}
+    tensors["ids"] = torch.arange(7)
+    for i, part in enumerate((["h.0.w", "h.0.b", "h.1.w"], ["h.1.b", "h.2.w", "h.2.b", "ids"])):
+        save_file({k: tensors[k] for k in part}, str(tmp_path / f"part{i}.safetensors"))
+    return open_safetensors(tmp_path), tensors
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_spans_read_cold_and_warm_give_the_stored_tensors(checkpoint, direct):
+    ckpt, expected = checkpoint
+    keys = ["h.1.w", "h.1.b", "h.2.w", "ids"]  # across both files
+    reads = plan_reads(ckpt.locate(keys))
+    reader = SpanReader(direct=direct)
+    buffer = aligned_buffer(reads.nbytes)
+    _evicted(ckpt.files)
+    cold = reader.read(reads, buffer)
+    assert reader.counts == ({"cached": 0, "direct": 2, "buffered": 0} if direct
+                             else {"cached": 0, "direct": 0, "buffered": 2})
+    for key in keys:
+        assert torch.equal(cold[key], expected[key]) and cold[key].data_ptr() >= buffer.data_ptr()
+    buffer.fill_(0)
+    for f in ckpt.files:  # now in the page cache: copied from it, no device read
+        f.read_bytes()
+    warm = reader.read(reads, buffer)
+    assert reader.counts["cached"] == 2
+    assert all(torch.equal(warm[k], expected[k]) for k in keys)
+    reader.close()
+
+
+def test_a_truncated_file_is_a_short_read_and_a_bad_buffer_is_refused(checkpoint):
+    ckpt, _ = checkpoint
+    reads = plan_reads(ckpt.locate(["h.2.w", "h.2.b"]))
+    reader = SpanReader()
+    with pytest.raises(ValueError, match="aligned"):
+        reader.read(reads, aligned_buffer(reads.nbytes + 1)[1:])
+    file = ckpt.files[1]
+    file.write_bytes(file.read_bytes()[:200])
+    with pytest.raises(OSError, match="short read"):
+        reader.read(reads, aligned_buffer(reads.nbytes))
+
+
+def test_renamed_and_transformed_tensors(tmp_path):
+    """Under a name map, plain renames are located in the inner checkpoint; a transform cannot be read in place."""
+    from runner.checkpoint.names import NameMap, RenamedCheckpoint, Source, transpose
+
+    save_file({"t.w": torch.randn(4, 6), "t.b": torch.randn(6)}, str(tmp_path / "m.safetensors"))
+    inner = open_safetensors(tmp_path / "m.safetensors")
+    renamed = RenamedCheckpoint(inner, NameMap({"w": Source("t.w", transpose, (6, 4)), "b": Source("t.b")}))
+    assert renamed.locate(["w", "b"]) is None
+    assert renamed.locate(["b"]) == {"b": inner.locate(["t.b"])["t.b"]}
