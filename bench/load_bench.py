@@ -35,7 +35,6 @@ import argparse
 import gc
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -45,10 +44,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # this checkout's runner, whatever an installed one points at
-GB, MiB = 10**9, 2**20
-PAGE = os.sysconf("SC_PAGE_SIZE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py (which puts this checkout's runner first)
+from common import (GB, MiB, ROOT, Sampler, compose_config, dd_rate, empty_gpt, evict, gb, importable,  # noqa: E402
+                    quiet, ratio, reset_peak, status_bytes)
+
 SEQ = 128
 SIDES = ("runner", "runner-bf16", "torch", "accelerate")
 # What-if variants of the runner (--what-if): the runner as shipped, patched in the bench process only, to
@@ -62,67 +61,11 @@ COLD_SLACK = 64 << 20  # a run is cold if at most this much of the checkpoint is
 MODEL_OVERRIDES = ["model=gpt2large", "hardware=cpu", "checkpoint.shard_size=500MB"]
 
 
-# -- memory probes --------------------------------------------------------------------------------------------------
-
-def status_bytes(*fields: str) -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        name, _, rest = line.partition(":")
-        if name in fields:
-            out[name] = int(rest.split()[0]) * 1024
-    return out
-
-
-def reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := VmRSS
-        return True
-    except OSError:
-        return False
-
-
-class Sampler(threading.Thread):
-    """RSS every ``interval`` seconds, tagged with the phase the main thread is in."""
-
-    def __init__(self, interval: float = 0.01):
-        super().__init__(daemon=True)
-        self.interval, self.phase = interval, "setup"
-        self.peaks: dict[str, int] = {}
-        self.count = 0
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        fd = os.open("/proc/self/statm", os.O_RDONLY)
-        try:
-            while not self._halt.is_set():
-                rss = int(os.pread(fd, 128, 0).split()[1]) * PAGE
-                self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
-                self.count += 1
-                self._halt.wait(self.interval)
-        finally:
-            os.close(fd)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join()
-
-
 # -- one side, in a fresh process -----------------------------------------------------------------------------------
-
-def compose(*overrides: str):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from runner.config import load_config
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        return load_config(hydra_compose(config_name="config", overrides=list(overrides)))
-
 
 def child(side: str, folder: Path) -> None:
     """Load on one side, run one forward, print one ``RESULT {json}`` line (bytes, seconds)."""
-    import logging
-    import warnings
-    logging.disable(logging.WARNING)
-    warnings.filterwarnings("ignore")
+    quiet()
     start_imports = time.perf_counter()
     import torch
     torch.set_num_threads(os.cpu_count() or 1)
@@ -138,12 +81,12 @@ def child(side: str, folder: Path) -> None:
             from safetensors import safe_open
             runner.checkpoint.files.safe_open = functools.partial(safe_open, backend="pread")
         dtype = ["dtype=bfloat16"] if side == "runner-bf16" else ["dtype=float32"]
-        cfg = compose(*MODEL_OVERRIDES, *dtype, f"runtime.seq_len={SEQ}")
+        cfg = compose_config(*MODEL_OVERRIDES, *dtype, f"runtime.seq_len={SEQ}")
     elif side == "torch":
         from safetensors.torch import load_file
     elif side == "accelerate":
-        from accelerate import init_empty_weights, load_checkpoint_and_dispatch
-    arch = {k: v for k, v in (cfg or compose(*MODEL_OVERRIDES)).model.arch.items() if k != "_target_"}
+        from accelerate import load_checkpoint_and_dispatch
+    arch = {k: v for k, v in (cfg or compose_config(*MODEL_OVERRIDES)).model.arch.items() if k != "_target_"}
     imports = time.perf_counter() - start_imports
     tokens = torch.randint(0, arch["vocab_size"], (1, SEQ), generator=torch.Generator().manual_seed(0))
     shards = sorted(folder.glob("*.safetensors"))
@@ -175,12 +118,7 @@ def child(side: str, folder: Path) -> None:
         del state
         gc.collect()
     else:
-        with init_empty_weights():
-            model = GPT(**arch)
-        # init_empty_weights re-creates every Parameter as it is registered, so GPT's own tie of the head to wte
-        # is lost; tie again, as transformers' tie_weights() would, or Accelerate leaves lm_head on meta.
-        model.lm_head.weight = model.transformer.wte.weight
-        model = load_checkpoint_and_dispatch(model, checkpoint=str(folder), device_map={"": "cpu"},
+        model = load_checkpoint_and_dispatch(empty_gpt(arch), checkpoint=str(folder), device_map={"": "cpu"},
                                              no_split_module_classes=["Block"]).eval()
     t_load = time.perf_counter() - t0
     sampler.phase = "after load"
@@ -233,57 +171,16 @@ def _will_need(files: list[Path]) -> None:
 def ensure_checkpoint() -> Path:
     """The runner's synthetic gpt2large checkpoint, written by the runner itself if not cached (in a subprocess)."""
     code = ("import sys, logging; sys.path.insert(0, %r); logging.basicConfig(level=logging.INFO);"
-            "from load_bench import compose; from runner.build import build_skeleton;"
-            "from runner.checkpoint.synthetic import synthetic_checkpoint;"
-            "cfg = compose(*%r); print('FOLDER', synthetic_checkpoint(cfg.checkpoint, cfg.model,"
-            " build_skeleton(cfg.model)))" % (str(Path(__file__).parent), MODEL_OVERRIDES))
+            "from common import synthetic_folder; print('FOLDER', synthetic_folder(*%r))"
+            % (str(Path(__file__).resolve().parent), MODEL_OVERRIDES))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
         sys.exit(f"cannot write the synthetic checkpoint:\n{proc.stderr}")
     return Path(next(line for line in proc.stdout.splitlines() if line.startswith("FOLDER ")).split(" ", 1)[1])
 
 
-def evict(files: list[Path], tries: int = 5) -> int:
-    """Drop the files' pages from the page cache; the bytes still resident after (from fincore, -1 if unknown).
-
-    Pages another process has mapped cannot be dropped: try a few times, a second apart.
-    """
-    for attempt in range(tries):
-        for file in files:
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                os.fsync(fd)  # dirty pages cannot be dropped
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-        try:
-            out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, files)],
-                                 capture_output=True, text=True, check=True).stdout
-            resident = sum(int(x) for x in out.split())
-        except (OSError, subprocess.CalledProcessError, ValueError):
-            return -1
-        if resident <= COLD_SLACK or attempt == tries - 1:
-            return resident
-        time.sleep(1)
-    return resident
-
-
-def dd_rate(files: list[Path]) -> tuple[float | None, str]:
-    """GB/s of ``dd iflag=direct`` over all shards (page cache bypassed), and how it went."""
-    total, seconds = 0, 0.0
-    for file in files:
-        proc = subprocess.run(["dd", f"if={file}", "of=/dev/null", "bs=16M", "iflag=direct"],
-                              capture_output=True, text=True)
-        match = re.search(r"(\d+) bytes .* copied, ([\d.,]+) s", proc.stderr)
-        if proc.returncode or not match:
-            return None, (proc.stderr.strip().splitlines() or ["dd failed"])[-1]
-        total += int(match.group(1))
-        seconds += float(match.group(2).replace(",", "."))
-    return total / seconds / GB, f"{total / GB:.2f} GB in {seconds:.2f} s"
-
-
 def run_side(side: str, folder: Path, files: list[Path]) -> dict[str, Any]:
-    resident = evict(files)
+    resident = evict(*files, tries=5, slack=COLD_SLACK)  # mapped pages: a few tries, a second apart
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", side, str(folder)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -303,14 +200,6 @@ def fastest_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     chosen = dict(ok[0])
     chosen["all_first_logits"] = [r["first_logits"] for r in runs if "error" not in r]
     return chosen
-
-
-def gb(n: int | None) -> str:
-    return "-" if n is None else f"{n / GB:.2f}"
-
-
-def ratio(a: float | None, b: float | None) -> str:
-    return "-" if a is None or not b else f"{a / b:.2f}x"
 
 
 def report(results: dict[str, dict[str, Any]], checkpoint_bytes: int, largest_shard: int, dd: float | None,
@@ -428,7 +317,7 @@ def main() -> None:
     print(f"checkpoint: {folder} ({len(files)} shards, {sum(sizes) / GB:.2f} GB), ready after "
           f"{time.perf_counter() - start:.0f} s", flush=True)
     dd, dd_note = (None, "skipped") if args.no_dd else dd_rate(files)
-    sides = [s for s in args.sides if s != "accelerate" or _importable("accelerate")]
+    sides = [s for s in args.sides if s != "accelerate" or importable("accelerate")]
     sides += [s for s in WHAT_IF if args.what_if and s not in sides]
     raw: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     for i in range(args.repeats):  # rounds over all sides, so a busy spell on the machine hits every side alike
@@ -448,11 +337,6 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(raw, indent=1))
     print(f"\nbench took {time.perf_counter() - start:.0f} s")
-
-
-def _importable(name: str) -> bool:
-    import importlib.util
-    return importlib.util.find_spec(name) is not None
 
 
 if __name__ == "__main__":

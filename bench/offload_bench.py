@@ -8,7 +8,9 @@ with a 1 GiB CPU budget and the rest on disk, and run a fixed ``[4, 128]`` batch
 
 - ``runner``: ``runner.pipeline.prepare`` with ``hardware=cpu max_memory.cpu=1GiB runtime.batch_size=4
   runtime.seq_len=128 offload.folder=<dir>`` (its planner places the blocks; disk blocks are read
-  straight from the checkpoint's shards, prefetched ``offload.prefetch`` blocks ahead);
+  straight from the checkpoint's shards, a few aligned spans per block into reused buffers, from the page
+  cache when the bytes are there and with ``O_DIRECT`` otherwise (``offload.direct_io``), prefetched
+  ``offload.prefetch`` blocks ahead);
 - ``accelerate``: ``init_empty_weights()`` + ``GPT(**arch)``, the map from Accelerate's own
   ``infer_auto_device_map(max_memory={"cpu": 1GiB}, no_split_module_classes=["Block"])``, then
   ``load_checkpoint_and_dispatch(model, <checkpoint folder>, device_map, offload_folder=<dir>)``
@@ -22,10 +24,11 @@ every file of its checkpoint and offload folder is fsynced and dropped from the 
 (``posix_fadvise(POSIX_FADV_DONTNEED)``; ``fincore`` reports what stayed). Per side: load time; one
 warm-up forward, ``--repeats`` evicted forwards (median reported), ``--warm`` warm forwards (no eviction);
 peak RSS (``ru_maxrss``) and RSS sampled every 10 ms during the forwards; bytes read from the device
-(``/proc/self/io``). The runner's disk reads are also timed (the bench wraps ``read_uncached`` and the
-prefetcher's ``before``, in its own process only): the read rate while reading, the CPU the reads cost
-(``getrusage(RUSAGE_THREAD)``), and the time the forward stalled waiting for a block; next to them,
-``dd iflag=direct bs=16M`` on the same shards.
+(``/proc/self/io``). The runner's disk reads are also timed (the bench wraps ``SpanReader.read``, the
+``read_uncached`` fallback and the prefetcher's ``before``, in its own process only): the read rate while
+reading, the CPU the reads cost (``getrusage(RUSAGE_THREAD)``), the time the forward stalled waiting for a
+block, and the spans the prefetcher's reader took from the page cache, read with ``O_DIRECT`` or read
+through the page cache (``SpanReader.counts``); next to them, ``dd iflag=direct bs=16M`` on the same shards.
 
 A third subprocess holds four models at once and runs them in interleaved, warm rounds: the runner's
 all-resident map (``max_memory.cpu=16GiB``), the plain ``GPT`` with ``load_state_dict`` of the same weights
@@ -34,8 +37,9 @@ hooks alone), and the runner's 1 GiB disk map (the warm-cache target). The first
 These two targets compare fastest forwards when both had the cores to themselves ("busy" = process CPU
 time / (threads x wall) >= 0.9); on a busy machine they compare process CPU time, the work done.
 
-``--what-if`` adds the runner with the read path this bench proposes (``StagedReads``), patched in the
-bench's own processes only: a third disk-map side, ``runner+staged``, and a fifth model in the rounds.
+``--buffered`` sets the runner's ``O_DIRECT`` path against the page-cache one: a third disk-map side,
+``runner+buffered`` (the runner with ``offload.direct_io=false``, on its own copy of the checkpoint), and a
+fifth model in the rounds (the runner's 1 GiB disk map with ``offload.direct_io=false``).
 
 Run ``python bench/offload_bench.py``: ~4 minutes on 2 idle cores (a forward is ~4.5 s there; other
 jobs can make it 2-3x longer), plus ~25 s to write the checkpoint and its copy the first time.
@@ -45,10 +49,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import queue
-import re
 import resource
 import shutil
 import statistics
@@ -59,16 +61,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # this checkout's runner, whatever an installed one points at
-GB, GiB, MiB = 10**9, 2**30, 2**20
-PAGE = os.sysconf("SC_PAGE_SIZE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py (which puts this checkout's runner first)
+from common import (GB, MiB, ROOT, Sampler, compose_config, dd_rate, empty_gpt, evict, files_under, gb,  # noqa: E402
+                    importable, package_version, quiet, ratio, synthetic_folder)
+
 BATCH, SEQ = 4, 128
 CPU_BUDGET = "1GiB"
 MODEL_OVERRIDES = ["model=gpt2large", "hardware=cpu", "checkpoint.shard_size=500MB", "dtype=float32",
                    f"runtime.batch_size={BATCH}", f"runtime.seq_len={SEQ}"]
 TARGETS = {"load": 0.25, "evicted": 0.7, "warm": 1.05, "hooks": 1.03}
 RSS_SLACK = 600 * 10**6  # the issue's "+ 600 MB" of runtime above the budget and two blocks
+BUFFERED = ["offload.direct_io=false"]  # --buffered: disk blocks read through the page cache, not with O_DIRECT
 
 
 # -- probes -------------------------------------------------------------------------------------------------------
@@ -81,94 +84,55 @@ def read_bytes() -> int:
     return 0
 
 
-def files_under(*roots: Path) -> list[Path]:
-    out = []
-    for root in roots:
-        if root.is_file():
-            out.append(root)
-        elif root.is_dir():
-            out += sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
-    return out
-
-
-def evict(*roots: Path) -> int:
-    """Drop every file's pages under ``roots`` from the page cache; bytes still cached after (fincore; -1 unknown).
-
-    Pages a process has mapped stay (the kernel will not drop them): resident weights that are views of a
-    mapped shard are memory, not disk, on both sides.
-    """
-    files = files_under(*roots)
-    for file in files:
-        try:
-            fd = os.open(file, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)  # dirty pages (a just-written offload folder) cannot be dropped
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    if not files:
-        return 0
-    try:
-        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, files)],
-                             capture_output=True, text=True, check=True).stdout
-        return sum(int(x) for x in out.split())
-    except (OSError, subprocess.CalledProcessError, ValueError):
-        return -1
-
-
-class Sampler(threading.Thread):
-    """RSS every ``interval`` seconds, max per phase (the main thread sets ``phase``)."""
-
-    def __init__(self, interval: float = 0.01):
-        super().__init__(daemon=True)
-        self.interval, self.phase = interval, "setup"
-        self.peaks: dict[str, int] = {}
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        fd = os.open("/proc/self/statm", os.O_RDONLY)
-        try:
-            while not self._halt.is_set():
-                rss = int(os.pread(fd, 128, 0).split()[1]) * PAGE
-                self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
-                self._halt.wait(self.interval)
-        finally:
-            os.close(fd)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join()
+SPANS = ("cached", "direct", "buffered")  # how a span was read: from the page cache, O_DIRECT, through the cache
 
 
 class ReadStats:
-    """The runner's disk reads, counted in the bench process only: ``read_uncached`` calls (bytes, seconds,
-    on any thread) and the time the forward's thread spent in the prefetcher's ``before`` (a stall: waiting
-    for a block's reads, or reading it itself)."""
+    """The runner's disk reads, counted in the bench process only, on any thread: ``SpanReader.read`` calls (a
+    disk block's spans read into its reused buffer: bytes = the spans' ``need``) and ``read_uncached`` calls (the
+    fallback, one tensor, for a block with no span plan), with their seconds and the reading thread's CPU; the
+    spans every prefetcher's reader read each way (``SpanReader.counts``); and the time the forward's thread spent
+    in the prefetcher's ``before`` (a stall: waiting for a block's reads, or reading it itself)."""
+
+    FIELDS = ("bytes", "calls", "read_s", "stall_s", "user_s", "sys_s", *SPANS)
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.bytes = self.calls = 0
         self.read_s = self.stall_s = self.user_s = self.sys_s = 0.0
+        self.readers: list[Any] = []  # each Prefetcher's SpanReader in this process
 
     def install(self) -> None:
         from runner.checkpoint.files import Checkpoint
+        from runner.checkpoint.reads import SpanReader
         from runner.offload import Prefetcher
-        stats, read, before = self, Checkpoint.read_uncached, Prefetcher.before
+        stats, uncached, spans = self, Checkpoint.read_uncached, SpanReader.read
+        init, before = Prefetcher.__init__, Prefetcher.before
 
-        def timed_read(checkpoint, key):
+        def timed_uncached(checkpoint, key):
             r0, t0 = resource.getrusage(resource.RUSAGE_THREAD), time.perf_counter()
-            tensor = read(checkpoint, key)
+            tensor = uncached(checkpoint, key)
             stats.record(tensor.numel() * tensor.element_size(), t0, r0)
             return tensor
+
+        def timed_spans(reader, reads, buffer):
+            r0, t0 = resource.getrusage(resource.RUSAGE_THREAD), time.perf_counter()
+            tensors = spans(reader, reads, buffer)
+            stats.record(sum(span.need for span in reads.spans), t0, r0)
+            return tensors
+
+        def seen_init(prefetcher, *args, **kwargs):
+            init(prefetcher, *args, **kwargs)
+            with stats.lock:
+                stats.readers.append(prefetcher.reader)
 
         def timed_before(prefetcher, block):
             t0 = time.perf_counter()
             before(prefetcher, block)
             stats.stall_s += time.perf_counter() - t0
 
-        Checkpoint.read_uncached, Prefetcher.before = timed_read, timed_before
+        Checkpoint.read_uncached, SpanReader.read = timed_uncached, timed_spans
+        Prefetcher.__init__, Prefetcher.before = seen_init, timed_before
 
     def record(self, nbytes: int, t0: float, r0) -> None:
         """One read of ``nbytes`` that started at ``t0`` (perf_counter) with this thread's rusage ``r0``."""
@@ -180,139 +144,17 @@ class ReadStats:
             self.user_s += r1.ru_utime - r0.ru_utime
             self.sys_s += r1.ru_stime - r0.ru_stime
 
-    FIELDS = ("bytes", "calls", "read_s", "stall_s", "user_s", "sys_s")
+    def spans(self) -> dict[str, int]:
+        """Spans read so far, by how, over every reader."""
+        return {how: sum(reader.counts[how] for reader in self.readers) for how in SPANS}
 
     def snapshot(self) -> tuple[float, ...]:
         with self.lock:
-            return tuple(getattr(self, f) for f in self.FIELDS)
-
-
-class StagedReads:
-    """What-if (``--what-if``): the read path proposed for the runner, patched in the bench's processes only.
-
-    Each disk block is read into a reusable, page-aligned staging arena (one per block in flight: the running
-    one and those prefetched; handed back when the block is detached), not into a fresh ``bytearray`` per
-    tensor, so no page is faulted in, zeroed and unmapped again on every forward. A tensor is read from the
-    page cache when it is all there (``preadv(RWF_NOWAIT)`` fails rather than wait for the disk); otherwise
-    with ``O_DIRECT`` over its page-aligned span, straight from the device into the arena, without
-    the cost of filling the page cache; a block whose first tensor is not cached is read that way throughout
-    (a probe that misses starts the kernel's readahead, so it is not repeated). Blocks it cannot stage (a transform on the way, a dtype cast, a
-    non-CPU device) keep the shipped path. ``only``: the ids of the modules to stage (None: all).
-    """
-
-    ALIGN = 4096
-
-    def __init__(self, stats: ReadStats | None = None, only: set[int] | None = None):
-        self.stats, self.only = stats, only
-        self.lock = threading.Lock()
-        self.free: list[mmap.mmap] = []
-        self.held: dict[int, mmap.mmap] = {}
-        self.fds: dict[tuple[Path, bool], int] = {}
-        self.arenas = self.direct_reads = self.cached_reads = 0
-
-    def install(self) -> None:
-        from runner.offload import DiskBlock
-        fetch, detach, staged = DiskBlock.fetch, DiskBlock.detach, self
-
-        def staged_fetch(block):
-            if staged.only is None or id(block.module) in staged.only:
-                tensors = staged.fetch(block)
-                if tensors is not None:
-                    return tensors, None
-            return fetch(block)
-
-        def staged_detach(block):
-            detach(block)
-            with staged.lock:
-                arena = staged.held.pop(id(block), None)
-                if arena is not None:
-                    staged.free.append(arena)
-
-        DiskBlock.fetch, DiskBlock.detach = staged_fetch, staged_detach
-
-    def _fd(self, file: Path, direct: bool) -> int:
-        fd = self.fds.get((file, direct))
-        if fd is None:
-            try:
-                fd = os.open(file, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-            except OSError:  # a filesystem without O_DIRECT: buffered
-                fd = self._fd(file, False)
-            self.fds[(file, direct)] = fd
-        return fd
-
-    def _arena(self, size: int) -> mmap.mmap:
-        with self.lock:
-            fits = [a for a in self.free if len(a) >= size]
-            if fits:
-                arena = min(fits, key=len)
-                self.free.remove(arena)
-                return arena
-            self.arenas += 1
-        return mmap.mmap(-1, -(-size // MiB) * MiB)  # anonymous, so page-aligned
-
-    def fetch(self, block) -> dict | None:
-        import torch
-        checkpoint = block.read.__self__  # the runner reads disk blocks through this checkpoint's read_uncached
-        inner = getattr(checkpoint, "inner", checkpoint)
-        if block.device.type != "cpu" or not hasattr(inner, "_offsets"):
-            return None
-        located, spans, a = inner._offsets(), [], self.ALIGN
-        for key in dict.fromkeys(block.slots.values()):
-            source = getattr(checkpoint, "sources", {}).get(key)
-            if source is not None and source.transform is not None:
-                return None
-            stored = source.key if source is not None else key
-            entry = inner.entries[stored]
-            if stored not in located or (entry.dtype.is_floating_point and entry.dtype != block.dtype):
-                return None
-            file, start, nbytes = located[stored]
-            spans.append((key, file, start, nbytes, start // a * a, -(-(start + nbytes) // a) * a, entry))
-        arena = self._arena(sum(end - begin for *_, begin, end, _ in spans))
-        view, pos, tensors, cold = memoryview(arena), 0, {}, False
-        for key, file, start, nbytes, begin, end, entry in spans:
-            r0, t0 = resource.getrusage(resource.RUSAGE_THREAD), time.perf_counter()
-            at = pos + start - begin  # the same place whichever way it is read
-            got = -1
-            if not cold:
-                try:
-                    got = os.preadv(self._fd(file, False), [view[at:at + nbytes]], start, os.RWF_NOWAIT)
-                except BlockingIOError:  # not (all) in the page cache
-                    cold = True
-            if got == nbytes:
-                self.cached_reads += 1
-            else:
-                got = os.preadv(self._fd(file, True), [view[pos:pos + end - begin]], begin)
-                if got < start + nbytes - begin:  # a short read only past the end of the file
-                    raise OSError(f"{file}: short read of {key}")
-                self.direct_reads += 1
-            tensors[key] = (torch.frombuffer(view[at:at + nbytes], dtype=entry.dtype).reshape(entry.shape)
-                            if nbytes else torch.empty(entry.shape, dtype=entry.dtype))
-            if self.stats:
-                self.stats.record(nbytes, t0, r0)
-            pos += end - begin
-        with self.lock:
-            self.held[id(block)] = arena
-        return tensors
+            spans = self.spans()
+            return tuple(spans[f] if f in spans else getattr(self, f) for f in self.FIELDS)
 
 
 # -- the children: one side each, in a fresh process --------------------------------------------------------------
-
-def compose_config(*overrides: str):
-    """The config ``python -m runner <overrides>`` would run with, typed (as tests/conftest.py composes it)."""
-    from hydra import compose, initialize_config_dir
-
-    from runner.config import load_config
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        return load_config(compose(config_name="config", overrides=list(overrides)))
-
-
-def _quiet() -> None:
-    import logging
-    import warnings
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
 
 def _tokens(vocab: int):
     import torch
@@ -331,21 +173,16 @@ def _arch() -> dict[str, Any]:
 
 def child_write() -> None:
     """Have the runner write (or find) its synthetic checkpoint; print its folder."""
-    _quiet()
-    from runner.build import build_skeleton
-    from runner.checkpoint.synthetic import synthetic_checkpoint
-    cfg = compose_config(*MODEL_OVERRIDES)
-    folder = synthetic_checkpoint(cfg.checkpoint, cfg.model, build_skeleton(cfg.model))
-    print("STEP " + json.dumps({"folder": str(folder)}), flush=True)
+    quiet()
+    print("STEP " + json.dumps({"folder": str(synthetic_folder(*MODEL_OVERRIDES))}), flush=True)
 
 
 def child_side(side: str, work: Path, folder: Path) -> None:
     """One side with the disk map, as a server: the parent says ``load``, ``forward <kind>`` and ``done`` on
     stdin (having evicted the side's files when the step asks for it), and gets one ``STEP {json}`` line back."""
-    _quiet()
+    quiet()
     import torch
     torch.set_num_threads(os.cpu_count() or 1)
-    from runner.zoo.gpt import GPT
     offload = work / f"{slug(side)}-offload"
     extra: dict[str, Any] = {}
     stats = None
@@ -353,18 +190,16 @@ def child_side(side: str, work: Path, folder: Path) -> None:
         from runner.pipeline import prepare
         stats = ReadStats()
         stats.install()
-        # The what-if side reads its own copy of the checkpoint (see main), as a local one: same bytes.
+        # runner+buffered reads its own copy of the checkpoint (see main), as a local one: same bytes.
         overrides = MODEL_OVERRIDES if side == "runner" else [
             *(o for o in MODEL_OVERRIDES if not o.startswith("checkpoint.")), "checkpoint=local",
-            f"checkpoint.path={folder}"]
+            f"checkpoint.path={folder}", *BUFFERED]
         cfg = compose_config(*overrides, f"max_memory.cpu={CPU_BUDGET}", f"offload.folder={offload}")
-        if side == "runner+staged":
-            staged = StagedReads(stats)
-            staged.install()
         arch = {k: v for k, v in cfg.model.arch.items() if k != "_target_"}
         extra["prefetch"] = cfg.placement.prefetch
+        extra["direct_io"] = cfg.placement.direct_io
     else:
-        from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+        from accelerate import load_checkpoint_and_dispatch
         from accelerate.utils import infer_auto_device_map
         arch = _arch()
         shutil.rmtree(offload, ignore_errors=True)  # Accelerate rewrites it anyway; no stale files to evict
@@ -397,11 +232,7 @@ def child_side(side: str, work: Path, folder: Path) -> None:
                 extra["reserves"] = result.plan.reserves
                 assert Path(result.checkpoint.files[0]).parent == folder, (result.checkpoint.files[0], folder)
             else:
-                with init_empty_weights():
-                    model = GPT(**arch)
-                # init_empty_weights re-creates every Parameter as it is registered, which unties the head from
-                # wte: tie again, as transformers' tie_weights() would, or lm_head stays on meta.
-                model.lm_head.weight = model.transformer.wte.weight
+                model = empty_gpt(arch)
                 device_map = infer_auto_device_map(model, max_memory={"cpu": _size(CPU_BUDGET)},
                                                    no_split_module_classes=["Block"])
                 model = load_checkpoint_and_dispatch(model, checkpoint=str(folder), device_map=device_map,
@@ -438,9 +269,8 @@ def child_side(side: str, work: Path, folder: Path) -> None:
             step(row)
         elif command == ["done"]:
             sampler.stop()
-            if side == "runner+staged":
-                extra["staged"] = {"arenas": staged.arenas, "direct": staged.direct_reads,
-                                   "cached": staged.cached_reads}
+            if stats:
+                extra["spans"] = stats.spans()
             step({"forwards": forwards, "logits": _logits_summary(logits) if logits is not None else None,
                   "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "rss_load": sampler.peaks.get("load", 0),
@@ -448,10 +278,10 @@ def child_side(side: str, work: Path, folder: Path) -> None:
             return
 
 
-def child_compare(work: Path, folder: Path, rounds: int, what_if: bool) -> None:
+def child_compare(work: Path, folder: Path, rounds: int, buffered: bool) -> None:
     """Warm, interleaved: the runner's all-resident map, the plain model, the runner's disk map (and, with
-    ``what_if``, a second disk-map model with the staged reads)."""
-    _quiet()
+    ``buffered``, a second disk-map model with ``offload.direct_io=false``)."""
+    quiet()
     import torch
     torch.set_num_threads(os.cpu_count() or 1)
     from runner.pipeline import prepare
@@ -481,13 +311,13 @@ def child_compare(work: Path, folder: Path, rounds: int, what_if: bool) -> None:
     timings["disk-map load"] = time.perf_counter() - t0
     models = {"resident": resident.model, "plain": plain, "plain, runner's tensors": shared,
               "disk map (warm)": offload.model}
-    if what_if:
+    if buffered:
         t0 = time.perf_counter()
-        staged = prepare(compose_config(*MODEL_OVERRIDES, f"max_memory.cpu={CPU_BUDGET}",
-                                        f"offload.folder={work / 'runner-offload'}"), work / "runner-run")
-        StagedReads(only={id(m) for m in staged.model.modules()}).install()
-        timings["staged disk-map load"] = time.perf_counter() - t0
-        models["disk map (warm, staged)"] = staged.model
+        through_cache = prepare(compose_config(*MODEL_OVERRIDES, f"max_memory.cpu={CPU_BUDGET}",
+                                               f"offload.folder={work / 'runner-offload'}", *BUFFERED),
+                                work / "runner-run")
+        timings["buffered disk-map load"] = time.perf_counter() - t0
+        models["disk map (warm, buffered)"] = through_cache.model
     threads = torch.get_num_threads()
     hook_s, hooks = _hook_cost(resident.model, torch.zeros(BATCH, SEQ, arch["n_embd"]))
     times: dict[str, list[float]] = {k: [] for k in models}
@@ -618,31 +448,9 @@ class Child:
             self.proc.kill()
 
 
-def dd_rate(files: list[Path]) -> tuple[float | None, str]:
-    """GB/s of ``dd iflag=direct`` over the files (page cache bypassed)."""
-    total, seconds = 0, 0.0
-    for file in files:
-        proc = subprocess.run(["dd", f"if={file}", "of=/dev/null", "bs=16M", "iflag=direct"],
-                              capture_output=True, text=True, check=False)
-        match = re.search(r"(\d+) bytes .* copied, ([\d.,]+) s", proc.stderr)
-        if proc.returncode or not match:
-            return None, (proc.stderr.strip().splitlines() or ["dd failed"])[-1]
-        total += int(match.group(1))
-        seconds += float(match.group(2).replace(",", "."))
-    return total / seconds / GB, f"{total / GB:.2f} GB in {seconds:.2f} s"
-
-
 def med(values: list[float]) -> float | None:
     """The median, or None when nothing was measured (e.g. reads the instrumentation does not see)."""
     return statistics.median(values) if values else None
-
-
-def gb(n: float | None) -> str:
-    return "-" if n is None else f"{n / GB:.2f}"
-
-
-def ratio(a: float | None, b: float | None) -> str:
-    return "-" if a is None or not b else f"{a / b:.2f}x"
 
 
 def verdict(ok: bool | None, text: str) -> str:
@@ -665,16 +473,23 @@ def report(sides: dict[str, dict[str, Any]], compare: dict[str, Any], dd: float 
     def kinds(r: dict[str, Any], kind: str) -> list[dict[str, Any]]:
         return [f for f in r["forwards"] if f["kind"] == kind]
 
+    def spans_text(counts: dict[str, float | None]) -> str:
+        """SpanReader.counts: spans copied from the page cache, read with O_DIRECT, read through the page cache."""
+        return ", ".join(f"{'-' if counts.get(how) is None else f'{counts[how]:.0f}'} {how}" for how in SPANS)
+
+    def span_medians(rows: list[dict[str, Any]]) -> str:
+        return spans_text({how: med([f[how] for f in rows if how in f]) for how in SPANS})
+
     if ok:
         print("\nDisk-map runs (one subprocess per side, forwards alternating between the sides; evicted: medians):")
-        head = (f"{'side':10} {'load':>6} {'evicted fwd':>11} {'cpu s':>6} {'busy':>4} {'stall':>5} {'warm fwd':>8} "
+        head = (f"{'side':15} {'load':>6} {'evicted fwd':>11} {'cpu s':>6} {'busy':>4} {'stall':>5} {'warm fwd':>8} "
                 f"{'streamed/fwd':>12} {'device read/fwd':>15} {'peak RSS':>8} {'RSS fwds':>8} {'RSS load':>8}")
         print(head)
         print("-" * len(head))
         for side, r in ok.items():
             ev, wm = kinds(r, "evicted"), kinds(r, "warm")
             stall = f"{med([f['stall_s'] for f in ev]):5.2f}" if "stall_s" in ev[0] else f"{'-':>5}"
-            print(f"{side:10} {r['load']:6.2f} {med([f['wall'] for f in ev]):11.2f} {med([f['cpu'] for f in ev]):6.2f} "
+            print(f"{side:15} {r['load']:6.2f} {med([f['wall'] for f in ev]):11.2f} {med([f['cpu'] for f in ev]):6.2f} "
                   f"{med([f['busy'] for f in ev]):4.2f} {stall} "
                   f"{med([f['wall'] for f in wm]) if wm else float('nan'):8.2f} {gb(r['streamed']):>12} "
                   f"{gb(med([f['read_bytes'] for f in ev])):>15} {gb(r['peak']):>8} {gb(r['rss_forwards']):>8} "
@@ -688,7 +503,9 @@ def report(sides: dict[str, dict[str, Any]], compare: dict[str, Any], dd: float 
                   f"(mapped pages of resident weights stay); read from the device by the load: "
                   f"{gb(r['load_read_bytes'])} GB")
             if side.startswith("runner"):
-                print(f"    prefetch depth {r['prefetch']}; stages (s): "
+                print(f"    prefetch depth {r['prefetch']}, offload.direct_io={str(r['direct_io']).lower()}; "
+                      f"spans read over the whole run: {spans_text(r['spans'])}")
+                print("    stages (s): "
                       + ", ".join(f"{k} {v:.2f}" for k, v in r["timings"].items())
                       + "; reserves: " + ", ".join(f"{d}: " + ", ".join(f"{k} {gb(v)}" for k, v in x.items())
                                                    for d, x in r["reserves"].items()) + " GB")
@@ -710,14 +527,13 @@ def report(sides: dict[str, dict[str, Any]], compare: dict[str, Any], dd: float 
               f"{gb(med([f['bytes'] / f['read_s'] for f in ev if f['read_s']]))} GB/s while reading (bytes / seconds "
               f"inside the reads); the forward waited {med([f['stall_s'] for f in ev]):.2f} s of {wall:.2f} s "
               f"for blocks; the reads cost {med([f['sys_s'] for f in ev]):.2f} s system + "
-              f"{med([f['user_s'] for f in ev]):.2f} s user CPU (getrusage of the reading thread)")
+              f"{med([f['user_s'] for f in ev]):.2f} s user CPU (getrusage of the reading thread); "
+              f"spans: {span_medians(ev)}")
         if wm:
             print(f"    warm: {gb(med([f['bytes'] / f['read_s'] for f in wm if f['read_s']]))} GB/s while reading, "
                   f"{gb(med([f['read_bytes'] for f in wm]))} GB from the device; the reads cost "
-                  f"{med([f['sys_s'] for f in wm]):.2f} s system + {med([f['user_s'] for f in wm]):.2f} s user CPU")
-        if "staged" in r:
-            print(f"    staged reads: {r['staged']['arenas']} arenas; {r['staged']['direct']} O_DIRECT reads, "
-                  f"{r['staged']['cached']} from the page cache, over the whole run")
+                  f"{med([f['sys_s'] for f in wm]):.2f} s system + {med([f['user_s'] for f in wm]):.2f} s user CPU; "
+                  f"spans: {span_medians(wm)}")
     print(f"  dd iflag=direct bs=16M, same shards: {'-' if dd is None else f'{dd:.2f} GB/s'} ({dd_note})")
 
     cmp_ok = bool(compare) and "error" not in compare
@@ -728,7 +544,7 @@ def report(sides: dict[str, dict[str, Any]], compare: dict[str, Any], dd: float 
         print(f"\nWarm, interleaved in one subprocess ({len(compare['times']['resident'])} rounds after a warm-up "
               f"round): wall s fastest, median; process CPU s median; each round's wall/busy")
         for name, t in compare["times"].items():
-            print(f"  {name:23} {min(t):6.2f} {med(t):6.2f} {med(compare['cpu'][name]):6.2f}   "
+            print(f"  {name:25} {min(t):6.2f} {med(t):6.2f} {med(compare['cpu'][name]):6.2f}   "
                   + ", ".join(f"{x:.2f}/{b:.2f}" for x, b in zip(t, busy[name]))
                   + f"   (device reads {gb(compare['read_bytes'][name])} GB)")
         print("  loads (s): " + ", ".join(f"{k} {v:.2f}" for k, v in compare["timings"].items()))
@@ -761,13 +577,14 @@ def report(sides: dict[str, dict[str, Any]], compare: dict[str, Any], dd: float 
                                              f"wall {med(t[name]) / med(t[base]):.3f}x, median CPU {cpu_ratio:.3f}x)")
 
     has_acc = bool(acc) and "error" not in acc
-    for side, warm_model, tag in (("runner", "disk map (warm)", ""), ("runner+staged", "disk map (warm, staged)",
-                                                                      "[what-if: runner+staged] ")):
+    for side, warm_model, tag in (("runner", "disk map (warm)", ""),
+                                  ("runner+buffered", "disk map (warm, buffered)", "[runner+buffered] ")):
         if side not in sides:
             continue
         r = sides[side]
         has = "error" not in r
-        print(f"\n{tag}the same targets with the proposed reads:" if tag else "\nTargets (issue 5):")
+        print(f"\n{tag}the same targets reading through the page cache (offload.direct_io=false):" if tag
+              else "\nTargets (issue 5):")
         lines = []
         if has and has_acc:
             a, b = r["load"], acc["load"]
@@ -813,8 +630,9 @@ def report(sides: dict[str, dict[str, Any]], compare: dict[str, Any], dd: float 
 
 
 def copy_checkpoint(folder: Path, to: Path) -> Path:
-    """Accelerate's own copy of the checkpoint (same bytes), so that the two live sides share no page cache:
-    pages one side maps for its resident blocks would otherwise be cache hits for the other's disk reads."""
+    """A side's own copy of the checkpoint (same bytes: Accelerate's, runner+buffered's), so that the live sides
+    share no page cache: pages one side maps for its resident blocks would otherwise be cache hits for another's
+    disk reads."""
     to.mkdir(parents=True, exist_ok=True)
     for file in sorted(folder.iterdir()):
         if file.is_file() and not ((to / file.name).is_file() and (to / file.name).stat().st_size == file.stat().st_size):
@@ -832,9 +650,10 @@ def main() -> int:
     parser.add_argument("--sides", nargs="+", choices=("runner", "accelerate", "compare"),
                         default=["runner", "accelerate", "compare"])
     parser.add_argument("--no-dd", action="store_true", help="skip the dd reference")
-    parser.add_argument("--what-if", action="store_true",
-                        help="also run the runner with the proposed read path patched in (StagedReads): a third "
-                             "disk-map side, runner+staged, and a fourth model in the warm rounds")
+    parser.add_argument("--buffered", action="store_true",
+                        help="also run the runner with offload.direct_io=false (disk blocks read through the page "
+                             "cache, not with O_DIRECT): a third disk-map side, runner+buffered, and a fifth model "
+                             "in the warm rounds")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -852,10 +671,10 @@ def main() -> int:
         return 0
 
     start = time.perf_counter()
-    print(f"torch {_version('torch')}, accelerate {_version('accelerate')}; {os.cpu_count()} cpus (torch threads "
-          f"{os.cpu_count()}); cache {cache}", flush=True)
+    print(f"torch {package_version('torch')}, accelerate {package_version('accelerate')}; {os.cpu_count()} cpus "
+          f"(torch threads {os.cpu_count()}); cache {cache}", flush=True)
     print(f"plan: each side 1 warm-up + {args.repeats} evicted + {args.warm} warm forwards, the two sides alternating; "
-          f"then 1 warm-up + {args.rounds} interleaved rounds of " + ("5" if args.what_if else "4") + " models", flush=True)
+          f"then 1 warm-up + {args.rounds} interleaved rounds of " + ("5" if args.buffered else "4") + " models", flush=True)
     work.mkdir(parents=True, exist_ok=True)
     writer = Child("write")
     written = writer.ask(None, timeout=600)
@@ -867,10 +686,10 @@ def main() -> int:
     shards = sorted(folder.glob("*.safetensors"))
     total = sum(f.stat().st_size for f in shards)
     names = [s for s in ("runner", "accelerate") if s in args.sides]
-    if "accelerate" in names and not _importable("accelerate"):
+    if "accelerate" in names and not importable("accelerate"):
         names.remove("accelerate")
-    if args.what_if and "runner" in names:
-        names.append("runner+staged")
+    if args.buffered and "runner" in names:
+        names.append("runner+buffered")
     folders = {"runner": folder}
     for side in names[1:]:  # each live side its own copy: no shared page cache, no shared mapped pages
         folders[side] = copy_checkpoint(folder, work / f"{slug(side)}-checkpoint")
@@ -914,7 +733,7 @@ def main() -> int:
 
     compare: dict[str, Any] = {}
     if "compare" in args.sides:
-        child = Child("compare", str(folder), str(args.rounds), "1" if args.what_if else "0")
+        child = Child("compare", str(folder), str(args.rounds), "1" if args.buffered else "0")
         compare = child.ask(None, timeout=1200)
         child.close()
         print(f"[compare done after {time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
@@ -923,19 +742,6 @@ def main() -> int:
         args.json.write_text(json.dumps({"sides": sides, "compare": compare, "dd": dd}, indent=1))
     print(f"\n(bench wall time {time.perf_counter() - start:.0f} s)")
     return 0
-
-
-def _version(package: str) -> str:
-    try:
-        from importlib.metadata import version
-        return version(package)
-    except Exception:  # noqa: BLE001
-        return "?"
-
-
-def _importable(name: str) -> bool:
-    import importlib.util
-    return importlib.util.find_spec(name) is not None
 
 
 if __name__ == "__main__":

@@ -25,14 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -41,8 +38,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-GiB, MiB = 2**30, 2**20
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
+from common import ROOT, GiB, MiB, package_version, quiet, reset_peak, status_bytes  # noqa: E402
 DISK = 10**15            # "huge": neither side is ever short of disk
 DTYPE = torch.float32    # both sides plan in fp32
 
@@ -233,26 +230,13 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
 # -- peak RSS, in a fresh subprocess per case and side ----------------------------------------------------------------
 
 def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := VmRSS
-        return True
-    except OSError:
-        return False
+    n = status_bytes(field).get(field)
+    return None if n is None else n // 1024
 
 
 def child(case_name: str, side: str) -> None:
     """Build the case's model, plan it once on one side, print one JSON line with the RSS figures (bytes)."""
-    _quiet()
+    quiet()
     case = BY_NAME[case_name]
     if side == "accelerate":
         from accelerate.utils import infer_auto_device_map  # noqa: F401 -- imported before the measurement
@@ -262,7 +246,7 @@ def child(case_name: str, side: str) -> None:
     model = case.build()
     rss_before = _status_kib("VmRSS")
     peak_before = _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    exact = rss_before is not None and _reset_peak()
+    exact = rss_before is not None and reset_peak()
     if side == "accelerate":
         plan_accelerate(model, case)
     else:
@@ -308,12 +292,6 @@ def describe_runs(runs: list[tuple[str, list[str]]], sizes: dict[str, int]) -> s
     return " -> ".join(parts)
 
 
-def _quiet() -> None:
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)  # Accelerate warns that cuda:N is absent, transformers about configs
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", choices=list(BY_NAME), default=list(BY_NAME))
@@ -325,10 +303,10 @@ def main() -> int:
     if args.child:
         child(*args.child)
         return 0
-    _quiet()
+    quiet()
     started = time.perf_counter()
     rows, details, verdict_never_more, verdict_strict, worse, failed = [], [], True, None, [], []
-    print(f"torch {torch.__version__}, accelerate {_version('accelerate')}, transformers {_version('transformers')}; "
+    print(f"torch {torch.__version__}, accelerate {package_version('accelerate')}, transformers {package_version('transformers')}; "
           f"fp32; budgets equal on both sides, no runtime reserves on ours; times: median of {args.repeats}; "
           f"RSS: one subprocess per case and side\n")
     for case in (BY_NAME[n] for n in args.cases):
@@ -422,14 +400,6 @@ def main() -> int:
           f"strictly fewer on the uneven case: {strict}")
     print(f"(bench wall time {time.perf_counter() - started:.0f}s)")
     return 0
-
-
-def _version(package: str) -> str:
-    try:
-        from importlib.metadata import version
-        return version(package)
-    except Exception:  # noqa: BLE001
-        return "?"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,201 @@
+"""Helpers shared by the benchmarks in this folder (``plan_bench``, ``load_bench``, ``offload_bench``).
+
+A bench script puts this folder on ``sys.path`` and imports from here; importing it puts this checkout's
+root first on ``sys.path`` too, so ``runner`` is this checkout's, whatever an installed one points at.
+Only the standard library is imported at module level: the benches time their own imports (torch,
+accelerate) and their children import what they measure, when they measure it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's runner, whatever an installed one points at
+GB, GiB, MiB = 10**9, 2**30, 2**20
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# -- packages and the runner's config -------------------------------------------------------------------------------
+
+def package_version(package: str) -> str:
+    """The installed version of ``package``, or "?"."""
+    try:
+        from importlib.metadata import version
+        return version(package)
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+def importable(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+def quiet() -> None:
+    """No warnings and no log lines below ERROR (Accelerate warns that cuda:N is absent, transformers about
+    configs), so that a child's output is its figures."""
+    import logging
+    import warnings
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def compose_config(*overrides: str):
+    """The config ``python -m runner <overrides>`` would run with, typed (as tests/conftest.py composes it)."""
+    from hydra import compose, initialize_config_dir
+
+    from runner.config import load_config
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        return load_config(compose(config_name="config", overrides=list(overrides)))
+
+
+def synthetic_folder(*overrides: str) -> Path:
+    """The folder of the runner's synthetic checkpoint for ``overrides``, written by the runner if not cached."""
+    from runner.build import build_skeleton
+    from runner.checkpoint.synthetic import synthetic_checkpoint
+    cfg = compose_config(*overrides)
+    return Path(synthetic_checkpoint(cfg.checkpoint, cfg.model, build_skeleton(cfg.model)))
+
+
+def empty_gpt(arch: dict[str, Any]):
+    """``runner.zoo.gpt.GPT(**arch)`` under Accelerate's ``init_empty_weights()``, its head tied to ``wte``.
+
+    ``init_empty_weights`` re-creates every Parameter as it is registered, which unties GPT's head from
+    ``wte``: tie again, as transformers' ``tie_weights()`` would, or Accelerate leaves ``lm_head`` on meta.
+    """
+    from accelerate import init_empty_weights
+
+    from runner.zoo.gpt import GPT
+    with init_empty_weights():
+        model = GPT(**arch)
+    model.lm_head.weight = model.transformer.wte.weight
+    return model
+
+
+# -- memory probes ----------------------------------------------------------------------------------------------------
+
+def status_bytes(*fields: str) -> dict[str, int]:
+    """Those of ``fields`` (VmRSS, VmHWM, RssAnon, ...) that /proc/self/status has, in bytes."""
+    out = {}
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        name, _, rest = line.partition(":")
+        if name in fields:
+            out[name] = int(rest.split()[0]) * 1024
+    return out
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM := VmRSS); False where it cannot be."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0
+        return True
+    except OSError:
+        return False
+
+
+class Sampler(threading.Thread):
+    """RSS every ``interval`` seconds, the max per phase (the main thread sets ``phase``); ``count`` samples."""
+
+    def __init__(self, interval: float = 0.01):
+        super().__init__(daemon=True)
+        self.interval, self.phase = interval, "setup"
+        self.peaks: dict[str, int] = {}
+        self.count = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        fd = os.open("/proc/self/statm", os.O_RDONLY)
+        try:
+            while not self._halt.is_set():
+                rss = int(os.pread(fd, 128, 0).split()[1]) * PAGE
+                self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
+                self.count += 1
+                self._halt.wait(self.interval)
+        finally:
+            os.close(fd)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+# -- the page cache and the device ------------------------------------------------------------------------------------
+
+def files_under(*roots: Path) -> list[Path]:
+    """Each root that is a file, and every file (not link) below each root that is a folder."""
+    out = []
+    for root in roots:
+        if root.is_file():
+            out.append(root)
+        elif root.is_dir():
+            out += sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+    return out
+
+
+def evict(*roots: Path, tries: int = 1, slack: int = 0) -> int:
+    """Drop every file's pages under ``roots`` from the page cache; bytes still cached after (fincore; -1 unknown).
+
+    Pages a process has mapped stay (the kernel will not drop them): resident weights that are views of a
+    mapped file are memory, not disk. With ``tries`` > 1, try again a second later while more than ``slack``
+    bytes stay cached (another process may unmap them meanwhile).
+    """
+    files = files_under(*roots)
+    if not files:
+        return 0
+    for attempt in range(tries):
+        for file in files:
+            try:
+                fd = os.open(file, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)  # dirty pages (a just-written offload folder) cannot be dropped
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        try:
+            out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, files)],
+                                 capture_output=True, text=True, check=True).stdout
+            resident = sum(int(x) for x in out.split())
+        except (OSError, subprocess.CalledProcessError, ValueError):
+            return -1
+        if resident <= slack or attempt == tries - 1:
+            break
+        time.sleep(1)
+    return resident
+
+
+def dd_rate(files: list[Path]) -> tuple[float | None, str]:
+    """GB/s of ``dd iflag=direct bs=16M`` over the files (page cache bypassed), and how it went."""
+    total, seconds = 0, 0.0
+    for file in files:
+        proc = subprocess.run(["dd", f"if={file}", "of=/dev/null", "bs=16M", "iflag=direct"],
+                              capture_output=True, text=True, check=False)
+        match = re.search(r"(\d+) bytes .* copied, ([\d.,]+) s", proc.stderr)
+        if proc.returncode or not match:
+            return None, (proc.stderr.strip().splitlines() or ["dd failed"])[-1]
+        total += int(match.group(1))
+        seconds += float(match.group(2).replace(",", "."))
+    return total / seconds / GB, f"{total / GB:.2f} GB in {seconds:.2f} s"
+
+
+# -- formatting -------------------------------------------------------------------------------------------------------
+
+def gb(n: float | None) -> str:
+    return "-" if n is None else f"{n / GB:.2f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}x"
