@@ -84,7 +84,7 @@ def read_bytes() -> int:
     return 0
 
 
-SPANS = ("cached", "direct", "buffered")  # how a span was read: from the page cache, O_DIRECT, through the cache
+SPANS = ("mapped", "cached", "direct", "buffered")  # how a span was read: mapped in place or copied from the page cache, O_DIRECT, through the cache
 
 
 class ReadStats:
@@ -474,7 +474,7 @@ def report(sides: dict[str, dict[str, Any]], compare: dict[str, Any], dd: float 
         return [f for f in r["forwards"] if f["kind"] == kind]
 
     def spans_text(counts: dict[str, float | None]) -> str:
-        """SpanReader.counts: spans copied from the page cache, read with O_DIRECT, read through the page cache."""
+        """SpanReader.counts: spans mapped in place or copied from the page cache, read with O_DIRECT, or through the cache."""
         return ", ".join(f"{'-' if counts.get(how) is None else f'{counts[how]:.0f}'} {how}" for how in SPANS)
 
     def span_medians(rows: list[dict[str, Any]]) -> str:

@@ -60,7 +60,8 @@ class DiskBlock:
         """
         if buffer is not None and self.reads is not None:
             try:
-                read = reader.read(self.reads, buffer)
+                # On the CPU, bytes in the page cache are used in place; a GPU copies from the pinned buffer.
+                read = reader.read(self.reads, buffer, map_cached=self.device.type == "cpu")
             except OSError as e:
                 raise CheckpointError(f"{self.reads.spans[0].file}: cannot read disk block {self.name or '(model)'} "
                                       f"({e}); the file may be truncated") from e

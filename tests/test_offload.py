@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import compose_config
+from conftest import compose_config, evict_page_cache
 from runner.errors import OffloadError
 from runner.offload import MANIFEST
 from runner.pipeline import prepare
@@ -144,15 +144,19 @@ def test_a_streamed_cpu_block_gives_the_same_output(tmp_path):
 
 
 def test_disk_blocks_are_read_into_reused_buffers(tmp_path):
-    """No allocation per forward: every disk block's weights land in one of depth + 1 reused arenas."""
-    _, result = logits("offload.prefetch=1", tmp_path=tmp_path)
+    """No allocation per forward: every disk block's weights land in one of depth + 1 reused buffers when they
+    come from the device (bytes in the page cache would be mapped in place instead)."""
+    # bfloat16 from fp32: disk blocks come from the offload folder, whose pages nothing else maps or reads ahead.
+    result = prepare(compose_config(*DISKY, "max_memory.cpu=30000B", "dtype=bfloat16", "offload.prefetch=1"),
+                     tmp_path)
+    evict_page_cache((tmp_path / "offload").glob("*.safetensors"))
     storages = []
     for name, device in result.check.block_devices.items():
         if device == "disk" and name.startswith("transformer.h."):
             layer = result.model.get_submodule(name).mlp.c_fc
             layer.register_forward_pre_hook(lambda m, _: storages.append(m.weight.untyped_storage().data_ptr()))
     with torch.inference_mode():
-        for _ in range(2):
+        for _ in range(3):
             result.model(TOKENS)
-    assert len(storages) >= 4
-    assert len(set(storages)) == 2  # the running block's arena and the one read ahead, over and over
+    assert len(storages) >= 6
+    assert len(set(storages)) == 2  # the running block's buffer and the one read ahead, over and over

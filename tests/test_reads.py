@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import evict_page_cache
 from runner.checkpoint.files import open_safetensors
 from runner.checkpoint.reads import ALIGN, MERGE_GAP, Located, Span, SpanReader, aligned_buffer, plan_reads
 
@@ -28,23 +29,13 @@ def test_nearby_tensors_share_one_aligned_span_and_far_ones_do_not():
         Span(a, (6200 + MERGE_GAP + 4) // ALIGN * ALIGN, (6200 + MERGE_GAP + 4) % ALIGN + 40, ALIGN),
         Span(b, 0, 108, 2 * ALIGN),
     )
-    assert {k: at for k, (at, _) in reads.tensors.items()} == {
-        "x": 5000 - 4096, "y": 5400 - 4096, "far": ALIGN + (6200 + MERGE_GAP + 4) % ALIGN, "z": 2 * ALIGN + 100}
+    assert {k: (span, offset) for k, (span, offset, _) in reads.tensors.items()} == {
+        "x": (0, 5000 - 4096), "y": (0, 5400 - 4096), "far": (1, (6200 + MERGE_GAP + 4) % ALIGN), "z": (2, 100)}
     assert reads.nbytes == 3 * ALIGN
 
 
 def test_a_tensor_not_aligned_to_its_item_size_is_not_planned():
     assert plan_reads({"x": Located(Path("a"), 4098, 8, F32, (2,))}) is None
-
-
-def _evicted(files: list[Path]) -> None:
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 @pytest.fixture
@@ -64,10 +55,10 @@ def test_spans_read_cold_and_warm_give_the_stored_tensors(checkpoint, direct):
     reads = plan_reads(ckpt.locate(keys))
     reader = SpanReader(direct=direct)
     buffer = aligned_buffer(reads.nbytes)
-    _evicted(ckpt.files)
+    evict_page_cache(ckpt.files)
     cold = reader.read(reads, buffer)
-    assert reader.counts == ({"cached": 0, "direct": 2, "buffered": 0} if direct
-                             else {"cached": 0, "direct": 0, "buffered": 2})
+    assert reader.counts == ({"mapped": 0, "cached": 0, "direct": 2, "buffered": 0} if direct
+                             else {"mapped": 0, "cached": 0, "direct": 0, "buffered": 2})
     for key in keys:
         assert torch.equal(cold[key], expected[key]) and cold[key].data_ptr() >= buffer.data_ptr()
     buffer.fill_(0)
@@ -77,6 +68,35 @@ def test_spans_read_cold_and_warm_give_the_stored_tensors(checkpoint, direct):
     assert reader.counts["cached"] == 2
     assert all(torch.equal(warm[k], expected[k]) for k in keys)
     reader.close()
+
+
+def _mappings(file: Path) -> int:
+    return sum(str(file) in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+def test_cached_spans_are_used_in_place_and_unmapped_with_their_tensors(checkpoint):
+    """On the CPU, bytes already in the page cache are not copied: mapped, and the mapping goes with the tensors."""
+    import gc
+
+    ckpt, expected = checkpoint
+    keys = ["h.0.w", "h.0.b", "h.1.w"]  # all in part0
+    reads = plan_reads(ckpt.locate(keys))
+    file = ckpt.files[0]
+    file.read_bytes()
+    before = _mappings(file)
+    reader = SpanReader()
+    buffer = aligned_buffer(reads.nbytes)
+    tensors = reader.read(reads, buffer, map_cached=True)
+    assert reader.counts == {"mapped": 1, "cached": 0, "direct": 0, "buffered": 0}
+    assert all(torch.equal(tensors[k], expected[k]) for k in keys)
+    assert all(not buffer.data_ptr() <= t.data_ptr() < buffer.data_ptr() + buffer.numel() for t in tensors.values())
+    assert _mappings(file) == before + 1
+    del tensors
+    gc.collect()
+    assert _mappings(file) == before  # nothing piles up in resident memory
+    evict_page_cache([file])
+    cold = reader.read(reads, buffer, map_cached=True)  # not cached: read into the buffer, not mapped
+    assert reader.counts["direct"] == 1 and torch.equal(cold["h.1.w"], expected["h.1.w"])
 
 
 def test_a_truncated_file_is_a_short_read_and_a_bad_buffer_is_refused(checkpoint):

@@ -6,16 +6,24 @@ copy out of it, CPU taken from the compute on a small machine. So:
 
 - a block's tensors are grouped into spans, one per run of nearby bytes in a file, widened to
   ``ALIGN`` at both ends, and each span is filled by one ``preadv`` at a fixed place in the buffer;
-- a span that is all in the page cache is copied from it (``RWF_NOWAIT`` fails at once rather
-  than wait for the device, so probing costs nothing);
+- a span that is all in the page cache (asked with ``cachestat``, which reads nothing) is mapped
+  and used in place when the block computes on the CPU: no copy, and the mapping goes with the
+  block's tensors, so its pages never pile up in resident memory; for a GPU it is copied into
+  the (pinned) buffer;
 - any other span is read with ``O_DIRECT``: the device writes straight into the buffer and no
   cache is filled. ``direct=False``, or a filesystem that refuses ``O_DIRECT``, reads through
   the page cache instead, so later forwards find it there.
+
+Where ``cachestat`` is missing (Linux before 6.5), a ``preadv(RWF_NOWAIT)`` into the buffer
+stands in for it: it copies what is cached and fails at once on what is not.
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import threading
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -53,8 +61,8 @@ class Span:
 @dataclass(frozen=True)
 class BlockReads:
     spans: tuple[Span, ...]
-    tensors: dict[str, tuple[int, Located]]  # key -> (its offset in the buffer, what it is)
-    nbytes: int                              # the buffer it needs
+    tensors: dict[str, tuple[int, int, Located]]  # key -> (its span, its offset in the span, what it is)
+    nbytes: int                                   # the buffer it needs
 
     def renamed(self, names: dict[str, str]) -> BlockReads:
         """The same reads, with tensors known as ``names[stored key]``."""
@@ -67,7 +75,7 @@ def plan_reads(located: dict[str, Located]) -> BlockReads | None:
     if any(loc.start % loc.dtype.itemsize for loc in located.values()):
         return None
     spans: list[Span] = []
-    tensors: dict[str, tuple[int, Located]] = {}
+    tensors: dict[str, tuple[int, int, Located]] = {}
     at = 0
     for key, loc in sorted(located.items(), key=lambda kv: (str(kv[1].file), kv[1].start)):
         last = spans[-1] if spans else None
@@ -77,7 +85,7 @@ def plan_reads(located: dict[str, Located]) -> BlockReads | None:
             last = Span(loc.file, loc.start // ALIGN * ALIGN, 0, at)
             spans.append(last)
         spans[-1] = replace(last, need=max(last.need, loc.start + loc.nbytes - last.begin))
-        tensors[key] = (spans[-1].at + loc.start - last.begin, loc)
+        tensors[key] = (len(spans) - 1, loc.start - last.begin, loc)
     if spans:
         at += spans[-1].length
     return BlockReads(tuple(spans), tensors, at)
@@ -91,17 +99,19 @@ def aligned_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
 
 
 class SpanReader:
-    """Reads ``BlockReads`` into aligned buffers, through descriptors kept open for the run. Thread-safe."""
+    """Reads ``BlockReads``, through descriptors kept open for the run. Thread-safe."""
 
     def __init__(self, direct: bool = True):
         self.direct = direct and hasattr(os, "O_DIRECT")
         self.nowait = hasattr(os, "RWF_NOWAIT")
         self._fds: dict[tuple[Path, bool], int] = {}
+        self._sizes: dict[Path, int] = {}
         self._lock = threading.Lock()
-        self.counts = {"cached": 0, "direct": 0, "buffered": 0}  # spans, by how they were read
+        self.counts = {"mapped": 0, "cached": 0, "direct": 0, "buffered": 0}  # spans, by how they were read
 
-    def read(self, reads: BlockReads, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Fill ``buffer`` (``aligned_buffer`` of at least ``reads.nbytes``) and return the tensors viewed in it.
+    def read(self, reads: BlockReads, buffer: torch.Tensor, map_cached: bool = False) -> dict[str, torch.Tensor]:
+        """The tensors of ``reads``: viewed in ``buffer`` (``aligned_buffer`` of at least ``reads.nbytes``) or,
+        with ``map_cached``, in a read-only mapping of a span that is all in the page cache.
 
         Raises:
             OSError: a file is shorter than its header says, or cannot be read.
@@ -109,27 +119,58 @@ class SpanReader:
         if buffer.numel() < reads.nbytes or buffer.data_ptr() % ALIGN:
             raise ValueError(f"a buffer of {reads.nbytes} bytes, {ALIGN}-aligned, is needed")
         view = memoryview(buffer.numpy())
-        cold = not self.nowait  # once a span misses the cache the rest of the block will too: read it directly
+        places: list[torch.Tensor] = []  # where each span's bytes are now
+        cold = False  # once a probe misses, the rest of the block is read directly: a miss starts readahead
         for span in reads.spans:
+            if not span.need:  # only empty tensors
+                places.append(buffer[span.at: span.at])
+                continue
+            into = view[span.at: span.at + span.need]
+            cached = _cached(self._fd(span.file, False), span)
+            if cached and map_cached:
+                places.append(self._map(span))
+                self.counts["mapped"] += 1
+                continue
             got, how = -1, "cached"
-            if not cold:
-                got = self._read_cached(span, view[span.at: span.at + span.need])
+            if cached:
+                got = os.preadv(self._fd(span.file, False), [into], span.begin)
+            elif cached is None and self.nowait and not cold:
+                got = self._probe(span, into)
                 cold = got < span.need
             if got < span.need:
                 got, how = self._read(span, view[span.at: span.at + span.length])
             if got < span.need:
                 raise OSError(f"short read: {span.need} bytes expected at {span.begin}, got {max(got, 0)}")
+            places.append(buffer[span.at: span.at + span.need])
             self.counts[how] += 1
-        return {key: buffer[at: at + loc.nbytes].view(loc.dtype).view(loc.shape)
-                for key, (at, loc) in reads.tensors.items()}
+        return {key: places[i][offset: offset + loc.nbytes].view(loc.dtype).view(loc.shape)
+                for key, (i, offset, loc) in reads.tensors.items()}
 
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             self._fds.clear()
 
-    def _read_cached(self, span: Span, into: memoryview) -> int:
+    def _map(self, span: Span) -> torch.Tensor:
+        """The span's bytes, mapped read-only and populated from the page cache in one call. The mapping is
+        undone when the last tensor viewing it goes."""
+        fd = self._fd(span.file, False)
+        size = self._sizes.get(span.file)
+        if size is None:
+            size = self._sizes[span.file] = os.fstat(fd).st_size
+        if span.begin + span.need > size:
+            raise OSError(f"short read: {span.need} bytes expected at {span.begin}, the file has {size}")
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mapped = mmap.mmap(fd, span.need + span.begin % mmap.ALLOCATIONGRANULARITY, flags=flags,
+                           prot=mmap.PROT_READ, offset=span.begin - span.begin % mmap.ALLOCATIONGRANULARITY)
+        with warnings.catch_warnings():  # read-only on purpose: nothing writes to weights
+            warnings.simplefilter("ignore", UserWarning)
+            whole = torch.frombuffer(mapped, dtype=torch.uint8)
+        return whole[span.begin % mmap.ALLOCATIONGRANULARITY:]
+
+    def _probe(self, span: Span, into: memoryview) -> int:
         try:
             return os.preadv(self._fd(span.file, False), [into], span.begin, os.RWF_NOWAIT)
         except BlockingIOError:  # not (all) in the page cache
@@ -162,3 +203,34 @@ class SpanReader:
                         fd = -1  # a filesystem without O_DIRECT (e.g. some tmpfs): buffered reads
                     self._fds[(file, direct)] = fd
         return fd
+
+
+class _Range(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+_SYS_CACHESTAT = 451  # the same number on every Linux architecture (since 6.5)
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+try:
+    _syscall = ctypes.CDLL(None, use_errno=True).syscall
+except (OSError, AttributeError):  # not Linux
+    _syscall = None
+
+
+def _cached(fd: int, span: Span) -> bool | None:
+    """Whether every page of the span is in the page cache; None if the kernel cannot say."""
+    global _syscall
+    if _syscall is None:
+        return None
+    stat = _CacheStat()
+    first = span.begin // _PAGE * _PAGE
+    pages = -(-(span.begin + span.need - first) // _PAGE)
+    if _syscall(_SYS_CACHESTAT, fd, ctypes.byref(_Range(first, pages * _PAGE)), ctypes.byref(stat), 0):
+        _syscall = None  # ENOSYS (an older kernel), or a filesystem that cannot say: never ask again
+        return None
+    return stat.nr_cache >= pages
