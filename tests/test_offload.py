@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import compose_config, evict_page_cache
-from runner.errors import OffloadError
+from runner.errors import CheckpointError, OffloadError
 from runner.offload import MANIFEST
 from runner.pipeline import prepare
 
@@ -160,3 +160,17 @@ def test_disk_blocks_are_read_into_reused_buffers(tmp_path):
             result.model(TOKENS)
     assert len(storages) >= 6
     assert len(set(storages)) == 2  # the running block's buffer and the one read ahead, over and over
+
+
+def test_a_checkpoint_cut_short_under_a_running_model_is_one_clear_error(tmp_path):
+    result = prepare(compose_config(*DISKY, "max_memory.cpu=60000B", "offload.prefetch=0"), tmp_path)
+    disk = next(b for b in result.layout.blocks if result.check.block_devices[b.name] == "disk")
+    shard = result.checkpoint.entries[disk.tensors[0]].file
+    # Replaced by a shorter file mid-run (resident weights keep mapping the old one, so nothing else breaks).
+    short = shard.with_suffix(".short")
+    short.write_bytes(shard.read_bytes()[:4096])
+    short.replace(shard)
+    with pytest.raises(CheckpointError) as e, torch.inference_mode():
+        result.model(TOKENS)
+    assert len(e.value.lines) == 1
+    assert e.value.lines[0].startswith(f"{shard}: cannot read disk block {disk.name} (short read")
