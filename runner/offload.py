@@ -4,7 +4,8 @@
   files, a few large reads per block into ``depth + 1`` page-aligned buffers reused from
   forward to forward (``runner.checkpoint.reads``): no memory map, so nothing piles up in
   resident memory; no allocation or page faults per forward; ``O_DIRECT`` unless the bytes
-  are already in the page cache. Descriptors and header offsets stay open for the run.
+  are already in the page cache, where a CPU block maps and uses them in place for the one
+  forward. Descriptors and header offsets stay open for the run.
 - Weights that need converting (another dtype, GGUF, pickle) are written once into the
   offload folder as safetensors, each file atomically, the manifest last. A later run with
   the same checkpoint, dtype and map reuses the folder; a stale or half-written one is rebuilt.

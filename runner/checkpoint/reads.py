@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, replace
@@ -216,10 +217,12 @@ class _CacheStat(ctypes.Structure):
 
 _SYS_CACHESTAT = 451  # the same number on every Linux architecture (since 6.5)
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-try:
-    _syscall = ctypes.CDLL(None, use_errno=True).syscall
-except (OSError, AttributeError):  # not Linux
-    _syscall = None
+_syscall = None
+if sys.platform.startswith("linux"):  # the number means something else elsewhere
+    try:
+        _syscall = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        pass
 
 
 def _cached(fd: int, span: Span) -> bool | None:
