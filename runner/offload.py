@@ -121,7 +121,10 @@ class Prefetcher:
         else:
             buffer, (tensors, event) = future.result()
         if event is not None:
-            torch.cuda.current_stream(block.device).wait_event(event)
+            compute = torch.cuda.current_stream(block.device)
+            compute.wait_event(event)
+            for t in tensors.values():  # made on the copy stream, used on this one: not reused before it is done
+                t.record_stream(compute)
         self.held[block.name] = (buffer, event)
         block.attach(tensors)
         if self.pool is None:
