@@ -64,8 +64,9 @@ class DiskBlock:
                 # On the CPU, bytes in the page cache are used in place; a GPU copies from the pinned buffer.
                 read = reader.read(self.reads, buffer, map_cached=self.device.type == "cpu")
             except OSError as e:
-                raise CheckpointError(f"{self.reads.spans[0].file}: cannot read disk block {self.name or '(model)'} "
-                                      f"({e}); the file may be truncated") from e
+                raise CheckpointError(f"{e.filename or self.reads.spans[0].file}: cannot read disk block "
+                                      f"{self.name or '(model)'} ({e.strerror or e}); the file may be truncated "
+                                      "or replaced since the run began") from e
         else:
             read = {key: self.read(key) for key in dict.fromkeys(self.slots.values())}
         tensors: dict[str, torch.Tensor] = {}
@@ -113,6 +114,8 @@ class Prefetcher:
 
     def before(self, block: DiskBlock) -> None:
         """Put the block's weights in place (waiting for a prefetch, or reading now), then read ahead."""
+        if block.name in self.held:  # the last forward raised before this block was dropped: drop it now
+            self.after(block)
         future = self.pending.pop(block.name, None)
         if future is None:
             self.ledger.allocate(self.compute, block.nbytes, f"disk block {block.name or '(model)'}")
@@ -132,7 +135,7 @@ class Prefetcher:
         position = self.index[block.name]
         for step in range(1, self.depth + 1):
             ahead = self.blocks[(position + step) % len(self.blocks)]
-            if ahead.name in self.pending:
+            if ahead.name in self.pending or ahead.name in self.held:  # one copy of a block at a time, as planned
                 continue
             self.ledger.allocate(self.compute, ahead.nbytes, f"prefetch of disk block {ahead.name or '(model)'}")
             ahead_buffer = self._buffer(ahead)

@@ -163,7 +163,9 @@ def test_disk_blocks_are_read_into_reused_buffers(tmp_path):
 
 
 def test_a_checkpoint_cut_short_under_a_running_model_is_one_clear_error(tmp_path):
-    result = prepare(compose_config(*DISKY, "max_memory.cpu=60000B", "offload.prefetch=0"), tmp_path)
+    # Its own synthetic checkpoint, not the session's shared one, since this one gets cut short.
+    result = prepare(compose_config(*DISKY, "max_memory.cpu=60000B", "offload.prefetch=0",
+                                    f"checkpoint.cache_dir={tmp_path / 'cache'}"), tmp_path)
     disk = next(b for b in result.layout.blocks if result.check.block_devices[b.name] == "disk")
     shard = result.checkpoint.entries[disk.tensors[0]].file
     # Replaced by a shorter file mid-run (resident weights keep mapping the old one, so nothing else breaks).
@@ -174,3 +176,21 @@ def test_a_checkpoint_cut_short_under_a_running_model_is_one_clear_error(tmp_pat
         result.model(TOKENS)
     assert len(e.value.lines) == 1
     assert e.value.lines[0].startswith(f"{shard}: cannot read disk block {disk.name} (short read")
+    assert str(tmp_path / "cache") in e.value.lines[0]
+
+
+def test_a_lone_disk_block_is_not_read_twice_by_the_wrap_around(tmp_path):
+    """Read-ahead wraps to the next forward's first block, but never to a block that is running: the planner
+    reserves one copy of each, so a second one would overrun a tight simulated GPU."""
+    resident = [f"+device_map.transformer.{m}=cuda:0" for m in ("wte", "wpe", "ln_f", *(f"h.{i}" for i in range(5)))]
+    overrides = ["model=gpt2tiny", "model.arch.n_layer=6", "hardware=sim_2gpu", "runtime.seq_len=1",
+                 "offload.prefetch=1", "+device_map.transformer.h.5=disk", *resident]
+    planned = prepare(compose_config(*overrides), tmp_path / "probe")
+    h5 = next(b for b in planned.layout.blocks if b.name == "transformer.h.5")
+    assert planned.plan.reserves["cuda:0"]["offload_staging"] == h5.nbytes  # room for one copy
+    need = planned.check.loads["cuda:0"] + sum(planned.plan.reserves["cuda:0"].values())
+    tight = prepare(compose_config(*overrides, f"+max_memory.0={need}B"), tmp_path / "tight")
+    with torch.inference_mode():
+        for _ in range(2):
+            tight.model(TOKENS)
+    assert tight.ledger.peak["cuda:0"] == tight.check.loads["cuda:0"] + h5.nbytes

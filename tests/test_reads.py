@@ -120,3 +120,38 @@ def test_renamed_and_transformed_tensors(tmp_path):
     renamed = RenamedCheckpoint(inner, NameMap({"w": Source("t.w", transpose, (6, 4)), "b": Source("t.b")}))
     assert renamed.locate(["w", "b"]) is None
     assert renamed.locate(["b"]) == {"b": inner.locate(["t.b"])["t.b"]}
+
+
+def test_a_span_is_read_in_chunks_and_an_error_names_the_file_cut_short(checkpoint, monkeypatch):
+    """One call moves at most ~2 GiB on Linux: spans are read in chunks (tiny ones here) until complete."""
+    import runner.checkpoint.reads as reads_module
+
+    ckpt, expected = checkpoint
+    monkeypatch.setattr(reads_module, "CHUNK", ALIGN)
+    keys = ["h.0.w", "h.0.b", "h.1.w", "h.1.b", "h.2.w"]  # spans of several pages, in both files
+    reads = plan_reads(ckpt.locate(keys))
+    assert max(span.need for span in reads.spans) > 2 * ALIGN
+    for direct in (True, False):
+        evict_page_cache(ckpt.files)
+        got = SpanReader(direct=direct).read(reads, aligned_buffer(reads.nbytes))
+        assert all(torch.equal(got[k], expected[k]) for k in keys)
+    second = ckpt.files[1]
+    second.write_bytes(second.read_bytes()[:300])
+    with pytest.raises(OSError) as e:
+        SpanReader().read(reads, aligned_buffer(reads.nbytes))
+    assert e.value.filename == str(second) and "short read" in e.value.strerror
+
+
+def test_descriptors_go_with_the_reader(checkpoint):
+    import gc
+
+    ckpt, _ = checkpoint
+    gc.collect()  # earlier tests' readers go first
+    before = len(os.listdir("/proc/self/fd"))
+    reader = SpanReader()
+    reads = plan_reads(ckpt.locate(["h.0.w", "h.2.b"]))
+    reader.read(reads, aligned_buffer(reads.nbytes))
+    assert len(os.listdir("/proc/self/fd")) > before
+    del reader
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -20,11 +20,13 @@ stands in for it: it copies what is cached and fails at once on what is not.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import sys
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -109,13 +111,14 @@ class SpanReader:
         self._sizes: dict[Path, int] = {}
         self._lock = threading.Lock()
         self.counts = {"mapped": 0, "cached": 0, "direct": 0, "buffered": 0}  # spans, by how they were read
+        weakref.finalize(self, _close_all, self._fds)  # descriptors go with the reader
 
     def read(self, reads: BlockReads, buffer: torch.Tensor, map_cached: bool = False) -> dict[str, torch.Tensor]:
         """The tensors of ``reads``: viewed in ``buffer`` (``aligned_buffer`` of at least ``reads.nbytes``) or,
         with ``map_cached``, in a read-only mapping of a span that is all in the page cache.
 
         Raises:
-            OSError: a file is shorter than its header says, or cannot be read.
+            OSError: a file is shorter than its header says, or cannot be read (``filename`` names it).
         """
         if buffer.numel() < reads.nbytes or buffer.data_ptr() % ALIGN:
             raise ValueError(f"a buffer of {reads.nbytes} bytes, {ALIGN}-aligned, is needed")
@@ -126,33 +129,43 @@ class SpanReader:
             if not span.need:  # only empty tensors
                 places.append(buffer[span.at: span.at])
                 continue
-            into = view[span.at: span.at + span.need]
-            cached = _cached(self._fd(span.file, False), span)
-            if cached and map_cached:
-                places.append(self._map(span))
-                self.counts["mapped"] += 1
-                continue
-            got, how = -1, "cached"
-            if cached:
-                got = os.preadv(self._fd(span.file, False), [into], span.begin)
-            elif cached is None and self.nowait and not cold:
-                got = self._probe(span, into)
-                cold = got < span.need
-            if got < span.need:
-                got, how = self._read(span, view[span.at: span.at + span.length])
-            if got < span.need:
-                raise OSError(f"short read: {span.need} bytes expected at {span.begin}, got {max(got, 0)}")
-            places.append(buffer[span.at: span.at + span.need])
-            self.counts[how] += 1
+            try:
+                place, missed = self._read_span(span, view, buffer, map_cached, cold)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror or str(e), str(span.file)) from e
+            places.append(place)
+            cold = cold or missed
         return {key: places[i][offset: offset + loc.nbytes].view(loc.dtype).view(loc.shape)
                 for key, (i, offset, loc) in reads.tensors.items()}
 
+    def _read_span(self, span: Span, view: memoryview, buffer: torch.Tensor, map_cached: bool,
+                   cold: bool) -> tuple[torch.Tensor, bool]:
+        """One span's bytes, and whether a page-cache probe missed."""
+        into = view[span.at: span.at + span.need]
+        cached = _cached(self._fd(span.file, False), span)
+        if cached and map_cached:
+            try:
+                mapped = self._map(span)
+                self.counts["mapped"] += 1
+                return mapped, False
+            except (OSError, ValueError):  # no mapping to be had (e.g. the map count limit): read it instead
+                pass
+        got, how, missed = -1, "cached", False
+        if cached:
+            got = _fill(self._fd(span.file, False), into, span.begin, span.need)
+        elif cached is None and self.nowait and not cold:
+            got = self._probe(span, into)
+            missed = got < span.need
+        if got < span.need:
+            got, how = self._read(span, view[span.at: span.at + span.length])
+        if got < span.need:
+            raise OSError(f"short read: {span.need} bytes expected at {span.begin}, got {max(got, 0)}")
+        self.counts[how] += 1
+        return buffer[span.at: span.at + span.need], missed
+
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                if fd >= 0:
-                    os.close(fd)
-            self._fds.clear()
+            _close_all(self._fds)
 
     def _map(self, span: Span) -> torch.Tensor:
         """The span's bytes, mapped read-only and populated from the page cache in one call. The mapping is
@@ -185,10 +198,12 @@ class SpanReader:
             fd = self._fd(span.file, True)
             if fd >= 0:
                 try:
-                    return os.preadv(fd, [into], span.begin), "direct"
-                except OSError:  # an alignment this device does not take: buffered from now on
-                    self.direct = False
-        return os.preadv(self._fd(span.file, False), [into[: span.need]], span.begin), "buffered"
+                    return _fill(fd, into, span.begin, span.need), "direct"
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self.direct = False  # an alignment this device does not take: buffered from now on
+        return _fill(self._fd(span.file, False), into[: span.need], span.begin, span.need), "buffered"
 
     def _fd(self, file: Path, direct: bool) -> int:
         fd = self._fds.get((file, direct))
@@ -204,6 +219,27 @@ class SpanReader:
                         fd = -1  # a filesystem without O_DIRECT (e.g. some tmpfs): buffered reads
                     self._fds[(file, direct)] = fd
         return fd
+
+
+CHUNK = 1 << 30  # one call moves at most ~2 GiB on Linux; whole GiBs keep O_DIRECT offsets aligned
+
+
+def _fill(fd: int, into: memoryview, offset: int, need: int) -> int:
+    """Read into ``into`` from ``offset`` until ``need`` bytes are in, or the file ends; the bytes read."""
+    got = 0
+    while got < need:
+        n = os.preadv(fd, [into[got: got + CHUNK]], offset + got)
+        if n <= 0:
+            break
+        got += n
+    return got
+
+
+def _close_all(fds: dict) -> None:
+    for fd in fds.values():
+        if fd >= 0:
+            os.close(fd)
+    fds.clear()
 
 
 class _Range(ctypes.Structure):
