@@ -52,12 +52,13 @@ class DiskBlock:
         self.dtype, self.device, self.nbytes = dtype, device, nbytes
         self._meta = {slot: get_slot(module, slot) for slot in slots}
 
-    def fetch(self, reader: SpanReader, buffer: torch.Tensor | None = None
+    def fetch(self, reader: SpanReader, buffer: torch.Tensor | None = None, stream: torch.cuda.Stream | None = None
               ) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
         """Read every tensor once and move it to the compute device. Safe to run on a worker thread.
 
         With a ``buffer`` (reused from forward to forward: no allocation, no page faults) the block's spans
-        are read into it and, on the CPU, the tensors are used in place.
+        are read into it and, on the CPU, the tensors are used in place. On CUDA the copies go on ``stream``,
+        so they overlap the compute stream.
         """
         if buffer is not None and self.reads is not None:
             try:
@@ -71,7 +72,6 @@ class DiskBlock:
             read = {key: self.read(key) for key in dict.fromkeys(self.slots.values())}
         tensors: dict[str, torch.Tensor] = {}
         event = None
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         for key, t in read.items():
             if t.is_floating_point() and t.dtype != self.dtype:
                 t = t.to(self.dtype)
@@ -103,6 +103,8 @@ class Prefetcher:
     def __init__(self, blocks: list[DiskBlock], depth: int, ledger: MemoryLedger, compute: str, direct: bool = True):
         self.blocks, self.depth, self.ledger, self.compute = blocks, depth, ledger, compute
         self.reader = SpanReader(direct)
+        cuda = next((b.device for b in blocks if b.device.type == "cuda"), None)
+        self.stream = torch.cuda.Stream(cuda) if cuda is not None else None  # host-to-device copies, off the compute
         self.index = {b.name: i for i, b in enumerate(blocks)}
         self.pending: dict[str, Future] = {}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if depth else None
@@ -120,7 +122,7 @@ class Prefetcher:
         if future is None:
             self.ledger.allocate(self.compute, block.nbytes, f"disk block {block.name or '(model)'}")
             buffer = self._buffer(block)
-            tensors, event = block.fetch(self.reader, buffer)
+            tensors, event = block.fetch(self.reader, buffer, self.stream)
         else:
             buffer, (tensors, event) = future.result()
         if event is not None:
@@ -140,7 +142,7 @@ class Prefetcher:
             self.ledger.allocate(self.compute, ahead.nbytes, f"prefetch of disk block {ahead.name or '(model)'}")
             ahead_buffer = self._buffer(ahead)
             self.pending[ahead.name] = self.pool.submit(
-                lambda b=ahead, buf=ahead_buffer: (buf, b.fetch(self.reader, buf)))
+                lambda b=ahead, buf=ahead_buffer: (buf, b.fetch(self.reader, buf, self.stream)))
 
     def after(self, block: DiskBlock) -> None:
         block.detach()
@@ -171,7 +173,7 @@ def streamed_blocks(model: nn.Module, layout: ModelLayout, block_devices: dict[s
     Non-persistent buffers stay resident on the compute device: no checkpoint has them.
     """
     on_disk = [b for b in layout.blocks if b.name in streamed]
-    plans: list[tuple[nn.Module, Block, dict[str, str]]] = []
+    plans: list[tuple[nn.Module, Block, dict[str, str], list[str]]] = []
     convert: dict[str, list[str]] = {}
     for block in on_disk:
         module = model.get_submodule(block.name)
@@ -186,11 +188,10 @@ def streamed_blocks(model: nn.Module, layout: ModelLayout, block_devices: dict[s
         keys = sorted(set(slots.values()))
         if block_devices[block.name] == "disk" and _needs_conversion(checkpoint, keys, dtype):
             convert[block.name] = keys
-        plans.append((module, block, slots))
+        plans.append((module, block, slots, keys))
     converted = _converted(checkpoint, convert, dtype, offload_folder) if convert else None
     out = []
-    for module, block, slots in plans:
-        keys = sorted(set(slots.values()))
+    for module, block, slots, keys in plans:
         reads = None
         if block_devices[block.name] == "cpu":
             read = _resident_on_cpu(checkpoint, keys, dtype, device, ledger, layout).__getitem__

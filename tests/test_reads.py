@@ -135,6 +135,7 @@ def test_a_span_is_read_in_chunks_and_an_error_names_the_file_cut_short(checkpoi
         evict_page_cache(ckpt.files)
         got = SpanReader(direct=direct).read(reads, aligned_buffer(reads.nbytes))
         assert all(torch.equal(got[k], expected[k]) for k in keys)
+    assert torch.equal(ckpt.read_uncached("h.1.w"), expected["h.1.w"])  # one tensor at a time, chunked too
     second = ckpt.files[1]
     second.write_bytes(second.read_bytes()[:300])
     with pytest.raises(OSError) as e:

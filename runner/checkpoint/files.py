@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import threading
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from runner.checkpoint.reads import Located
+from runner.checkpoint.reads import Located, close_all, pread_full
 from runner.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Checkpoint:
         self.ignored: dict[str, str] = {}  # stored key -> why it is knowingly skipped
         self._handles = {}
         self._fds: dict[Path, int] = {}
+        weakref.finalize(self, close_all, self._fds)  # descriptors go with the checkpoint
         self._located: dict[str, tuple[Path, int, int]] | None = None
         self.entries: dict[str, TensorEntry] = {}
         for file in files:
@@ -84,7 +86,7 @@ class Checkpoint:
             fd = self._fds.get(loc.file)
             if fd is None:
                 fd = self._fds[loc.file] = os.open(loc.file, os.O_RDONLY)
-            if loc.nbytes and os.preadv(fd, [memoryview(buffer.numpy())], loc.start) != loc.nbytes:
+            if pread_full(fd, memoryview(buffer.numpy()), loc.start, loc.nbytes) != loc.nbytes:
                 raise OSError(f"short read of {loc.nbytes} bytes at {loc.start}")
         except OSError as e:
             raise CheckpointError(f"{loc.file}: cannot read tensor {key} ({e}); the file may be truncated") from e

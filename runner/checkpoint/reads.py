@@ -67,10 +67,6 @@ class BlockReads:
     tensors: dict[str, tuple[int, int, Located]]  # key -> (its span, its offset in the span, what it is)
     nbytes: int                                   # the buffer it needs
 
-    def renamed(self, names: dict[str, str]) -> BlockReads:
-        """The same reads, with tensors known as ``names[stored key]``."""
-        return replace(self, tensors={name: self.tensors[key] for name, key in names.items()})
-
 
 def plan_reads(located: dict[str, Located]) -> BlockReads | None:
     """Group tensors into aligned spans, in file order. None if a tensor could not be viewed in place
@@ -111,7 +107,7 @@ class SpanReader:
         self._sizes: dict[Path, int] = {}
         self._lock = threading.Lock()
         self.counts = {"mapped": 0, "cached": 0, "direct": 0, "buffered": 0}  # spans, by how they were read
-        weakref.finalize(self, _close_all, self._fds)  # descriptors go with the reader
+        weakref.finalize(self, close_all, self._fds)  # descriptors go with the reader
 
     def read(self, reads: BlockReads, buffer: torch.Tensor, map_cached: bool = False) -> dict[str, torch.Tensor]:
         """The tensors of ``reads``: viewed in ``buffer`` (``aligned_buffer`` of at least ``reads.nbytes``) or,
@@ -152,7 +148,7 @@ class SpanReader:
                 pass
         got, how, missed = -1, "cached", False
         if cached:
-            got = _fill(self._fd(span.file, False), into, span.begin, span.need)
+            got = pread_full(self._fd(span.file, False), into, span.begin, span.need)
         elif cached is None and self.nowait and not cold:
             got = self._probe(span, into)
             missed = got < span.need
@@ -165,7 +161,7 @@ class SpanReader:
 
     def close(self) -> None:
         with self._lock:
-            _close_all(self._fds)
+            close_all(self._fds)
 
     def _map(self, span: Span) -> torch.Tensor:
         """The span's bytes, mapped read-only and populated from the page cache in one call. The mapping is
@@ -198,12 +194,12 @@ class SpanReader:
             fd = self._fd(span.file, True)
             if fd >= 0:
                 try:
-                    return _fill(fd, into, span.begin, span.need), "direct"
+                    return pread_full(fd, into, span.begin, span.need), "direct"
                 except OSError as e:
                     if e.errno != errno.EINVAL:
                         raise
                     self.direct = False  # an alignment this device does not take: buffered from now on
-        return _fill(self._fd(span.file, False), into[: span.need], span.begin, span.need), "buffered"
+        return pread_full(self._fd(span.file, False), into[: span.need], span.begin, span.need), "buffered"
 
     def _fd(self, file: Path, direct: bool) -> int:
         fd = self._fds.get((file, direct))
@@ -224,8 +220,9 @@ class SpanReader:
 CHUNK = 1 << 30  # one call moves at most ~2 GiB on Linux; whole GiBs keep O_DIRECT offsets aligned
 
 
-def _fill(fd: int, into: memoryview, offset: int, need: int) -> int:
-    """Read into ``into`` from ``offset`` until ``need`` bytes are in, or the file ends; the bytes read."""
+def pread_full(fd: int, into: memoryview, offset: int, need: int) -> int:
+    """Read into ``into`` from ``offset`` until ``need`` bytes are in, or the file ends; the bytes read.
+    One ``preadv`` moves at most ~2 GiB on Linux, so bigger reads take several."""
     got = 0
     while got < need:
         n = os.preadv(fd, [into[got: got + CHUNK]], offset + got)
@@ -235,7 +232,7 @@ def _fill(fd: int, into: memoryview, offset: int, need: int) -> int:
     return got
 
 
-def _close_all(fds: dict) -> None:
+def close_all(fds: dict) -> None:
     for fd in fds.values():
         if fd >= 0:
             os.close(fd)
