@@ -36,16 +36,13 @@ def torch_device(name: str, hardware: Hardware) -> torch.device:
 
 def dispatch(model: nn.Module, layout: ModelLayout, block_devices: dict[str, str], hardware: Hardware,
              checkpoint: Checkpoint, dtype: torch.dtype, offload_folder: Path, ledger: MemoryLedger,
-             prefetch: int = 1, compute: dict[str, Compute] | None = None, direct_io: bool = True) -> None:
+             compute: dict[str, Compute], prefetch: int = 1, direct_io: bool = True) -> None:
     """Load every resident block onto its device, prepare streamed blocks, and install the hooks.
 
-    ``compute`` says where each block runs (``runner.compute``; default: disk blocks on the main
-    device, the rest where they sit). Streamed blocks are read ``prefetch`` ahead of the one running,
+    ``compute`` says where each block runs (``runner.compute.compute_plan``). Streamed blocks are read ``prefetch`` ahead of the one running,
     with ``O_DIRECT`` when ``direct_io`` and their bytes are not in the page cache already.
     """
     main = hardware.main_device
-    compute = compute or {b.name: Compute(main, True, "") if block_devices[b.name] == "disk"
-                          else Compute(block_devices[b.name], False, "") for b in layout.blocks}
     streamed = streamed_blocks(model, layout, block_devices, {n for n, c in compute.items() if c.streamed},
                                checkpoint, dtype, offload_folder, torch_device(main, hardware), ledger, main)
     prefetcher = Prefetcher(streamed, prefetch, ledger, main, direct_io)

@@ -53,8 +53,6 @@ def best_partition(p: Problem) -> list[str] | None:
             high, assignment = mid, found[1]
         else:
             low = mid + 1
-    if high == max(caps):
-        return first[1]
     return assignment
 
 

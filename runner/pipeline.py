@@ -27,7 +27,7 @@ from runner.infer import Prediction, greedy_generate
 from runner.memory import MemoryLedger
 from runner.order import ForwardTrace, forward_order
 from runner.planner import Plan, PlanRequest, plan_device_map
-from runner.reserves import RuntimeShape, device_reserves, keeps_kv_cache, kv_bytes
+from runner.reserves import device_reserves, keeps_kv_cache, kv_bytes
 from runner.tokenizer import apply_chat_template, tokenizer_for
 from runner.validate import MapCheck, check_map, load_map_file, resolve_pins
 
@@ -81,7 +81,7 @@ def plan(cfg: RunConfig, run_dir: Path) -> Planned:
         trace = forward_order(model, layout)
         layout = layout.in_order(trace.order)
         hardware = detect_hardware(cfg.hardware, cfg.placement.max_memory, _offload_folder(cfg, run_dir))
-        shape = RuntimeShape(cfg.runtime.batch_size, cfg.runtime.seq_len)
+        shape = cfg.runtime
         request = PlanRequest(
             blocks=layout.blocks, devices=hardware.devices, strategy=cfg.placement.strategy,
             main_device=hardware.main_device, pins=resolve_pins(cfg.placement.device_map, layout, hardware),
@@ -126,7 +126,7 @@ def prepare(cfg: RunConfig, run_dir: Path) -> RunResult:
     ledger = MemoryLedger(planned.hardware)
     with _timed(timings, "load"):
         dispatch(planned.model, planned.layout, planned.check.block_devices, planned.hardware, checkpoint,
-                 planned.dtype, _offload_folder(cfg, run_dir), ledger, cfg.placement.prefetch, planned.compute,
+                 planned.dtype, _offload_folder(cfg, run_dir), ledger, planned.compute, cfg.placement.prefetch,
                  cfg.placement.direct_io)
     fields = {k: getattr(planned, k) for k in Planned.__dataclass_fields__}
     return RunResult(**{**fields, "checkpoint": checkpoint, "keys": keys}, ledger=ledger)

@@ -15,24 +15,18 @@ something is on disk.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from torch import nn
 
 from runner.blocks import ModelLayout
+from runner.config import RuntimeSpec
 from runner.hardware import Hardware
 from runner.order import ForwardTrace
 
 ACTIVATION_COPIES = 10
 
 
-@dataclass(frozen=True)
-class RuntimeShape:
-    batch_size: int
-    seq_len: int
-
-
-def device_reserves(hardware: Hardware, trace: ForwardTrace, shape: RuntimeShape, itemsize: int,
+def device_reserves(hardware: Hardware, trace: ForwardTrace, shape: RuntimeSpec, itemsize: int,
                     cuda_context: int) -> dict[str, dict[str, int]]:
     """device -> reason -> bytes, for every device that computes (GPUs and the CPU)."""
     tokens = shape.batch_size * shape.seq_len
@@ -61,7 +55,7 @@ def keeps_kv_cache(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "use_cache", True))
 
 
-def kv_bytes(layout: ModelLayout, trace: ForwardTrace, no_split: tuple[str, ...], shape: RuntimeShape,
+def kv_bytes(layout: ModelLayout, trace: ForwardTrace, no_split: tuple[str, ...], shape: RuntimeSpec,
              itemsize: int) -> dict[str, int]:
     """Keys and values for every unsplittable (attention) block: 2 x tokens x its input width."""
     tokens = shape.batch_size * shape.seq_len

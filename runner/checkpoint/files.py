@@ -153,7 +153,7 @@ class Checkpoint:
         try:
             handle = safe_open(str(file), framework="pt", device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{file}: not a readable safetensors file ({_one_line(e)}); "
+            raise CheckpointError(f"{file}: not a readable safetensors file ({one_line(e)}); "
                                   "re-download or re-export it") from e
         self._handles[file] = handle
         return handle
@@ -239,5 +239,6 @@ def from_index(index: Path, open_files) -> Checkpoint:
     return checkpoint
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (its type when it has none)."""
     return " ".join(str(e).split()) or type(e).__name__

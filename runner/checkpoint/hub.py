@@ -18,7 +18,7 @@ import os
 import re
 from pathlib import Path
 
-from runner.checkpoint.files import INDEX_NAME, Checkpoint, open_local
+from runner.checkpoint.files import INDEX_NAME, Checkpoint, one_line, open_local
 from runner.checkpoint.pickled import NOT_WEIGHTS, PICKLE_INDEX_NAME, PICKLE_SUFFIXES
 from runner.config import CheckpointSpec
 from runner.errors import CheckpointError
@@ -60,7 +60,6 @@ def open_hub(spec: CheckpointSpec) -> Checkpoint:
     weights = [name for name in wanted if name != CONFIG_NAME]
     target = folder / index if index else folder / weights[0] if len(weights) == 1 else folder
     checkpoint = open_local(target, spec.allow_pickle, source="hub")
-    checkpoint.source = "hub"
     checkpoint.revision = folder.name
     log.info("Hub checkpoint %s at %s: commit %s", hub.repo, hub.revision, folder.name)
     return checkpoint
@@ -242,5 +241,5 @@ def _is_network_error(e: BaseException) -> bool:
 
 
 def _short(e: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
+    text = one_line(e)
     return text if len(text) <= limit else text[:limit].rstrip() + "..."

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from runner.checkpoint.files import Checkpoint, TensorEntry, from_index
+from runner.checkpoint.files import Checkpoint, TensorEntry, from_index, one_line
 from runner.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def _load_trusted(file: Path, mmap: bool) -> Any:
     try:
         return torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
     except (ImportError, AttributeError) as e:  # a class the pickle names cannot be found here
-        raise CheckpointError(f"{file}: cannot be unpickled: {_one_line(e)}; the file needs code that is not "
+        raise CheckpointError(f"{file}: cannot be unpickled: {one_line(e)}; the file needs code that is not "
                               "installed, convert it to safetensors where it loads") from e
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError,
             TypeError) as e:
@@ -205,11 +205,7 @@ def _corrupt(file: Path, e: BaseException) -> CheckpointError:
                            f"({type(e).__name__}: {_short(e)}); re-download or re-export it")
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def _short(e: BaseException, limit: int = 160) -> str:
     """The first sentence of torch's error messages, which run to paragraphs."""
-    text = _one_line(e).split(". ")[0]
+    text = one_line(e).split(". ")[0]
     return text if len(text) <= limit else text[:limit].rstrip() + "..."
