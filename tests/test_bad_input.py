@@ -57,6 +57,8 @@ CLI_CASES = {
                           ("'placement/balancd'", "Available options", "balanced_low_0", "sequential")),
     "unknown-key-plus": (("+foo=1",), "config", ("foo: unknown key", "expected one of", "max_new_tokens")),
     "unknown-key-no-plus": (("foo=1",), "config", ("Could not override 'foo'", "use +foo=1")),
+    "direct-io-not-a-boolean": (("offload.direct_io=maybe",), "config",
+                                ("offload.direct_io", "'maybe' is not of type 'boolean'")),
     "size-bad-unit": (("max_memory.cpu=10GX",), "config",
                       ("max_memory.cpu", "'10GX' is not valid", "expected a size with a unit")),
     "size-negative": (("max_memory.cpu=-1GiB",), "config",
