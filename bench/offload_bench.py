@@ -104,10 +104,10 @@ class ReadStats:
         self.readers: list[Any] = []  # each Prefetcher's SpanReader in this process
 
     def install(self) -> None:
-        from runner.checkpoint.files import Checkpoint
+        from runner.checkpoint.files import SafetensorsCheckpoint
         from runner.checkpoint.reads import SpanReader
         from runner.offload import Prefetcher
-        stats, uncached, spans = self, Checkpoint.read_uncached, SpanReader.read
+        stats, uncached, spans = self, SafetensorsCheckpoint.read_uncached, SpanReader.read
         init, before = Prefetcher.__init__, Prefetcher.before
 
         def timed_uncached(checkpoint, key):
@@ -132,7 +132,7 @@ class ReadStats:
             before(prefetcher, block)
             stats.stall_s += time.perf_counter() - t0
 
-        Checkpoint.read_uncached, SpanReader.read = timed_uncached, timed_spans
+        SafetensorsCheckpoint.read_uncached, SpanReader.read = timed_uncached, timed_spans
         Prefetcher.__init__, Prefetcher.before = seen_init, timed_before
 
     def record(self, nbytes: int, t0: float, r0) -> None:

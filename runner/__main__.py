@@ -16,30 +16,21 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from runner.config import load_config
+from runner.config import CONF_DIR, load_config
 from runner.errors import RunnerError
-from runner.explain import format_plan
-from runner.pipeline import plan, run
-from runner.report import format_map, format_predictions, format_summary, write_outputs, write_plan
+from runner.tasks import generate, plan
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("runner")
 _failures: list[RunnerError] = []  # a failed job is reported and recorded; a sweep goes on with the next
 
 
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def app(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         config = load_config(cfg)
-        if config.mode in ("plan", "check"):
-            planned = plan(config, run_dir)
-            paths = write_plan(planned, run_dir)
-            text = format_map(planned) + "\n\n" + format_plan(planned)
-        else:
-            result = run(config, run_dir)
-            paths = write_outputs(result, run_dir)
-            text = format_summary(result) + "\n\n" + format_predictions(result)
+        recipe = plan if config.mode in ("plan", "check") else generate  # the task group has one task so far
+        text, paths = recipe.run(config, run_dir)
     except RunnerError as e:
         _print_error(e)
         _failures.append(e)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -14,8 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from runner.errors import ConfigError
+from runner.infer.sampling import SamplingParams
 from runner.schema import schema_errors
 from runner.sizes import parse_size
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 Strategy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
@@ -64,16 +68,18 @@ class PlacementSpec:
 
 
 @dataclass(frozen=True)
-class GenerationSpec:
+class GenerateTask:
     prompts: tuple[str, ...]
-    max_new_tokens: int
-    chat: bool = True  # wrap each prompt in the tokenizer's chat template, when it has one
+    sampling: SamplingParams
+    chat: bool = True                      # wrap each prompt in the tokenizer's chat template, when it has one
+    truncate: Literal["left"] | None = None  # left: drop a too-long prompt's oldest tokens; None: an error
+    name: Literal["generate"] = "generate"
 
 
 @dataclass(frozen=True)
 class RuntimeSpec:
     batch_size: int
-    seq_len: int
+    seq_len: int | None  # prompt plus new tokens; None until derived from the task's prompts
 
 
 @dataclass(frozen=True)
@@ -82,13 +88,32 @@ class RunConfig:
     checkpoint: CheckpointSpec
     hardware: HardwareSpec
     placement: PlacementSpec
-    generation: GenerationSpec
+    task: GenerateTask
     dtype: DType
     seed: int
     runtime: RuntimeSpec = RuntimeSpec(1, 256)
+    tokenizer_path: Path | None = None  # a folder holding tokenizer.json, or the file; None: the checkpoint's own
     mode: Literal["run", "plan", "check"] = "run"
     map_file: Path | None = None    # mode=check: the map to validate
     resolved: dict[str, Any] = field(default_factory=dict, compare=False)  # for the report
+
+
+def compose(overrides: Sequence[str] = ()) -> RunConfig:
+    """The config ``python -m runner <overrides>`` would run with, composed by Hydra and typed (for the Python API).
+
+    Raises:
+        ConfigError: an unknown group option, a malformed override, or a value the schema refuses.
+    """
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    if isinstance(overrides, str):
+        raise ConfigError("overrides: expected a list such as ['model=gpt2', 'placement=balanced'], got one string")
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="runner"):
+            return load_config(hydra_compose(config_name="config", overrides=list(overrides)))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(f"overrides: {' '.join(str(e).split('Config search path')[0].split())}") from e
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:
@@ -153,14 +178,22 @@ def _typed(c: dict[str, Any]) -> RunConfig:
         checkpoint=checkpoint,
         hardware=hardware,
         placement=placement,
-        generation=GenerationSpec(tuple(c["prompts"]), c["max_new_tokens"], c["chat"]),
+        task=_task(c["task"], c["seed"]),
         dtype=c["dtype"],
         seed=c["seed"],
         runtime=RuntimeSpec(c["runtime"]["batch_size"], c["runtime"]["seq_len"]),
         mode=c["mode"],
         map_file=_path(c["map_file"]),
+        tokenizer_path=_path(c["tokenizer"]["path"], "tokenizer.path"),
         resolved=c,
     )
+
+
+def _task(t: dict[str, Any], seed: int) -> GenerateTask:
+    sampling = SamplingParams(max_new_tokens=t["max_new_tokens"], temperature=float(t["temperature"]), top_k=t["top_k"],
+                              top_p=float(t["top_p"]), min_p=float(t["min_p"]), stop=tuple(t["stop"]),
+                              stop_token_ids=tuple(t["stop_token_ids"]), seed=seed)
+    return GenerateTask(tuple(t["prompts"]), sampling, t["chat"], t["truncate"])
 
 
 def _device_name(key: str) -> str:

@@ -17,12 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from runner.blocks import ModelLayout, get_slot, set_slot
+from runner.blocks import Block, get_slot, set_slot
 from runner.checkpoint import Checkpoint
 from runner.hardware import Hardware
 from runner.memory import MemoryLedger
-from runner.compute import Compute
-from runner.offload import DiskBlock, Prefetcher, streamed_blocks
+from runner.offload import DiskBlock, LoadPlan, Prefetcher, streamed_blocks
 
 log = logging.getLogger(__name__)
 
@@ -34,50 +33,48 @@ def torch_device(name: str, hardware: Hardware) -> torch.device:
     return torch.device("cpu")
 
 
-def dispatch(model: nn.Module, layout: ModelLayout, block_devices: dict[str, str], hardware: Hardware,
-             checkpoint: Checkpoint, dtype: torch.dtype, offload_folder: Path, ledger: MemoryLedger,
-             compute: dict[str, Compute], prefetch: int = 1, direct_io: bool = True) -> None:
-    """Load every resident block onto its device, prepare streamed blocks, and install the hooks.
+def dispatch(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger, *, offload_folder: Path,
+             prefetch: int = 1, direct_io: bool = True) -> None:
+    """Load every resident block of ``plan.model`` onto its device, prepare streamed blocks, and install the hooks.
 
-    ``compute`` says where each block runs (``runner.compute.compute_plan``). Streamed blocks are read ``prefetch`` ahead of the one running,
-    with ``O_DIRECT`` when ``direct_io`` and their bytes are not in the page cache already.
+    Disk blocks that need converting are written to ``offload_folder``. Streamed blocks are read ``prefetch`` ahead
+    of the one running, with ``O_DIRECT`` when ``direct_io`` and their bytes are not in the page cache already.
     """
+    model, layout, hardware = plan.model, plan.layout, plan.hardware
     main = hardware.main_device
-    streamed = streamed_blocks(model, layout, block_devices, {n for n, c in compute.items() if c.streamed},
-                               checkpoint, dtype, offload_folder, torch_device(main, hardware), ledger, main)
+    streamed = streamed_blocks(plan, checkpoint, ledger, folder=offload_folder, device=torch_device(main, hardware))
     prefetcher = Prefetcher(streamed, prefetch, ledger, main, direct_io)
     by_name = {d.name: d for d in streamed}
     resident = [s for b in layout.blocks if b.name not in by_name for s in b.tensors
                 if s not in layout.ties and s not in layout.non_persistent]
-    if hasattr(checkpoint, "read_ahead"):
-        checkpoint.read_ahead(resident)  # page the resident weights in while this thread works
+    checkpoint.read_ahead(resident)  # page the resident weights in while this thread works
     for block in layout.blocks:
-        stored = block_devices[block.name]
-        target = torch_device(compute[block.name].device, hardware)
+        target = torch_device(plan.compute[block.name].device, hardware)
         if block.name not in by_name:
-            _load_block(model, block.tensors, layout, checkpoint, dtype, target, ledger, stored)
+            _load_block(plan, block, checkpoint, ledger, target)
         _install_hooks(model.get_submodule(block.name), target, by_name.get(block.name), prefetcher)
     for alias, owner in layout.ties.items():  # the owner is loaded by now, wherever it lives
         set_slot(model, alias, get_slot(model, owner))
 
 
-def _load_block(model: nn.Module, slots: tuple[str, ...], layout: ModelLayout, checkpoint: Checkpoint,
-                dtype: torch.dtype, device: torch.device, ledger: MemoryLedger, stored: str) -> None:
-    for slot in slots:
+def _load_block(plan: LoadPlan, block: Block, checkpoint: Checkpoint, ledger: MemoryLedger,
+                device: torch.device) -> None:
+    """The block's tensors onto ``device``, counted against the device its weights are stored on."""
+    layout, stored = plan.layout, plan.check.block_devices[block.name]
+    for slot in block.tensors:
         if slot in layout.ties:
             continue
         if slot in layout.non_persistent:  # built for real on the CPU by the builder
-            tensor = get_slot(model, slot).to(device)
+            tensor = get_slot(plan.model, slot).to(device)
         else:
             entry = checkpoint.entries[slot]
-            cast = entry.dtype.is_floating_point and entry.dtype != dtype
+            cast = entry.dtype.is_floating_point and entry.dtype != plan.dtype
             # A tensor that is cast or copied to a GPU is read into a private buffer, not through the file's
             # memory map, whose pages would otherwise stay counted in RSS next to the result.
-            read = checkpoint.read_uncached if (cast or device.type == "cuda") and hasattr(
-                checkpoint, "read_uncached") else checkpoint.read
-            tensor = cast_and_move(read(slot), dtype, device)
+            read = checkpoint.read_uncached if cast or device.type == "cuda" else checkpoint.read
+            tensor = cast_and_move(read(slot), plan.dtype, device)
         ledger.allocate(stored, layout.tensor_bytes[slot], slot)
-        set_slot(model, slot, tensor)
+        set_slot(plan.model, slot, tensor)
 
 
 def cast_and_move(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

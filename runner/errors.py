@@ -51,3 +51,9 @@ class SimulatedOutOfMemory(RunnerError):
     """A simulated GPU was asked to hold more bytes than its budget."""
 
     stage = "memory"
+
+
+class GenerateError(RunnerError):
+    """A request the loaded engine cannot serve as planned (too long, too many, or the wrong task)."""
+
+    stage = "generate"

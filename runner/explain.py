@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from runner.pipeline import Planned
 from runner.blocks import ModelLayout
+from runner.room import room_left
 from runner.sizes import format_bytes
 from runner.validate import covers
 
@@ -57,11 +58,9 @@ def device_rows(planned: Planned) -> list[dict]:
     for device in planned.check.block_devices.values():
         counts[device] = counts.get(device, 0) + 1
     for d in planned.hardware.devices:
-        reserves = planned.plan.reserves.get(d.name, {})
-        used = planned.plan.loads[d.name] + sum(reserves.values())
         rows.append({"name": d.name, "kind": d.kind, "simulated": d.simulated, "blocks": counts.get(d.name, 0),
-                     "weights": planned.plan.loads[d.name], "reserves": reserves, "budget": d.budget,
-                     "free": d.budget - used})
+                     "weights": planned.plan.loads[d.name], "reserves": planned.plan.reserves.get(d.name, {}),
+                     "budget": d.budget, "free": room_left(d, planned.plan.loads[d.name], planned.plan.reserves)})
     return rows
 
 
@@ -69,7 +68,7 @@ def explanation(planned: Planned) -> list[str]:
     """One line per run of blocks: where it went and why."""
     request, plan = planned.request, planned.plan
     sizes = {b.name: b.nbytes for b in planned.layout.blocks}
-    rooms = {d.name: d.budget - sum(plan.reserves.get(d.name, {}).values()) for d in planned.hardware.devices}
+    rooms = {d.name: room_left(d, 0, plan.reserves) for d in planned.hardware.devices}
     gpus = [d.name for d in planned.hardware.gpus]
     biggest_gpu_room = max((rooms[g] for g in gpus), default=0)
     lines = []

@@ -21,6 +21,7 @@ import json
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -29,15 +30,36 @@ from torch import nn
 
 from runner.blocks import Block, ModelLayout, get_slot, set_slot
 from runner.checkpoint import Checkpoint
-from runner.checkpoint.files import Checkpoint as SafetensorsFiles
-from runner.checkpoint.names import RenamedCheckpoint
+from runner.checkpoint.files import SafetensorsCheckpoint
 from runner.checkpoint.reads import BlockReads, SpanReader, aligned_buffer, plan_reads
+from runner.compute import Compute
 from runner.errors import CheckpointError, OffloadError
+from runner.hardware import Hardware
 from runner.memory import MemoryLedger
+from runner.validate import MapCheck
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "offload-manifest.json"
+
+
+class LoadPlan(Protocol):
+    """What loading takes from a plan (``runner.pipeline.Planned`` is one)."""
+
+    model: nn.Module             # the skeleton on meta, filled in place
+    layout: ModelLayout
+    hardware: Hardware
+    dtype: torch.dtype           # the compute dtype
+    check: MapCheck              # its block_devices: where each block's weights are stored
+    compute: dict[str, Compute]  # where each block runs (``runner.compute.compute_plan``)
+
+
+class OffloadFolder(SafetensorsCheckpoint):
+    """The converted disk blocks: safetensors in the compute dtype, with no model metadata beside them."""
+
+    @property
+    def metadata_dir(self) -> Path | None:
+        return None
 
 
 class DiskBlock:
@@ -164,15 +186,17 @@ class Prefetcher:
         return aligned_buffer(self.buffer_bytes, pin=block.device.type == "cuda")
 
 
-def streamed_blocks(model: nn.Module, layout: ModelLayout, block_devices: dict[str, str], streamed: set[str],
-                    checkpoint: Checkpoint, dtype: torch.dtype, offload_folder: Path, device: torch.device,
-                    ledger: MemoryLedger, compute: str) -> list[DiskBlock]:
+def streamed_blocks(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger, *, folder: Path,
+                    device: torch.device) -> list[DiskBlock]:
     """Every block whose weights are copied in for each forward, in forward order: disk blocks (conversions
-    written or reused first) and CPU blocks that are cheaper to move than their activations.
+    written to or reused from ``folder`` first) and CPU blocks that are cheaper to move than their activations.
+    They compute on the main device, ``device`` in torch.
 
     Non-persistent buffers stay resident on the compute device: no checkpoint has them.
     """
-    on_disk = [b for b in layout.blocks if b.name in streamed]
+    model, layout, dtype = plan.model, plan.layout, plan.dtype
+    block_devices, main = plan.check.block_devices, plan.hardware.main_device
+    on_disk = [b for b in layout.blocks if plan.compute[b.name].streamed]
     plans: list[tuple[nn.Module, Block, dict[str, str], list[str]]] = []
     convert: dict[str, list[str]] = {}
     for block in on_disk:
@@ -181,7 +205,7 @@ def streamed_blocks(model: nn.Module, layout: ModelLayout, block_devices: dict[s
         slots: dict[str, str] = {}
         for slot in block.tensors:
             if slot in layout.non_persistent:
-                ledger.allocate(compute, layout.tensor_bytes[slot], slot)
+                ledger.allocate(main, layout.tensor_bytes[slot], slot)
                 set_slot(module, slot[cut:], get_slot(module, slot[cut:]).to(device))
             else:
                 slots[slot[cut:]] = layout.ties.get(slot, slot)
@@ -189,7 +213,7 @@ def streamed_blocks(model: nn.Module, layout: ModelLayout, block_devices: dict[s
         if block_devices[block.name] == "disk" and _needs_conversion(checkpoint, keys, dtype):
             convert[block.name] = keys
         plans.append((module, block, slots, keys))
-    converted = _converted(checkpoint, convert, dtype, offload_folder) if convert else None
+    converted = _converted(checkpoint, convert, dtype, folder) if convert else None
     out = []
     for module, block, slots, keys in plans:
         reads = None
@@ -197,8 +221,8 @@ def streamed_blocks(model: nn.Module, layout: ModelLayout, block_devices: dict[s
             read = _resident_on_cpu(checkpoint, keys, dtype, device, ledger, layout).__getitem__
         else:
             source = converted if block.name in convert else checkpoint
-            read = getattr(source, "read_uncached", source.read)
-            located = source.locate(keys) if hasattr(source, "locate") else None
+            read = source.read_uncached
+            located = source.locate(keys)
             reads = plan_reads(located) if located else None
         out.append(DiskBlock(module, block, slots, read, dtype, device, sum(layout.tensor_bytes[k] for k in keys),
                              reads))
@@ -216,19 +240,16 @@ def _resident_on_cpu(checkpoint, keys: list[str], dtype: torch.dtype, device: to
     return store
 
 
-def _needs_conversion(checkpoint, keys: list[str], dtype: torch.dtype) -> bool:
-    """Anything but safetensors in the compute dtype is converted once, not on every forward."""
-    if isinstance(checkpoint, RenamedCheckpoint):
-        if any(checkpoint.sources[k].transform for k in keys):
-            return True  # transposed on the way: once, rather than on every forward
-        keys = [checkpoint.sources[k].key for k in keys]
-        checkpoint = checkpoint.inner
-    if type(checkpoint) is not SafetensorsFiles:
-        return True  # GGUF (quantized) or pickle
-    return any(checkpoint.entries[k].dtype.is_floating_point and checkpoint.entries[k].dtype != dtype for k in keys)
+def _needs_conversion(checkpoint: Checkpoint, keys: list[str], dtype: torch.dtype) -> bool:
+    """Anything but safetensors bytes in the compute dtype is converted once, not on every forward."""
+    located = checkpoint.locate(keys)
+    if located is None:
+        return True  # GGUF (quantized), pickle, or transposed on the way
+    return any(loc.dtype.is_floating_point and loc.dtype != dtype for loc in located.values())
 
 
-def _converted(checkpoint, blocks: dict[str, list[str]], dtype: torch.dtype, folder: Path):
+def _converted(checkpoint: Checkpoint, blocks: dict[str, list[str]], dtype: torch.dtype,
+               folder: Path) -> OffloadFolder:
     """The offload folder, written now or reused when its manifest matches this checkpoint, dtype and map."""
     fingerprint = hashlib.sha256(json.dumps({"checkpoint": checkpoint.fingerprint(), "dtype": str(dtype),
                                              "blocks": blocks}, sort_keys=True).encode()).hexdigest()
@@ -244,7 +265,7 @@ def _converted(checkpoint, blocks: dict[str, list[str]], dtype: torch.dtype, fol
         if recorded is not None or manifest.exists():
             log.warning("Offload folder %s is stale or incomplete; rebuilding it", folder)
         _write(checkpoint, blocks, dtype, folder, files, manifest, fingerprint)
-    return SafetensorsFiles(list(files.values()), source="offload")
+    return OffloadFolder(list(files.values()), source="offload")
 
 
 def _write(checkpoint, blocks, dtype, folder: Path, files: dict[str, Path], manifest: Path, fingerprint: str) -> None:

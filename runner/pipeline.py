@@ -1,7 +1,8 @@
-"""The whole run, top to bottom: build -> plan -> validate -> checkpoint -> load -> generate.
+"""Planning and loading, top to bottom: build -> plan -> validate -> checkpoint -> load.
 
 Takes a typed ``RunConfig`` and a run folder; knows nothing of Hydra. Each stage lives in
-its own module; this file only orders them and times them.
+its own module; this file only orders them and times them. What runs on the loaded model
+is a task (``runner.tasks``), through the ``Engine`` (``runner.engine``).
 """
 from __future__ import annotations
 
@@ -21,14 +22,13 @@ from runner.checkpoint import Checkpoint, KeyReport, architecture, check_keys, o
 from runner.compute import Compute, compute_plan
 from runner.config import RunConfig
 from runner.dispatch import dispatch
-from runner.errors import CheckpointError
+from runner.errors import CheckpointError, ConfigError
+from runner.infer.model import context_length
 from runner.hardware import Hardware, detect_hardware
-from runner.infer import Prediction, greedy_generate
 from runner.memory import MemoryLedger
 from runner.order import ForwardTrace, forward_order
 from runner.planner import Plan, PlanRequest, plan_device_map
 from runner.reserves import device_reserves, keeps_kv_cache, kv_bytes
-from runner.tokenizer import apply_chat_template, tokenizer_for
 from runner.validate import MapCheck, check_map, load_map_file, resolve_pins
 
 log = logging.getLogger(__name__)
@@ -55,25 +55,34 @@ class Planned:
 
 @dataclass
 class RunResult(Planned):
-    """A planned run, loaded (and, after ``run``, generated)."""
+    """A planned run, loaded."""
 
     ledger: MemoryLedger | None = None
-    predictions: list[Prediction] = field(default_factory=list)
 
 
-def plan(cfg: RunConfig, run_dir: Path) -> Planned:
-    """Build on meta, read checkpoint headers (if any), plan and validate. Allocates no weight memory."""
+def open_source(cfg: RunConfig) -> Checkpoint | None:
+    """The checkpoint's headers, no tensor read; None for synthetic weights, which are written after the map is
+    validated, when we know they are needed."""
+    if cfg.checkpoint.source == "synthetic":
+        return None
+    return open_checkpoint(cfg.checkpoint, cfg.model, model_class(cfg.model))
+
+
+def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None) -> Planned:
+    """Build on meta, read checkpoint headers (if any), plan and validate. Allocates no weight memory.
+
+    ``checkpoint``: headers already opened with ``open_source`` (else they are opened here).
+    """
     timings: dict[str, float] = {}
-    # Headers only; synthetic weights are written after the map is validated, when we know they are needed.
-    checkpoint = None
-    if cfg.checkpoint.source != "synthetic":
+    if checkpoint is None:
         with _timed(timings, "checkpoint"):
-            checkpoint = open_checkpoint(cfg.checkpoint, cfg.model, model_class(cfg.model))
+            checkpoint = open_source(cfg)
     with _timed(timings, "build"):
         arch = resolve_arch(cfg.model, architecture(checkpoint) if checkpoint else None, cfg.checkpoint.source)
         model_spec = replace(cfg.model, arch=arch)
         model = build_skeleton(model_spec)
     cfg = replace(cfg, model=model_spec)
+    cfg = _within_context(cfg, context_length(model))
     dtype = _compute_dtype(cfg, checkpoint)
     with _timed(timings, "plan"):
         cfg = replace(cfg, model=replace(cfg.model, no_split_module_classes=no_split_classes(cfg.model, model)))
@@ -86,7 +95,7 @@ def plan(cfg: RunConfig, run_dir: Path) -> Planned:
             blocks=layout.blocks, devices=hardware.devices, strategy=cfg.placement.strategy,
             main_device=hardware.main_device, pins=resolve_pins(cfg.placement.device_map, layout, hardware),
             reserves=device_reserves(hardware, trace, shape, dtype.itemsize, cfg.hardware.cuda_context_reserve),
-            kv_bytes=kv_bytes(layout, trace, cfg.model.no_split_module_classes, shape, dtype.itemsize)
+            kv_bytes=kv_bytes(model, layout, trace, cfg.model.no_split_module_classes, shape, dtype.itemsize)
             if keeps_kv_cache(model) else {},
             allow_disk=cfg.placement.allow_disk, prefetch=cfg.placement.prefetch)
         activation_bytes = {name: n * dtype.itemsize for name, n in trace.input_elems.items()}
@@ -115,7 +124,12 @@ def plan(cfg: RunConfig, run_dir: Path) -> Planned:
 
 def prepare(cfg: RunConfig, run_dir: Path) -> RunResult:
     """Every stage up to a dispatched model, ready to run."""
-    planned = plan(cfg, run_dir)
+    return load(plan(cfg, run_dir), run_dir)
+
+
+def load(planned: Planned, run_dir: Path) -> RunResult:
+    """Open the weights (writing synthetic ones if needed), check their keys, and dispatch them as planned."""
+    cfg = planned.config
     timings = planned.timings
     with _timed(timings, "checkpoint"):
         checkpoint = planned.checkpoint or open_checkpoint(cfg.checkpoint, cfg.model, type(planned.model),
@@ -125,30 +139,10 @@ def prepare(cfg: RunConfig, run_dir: Path) -> RunResult:
             log.info("Ignoring checkpoint tensors the model does not load: %s", ", ".join(keys.ignored))
     ledger = MemoryLedger(planned.hardware)
     with _timed(timings, "load"):
-        dispatch(planned.model, planned.layout, planned.check.block_devices, planned.hardware, checkpoint,
-                 planned.dtype, _offload_folder(cfg, run_dir), ledger, planned.compute, cfg.placement.prefetch,
-                 cfg.placement.direct_io)
+        dispatch(planned, checkpoint, ledger, offload_folder=_offload_folder(cfg, run_dir),
+                 prefetch=cfg.placement.prefetch, direct_io=cfg.placement.direct_io)
     fields = {k: getattr(planned, k) for k in Planned.__dataclass_fields__}
     return RunResult(**{**fields, "checkpoint": checkpoint, "keys": keys}, ledger=ledger)
-
-
-def run(cfg: RunConfig, run_dir: Path) -> RunResult:
-    """Prepare, then generate for every prompt."""
-    torch.manual_seed(cfg.seed)
-    if cfg.checkpoint.source == "synthetic" and "config" not in cfg.model.arch:
-        tokenizer_for(None, cfg.model.arch.get("vocab_size"))  # fail before writing weights that could not be run
-    result = prepare(cfg, run_dir)
-    hf_config = getattr(result.model, "config", None)  # transformers models carry their vocabulary there
-    vocab = result.config.model.arch.get("vocab_size", getattr(hf_config, "vocab_size", None))
-    tokenizer = tokenizer_for(result.checkpoint, vocab)
-    prompts = cfg.generation.prompts
-    if cfg.generation.chat and tokenizer.chat_template:
-        prompts = tuple(apply_chat_template(tokenizer, p) for p in prompts)
-    context = getattr(result.model, "block_size", 1 << 30)
-    with _timed(result.timings, "generate"):
-        result.predictions = greedy_generate(result.model, tokenizer, prompts, cfg.generation.max_new_tokens,
-                                             context, shown=cfg.generation.prompts)
-    return result
 
 
 def _weights_per_device(layout: ModelLayout, block_devices: dict[str, str], hardware: Hardware) -> dict[str, int]:
@@ -156,6 +150,17 @@ def _weights_per_device(layout: ModelLayout, block_devices: dict[str, str], hard
     for block in layout.blocks:
         loads[block_devices[block.name]] += block.nbytes
     return loads
+
+
+def _within_context(cfg: RunConfig, context: int | None) -> RunConfig:
+    """No sequence outgrows the model's context, so neither does the cache planned for it."""
+    if cfg.runtime.seq_len is None:
+        raise ConfigError("runtime.seq_len: not set and not derived; set it to the longest prompt plus new tokens")
+    if context is None or cfg.runtime.seq_len <= context:
+        return cfg
+    log.info("runtime.seq_len %d is past the model's context of %d tokens: planning for %d",
+             cfg.runtime.seq_len, context, context)
+    return replace(cfg, runtime=replace(cfg.runtime, seq_len=context))
 
 
 def _offload_folder(cfg: RunConfig, run_dir: Path) -> Path:

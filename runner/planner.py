@@ -20,6 +20,7 @@ from runner.blocks import Block
 from runner.errors import PlanError
 from runner.hardware import Device, cap_override
 from runner.optimal import Problem, best_partition
+from runner.room import room_left
 from runner.sizes import format_bytes
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def plan_device_map(request: PlanRequest) -> Plan:
         PlanError: a block fits no device, the pins overfill one, or the plan needs disk when disk is not allowed.
     """
     items = _items(request.blocks, request.pins, request.kv_bytes)
-    budgets = {d.name: d.budget - sum(request.reserves.get(d.name, {}).values()) for d in request.devices}
+    budgets = {d.name: room_left(d, 0, request.reserves) for d in request.devices}
     _check_fits(items, request.devices, budgets)
     pinned = dict.fromkeys(budgets, 0)
     for item in items:

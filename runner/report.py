@@ -1,6 +1,6 @@
 """Stage 7: what a run tells the user: the tables on screen and three schema-checked files.
 
-``device_map.json`` (the map, compact and per block), ``predictions.jsonl`` (one line per
+``device_map.json`` (the map, compact and per block), ``predictions.jsonl`` (one completion per
 prompt) and ``report.json`` (timings, bytes per device, checkpoint, versions and the
 resolved config).
 """
@@ -16,7 +16,9 @@ from pathlib import Path
 
 import runner
 from runner.explain import compact_map, plan_document
+from runner.infer.generate import Completion, GenerationStats
 from runner.pipeline import Planned, RunResult
+from runner.room import reserved
 from runner.schema import schema_errors
 from runner.sizes import format_bytes
 
@@ -38,10 +40,10 @@ def report_document(result: RunResult) -> dict:
     cfg = result.config
     devices = [{
         "name": d.name, "kind": d.kind, "simulated": d.simulated, "budget": d.budget,
-        "planned_bytes": result.check.loads[d.name], "reserve": sum(result.plan.reserves.get(d.name, {}).values()),
+        "planned_bytes": result.check.loads[d.name], "reserve": reserved(result.plan.reserves, d.name),
         "reserves": result.plan.reserves.get(d.name, {}),
         "peak_bytes": result.ledger.peak[d.name], "resident_bytes": result.ledger.current[d.name],
-        "predicted_peak_bytes": result.check.loads[d.name] + sum(result.plan.reserves.get(d.name, {}).values()),
+        "predicted_peak_bytes": result.check.loads[d.name] + reserved(result.plan.reserves, d.name),
         **_measured_peak(d),
     } for d in result.hardware.devices]
     return {
@@ -61,11 +63,20 @@ def report_document(result: RunResult) -> dict:
     }
 
 
-def write_outputs(result: RunResult, run_dir: Path) -> dict[str, Path]:
-    """Write the run's three files."""
+def write_outputs(result: RunResult, run_dir: Path, completions: list[Completion],
+                  generation: GenerationStats) -> dict[str, Path]:
+    """Write the run's three files: the map, the report (with the generation's figures) and the completions."""
+    report = {**report_document(result), "generation": generation_document(generation)}
     return write_documents(run_dir, {"device_map.json": (device_map_document(result), "device_map"),
-                                     "report.json": (report_document(result), "report")},
-                           [asdict(p) for p in result.predictions])
+                                     "report.json": (report, "report")},
+                           [asdict(c) for c in completions])
+
+
+def generation_document(stats: GenerationStats) -> dict:
+    decode_tokens = stats.output_tokens - (stats.requests if stats.output_tokens else 0)  # the first is prefill's
+    return {**asdict(stats),
+            "tokens_per_s": round(stats.output_tokens / max(stats.prefill_s + stats.decode_s, 1e-9), 2),
+            "decode_tokens_per_s": round(decode_tokens / max(stats.decode_s, 1e-9), 2)}
 
 
 def write_plan(planned: Planned, run_dir: Path) -> dict[str, Path]:
@@ -100,7 +111,7 @@ def format_summary(result: RunResult) -> str:
     for d in result.hardware.devices:
         name = d.name + ("*" if d.simulated else "")
         lines.append(f"{name:<8} {counts.get(d.name, 0):>6} {format_bytes(result.check.loads[d.name]):>12} "
-                     f"{format_bytes(sum(result.plan.reserves.get(d.name, {}).values())):>12} "
+                     f"{format_bytes(reserved(result.plan.reserves, d.name)):>12} "
                      f"{format_bytes(result.ledger.peak[d.name]):>12} {format_bytes(d.budget):>12}")
     if any(d.simulated for d in result.hardware.devices):
         lines.append("* simulated: backed by CPU memory, budget enforced by the runner")
@@ -131,8 +142,8 @@ def _numbered_runs(compact: dict[str, str]) -> list[tuple[str, str]]:
             for name, device, first, last in rows]
 
 
-def format_predictions(result: RunResult) -> str:
-    return "\n".join(f"[{p.index}] {p.prompt!r} -> {p.completion!r}" for p in result.predictions)
+def format_completions(completions: list[Completion]) -> str:
+    return "\n".join(f"[{c.index}] {c.prompt!r} -> {c.text!r}" for c in completions)
 
 
 def _atomic_write(path: Path, text: str) -> Path:

@@ -7,14 +7,16 @@ Every figure here is taken off a device's budget before planning and listed in t
   block input for ``batch_size x seq_len`` tokens (residual stream, norm output, q/k/v,
   attention output and the 4x-wide MLP hidden state live together at the peak);
 - ``outputs``: the logits of one forward, on the main device, where outputs land;
-- ``kv_cache``: keys and values of every unsplittable block for ``batch_size x seq_len`` tokens,
-  counted with its block (see ``kv_bytes``), for models that keep them (see ``keeps_kv_cache``).
+- ``kv_cache``: keys and values of every unsplittable block for ``batch_size x seq_len`` tokens in the
+  compute dtype, counted with its block (see ``kv_bytes``), for models that keep them (see ``keeps_kv_cache``).
 
 The staging room for streaming disk blocks in is added by the planner, and only when
 something is on disk.
 """
 from __future__ import annotations
 
+
+from typing import Protocol, runtime_checkable
 
 from torch import nn
 
@@ -29,6 +31,7 @@ ACTIVATION_COPIES = 10
 def device_reserves(hardware: Hardware, trace: ForwardTrace, shape: RuntimeSpec, itemsize: int,
                     cuda_context: int) -> dict[str, dict[str, int]]:
     """device -> reason -> bytes, for every device that computes (GPUs and the CPU)."""
+    assert shape.seq_len is not None, "seq_len is derived before planning"
     tokens = shape.batch_size * shape.seq_len
     hidden = max(trace.input_elems.values(), default=0)
     reserves: dict[str, dict[str, int]] = {}
@@ -55,9 +58,24 @@ def keeps_kv_cache(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "use_cache", True))
 
 
-def kv_bytes(layout: ModelLayout, trace: ForwardTrace, no_split: tuple[str, ...], shape: RuntimeSpec,
-             itemsize: int) -> dict[str, int]:
-    """Keys and values for every unsplittable (attention) block: 2 x tokens x its input width."""
+@runtime_checkable
+class CachesKeysAndValues(Protocol):
+    """An attention module that says how many key channels it caches per token (as many for values)."""
+
+    kv_width: int
+
+
+def kv_bytes(model: nn.Module, layout: ModelLayout, trace: ForwardTrace, no_split: tuple[str, ...],
+             shape: RuntimeSpec, itemsize: int) -> dict[str, int]:
+    """Keys and values that generation holds for every unsplittable (attention) block: 2 x ``batch_size x
+    seq_len`` tokens x the width its attention modules declare (``kv_width``: grouped-query attention caches
+    fewer heads than it computes), or else its input width."""
+    assert shape.seq_len is not None, "seq_len is derived before planning"
     tokens = shape.batch_size * shape.seq_len
-    return {b.name: 2 * tokens * trace.input_elems.get(b.name, 0) * itemsize
-            for b in layout.blocks if b.class_name in no_split}
+    out = {}
+    for b in layout.blocks:
+        if b.class_name not in no_split:
+            continue
+        widths = [m.kv_width for m in model.get_submodule(b.name).modules() if isinstance(m, CachesKeysAndValues)]
+        out[b.name] = 2 * tokens * (sum(widths) if widths else trace.input_elems.get(b.name, 0)) * itemsize
+    return out

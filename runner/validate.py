@@ -15,6 +15,7 @@ from runner.blocks import ModelLayout
 from runner.errors import MapError
 from runner.hardware import Hardware, cap_override
 from runner.planner import map_reserves, merge_reserves
+from runner.room import room_left
 from runner.sizes import format_bytes
 
 
@@ -96,11 +97,12 @@ def check_map(device_map: dict[str, str], layout: ModelLayout, hardware: Hardwar
         if slot not in layout.ties and slot in slot_device and slot_device[slot] in loads:
             loads[slot_device[slot]] += nbytes
     for name, load in loads.items():
-        need = load + sum((reserves or {}).get(name, {}).values())
-        budget = hardware.get(name).budget
-        if need > budget:
-            errors.append(f"device_map: {name} holds {format_bytes(need)} but its budget is {format_bytes(budget)} "
-                          f"({format_bytes(need - budget)} over); move blocks off it or raise it ({cap_override(name)})")
+        device = hardware.get(name)
+        room = room_left(device, load, reserves or {})
+        if room < 0:
+            errors.append(f"device_map: {name} holds {format_bytes(device.budget - room)} but its budget is "
+                          f"{format_bytes(device.budget)} ({format_bytes(-room)} over); move blocks off it or raise "
+                          f"it ({cap_override(name)})")
     if errors:
         raise MapError(*errors)
     hops = _hop_warnings(block_devices, layout, activation_bytes or {}, hardware.main_device)

@@ -20,7 +20,7 @@ from runner.errors import MapError
 from runner.hardware import Device, Hardware
 from runner.validate import check_map
 
-TINY = ("model=gpt2tiny", "max_new_tokens=2")
+TINY = ("model=gpt2tiny", "task.max_new_tokens=2")
 TINY_ARCH = {"_target_": "runner.zoo.gpt.GPT", "vocab_size": 256, "block_size": 64,
              "n_layer": 2, "n_head": 2, "n_embd": 16}
 

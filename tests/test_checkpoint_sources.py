@@ -19,14 +19,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import compose_config
+from conftest import compose_config, generate_run, write_byte_tokenizer
 from runner.checkpoint import check_keys
 from runner.checkpoint.files import INDEX_NAME, open_local, open_safetensors
 from runner.checkpoint.hub import open_hub, weight_files
+from runner.checkpoint.names import RenamedCheckpoint
 from runner.checkpoint.pickled import PICKLE_INDEX_NAME, PickleCheckpoint
 from runner.config import CheckpointSpec
 from runner.errors import CheckpointError
-from runner.pipeline import run
+from runner.pipeline import prepare
 from runner.zoo.gpt import GPT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +35,7 @@ ARCH = {"vocab_size": 256, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd"
 REPO = "tiny-org/gpt2tiny"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
-TINY = ("model=gpt2tiny", "max_new_tokens=2")
+TINY = ("model=gpt2tiny", "task.max_new_tokens=2")
 
 
 class Marker:
@@ -232,16 +233,18 @@ def test_run_from_a_bin_generates_what_the_safetensors_run_does(tmp_path):
     tensors = state_dict()
     torch.save(tensors, tmp_path / "pytorch_model.bin")
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    from_bin = run(compose_config(*TINY, "checkpoint=local", f"checkpoint.path={tmp_path / 'pytorch_model.bin'}"),
-                   tmp_path / "run-bin")
-    from_st = run(compose_config(*TINY, "checkpoint=local", f"checkpoint.path={tmp_path / 'model.safetensors'}"),
-                  tmp_path / "run-st")
-    assert from_bin.checkpoint.files[0].name == "pytorch_model.bin"
-    tokens = [p.output_tokens for p in from_bin.predictions]
-    assert tokens == [p.output_tokens for p in from_st.predictions] and all(len(t) == 2 for t in tokens)
+    write_byte_tokenizer(tmp_path)
+    engine, from_bin = generate_run(compose_config(*TINY, "checkpoint=local", f"tokenizer.path={tmp_path}",
+                                                   f"checkpoint.path={tmp_path / 'pytorch_model.bin'}"),
+                                    tmp_path / "run-bin")
+    _, from_st = generate_run(compose_config(*TINY, "checkpoint=local", f"checkpoint.path={tmp_path / 'model.safetensors'}",
+                                             f"tokenizer.path={tmp_path / 'tokenizer.json'}"), tmp_path / "run-st")
+    assert engine.loaded.checkpoint.files[0].name == "pytorch_model.bin"
+    tokens = [p.output_tokens for p in from_bin]
+    assert tokens == [p.output_tokens for p in from_st] and all(len(t) == 2 for t in tokens)
     model = reference()  # the same weights, in plain PyTorch
     with torch.no_grad():
-        for prediction in from_bin.predictions:
+        for prediction in from_bin:
             ids = torch.tensor([prediction.prompt_tokens])
             first = int(model(ids)[0, -1].argmax())
             assert prediction.output_tokens[0] == first
@@ -251,9 +254,9 @@ def test_run_with_allow_pickle_reports_the_custom_object(tmp_path):
     file = tmp_path / "custom.bin"
     torch.save({**state_dict(), "training_note": Marker()}, file)
     with pytest.raises(CheckpointError):
-        run(compose_config(*TINY, "checkpoint=local", f"checkpoint.path={file}"), tmp_path / "refused")
-    result = run(compose_config(*TINY, "checkpoint=local", f"checkpoint.path={file}", "checkpoint.allow_pickle=true"),
-                 tmp_path / "allowed")
+        prepare(compose_config(*TINY, "checkpoint=local", f"checkpoint.path={file}"), tmp_path / "refused")
+    result = prepare(compose_config(*TINY, "checkpoint=local", f"checkpoint.path={file}",
+                                    "checkpoint.allow_pickle=true"), tmp_path / "allowed")
     assert any(k.startswith("training_note (") for k in result.keys.ignored)
 
 
@@ -301,7 +304,13 @@ def tiny_repo_files() -> dict[str, bytes]:
     return {names[0]: safetensors_bytes(parts[0]), names[1]: safetensors_bytes(parts[1]),
             INDEX_NAME: json.dumps({"metadata": {}, "weight_map": weight_map}).encode(),
             "config.json": json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 16}).encode(),
-            "README.md": b"# tiny\n"}
+            "README.md": b"# tiny\n", "tokenizer.json": _byte_tokenizer_json()}
+
+
+def _byte_tokenizer_json() -> bytes:
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        return write_byte_tokenizer(Path(folder)).read_bytes()
 
 
 # Files the Hub repo has that a run must not fetch: another copy of the weights, another format, a subfolder.
@@ -391,6 +400,41 @@ def test_hub_repo_with_only_a_bin(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     checkpoint = open_hub(hub_spec("old-org/gpt2tiny-bin", cache_dir=cache))
     assert [f.name for f in checkpoint.files] == ["pytorch_model.bin"] and checkpoint.revision == COMMIT
+
+
+def test_hub_metadata_dir_holds_the_cached_tokenizer(tmp_path, monkeypatch):
+    """The snapshot folder is the metadata folder, under the model's names too; offline, a listed file the cache
+    never fetched (tokenizer_config.json) is optional, not an error."""
+    cache = tmp_path / "hf-cache"
+    tokenizer = json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []}}).encode()
+    hub_cache(cache, REPO, {**tiny_repo_files(), "tokenizer.json": tokenizer},
+              listing_only={"tokenizer_config.json": 100})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checkpoint = open_hub(hub_spec(cache_dir=cache))
+    snapshot = cache / "models--tiny-org--gpt2tiny" / "snapshots" / COMMIT
+    renamed = RenamedCheckpoint(checkpoint, GPT.checkpoint_names(checkpoint.entries))
+    assert checkpoint.metadata_dir == renamed.metadata_dir == snapshot
+    assert (renamed.metadata_dir / "tokenizer.json").read_bytes() == tokenizer
+    assert renamed.config()["model_type"] == "gpt2" and renamed.tokenizer_fields() is None
+
+
+def test_hub_online_asks_for_the_tokenizer_files_the_repo_has(offline_cache, monkeypatch):
+    """Online, the optional files are asked for by name with the weights, and only those the repo lists."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    listing = [*tiny_repo_files(), *DECOYS, "tokenizer.json", "generation_config.json", "vocab.txt"]
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo, revision=None: listing)
+    asked: list[list[str]] = []
+
+    def snapshot_download(repo, revision, cache_dir, allow_patterns, local_files_only):
+        asked.append(allow_patterns)
+        return str(offline_cache / "models--tiny-org--gpt2tiny" / "snapshots" / COMMIT)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert open_hub(hub_spec()).revision == COMMIT
+    assert sorted(asked[0]) == sorted([INDEX_NAME, "config.json", "tokenizer.json", "generation_config.json"])
 
 
 def test_repo_not_in_the_cache_is_one_line(offline_cache):

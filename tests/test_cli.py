@@ -50,7 +50,7 @@ def test_default_run_answers_with_paris_and_writes_three_valid_files(tmp_path):
 
 
 def test_synthetic_gpt_run_writes_a_sharded_checkpoint(tmp_path):
-    proc = run_cli(tmp_path, "model=gpt2mini", "max_new_tokens=4")
+    proc = run_cli(tmp_path, "model=gpt2mini", "task.max_new_tokens=4")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     files = [Path(f["path"]) for f in report["checkpoint"]["files"]]
@@ -60,8 +60,8 @@ def test_synthetic_gpt_run_writes_a_sharded_checkpoint(tmp_path):
 
 
 def test_second_run_reuses_the_synthetic_checkpoint(tmp_path):
-    first = run_cli(tmp_path / "a", "model=gpt2tiny", "max_new_tokens=2")
-    second = run_cli(tmp_path / "b", "model=gpt2tiny", "max_new_tokens=2")
+    first = run_cli(tmp_path / "a", "model=gpt2tiny", "task.max_new_tokens=2")
+    second = run_cli(tmp_path / "b", "model=gpt2tiny", "task.max_new_tokens=2")
     assert first.returncode == second.returncode == 0
     assert "Reusing synthetic checkpoint" in second.stdout
     outputs = [json.loads((tmp_path / d / "predictions.jsonl").read_text().splitlines()[0]) for d in "ab"]
@@ -69,7 +69,7 @@ def test_second_run_reuses_the_synthetic_checkpoint(tmp_path):
 
 
 def test_simulated_two_gpu_map_and_partial_pins(tmp_path):
-    proc = run_cli(tmp_path, "model=gpt2tiny", "hardware=sim_2gpu", "placement=sequential", "max_new_tokens=2",
+    proc = run_cli(tmp_path, "model=gpt2tiny", "hardware=sim_2gpu", "placement=sequential", "task.max_new_tokens=2",
                    "+device_map.transformer.h.1=cuda:1", "+device_map.transformer.ln_f=disk")
     assert proc.returncode == 0, proc.stderr
     blocks = {b["name"]: b["device"] for b in json.loads((tmp_path / "device_map.json").read_text())["blocks"]}

@@ -15,7 +15,8 @@ OPTIONS = [(group, option) for group, options in sorted(GROUPS.items()) for opti
 
 
 def test_every_group_is_shipped():
-    assert set(GROUPS) == {"model", "checkpoint", "placement", "hardware"}
+    assert set(GROUPS) == {"model", "checkpoint", "placement", "hardware", "task"}
+    assert set(GROUPS["task"]) == {"generate"}
     assert set(GROUPS["model"]) <= set(GROUPS["checkpoint"])  # every model names the weights it comes with
     assert {"gpt2tiny", "gpt2mini", "gpt2", "gpt2medium", "gpt2large", "gpt2xl"} <= set(GROUPS["model"])
     assert set(GROUPS["placement"]) == {"auto", "balanced", "balanced_low_0", "sequential"}
@@ -56,11 +57,11 @@ def test_command_line_caps_and_pins_are_typed():
 
 def test_every_schema_error_is_reported_at_once():
     with pytest.raises(ConfigError) as e:
-        compose_config("max_memory.cpu=10GX", "dtype=fp8", "max_new_tokens=0", "+bogus=1")
+        compose_config("max_memory.cpu=10GX", "dtype=fp8", "task.max_new_tokens=0", "+bogus=1")
     assert e.value.lines == (
-        "bogus: unknown key; expected one of: chat, checkpoint, device_map, dtype, hardware, map_file, max_memory, "
-        "max_new_tokens, mode, model, offload, placement, prompts, runtime, seed",
+        "bogus: unknown key; expected one of: checkpoint, device_map, dtype, hardware, map_file, max_memory, mode, "
+        "model, offload, placement, runtime, seed, task, tokenizer",
         "dtype: 'fp8' is not valid; expected one of: auto, float32, float16, bfloat16",
         "max_memory.cpu: '10GX' is not valid; expected a size with a unit, such as 500MB or 10GiB",
-        "max_new_tokens: 0 is less than the minimum of 1",
+        "task.max_new_tokens: 0 is less than the minimum of 1",
     )

@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import compose_config
+from conftest import compose_config, generate_run
 from runner.build import build_skeleton
 from runner.build import import_target
-from runner.pipeline import prepare, run
+from runner.pipeline import prepare
 
 STRATEGIES = ["sequential", "balanced", "balanced_low_0", "auto"]
 # gpt2tiny with 6 blocks: wte (+ tied head) 16 KiB, wpe 4 KiB, each Block 13120 B, ln_f 128 B.
@@ -46,12 +46,15 @@ def test_tight_budgets_span_every_tier_and_match_the_reference(strategy, tmp_pat
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_greedy_tokens_equal_the_all_cpu_run(strategy, tmp_path):
-    overrides = [*SIX, "max_new_tokens=6"]
-    cpu = run(compose_config(*overrides, "hardware=cpu"), tmp_path / "cpu")
-    spread = run(compose_config(*overrides, *TIGHT, f"placement={strategy}"), tmp_path / strategy)
-    assert set(spread.check.block_devices.values()) == {"cuda:0", "cuda:1", "cpu", "disk"}
-    assert [p.output_tokens for p in spread.predictions] == [p.output_tokens for p in cpu.predictions]
-    assert len(cpu.predictions[0].output_tokens) == 6
+    # A 2-byte prompt and 6 new tokens: a KV cache of 8 positions is planned for, within the same budgets.
+    overrides = [*SIX[:-1], "runtime.seq_len=8", "task.max_new_tokens=6", "task.prompts=[Hi]"]
+    _, cpu = generate_run(compose_config(*overrides, "hardware=cpu"), tmp_path / "cpu")
+    # cuda:0 also holds 8 positions of logits, more activations, and the disk blocks' KV cache: more room than TIGHT.
+    tight = ["+max_memory.0=80000B", *TIGHT[1:]]
+    spread, spread_out = generate_run(compose_config(*overrides, *tight, f"placement={strategy}"), tmp_path / strategy)
+    assert set(spread.loaded.check.block_devices.values()) == {"cuda:0", "cuda:1", "cpu", "disk"}
+    assert [p.output_tokens for p in spread_out] == [p.output_tokens for p in cpu]
+    assert len(cpu[0].output_tokens) == 6
 
 
 def test_disk_blocks_hold_only_the_read_ahead_between_forwards_and_stream_within_the_reserve(tmp_path):

@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import compose_config
-from runner.checkpoint.files import Checkpoint, TensorEntry
+from conftest import compose_config, write_byte_tokenizer
+from runner.checkpoint.files import SafetensorsCheckpoint, TensorEntry
 from runner.errors import CheckpointError
-from runner.infer import greedy_generate
+from runner.infer.generate import Request, generate
+from runner.infer.sampling import SamplingParams
 from runner.pipeline import prepare
 from runner.zoo.gpt import GPT
 
@@ -82,6 +83,7 @@ class Ids:
     """A tokenizer that is its own ids, so generation compares token ids and nothing else."""
 
     eos_ids: frozenset[int] = frozenset()
+    pad_id = 0
 
     def encode(self, ids):
         return list(ids)
@@ -222,6 +224,7 @@ def test_unexpected_tensor_of_an_hf_checkpoint_is_an_error(tmp_path):
 def test_mis_shaped_hf_checkpoint_from_the_command_line_is_errors_not_a_traceback(tmp_path):
     file = tmp_path / "model.safetensors"
     save_file(hf_layout(zoo_model(**{**SMALL, "n_embd": 48}), False, True, False), str(file))
+    write_byte_tokenizer(tmp_path)
     overrides = [*arch_overrides(**SMALL), "checkpoint=local", f"checkpoint.path={file}", "hardware=cpu"]
     proc = subprocess.run([sys.executable, "-m", "runner", *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
                           capture_output=True, text=True, env=dict(os.environ), timeout=300)
@@ -257,7 +260,7 @@ def hf_lm(tmp_path_factory):
 
 def test_save_pretrained_writes_what_this_suite_expects(hf_lm):
     _, folder = hf_lm
-    checkpoint = Checkpoint(sorted(folder.glob("*.safetensors")), "local")
+    checkpoint = SafetensorsCheckpoint(sorted(folder.glob("*.safetensors")), "local")
     assert len(checkpoint.files) > 2 and (folder / "model.safetensors.index.json").exists()
     assert "lm_head.weight" not in checkpoint.entries  # tied: not saved
     assert checkpoint.entries["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # Conv1D [in, out]
@@ -276,7 +279,9 @@ def test_greedy_tokens_equal_transformers_own(hf_lm, tmp_path):
     hf, folder = hf_lm
     result = load(folder, tmp_path, **SMALL)
     prompt = TOKENS[0].tolist()
-    ours = greedy_generate(result.model, Ids(), (prompt,), 8, SMALL["block_size"])[0].output_tokens
+    (done,) = generate(result.model, Ids(), [Request(0, "", tuple(prompt))], SamplingParams(max_new_tokens=8),
+                       batch_size=1, seed=0)
+    ours = done.output_tokens
     ids = TOKENS
     theirs = []
     for _ in range(8):
@@ -294,7 +299,7 @@ def test_transformers_gpt2_model_without_prefix_loads_with_the_head_tied_to_wte(
     base.load_state_dict(hf.transformer.state_dict())
     folder = tmp_path / "base"
     base.save_pretrained(folder, max_shard_size="20KB", safe_serialization=True)
-    keys = Checkpoint(sorted(folder.glob("*.safetensors")), "local").entries
+    keys = SafetensorsCheckpoint(sorted(folder.glob("*.safetensors")), "local").entries
     assert "h.0.attn.c_attn.weight" in keys and not any(k.startswith("transformer.") for k in keys)
 
     result = load(folder, tmp_path / "run", **SMALL)

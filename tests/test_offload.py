@@ -187,7 +187,8 @@ def test_a_lone_disk_block_is_not_read_twice_by_the_wrap_around(tmp_path):
                  "offload.prefetch=1", "+device_map.transformer.h.5=disk", *resident]
     planned = prepare(compose_config(*overrides), tmp_path / "probe")
     h5 = next(b for b in planned.layout.blocks if b.name == "transformer.h.5")
-    assert planned.plan.reserves["cuda:0"]["offload_staging"] == h5.nbytes  # room for one copy
+    # Room for one copy, and for the block's KV cache, which lives where it computes.
+    assert planned.plan.reserves["cuda:0"]["offload_staging"] == h5.nbytes + planned.request.kv_bytes[h5.name]
     need = planned.check.loads["cuda:0"] + sum(planned.plan.reserves["cuda:0"].values())
     tight = prepare(compose_config(*overrides, f"+max_memory.0={need}B"), tmp_path / "tight")
     with torch.inference_mode():

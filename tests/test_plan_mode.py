@@ -25,7 +25,10 @@ def test_plan_mode_allocates_no_weights_and_explains_itself(tmp_path, runner_cac
     assert doc["order_source"] == "trace"
     rows = {r["name"]: r for r in doc["devices"]}
     assert rows["cuda:0"]["reserves"]["outputs"] == 256 * 50257 * 4  # logits of one 256-token forward
-    assert "kv_cache" not in rows["cuda:1"]["reserves"]  # the zoo GPT keeps no keys and values
+    # Keys and values of every block on cuda:1: 2 x 256 tokens x 1600 channels x 4 bytes each.
+    on_1 = [name for name, device in planned.check.block_devices.items()
+            if device == "cuda:1" and name.startswith("transformer.h.")]
+    assert rows["cuda:1"]["reserves"]["kv_cache"] == len(on_1) * 2 * 256 * 1600 * 4
     assert all(r["free"] >= 0 for r in doc["devices"])
     assert [h["to"] for h in doc["hops"]] == ["cuda:1", "cuda:0"]
     assert doc["hops"][0]["bytes_per_token"] == 1600 * 4
@@ -110,9 +113,9 @@ def test_kv_cache_is_reserved_only_for_models_that_keep_one():
     from runner.zoo.gpt import GPT
     from runner.zoo.llama import Llama
 
-    assert not keeps_kv_cache(GPT(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=4))
-    assert not keeps_kv_cache(Llama(vocab_size=8, hidden_size=4, intermediate_size=8, num_hidden_layers=1,
-                                    num_attention_heads=1))
+    assert keeps_kv_cache(GPT(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=4))  # generation caches
+    assert keeps_kv_cache(Llama(vocab_size=8, hidden_size=4, intermediate_size=8, num_hidden_layers=1,
+                                num_attention_heads=1))
     assert keeps_kv_cache(nn.Sequential(nn.Linear(2, 2)))  # unknown: the safe side
     cached, uncached = nn.Linear(2, 2), nn.Linear(2, 2)
     cached.config, uncached.config = SimpleNamespace(use_cache=True), SimpleNamespace(use_cache=False)

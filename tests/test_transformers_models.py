@@ -57,7 +57,7 @@ def test_a_transformers_class_as_target(tmp_path):
     folder = tmp_path / "gpt2-hf"
     reference.save_pretrained(folder, safe_serialization=True)
     cfg = compose_config("checkpoint=local", f"checkpoint.path={folder}", "hardware=sim_2gpu", "placement=balanced",
-                         "max_new_tokens=3")
+                         "task.max_new_tokens=3")
     arch = {"_target_": "transformers.GPT2LMHeadModel",
             "config": {"_target_": "transformers.GPT2Config", "n_layer": 2, "n_head": 2, "n_embd": 32,
                        "vocab_size": 300, "n_positions": 64}}
@@ -67,10 +67,12 @@ def test_a_transformers_class_as_target(tmp_path):
     assert {b.class_name for b in result.layout.blocks} >= {"GPT2Block"}
     assert result.model.lm_head.weight is result.model.transformer.wte.weight  # its own tie, kept
     assert set(result.check.block_devices.values()) == {"cuda:0", "cuda:1"}
-    # Its forward keeps keys and values (config.use_cache): at least 2 x 256 tokens x 32 wide, fp32, per block.
+    # Its forward keeps keys and values (config.use_cache): at least 2 x 64 tokens (its n_positions caps the planned
+    # 256) x 32 wide, fp32, per block.
+    assert result.config.runtime.seq_len == 64
     on_1 = [b.name for b in result.layout.blocks
             if b.class_name == "GPT2Block" and result.check.block_devices[b.name] == "cuda:1"]
-    assert all(result.request.kv_bytes[name] >= 2 * 256 * 32 * 4 for name in on_1)
+    assert all(result.request.kv_bytes[name] >= 2 * 64 * 32 * 4 for name in on_1)
     assert on_1 and result.plan.reserves["cuda:1"]["kv_cache"] == sum(result.request.kv_bytes[n] for n in on_1)
     with torch.inference_mode():
         torch.testing.assert_close(result.model(TOKENS).logits, reference(TOKENS).logits, rtol=1e-4, atol=1e-5)

@@ -1,21 +1,19 @@
 """Stage 2: find the checkpoint, read its headers, and check its keys against the model.
 
-Each source resolves to safetensors files on disk; tensors are read later, one at a time,
-by the dispatcher.
+Every source implements ``base.Checkpoint``; tensors are read later, one at a time, by the dispatcher.
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from torch import nn
 
-from runner.checkpoint.files import Checkpoint, TensorEntry, open_local, open_safetensors
+from runner.checkpoint.base import Checkpoint, TensorEntry
+from runner.checkpoint.files import open_local, open_safetensors
 from runner.checkpoint.keys import KeyReport, check_keys
 from runner.checkpoint.names import RenamedCheckpoint
 from runner.checkpoint.synthetic import synthetic_checkpoint
 from runner.config import CheckpointSpec, ModelSpec
-from runner.errors import CheckpointError
 
 __all__ = ["Checkpoint", "KeyReport", "TensorEntry", "architecture", "check_keys", "open_checkpoint"]
 
@@ -42,16 +40,6 @@ def open_checkpoint(spec: CheckpointSpec, model_spec: ModelSpec, model_class: ty
     return RenamedCheckpoint(checkpoint, names(checkpoint.entries)) if callable(names) else checkpoint
 
 
-def architecture(checkpoint) -> dict[str, Any] | None:
-    """The architecture the checkpoint describes, as a Hugging Face config: GGUF metadata, or a
-    ``config.json`` beside the weights."""
-    inner = getattr(checkpoint, "inner", checkpoint)
-    if callable(getattr(inner, "config", None)):
-        return inner.config()
-    config = inner.files[0].parent / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        return json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{config}: not a readable config.json ({type(e).__name__}); fix or remove it") from e
+def architecture(checkpoint: Checkpoint) -> dict[str, Any] | None:
+    """The architecture the checkpoint describes, as a Hugging Face config (``Checkpoint.config``)."""
+    return checkpoint.config()

@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import threading
 import weakref
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from runner.checkpoint.base import Checkpoint, TensorEntry, from_index, one_line
+from runner.checkpoint.pickled import is_pickle_path, open_pickle, pickle_files_in
 from runner.checkpoint.reads import Located, close_all, pread_full
 from runner.errors import CheckpointError
 
@@ -30,14 +29,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "C64": torch.complex64}
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    file: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-
-class Checkpoint:
+class SafetensorsCheckpoint(Checkpoint):
     """The tensors of a safetensors checkpoint, by name, read lazily."""
 
     def __init__(self, files: list[Path], source: str):
@@ -61,15 +53,6 @@ class Checkpoint:
                     raise CheckpointError(f"{key}: stored twice, in {self.entries[key].file.name} and {file.name}")
                 self.entries[key] = TensorEntry(file, _DTYPES[s.get_dtype()], tuple(s.get_shape()))
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype most of its floating-point bytes are stored in."""
-        counts: Counter[torch.dtype] = Counter()
-        for e in self.entries.values():
-            if e.dtype.is_floating_point:
-                counts[e.dtype] += math.prod(e.shape) * e.dtype.itemsize
-        return counts.most_common(1)[0][0] if counts else torch.float32
-
     def read_uncached(self, key: str) -> torch.Tensor:
         """One tensor, as stored, read with ``pread`` into its own buffer rather than through the memory map.
 
@@ -78,7 +61,7 @@ class Checkpoint:
         plain read does not, and the buffer goes when the tensor does.
         """
         located = self.locate([key])
-        if located is None:  # not a safetensors tensor (e.g. a pickle): the ordinary read
+        if located is None:  # a file without safetensors offsets: the ordinary read
             return self.read(key)
         loc = located[key]
         buffer = torch.empty(loc.nbytes, dtype=torch.uint8)
@@ -145,10 +128,6 @@ class Checkpoint:
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{entry.file}: cannot read tensor {key} ({e}); the file may be truncated") from e
 
-    def fingerprint(self) -> dict:
-        return {"source": self.source, "revision": self.revision,
-                "files": [{"path": str(f), "bytes": f.stat().st_size} for f in self.files]}
-
     def _open(self, file: Path):
         try:
             handle = safe_open(str(file), framework="pt", device="cpu")
@@ -168,8 +147,6 @@ def open_local(path: Path, allow_pickle: bool = False, source: str = "local") ->
     Raises:
         CheckpointError: the path is missing, holds no checkpoint, or a file in it cannot be read.
     """
-    from runner.checkpoint.pickled import is_pickle_path, open_pickle, pickle_files_in
-
     if not path.exists():
         raise CheckpointError(f"checkpoint.path: {path} does not exist; point it at a .safetensors file, "
                               f"a folder of shards or its {INDEX_NAME}, or a PyTorch .bin/.pt file")
@@ -190,7 +167,7 @@ def open_local(path: Path, allow_pickle: bool = False, source: str = "local") ->
     return open_safetensors(path, source)
 
 
-def open_safetensors(path: Path, source: str = "local") -> Checkpoint:
+def open_safetensors(path: Path, source: str = "local") -> SafetensorsCheckpoint:
     """A ``.safetensors`` file, a folder of shards (with or without the index), or the index file itself.
 
     Raises:
@@ -203,42 +180,13 @@ def open_safetensors(path: Path, source: str = "local") -> Checkpoint:
     if path.is_dir() and (path / INDEX_NAME).exists():
         path = path / INDEX_NAME
     if path.suffix == ".json":
-        return from_index(path, lambda files: Checkpoint(files, source))
+        return from_index(path, lambda files: SafetensorsCheckpoint(files, source))
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"checkpoint.path: {path} holds no .safetensors files")
-        return Checkpoint(files, source)
+        return SafetensorsCheckpoint(files, source)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"checkpoint.path: {path.name} is not a .safetensors file or index; "
                               "only safetensors checkpoints are read")
-    return Checkpoint([path], source)
-
-
-def from_index(index: Path, open_files) -> Checkpoint:
-    """A sharded checkpoint through its index (``*.index.json``): ``open_files(shards)`` opens the shards,
-    then every tensor the index names must be in the shard it names."""
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        weight_map = e
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"{index}: not a valid index; expected JSON with a 'weight_map' object "
-                              "of tensor name -> shard file name")
-    files = sorted({index.parent / name for name in weight_map.values()})
-    missing = [f.name for f in files if not f.exists()]
-    if missing:
-        raise CheckpointError(f"{index}: names shard(s) {', '.join(missing)} that are not in {index.parent}; "
-                              "the download is incomplete")
-    checkpoint = open_files(files)
-    absent = [key for key, name in weight_map.items()
-              if key not in checkpoint.entries or checkpoint.entries[key].file.name != name]
-    if absent:
-        raise CheckpointError(f"{index}: lists {len(absent)} tensor(s) its shards do not hold, "
-                              f"e.g. {absent[0]} in {weight_map[absent[0]]}; the index and shards do not match")
-    return checkpoint
-
-
-def one_line(e: BaseException) -> str:
-    """An exception's message on one line (its type when it has none)."""
-    return " ".join(str(e).split()) or type(e).__name__
+    return SafetensorsCheckpoint([path], source)

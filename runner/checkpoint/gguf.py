@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from runner.checkpoint.files import TensorEntry
+from runner.checkpoint.base import Checkpoint, TensorEntry
 from runner.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ _TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": 
 _FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-class GGUFCheckpoint:
+class GGUFCheckpoint(Checkpoint):
     """The tensors of a ``.gguf`` file under Hugging Face Llama names, dequantized when read."""
 
     def __init__(self, path: Path):
@@ -65,6 +65,10 @@ class GGUFCheckpoint:
     @property
     def dtype(self) -> torch.dtype:
         return self.entries["model.embed_tokens.weight"].dtype if self.entries else torch.float32
+
+    @property
+    def metadata_dir(self) -> Path | None:
+        return None  # the file carries its own config and tokenizer
 
     def config(self) -> dict[str, Any]:
         """The architecture, in Hugging Face ``LlamaConfig`` names."""
@@ -105,10 +109,6 @@ class GGUFCheckpoint:
         out = {name.removeprefix("tokenizer."): _value(field) for name, field in f.items()
                if name.startswith("tokenizer.")}
         return out
-
-    def fingerprint(self) -> dict:
-        return {"source": self.source, "revision": None,
-                "files": [{"path": str(f), "bytes": f.stat().st_size} for f in self.files]}
 
 
 def open_gguf(path: Path | None) -> GGUFCheckpoint:

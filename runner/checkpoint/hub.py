@@ -1,7 +1,8 @@
 """Hugging Face Hub checkpoints, through ``huggingface_hub``: online, or offline from the cache alone.
 
 Only the files a run needs are fetched (``allow_patterns`` naming them exactly): the weights,
-in safetensors when the repo has them, else PyTorch pickles, plus ``config.json``. A sharded
+in safetensors when the repo has them, else PyTorch pickles, plus ``config.json`` and, when the
+repo has them, the tokenizer and generation config files (``METADATA_NAMES``). A sharded
 checkpoint's index is fetched first, then exactly the shards it names, so a repo that also
 carries, say, a consolidated copy of the weights costs one copy.
 
@@ -18,14 +19,16 @@ import os
 import re
 from pathlib import Path
 
-from runner.checkpoint.files import INDEX_NAME, Checkpoint, one_line, open_local
+from runner.checkpoint.base import CONFIG_NAME, Checkpoint, one_line
+from runner.checkpoint.files import INDEX_NAME, open_local
 from runner.checkpoint.pickled import NOT_WEIGHTS, PICKLE_INDEX_NAME, PICKLE_SUFFIXES
 from runner.config import CheckpointSpec
 from runner.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
+# Beside the weights, for the tokenizer and the generation defaults: optional, fetched when the repo has them.
+METADATA_NAMES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
@@ -52,7 +55,9 @@ def open_hub(spec: CheckpointSpec) -> Checkpoint:
         shown = ", ".join(sorted(files)[:8]) + (", ..." if len(files) > 8 else "")
         raise CheckpointError(f"checkpoint.repo_id: {hub.name} holds no .safetensors or PyTorch .bin/.pt weights at "
                               f"its top level (it has: {shown or 'no files'}); is it a model repo?")
-    folder = hub.download([glob.escape(f) for f in wanted])
+    # Offline the cache holds what it holds: asking for a listed file it lacks would fail the run.
+    optional = [] if hub.offline else [f for f in METADATA_NAMES if f in files]
+    folder = hub.download([glob.escape(f) for f in wanted + optional])
     index = next((name for name in wanted if name in (INDEX_NAME, PICKLE_INDEX_NAME)), None)
     if index is not None:  # now the shards it names: a second, exact request
         # Pinned to the commit just resolved: the shards match the index even if the branch moves meanwhile.

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from runner.blocks import ModelLayout, tensor_slots
-from runner.checkpoint.files import Checkpoint
+from runner.checkpoint.base import Checkpoint
 from runner.errors import CheckpointError
 
 MAX_LINES = 20
@@ -41,7 +41,7 @@ def check_keys(checkpoint: Checkpoint, model: nn.Module, layout: ModelLayout) ->
                           "the model needs floating point; the checkpoint is quantized or corrupt")
     ignorable = set(layout.ties) | set(layout.non_persistent)
     ignored = sorted(k for k in stored if k in ignorable)
-    ignored += sorted(f"{key} ({why})" for key, why in getattr(checkpoint, "ignored", {}).items())
+    ignored += sorted(f"{key} ({why})" for key, why in checkpoint.ignored.items())
     errors += [_shape_error(k, stored[k].shape, shapes[k])
                for k in ignored if k in layout.ties and k in stored and stored[k].shape != shapes[k]]
     for key in sorted(k for k in stored if k not in shapes):

@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from runner.checkpoint.files import TensorEntry
+from runner.checkpoint.base import Checkpoint, TensorEntry
+from runner.checkpoint.reads import Located
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -39,13 +41,13 @@ def transpose(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous()
 
 
-class RenamedCheckpoint:
-    """Any checkpoint (``entries``/``read``/``dtype``/``fingerprint``) under a ``NameMap``."""
+class RenamedCheckpoint(Checkpoint):
+    """Any checkpoint under a ``NameMap``: tensors by the model's names, everything else the inner one's."""
 
-    def __init__(self, inner, names: NameMap):
+    def __init__(self, inner: Checkpoint, names: NameMap):
         self.inner = inner
         self.sources = names.sources
-        self.ignored = {**getattr(inner, "ignored", {}), **names.ignored}
+        self.ignored = {**inner.ignored, **names.ignored}
         self.entries: dict[str, TensorEntry] = {}
         for name, src in names.sources.items():
             stored = inner.entries.get(src.key)
@@ -61,6 +63,10 @@ class RenamedCheckpoint:
         return self.inner.source
 
     @property
+    def revision(self) -> str | None:
+        return self.inner.revision
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.inner.dtype
 
@@ -70,13 +76,12 @@ class RenamedCheckpoint:
         return src.transform(tensor) if src.transform else tensor
 
     def read_ahead(self, names: list[str]) -> None:
-        if hasattr(self.inner, "read_ahead"):
-            self.inner.read_ahead([self.sources[n].key for n in names if n in self.sources])
+        self.inner.read_ahead([self.sources[n].key for n in names if n in self.sources])
 
-    def locate(self, names: list[str]):
+    def locate(self, names: list[str]) -> dict[str, Located] | None:
         """Where each tensor's bytes sit, under the model's names; None if any is transformed on the way."""
         sources = [self.sources[n] for n in names]
-        if any(src.transform for src in sources) or not hasattr(self.inner, "locate"):
+        if any(src.transform for src in sources):
             return None
         located = self.inner.locate([src.key for src in sources])
         if located is None:
@@ -85,12 +90,18 @@ class RenamedCheckpoint:
 
     def read_uncached(self, name: str) -> torch.Tensor:
         src = self.sources[name]
-        read = getattr(self.inner, "read_uncached", self.inner.read)
-        tensor = read(src.key)
+        tensor = self.inner.read_uncached(src.key)
         return src.transform(tensor) if src.transform else tensor
 
     def fingerprint(self) -> dict:
         return self.inner.fingerprint()
 
-    def __getattr__(self, name: str):  # config(), tokenizer_fields() and the like of the inner checkpoint
-        return getattr(self.inner, name)
+    @property
+    def metadata_dir(self) -> Path | None:
+        return self.inner.metadata_dir
+
+    def config(self) -> dict[str, Any] | None:
+        return self.inner.config()
+
+    def tokenizer_fields(self) -> dict[str, Any] | None:
+        return self.inner.tokenizer_fields()

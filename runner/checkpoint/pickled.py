@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from runner.checkpoint.files import Checkpoint, TensorEntry, from_index, one_line
+from runner.checkpoint.base import Checkpoint, TensorEntry, from_index, one_line
 from runner.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -68,16 +68,14 @@ def open_pickle(path: Path, allow_pickle: bool = False, source: str = "local") -
 
 
 class PickleCheckpoint(Checkpoint):
-    """The tensors of PyTorch pickle files, by name, memory-mapped; the same interface as ``files.Checkpoint``.
+    """The tensors of PyTorch pickle files, by name, memory-mapped. No byte offsets to locate: every read,
+    ``read_uncached`` too, goes through the mapping.
 
     Entries that are not tensors (an ``int`` version, a string, a trusted custom object) are no weights: they
     are listed in ``ignored`` with what they are, and the report shows them.
     """
 
-    _located: dict = {}  # no byte offsets: read_uncached falls back to the (memory-mapped) read
-
     def __init__(self, files: list[Path], source: str, allow_pickle: bool = False):
-        # Not Checkpoint.__init__: that one opens safetensors headers. The attributes are the same.
         self.files = files
         self.source = source
         self.revision: str | None = None

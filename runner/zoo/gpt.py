@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from runner.checkpoint.files import TensorEntry
+from runner.infer.kv_cache import KVCache, LayerCache, attend, step_mask, step_positions
 from runner.checkpoint.names import NameMap, Source, transpose
 from runner.errors import CheckpointError
 
@@ -26,14 +27,16 @@ class CausalSelfAttention(nn.Module):
         if n_embd % n_head:
             raise ValueError(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
         self.n_head = n_head
+        self.kv_width = n_embd  # cached keys (and as many values) per token
         self.c_attn = nn.Linear(n_embd, 3 * n_embd)  # q, k, v in one matmul
         self.c_proj = nn.Linear(n_embd, n_embd)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: LayerCache | None = None
+                ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # no mask buffer to carry around
+        y = attend(q, k, v, cache, mask)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -55,15 +58,21 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(n_embd, eps=layer_norm_epsilon)
         self.mlp = MLP(n_embd)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: LayerCache | None = None
+                ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, cache)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
-    """GPT-2 language model: token ids ``[B, T]`` in, next-token logits ``[B, T, vocab]`` out."""
+    """GPT-2 language model: token ids ``[B, T]`` in, next-token logits ``[B, T, vocab]`` out.
 
-    keeps_kv_cache = False  # a forward keeps no keys and values: the planner reserves none
+    ``forward`` follows the runner's causal-LM contract (``runner.infer.model.CausalLM``): an attention mask
+    over cached and new tokens for left padding, per-row positions, a ``KVCache`` that the attention layers
+    fill, and logits for the last ``logits_to_keep`` positions only (0: all).
+    """
+
+    keeps_kv_cache = True  # generation keeps every layer's keys and values: the planner reserves them
 
     def __init__(
         self,
@@ -89,15 +98,26 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def new_cache(self, capacity: int) -> KVCache:
+        """An empty cache for up to ``capacity`` positions; each layer's fills on the device it computes on."""
+        return KVCache(capacity)
+
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
         T = idx.shape[1]
-        if T > self.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        start = cache.length if cache is not None else 0
+        if start + T > self.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.block_size}")
+        if positions is None:
+            positions = step_positions(attention_mask, start, T, idx.device)
+        mask = step_mask(attention_mask, start, T)
         tok = self.transformer.wte(idx)
-        x = tok + self.transformer.wpe(pos).to(tok.device)  # the two tables may sit on different devices
-        for block in self.transformer.h:
-            x = block(x)
+        x = tok + self.transformer.wpe(positions).to(tok.device)  # the two tables may sit on different devices
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, mask, cache.layer(i) if cache is not None else None)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         return self.lm_head(self.transformer.ln_f(x))
 
     @classmethod

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from runner.infer.kv_cache import KVCache, LayerCache, attend, step_mask, step_positions
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -33,8 +35,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.to(self.inv_freq.device).float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)
+        """``positions [B or 1, T]`` -> cos, sin ``[B or 1, 1, T, head_dim]``, computed in fp32 as Hugging Face does."""
+        freqs = positions.to(self.inv_freq.device).float()[..., None] * self.inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
@@ -47,18 +50,20 @@ class LlamaAttention(nn.Module):
     def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.kv_width = n_kv_heads * head_dim  # cached keys (and as many values) per token
         self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: LayerCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        y = attend(q, k, v, cache, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -81,8 +86,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, eps)
         self.mlp = LlamaMLP(hidden, intermediate)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -102,9 +108,10 @@ class Llama(nn.Module):
     """A Llama-family causal LM: token ids ``[B, T]`` in, logits ``[B, T, vocab]`` out.
 
     Arguments carry Hugging Face ``LlamaConfig`` names, so a ``config.json`` maps onto them directly.
+    ``forward`` follows the runner's causal-LM contract (see ``GPT.forward``).
     """
 
-    keeps_kv_cache = False  # a forward keeps no keys and values: the planner reserves none
+    keeps_kv_cache = True  # generation keeps every layer's keys and values: the planner reserves them
 
     def __init__(
         self,
@@ -137,11 +144,24 @@ class Llama(nn.Module):
         if tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def new_cache(self, capacity: int) -> KVCache:
+        """An empty cache for up to ``capacity`` positions; each layer's fills on the device it computes on."""
+        return KVCache(capacity)
+
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        T = idx.shape[1]
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = step_positions(attention_mask, start, T, idx.device)
+        mask = step_mask(attention_mask, start, T)
         x = self.model.embed_tokens(idx)
-        cos, sin = self.model.rotary_emb(x, torch.arange(idx.shape[1], device=idx.device))
-        for layer in self.model.layers:
-            x = layer(x, cos, sin)
+        cos, sin = self.model.rotary_emb(x, positions)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache.layer(i) if cache is not None else None)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         return self.lm_head(self.model.norm(x))
 
     @staticmethod

@@ -1,0 +1,115 @@
+"""Keys and values kept between decode steps, and the masks and positions a step needs.
+
+Each attention layer's cache is allocated at its first write, on the device the layer
+computes on (a disk-streamed block computes on the main device, so its cache lives there),
+for a fixed ``capacity`` of positions: a decode step writes one column in place and never
+copies what is already cached. Rows are aligned on the right (prompts are left-padded), so
+every row of a batch shares one write position; padding is masked out of attention.
+"""
+from __future__ import annotations
+
+import torch
+
+from runner.errors import GenerateError
+
+
+class LayerCache:
+    """One attention layer's keys and values, ``[batch, kv_heads, capacity, head_dim]``."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.length = 0
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys and values after the cached ones; all of them, for attention."""
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise GenerateError(f"the KV cache holds {self.capacity} positions and this step needs {end}; "
+                            "lower the prompt length or max_new_tokens, or raise runtime.seq_len")
+        if self.keys is None:
+            shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
+            self.keys = torch.empty(shape, dtype=k.dtype, device=k.device)
+            self.values = torch.empty(shape, dtype=v.dtype, device=v.device)
+        assert self.values is not None
+        self.keys[:, :, self.length:end] = k
+        self.values[:, :, self.length:end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop the rows not listed (finished sequences), so they cost no more compute."""
+        if self.keys is not None and self.values is not None:
+            rows = rows.to(self.keys.device)
+            self.keys, self.values = self.keys[rows], self.values[rows]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+
+
+class KVCache:
+    """The per-layer caches of one batch; a layer's is made when the layer first asks for it."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._layers: dict[int, LayerCache] = {}
+
+    def layer(self, index: int) -> LayerCache:
+        if index not in self._layers:
+            self._layers[index] = LayerCache(self.capacity)
+        return self._layers[index]
+
+    @property
+    def length(self) -> int:
+        """Positions cached so far (every layer holds the same number after a forward)."""
+        return next(iter(self._layers.values())).length if self._layers else 0
+
+    def keep(self, rows: torch.Tensor) -> None:
+        for layer in self._layers.values():
+            layer.keep(rows)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self._layers.values())
+
+
+def step_positions(attention_mask: torch.Tensor | None, start: int, tokens: int, device: torch.device) -> torch.Tensor:
+    """``[batch or 1, tokens]`` positions of this step's tokens: counted from each row's first real token,
+    so a left-padded prompt sees the same positions as the same prompt alone."""
+    if attention_mask is None:
+        return torch.arange(start, start + tokens, device=device)[None]
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + tokens].to(device)
+
+
+def step_mask(attention_mask: torch.Tensor | None, start: int, tokens: int) -> torch.Tensor | None:
+    """``[batch, 1, tokens, start + tokens]`` booleans (True: may attend), or None when a plain causal mask
+    does (no padding, and either a fresh sequence or a single new token)."""
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and (start == 0 or tokens == 1):
+        return None
+    total = start + tokens
+    device = attention_mask.device if attention_mask is not None else torch.device("cpu")
+    query = torch.arange(start, total, device=device)[:, None]
+    allowed = (torch.arange(total, device=device)[None, :] <= query)[None, None]
+    if padded:
+        assert attention_mask is not None
+        allowed = allowed & attention_mask[:, None, None, :total].bool()
+        # A padding query would see nothing at all (NaN); let it see itself. Its output is never used.
+        allowed = allowed | (torch.arange(total, device=device)[None, :] == query)[None, None]
+    return allowed
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache | None,
+           mask: torch.Tensor | None) -> torch.Tensor:
+    """Scaled dot-product attention of ``q [B, H, T, D]`` over the cached and new keys (grouped-query when
+    there are fewer key heads). ``mask`` from ``step_mask``; None means causal."""
+    if cache is not None:
+        k, v = cache.append(k, v)
+    gqa = k.shape[1] != q.shape[1]
+    if mask is not None:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.device),
+                                                                enable_gqa=gqa)
+    # Without a mask, T > 1 only happens on a fresh sequence (k is as long as q): plain causal.
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)

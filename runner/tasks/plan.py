@@ -1,0 +1,19 @@
+"""``mode=plan`` and ``mode=check``: plan (or check a map file) from the skeleton and checkpoint headers only."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from runner.config import RunConfig
+from runner.explain import format_plan
+from runner.infer.prompts import task_requests
+from runner.pipeline import open_source, plan
+from runner.report import format_map, write_plan
+
+
+def run(config: RunConfig, run_dir: Path) -> tuple[str, dict[str, Path]]:
+    """The text to show, and ``plan.json``."""
+    checkpoint = open_source(config)
+    if config.runtime.seq_len is None:  # sized like a run of the task would be
+        config, _, _ = task_requests(config, checkpoint)
+    planned = plan(config, run_dir, checkpoint)
+    return format_map(planned) + "\n\n" + format_plan(planned), write_plan(planned, run_dir)
