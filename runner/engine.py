@@ -42,6 +42,11 @@ class Engine:
         RunnerError: bad input at any stage, one line per problem, before any weight is read where possible.
     """
 
+    tokenizer: Tokenizer  # the checkpoint's own (or bytes, for synthetic weights)
+    lm: CausalLM          # the loaded model, behind the generation contract
+    loaded: RunResult     # the plan, its check, the ledger and the timings of every stage
+    config: RunConfig     # as planned: runtime.seq_len derived
+
     def __init__(self, config: RunConfig, run_dir: Path | None = None):
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="runner-"))
         self.stats = GenerationStats()
@@ -52,9 +57,9 @@ class Engine:
         task = config.task
         planned: Planned = plan(config, self.run_dir, checkpoint)
         planned.timings["checkpoint"] = round(planned.timings.get("checkpoint", 0.0) + opened, 4)
-        self.lm: CausalLM = causal_lm(planned.model, config.model.name)  # an encoder fails here, before loading
+        self.lm = causal_lm(planned.model, config.model.name)  # an encoder fails here, before loading
         self._fit(requests, task.sampling.max_new_tokens, task.truncate, planned)
-        self.loaded: RunResult = load(planned, self.run_dir)
+        self.loaded = load(planned, self.run_dir)
         self.config = planned.config
 
     @classmethod

@@ -18,7 +18,7 @@ from torch import nn
 
 from runner.blocks import ModelLayout, describe_model
 from runner.build import build_skeleton, model_class, no_split_classes, resolve_arch
-from runner.checkpoint import Checkpoint, KeyReport, architecture, check_keys, open_checkpoint
+from runner.checkpoint import Checkpoint, KeyReport, check_keys, open_checkpoint
 from runner.compute import Compute, compute_plan
 from runner.config import RunConfig
 from runner.dispatch import dispatch
@@ -29,6 +29,7 @@ from runner.memory import MemoryLedger
 from runner.order import ForwardTrace, forward_order
 from runner.planner import Plan, PlanRequest, plan_device_map
 from runner.reserves import device_reserves, keeps_kv_cache, kv_bytes
+from runner.room import room_left
 from runner.validate import MapCheck, check_map, load_map_file, resolve_pins
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None) ->
         with _timed(timings, "checkpoint"):
             checkpoint = open_source(cfg)
     with _timed(timings, "build"):
-        arch = resolve_arch(cfg.model, architecture(checkpoint) if checkpoint else None, cfg.checkpoint.source)
+        arch = resolve_arch(cfg.model, checkpoint.config() if checkpoint else None, cfg.checkpoint.source)
         model_spec = replace(cfg.model, arch=arch)
         model = build_skeleton(model_spec)
     cfg = replace(cfg, model=model_spec)
@@ -115,7 +116,7 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None) ->
             log.warning(warning)
         keys = check_keys(checkpoint, model, layout) if checkpoint else None
         main = hardware.main_device
-        room = hardware.get(main).budget - check.loads[main] - sum(the_plan.reserves.get(main, {}).values())
+        room = room_left(hardware.get(main), check.loads[main], the_plan.reserves)
         compute = compute_plan(layout.blocks, check.block_devices, main, activation_bytes,
                                cfg.runtime.batch_size * cfg.runtime.seq_len, room, cfg.placement.prefetch)
     return Planned(cfg, model, dtype, hardware, layout, trace, request, the_plan, check, compute, checkpoint, keys,

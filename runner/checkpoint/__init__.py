@@ -4,8 +4,6 @@ Every source implements ``base.Checkpoint``; tensors are read later, one at a ti
 """
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from runner.checkpoint.base import Checkpoint, TensorEntry
@@ -15,7 +13,7 @@ from runner.checkpoint.names import RenamedCheckpoint
 from runner.checkpoint.synthetic import synthetic_checkpoint
 from runner.config import CheckpointSpec, ModelSpec
 
-__all__ = ["Checkpoint", "KeyReport", "TensorEntry", "architecture", "check_keys", "open_checkpoint"]
+__all__ = ["Checkpoint", "KeyReport", "TensorEntry", "check_keys", "open_checkpoint"]
 
 
 def open_checkpoint(spec: CheckpointSpec, model_spec: ModelSpec, model_class: type,
@@ -38,8 +36,3 @@ def open_checkpoint(spec: CheckpointSpec, model_spec: ModelSpec, model_class: ty
         checkpoint = open_local(spec.path, spec.allow_pickle)
     names = getattr(model_class, "checkpoint_names", None)
     return RenamedCheckpoint(checkpoint, names(checkpoint.entries)) if callable(names) else checkpoint
-
-
-def architecture(checkpoint: Checkpoint) -> dict[str, Any] | None:
-    """The architecture the checkpoint describes, as a Hugging Face config (``Checkpoint.config``)."""
-    return checkpoint.config()

@@ -62,7 +62,6 @@ class TransformersLM:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        config = model.config
         self.block_size = context_length(model) or 1 << 30
         # transformers renamed ``past_key_values`` to ``cache``; pass it under the name this version takes.
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
