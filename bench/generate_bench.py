@@ -216,8 +216,6 @@ def divergences(name: str, outputs: Outputs, runner: Outputs, hf_top: dict, zoo_
 
 
 def part_generate(args) -> dict[str, Any]:
-    import torch
-
     from runner import Engine, SamplingParams
     from runner.tokenizer import apply_chat_template
     prompts = PROMPTS[:args.prompts]
@@ -356,7 +354,6 @@ def hf_layout(folder: Path, to: Path) -> Path:
 
 
 def part_offload(args) -> dict[str, Any]:
-    import torch
     from accelerate import init_empty_weights, load_checkpoint_and_dispatch
     from accelerate.utils import infer_auto_device_map
     from transformers import GPT2Config, GPT2LMHeadModel

