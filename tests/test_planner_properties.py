@@ -1,6 +1,6 @@
 """Properties every plan must have, on random small models, budgets, pins, reserves and KV caches.
 
-The xfail(strict=True) tests are known planner bugs, each with its minimal example; when one is
+The xfail(strict=True) tests are known planner bugs, each with its minimal examples; when one is
 fixed its test starts passing, fails as XPASS, and its mark should go.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import re
 from dataclasses import replace
 
 import pytest
-from hypothesis import Phase, example, given, settings, strategies as st
+from hypothesis import Phase, example, given, seed, settings, strategies as st
 
 from runner.blocks import Block
 from runner.errors import PlanError
@@ -21,20 +21,15 @@ STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 FILLS = STRATEGIES[1:]
 HUGE = 10**9
 SETTINGS = settings(max_examples=300, deadline=None, database=None)
-# For the known-limit tests: a failure there is expected now and then, and shrinking it can take minutes.
-NO_SHRINK = settings(max_examples=300, deadline=None, database=None, phases=[Phase.explicit, Phase.generate])
-# Known limit, rare: auto sizes the KV part of the staging room by a fixed point that can overshoot (it jumps
-# to the KV of every block the first search put on disk) and then misses a map with fewer bytes off GPU.
-# It shows only when KV caches rival block weights; not strict, as random search finds it only now and then.
-AUTO_KV_STAGING_OVERSHOOT = pytest.mark.xfail(strict=False, reason=(
-    "auto's KV-staging fixed point can overshoot and miss a map with fewer bytes off GPU"))
 
 
 @st.composite
 def requests(draw, pins: bool = True, reserves: bool = True, allow_disk: bool | None = None,
-             max_blocks: int = 12, max_gpus: int = 4, kv_without_weights: bool = True) -> PlanRequest:
+             max_blocks: int = 12, max_gpus: int = 4, kv_caches: bool = True,
+             kv_without_weights: bool = True) -> PlanRequest:
     """Blocks b0..bN (about one in ten zero-byte, at most one tie), GPUs (ids maybe with gaps), a CPU, a disk;
-    maybe pins, reserves, KV caches (kv_without_weights=False: none on a zero-byte block or tied pair)."""
+    maybe pins, reserves, KV caches (kv_caches=False: none; kv_without_weights=False: none on a zero-byte block
+    or tied pair)."""
     n = draw(st.integers(1, max_blocks))
     nbytes = st.integers(-10, 100).map(lambda n: max(n, 0))
     blocks = [Block(f"b{i}", "Block", draw(nbytes), (f"b{i}.weight",)) for i in range(n)]
@@ -58,7 +53,8 @@ def requests(draw, pins: bool = True, reserves: bool = True, allow_disk: bool | 
     reserve_map = {}
     if reserves and draw(st.booleans()):
         reserve_map = {d: {"activations": draw(st.integers(0, 50))} for d in draw(st.sets(st.sampled_from(names)))}
-    kv = {b.name: draw(st.integers(0, 30)) for b in blocks if draw(st.booleans())} if draw(st.booleans()) else {}
+    kv = {b.name: draw(st.integers(0, 30)) for b in blocks if draw(st.booleans())} if kv_caches and draw(
+        st.booleans()) else {}
     if not kv_without_weights:  # the KV of a zero-byte block or pair: see test_..._with_kv_on_zero_byte_blocks
         owned = {b.name: b.nbytes for b in blocks}
         kv = {b.name: kv[b.name] for b in blocks if b.name in kv and owned[b.tied_to or b.name]}
@@ -207,11 +203,19 @@ def test_plans_are_deterministic(request_, data):
         assert isinstance(again, PlanError) and again.lines == first.lines
 
 
-@AUTO_KV_STAGING_OVERSHOOT
-@NO_SHRINK
-@given(requests(pins=False))
+def assert_auto_has_the_fewest_bytes_off_gpu(request_: PlanRequest) -> None:
+    result, best = plan_or_error(replace(request_, strategy="auto")), fewest_off_gpu(request_)
+    assert (best is None) == isinstance(result, PlanError), (best, result)
+    if best is not None:
+        assert off_gpu(request_, result.device_map) == best, (best, result.device_map)
+
+
+# Without KV caches the staging room is the biggest disk block, one of the sizes auto tries: it is exact.
+# With them, see test_auto_with_kv_caches_misses_the_best_map below.
+@SETTINGS
+@given(requests(pins=False, kv_caches=False))
 @example(hand_made([3, 2, 1], gpus=[1, 2], cpu=5))
-@example(hand_made([12, 0, 100], gpus=[132], cpu=1, kv_bytes={"b1": 1, "b2": 20}))  # the overshoot
+@example(hand_made([12, 0, 100], gpus=[132], cpu=1, kv_bytes={"b1": 1, "b2": 20}))  # once a KV-staging overshoot
 def test_auto_is_never_worse_than_the_fills_on_bytes_off_gpu(request_):
     plans = {s: plan_or_error(replace(request_, strategy=s)) for s in STRATEGIES}
     if all(isinstance(p, Plan) for p in plans.values()):
@@ -219,17 +223,30 @@ def test_auto_is_never_worse_than_the_fills_on_bytes_off_gpu(request_):
                    for p in plans.values()), plans
 
 
-@AUTO_KV_STAGING_OVERSHOOT
-@settings(max_examples=150, deadline=None, database=None, phases=[Phase.explicit, Phase.generate])
-@given(requests(pins=False, max_blocks=5, max_gpus=3))
+@settings(max_examples=150, deadline=None, database=None)
+@given(requests(pins=False, max_blocks=5, max_gpus=3, kv_caches=False))
 @example(hand_made([40, 60, 45, 50, 10], gpus=[90, 45, 10], cpu=300))
-@example(hand_made([12, 0, 100], gpus=[132], cpu=1, kv_bytes={"b1": 1, "b2": 20}))  # the overshoot
+@example(hand_made([12, 0, 100], gpus=[132], cpu=1, kv_bytes={"b1": 1, "b2": 20}))  # once a KV-staging overshoot
 @example(hand_made([50, 10, 0, 10], gpus=[10, 10], cpu=300, kv_bytes={"b2": 5}, allow_disk=False))  # disk anyway
 def test_auto_has_the_fewest_bytes_off_gpu_of_any_contiguous_map(request_):
-    result, best = plan_or_error(replace(request_, strategy="auto")), fewest_off_gpu(request_)
-    assert (best is None) == isinstance(result, PlanError), (best, result)
-    if best is not None:
-        assert off_gpu(request_, result.device_map) == best, (best, result.device_map)
+    assert_auto_has_the_fewest_bytes_off_gpu(request_)
+
+
+# Known bug (runner/planner.py, _place_auto): for each staging size, the KV part of the reserve jumps to the KV of
+# every block the search put on disk, and the search prefers the fewest bytes on disk, not a map that fits the
+# reserve; so it can step over the reserve a map with fewer bytes off GPU needs, or over every one that fits.
+@pytest.mark.xfail(strict=True, reason="auto's KV-staging fixed point overshoots: with KV caches it can miss the map "
+                                       "with the fewest bytes off GPU, or every map (a PlanError)")
+@pytest.mark.parametrize("request_", [
+    # auto: PlanError; cpu | disk, disk fits (staging 3 B on cuda:0), and every fill finds it
+    hand_made([0, 2, 3], gpus=[3], cpu=3, kv_bytes={"b0": 2}),
+    # auto: everything on disk (13 B off GPU); b0-b2 on cuda:0, b3-b4 on disk is 12 B
+    hand_made([1, 0, 0, 2, 10], gpus=[41], cpu=0, kv_bytes={"b0": 9, "b3": 21}),
+    # auto: b0-b1 on disk (15 B off GPU); the fills keep b0-b2 on cuda:0 and only b5-b6 on the CPU (5 B)
+    hand_made([0, 10, 100, 0, 33, 4, 1], gpus=[110, 37], cpu=5, kv_bytes={"b3": 1}),
+], ids=["plan-error", "all-on-disk", "two-gpus"])
+def test_auto_with_kv_caches_misses_the_best_map(request_):
+    assert_auto_has_the_fewest_bytes_off_gpu(request_)
 
 
 @SETTINGS
