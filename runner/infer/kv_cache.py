@@ -8,6 +8,8 @@ every row of a batch shares one write position; padding is masked out of attenti
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from runner.errors import GenerateError
@@ -73,6 +75,38 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self._layers.values())
+
+
+class ZooCausalLM:
+    """What the zoo's causal LMs share: they keep a cache (the planner reserves it) and make a fresh one per batch."""
+
+    keeps_kv_cache = True  # generation keeps every layer's keys and values: the planner reserves them
+
+    def new_cache(self, capacity: int) -> KVCache:
+        """An empty cache for up to ``capacity`` positions; each layer's fills on the device it computes on."""
+        return KVCache(capacity)
+
+
+@dataclass(frozen=True)
+class Step:
+    """What every layer of one forward needs besides the hidden states."""
+
+    start: int                    # positions already cached
+    positions: torch.Tensor       # [batch or 1, tokens]
+    mask: torch.Tensor | None     # from ``step_mask``; None: plain causal
+
+    def layer_cache(self, cache: KVCache | None, index: int) -> LayerCache | None:
+        return cache.layer(index) if cache is not None else None
+
+
+def step(idx: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor | None,
+         cache: KVCache | None) -> Step:
+    """The positions and mask of a forward over ``idx [B, T]`` after what ``cache`` holds."""
+    start = cache.length if cache is not None else 0
+    tokens = idx.shape[1]
+    if positions is None:
+        positions = step_positions(attention_mask, start, tokens, idx.device)
+    return Step(start, positions, step_mask(attention_mask, start, tokens))
 
 
 def step_positions(attention_mask: torch.Tensor | None, start: int, tokens: int, device: torch.device) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from runner.checkpoint.files import TensorEntry
-from runner.infer.kv_cache import KVCache, LayerCache, attend, step_mask, step_positions
+from runner.infer.kv_cache import KVCache, LayerCache, ZooCausalLM, attend, step
 from runner.checkpoint.names import NameMap, Source, transpose
 from runner.errors import CheckpointError
 
@@ -64,7 +64,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class GPT(ZooCausalLM, nn.Module):
     """GPT-2 language model: token ids ``[B, T]`` in, next-token logits ``[B, T, vocab]`` out.
 
     ``forward`` follows the runner's causal-LM contract (``runner.infer.model.CausalLM``): an attention mask
@@ -72,7 +72,6 @@ class GPT(nn.Module):
     fill, and logits for the last ``logits_to_keep`` positions only (0: all).
     """
 
-    keeps_kv_cache = True  # generation keeps every layer's keys and values: the planner reserves them
 
     def __init__(
         self,
@@ -98,24 +97,16 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
 
-    def new_cache(self, capacity: int) -> KVCache:
-        """An empty cache for up to ``capacity`` positions; each layer's fills on the device it computes on."""
-        return KVCache(capacity)
-
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 logits_to_keep: int = 0) -> torch.Tensor:
-        T = idx.shape[1]
-        start = cache.length if cache is not None else 0
-        if start + T > self.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.block_size}")
-        if positions is None:
-            positions = step_positions(attention_mask, start, T, idx.device)
-        mask = step_mask(attention_mask, start, T)
+        s = step(idx, attention_mask, positions, cache)
+        if s.start + idx.shape[1] > self.block_size:
+            raise ValueError(f"sequence of {s.start + idx.shape[1]} tokens is longer than block_size {self.block_size}")
         tok = self.transformer.wte(idx)
-        x = tok + self.transformer.wpe(positions).to(tok.device)  # the two tables may sit on different devices
+        x = tok + self.transformer.wpe(s.positions).to(tok.device)  # the two tables may sit on different devices
         for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, cache.layer(i) if cache is not None else None)
+            x = block(x, s.mask, s.layer_cache(cache, i))
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.transformer.ln_f(x))

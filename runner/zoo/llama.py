@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from runner.infer.kv_cache import KVCache, LayerCache, attend, step_mask, step_positions
+from runner.infer.kv_cache import KVCache, LayerCache, ZooCausalLM, attend, step
 
 
 class RMSNorm(nn.Module):
@@ -104,14 +104,13 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(hidden, eps)
 
 
-class Llama(nn.Module):
+class Llama(ZooCausalLM, nn.Module):
     """A Llama-family causal LM: token ids ``[B, T]`` in, logits ``[B, T, vocab]`` out.
 
     Arguments carry Hugging Face ``LlamaConfig`` names, so a ``config.json`` maps onto them directly.
     ``forward`` follows the runner's causal-LM contract (see ``GPT.forward``).
     """
 
-    keeps_kv_cache = True  # generation keeps every layer's keys and values: the planner reserves them
 
     def __init__(
         self,
@@ -144,22 +143,14 @@ class Llama(nn.Module):
         if tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def new_cache(self, capacity: int) -> KVCache:
-        """An empty cache for up to ``capacity`` positions; each layer's fills on the device it computes on."""
-        return KVCache(capacity)
-
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 logits_to_keep: int = 0) -> torch.Tensor:
-        T = idx.shape[1]
-        start = cache.length if cache is not None else 0
-        if positions is None:
-            positions = step_positions(attention_mask, start, T, idx.device)
-        mask = step_mask(attention_mask, start, T)
+        s = step(idx, attention_mask, positions, cache)
         x = self.model.embed_tokens(idx)
-        cos, sin = self.model.rotary_emb(x, positions)
+        cos, sin = self.model.rotary_emb(x, s.positions)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache.layer(i) if cache is not None else None)
+            x = layer(x, cos, sin, s.mask, s.layer_cache(cache, i))
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.model.norm(x))
