@@ -100,6 +100,8 @@ def _install_hooks(module: nn.Module, device: torch.device, disk: DiskBlock | No
 
 
 def _to(value: Any, device: torch.device) -> Any:
+    """Activations (tensors, and lists, tuples and dicts of them) moved to ``device``. Anything else passes as it
+    is: a KV cache object above all, whose tensors stay where each block computes (``runner.infer.kv_cache``)."""
     if isinstance(value, torch.Tensor):
         # non_blocking only towards CUDA: a GPU -> CPU copy would return before the data is there.
         return value.to(device, non_blocking=device.type == "cuda") if value.device != device else value

@@ -264,3 +264,15 @@ def test_smollm2_greedy_tokens_equal_transformers_generate(tmp_path):
             theirs.append(out[0, ids.shape[1]:].tolist())
     assert [c.output_tokens for c in ours] == theirs
     assert ours[0].text == "The capital of France is Paris."
+
+
+def test_hooks_move_activations_but_leave_the_cache_where_each_block_wrote_it(tmp_path):
+    """On a sim_2gpu + disk map every block's hook runs, yet each layer's cache is written in place, step after step."""
+    result = prepare(compose_config("model=gpt2tiny", "model.arch.n_layer=4", "hardware=sim_2gpu",
+                                    "placement=balanced", "+device_map.transformer.h.2=disk"), tmp_path)
+    cache = result.model.new_cache(16)
+    with torch.inference_mode():
+        result.model(torch.tensor([[1, 2, 3]]), cache=cache)
+        buffers = [cache.layer(i).keys.data_ptr() for i in range(4)]
+        result.model(torch.tensor([[4]]), cache=cache)
+    assert [cache.layer(i).keys.data_ptr() for i in range(4)] == buffers and cache.length == 4
