@@ -63,8 +63,10 @@ class TransformersLM:
     def __init__(self, model: nn.Module):
         self.model = model
         self.block_size = context_length(model) or 1 << 30
-        # transformers renamed ``past_key_values`` to ``cache``; pass it under the name this version takes.
-        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        # Arguments that transformers renamed or added over its versions: pass what this one takes.
+        accepted = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
+        self._keeps_logits = "logits_to_keep" in accepted
 
     def new_cache(self, capacity: int) -> TransformersCache:
         return TransformersCache(self.model)
@@ -76,9 +78,11 @@ class TransformersLM:
         if positions is None and attention_mask is not None:
             start = cache.length if cache is not None else 0
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + idx.shape[1]]
+        if self._keeps_logits:
+            kwargs["logits_to_keep"] = logits_to_keep
         out = self.model(input_ids=idx, attention_mask=attention_mask, position_ids=positions, use_cache=cache is not None,
-                         logits_to_keep=logits_to_keep, **kwargs)
-        return out.logits
+                         **kwargs)
+        return out.logits[:, -logits_to_keep:] if logits_to_keep else out.logits
 
 
 def context_length(model: nn.Module) -> int | None:
