@@ -95,7 +95,7 @@ class Engine:
             params = replace(params, **fields)
         if params.seed is None:
             params = replace(params, seed=self.config.seed)
-        requests = encode_prompts(self.tokenizer, list(prompts), task.chat if chat is None else chat)
+        requests = encode_prompts(self.tokenizer, prompts, task.chat if chat is None else chat)
         requests = self._fit(requests, params.max_new_tokens, task.truncate if truncate is None else truncate,
                              self.loaded)
         return generate(self.lm, self.tokenizer, requests, params, batch_size=self.config.runtime.batch_size,

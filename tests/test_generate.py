@@ -212,6 +212,8 @@ def test_what_was_not_planned_is_refused(tiny_engine):
     assert [line.split(":")[0] for line in info.value.lines] == ["temperature", "top_k", "top_p", "stop"]
     with pytest.raises(GenerateError, match="nucleus: not a sampling setting"):
         tiny_engine.generate(["a"], nucleus=0.5)
+    with pytest.raises(GenerateError, match="prompts: expected a list of strings, got one string"):
+        tiny_engine.generate("a")
 
 
 def test_an_encoder_cannot_generate_and_says_which_task_fits(tmp_path):

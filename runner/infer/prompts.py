@@ -1,6 +1,7 @@
 """Prompts to requests: the chat template, token ids, and the fit to the model's context and the planned length."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Literal
 
@@ -11,7 +12,7 @@ from runner.infer.generate import Request
 from runner.tokenizer import Tokenizer, apply_chat_template, tokenizer_for
 
 
-def encode_prompts(tokenizer: Tokenizer, prompts: list[str] | tuple[str, ...], chat: bool) -> list[Request]:
+def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str], chat: bool) -> list[Request]:
     """Each prompt as token ids, inside the tokenizer's chat template when ``chat`` and it has one. Without a
     template, the tokenizer adds what it adds to any text (a BOS token, for most), as transformers does."""
     if isinstance(prompts, str):
