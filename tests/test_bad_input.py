@@ -68,6 +68,8 @@ CLI_CASES = {
     "batch-size-zero": (("runtime.batch_size=0",), "config", ("runtime.batch_size: 0 is less than the minimum of 1",)),
     "prompt-past-the-context": (("task.prompts=[" + "x" * 70 + "]",), "generate",
                                 ("prompts[0]: 70 prompt tokens", "context of 64 tokens", "task.truncate=left")),
+    "plan-without-a-tokenizer-or-length": (("mode=plan", "model=seq100b", "hardware=a100_8x80gb"), "config",
+                                           ("runtime.seq_len: model seq100b has no tokenizer", "runtime.seq_len=256")),
     "tokenizer-path-missing": (("tokenizer.path=/nonexistent/tokenizer",), "checkpoint",
                                ("tokenizer.path: /nonexistent/tokenizer does not exist",)),
     "tokenizer-path-not-a-tokenizer": ((f"tokenizer.path={Path(__file__).parent.parent / 'schemas' / 'plan.schema.json'}",),

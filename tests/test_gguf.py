@@ -88,6 +88,10 @@ def write_llama_gguf(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         else:
             writer.add_tensor(stored, array.astype(np.float16 if kind == "F16" else np.float32))
     writer.add_tensor("rope_freqs.weight", np.ones(HEAD_DIM // 2, dtype=np.float32))  # llama.cpp's own extra
+    save(writer)
+
+
+def save(writer: gguf.GGUFWriter) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -182,9 +186,6 @@ def test_a_missing_file_or_another_architecture_is_refused(tmp_path):
     path = tmp_path / "gpt2.gguf"
     writer = gguf.GGUFWriter(str(path), "gpt2")
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    save(writer)
     with pytest.raises(CheckpointError, match=r"gpt2\.gguf: a GGUF of architecture 'gpt2'; the runner reads Llama"):
         open_gguf(path)

@@ -82,17 +82,18 @@ def test_check_mode_accepts_a_written_map_and_rejects_a_broken_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_seq100b_plans_in_well_under_a_second_and_600mb(tmp_path):
-    code = ("import resource, sys, time\n"
+def test_seq100b_plans_on_five_gpus_in_under_600mb(tmp_path):
+    """In a fresh process, so that the peak RSS is planning's own. The time target (plan stage under 1 s) is
+    ``bench/cli_bench.py``'s: a busy machine would fail it here without a bug."""
+    code = ("import resource\n"
+            "from pathlib import Path\n"
             "from conftest import compose_config\n"
             "from runner.pipeline import plan\n"
-            "t = time.perf_counter()\n"
-            f"p = plan(compose_config('model=seq100b', 'hardware=a100_8x80gb', 'mode=plan'), __import__('pathlib').Path('{tmp_path}'))\n"
-            "print(p.timings['plan'], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, len(set(p.check.block_devices.values())))\n")
+            f"p = plan(compose_config('model=seq100b', 'hardware=a100_8x80gb', 'mode=plan'), Path('{tmp_path}'))\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, len(set(p.check.block_devices.values())))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent,
                          check=True).stdout.split()
-    plan_seconds, max_rss_kb, devices = float(out[0]), int(out[1]), int(out[2])
-    assert plan_seconds < 1.0
+    max_rss_kb, devices = int(out[0]), int(out[1])
     assert max_rss_kb < 600 * 1024
     assert devices == 5  # 400 GB over 79 GiB of room per GPU: five GPUs, no offload
 

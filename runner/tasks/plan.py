@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from runner.config import RunConfig
+from runner.errors import ConfigError
 from runner.explain import format_plan
 from runner.infer.prompts import task_requests
 from runner.pipeline import open_source, plan
@@ -14,6 +15,9 @@ def run(config: RunConfig, run_dir: Path) -> tuple[str, dict[str, Path]]:
     """The text to show, and ``plan.json``."""
     checkpoint = open_source(config)
     if config.runtime.seq_len is None:  # sized like a run of the task would be
+        if checkpoint is None and "vocab_size" not in config.model.arch:
+            raise ConfigError(f"runtime.seq_len: model {config.model.name} has no tokenizer to size the plan from "
+                              "task.prompts; set the tokens per sequence to plan for, e.g. runtime.seq_len=256")
         config, _, _ = task_requests(config, checkpoint)
     planned = plan(config, run_dir, checkpoint)
     return format_map(planned) + "\n\n" + format_plan(planned), write_plan(planned, run_dir)
