@@ -37,6 +37,8 @@ def compute_plan(blocks: tuple[Block, ...], block_devices: dict[str, str], main_
             out[block.name] = Compute(stored, False, "resident")
         elif block.class_name in LOOKUPS:
             out[block.name] = Compute("cpu", False, "an embedding lookup computes where its table sits")
+        elif block.tied_to is not None:  # its bytes are counted with the owner: a copy would move them unplanned
+            out[block.name] = Compute("cpu", False, f"shares its weights with {block.tied_to}, which stays in place")
         else:
             moved = 2 * tokens * activation_bytes.get(block.name, 0)  # there and back
             if block.nbytes < moved and (1 + prefetch) * block.nbytes <= room:

@@ -6,7 +6,8 @@ Every figure here is taken off a device's budget before planning and listed in t
 - ``activations``: the hidden states of one forward, ``ACTIVATION_COPIES`` copies of the widest
   block input for ``batch_size x seq_len`` tokens (residual stream, norm output, q/k/v,
   attention output and the 4x-wide MLP hidden state live together at the peak);
-- ``outputs``: the logits of one forward, on the main device, where outputs land;
+- ``outputs``: the logits of one forward, on the main device, where outputs land: one position per
+  sequence, since generation asks only for the last position's logits (``logits_to_keep=1``);
 - ``kv_cache``: keys and values of every unsplittable block for ``batch_size x seq_len`` tokens in the
   compute dtype, counted with its block (see ``kv_bytes``), for models that keep them (see ``keeps_kv_cache``).
 
@@ -44,7 +45,7 @@ def device_reserves(hardware: Hardware, trace: ForwardTrace, shape: RuntimeSpec,
         if hidden:
             r["activations"] = ACTIVATION_COPIES * tokens * hidden * itemsize
         if device.name == hardware.main_device and trace.output_elems:
-            r["outputs"] = tokens * trace.output_elems * itemsize
+            r["outputs"] = shape.batch_size * trace.output_elems * itemsize
         reserves[device.name] = {k: v for k, v in r.items() if v}
     return reserves
 

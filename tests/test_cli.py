@@ -83,6 +83,6 @@ def test_simulated_two_gpu_map_and_partial_pins(tmp_path):
     reserves = {d["name"]: d["reserves"] for d in report["devices"]}
     # runtime.seq_len is derived: the longest prompt (30 bytes) plus 2 new tokens.
     assert reserves["cuda:0"]["offload_staging"] == 128  # room to stream ln_f (2 x 16 fp32) into the main device
-    assert reserves["cuda:0"]["outputs"] == 32 * 256 * 4  # logits of a 32-token forward, fp32
+    assert reserves["cuda:0"]["outputs"] == 1 * 256 * 4  # the last position's logits of 1 sequence, fp32
     assert reserves["cuda:1"] == {"activations": 10 * 32 * 16 * 4, "kv_cache": 2 * 32 * 16 * 4}  # h.1's keys, values
     assert any("cuda:1 -> cuda:0" in w for w in report["warnings"])

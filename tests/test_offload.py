@@ -115,8 +115,9 @@ def test_cpu_blocks_compute_where_fewer_bytes_move():
     from runner.compute import compute_plan
 
     blocks = (Block("emb", "Embedding", 4000, ("emb.weight",)), Block("small", "Block", 1000, ("small.w",)),
-              Block("big", "Block", 50000, ("big.w",)), Block("far", "Block", 100, ("far.w",)))
-    devices = {"emb": "cpu", "small": "cpu", "big": "cpu", "far": "disk"}
+              Block("big", "Block", 50000, ("big.w",)), Block("far", "Block", 100, ("far.w",)),
+              Block("head", "Linear", 0, ("head.weight",), tied_to="emb"))
+    devices = {"emb": "cpu", "small": "cpu", "big": "cpu", "far": "disk", "head": "cpu"}
     act = {"small": 64, "big": 64}
     plan = compute_plan(blocks, devices, "cuda:0", act, tokens=32, room=3000, prefetch=1)
     assert plan["emb"].device == "cpu" and "embedding lookup" in plan["emb"].reason
@@ -125,6 +126,8 @@ def test_cpu_blocks_compute_where_fewer_bytes_move():
     # 50000 B of weights > 4096 B of activations: compute on the CPU.
     assert plan["big"].device == "cpu" and "activations move less" in plan["big"].reason
     assert plan["far"].device == "cuda:0" and plan["far"].streamed
+    # A tied head counts 0 B (its bytes are the table's): copying it would move 4000 B the plan never reserved.
+    assert plan["head"].device == "cpu" and not plan["head"].streamed and "shares its weights with emb" in plan["head"].reason
     tight = compute_plan(blocks, devices, "cuda:0", act, tokens=32, room=1500, prefetch=1)
     assert tight["small"].device == "cpu" and "no room" in tight["small"].reason
     cpu_only = compute_plan(blocks, {**devices, "far": "disk"}, "cpu", act, tokens=32, room=10**9)

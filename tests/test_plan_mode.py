@@ -24,7 +24,7 @@ def test_plan_mode_allocates_no_weights_and_explains_itself(tmp_path, runner_cac
     assert schema_errors(doc, "plan") == []
     assert doc["order_source"] == "trace"
     rows = {r["name"]: r for r in doc["devices"]}
-    assert rows["cuda:0"]["reserves"]["outputs"] == 256 * 50257 * 4  # logits of one 256-token forward
+    assert rows["cuda:0"]["reserves"]["outputs"] == 50257 * 4  # the last position's logits: generation keeps no more
     # Keys and values of every block on cuda:1: 2 x 256 tokens x 1600 channels x 4 bytes each.
     on_1 = [name for name, device in planned.check.block_devices.items()
             if device == "cuda:1" and name.startswith("transformer.h.")]
