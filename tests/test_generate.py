@@ -278,3 +278,33 @@ def test_hooks_move_activations_but_leave_the_cache_where_each_block_wrote_it(tm
         buffers = [cache.layer(i).keys.data_ptr() for i in range(4)]
         result.model(torch.tensor([[4]]), cache=cache)
     assert [cache.layer(i).keys.data_ptr() for i in range(4)] == buffers and cache.length == 4
+
+
+SYSTEM = "System: be brief. User: "  # 24 bytes every prompt starts with
+
+
+def test_a_prefix_the_batch_shares_is_prefilled_once_and_changes_no_token(tiny_engine):
+    prompts = [SYSTEM + q for q in ("Hi", "Why is the sky blue?", "2+2?", "Name a colour")]
+    params = SamplingParams(max_new_tokens=10)
+    alone = run_with_batch(tiny_engine, 1, prompts, params)
+    before = tiny_engine.stats.prefix_tokens_reused
+    stats = GenerationStats()
+    requests = [Request(i, p, tuple(tiny_engine.tokenizer.encode(p))) for i, p in enumerate(prompts)]
+    together = generate(tiny_engine.lm, tiny_engine.tokenizer, requests, params, batch_size=4, seed=0, stats=stats)
+    assert stats.prefix_tokens_reused == len(SYSTEM.encode()) * 3  # computed once instead of four times
+    assert [c.output_tokens for c in together] == [c.output_tokens for c in alone]
+    assert tiny_engine.stats.prefix_tokens_reused == before  # a batch of one shares nothing
+
+
+def test_a_transformers_cache_shares_a_prefix_too(tmp_path):
+    reference = save_gpt2(tmp_path / "ckpt")
+    cfg = compose_config("checkpoint=local", f"checkpoint.path={tmp_path / 'ckpt'}", "hardware=cpu",
+                         "runtime.batch_size=3", "runtime.seq_len=80", "task.chat=false")
+    arch = {"_target_": "transformers.GPT2LMHeadModel",
+            "config": {"_target_": "transformers.GPT2Config", "n_layer": 2, "n_head": 2, "n_embd": 32,
+                       "vocab_size": 300, "n_positions": 128, "bos_token_id": None, "eos_token_id": None}}
+    engine = Engine(replace(cfg, model=ModelSpec("hf-gpt2", arch, ())), tmp_path / "run")
+    completions = engine.generate([SYSTEM + q for q in ("Hi", "The quick brown fox", "abc")], max_new_tokens=6)
+    assert engine.stats.prefix_tokens_reused == len(SYSTEM.encode()) * 2
+    assert [c.output_tokens for c in completions] == reference_greedy(
+        reference, [c.prompt_tokens for c in completions], 6)

@@ -1,6 +1,7 @@
 """Batched generation: prompts sorted by length into batches, left-padded, decoded step by step over a KV cache.
 
-Each batch is prefilled in one forward, then every step feeds one token per row. A row that stops
+Each batch is prefilled in one forward (after the prefix all its prompts share, such as a chat template's
+system turn, prefilled once and copied to every row), then every step feeds one token per row. A row that stops
 (end of sequence, a stop token or string, or ``max_new_tokens``) leaves the batch: its cache rows are
 dropped, so it costs nothing more. Results come back in input order.
 """
@@ -20,6 +21,8 @@ from runner.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
+# A shared prefix shorter than this is recomputed per row: one more forward would cost more than it saves.
+SHARED_PREFIX_MIN = 16
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class GenerationStats:
     requests: int = 0
     batches: int = 0
     prompt_tokens: int = 0
+    prefix_tokens_reused: int = 0  # prompt tokens not recomputed: a prefix the whole batch shares, prefilled once
     output_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -107,8 +111,15 @@ def generate(lm: CausalLM, tokenizer: Tokenizer, requests: list[Request], params
 def _decode_batch(lm: CausalLM, tokenizer: Tokenizer, rows: list[_Row], params: SamplingParams,
                   stop_ids: frozenset[int], stats: GenerationStats) -> None:
     start = time.perf_counter()
-    ids, mask = left_pad([r.request.tokens for r in rows], tokenizer.pad_id or 0)
-    cache = lm.new_cache(ids.shape[1] + params.max_new_tokens)
+    prompts = [r.request.tokens for r in rows]
+    cache = lm.new_cache(max(len(p) for p in prompts) + params.max_new_tokens)
+    shared = shared_prefix(prompts)
+    if shared:  # computed once for the batch (a chat template's system turn), then copied to every row
+        lm(torch.tensor([prompts[0][:shared]]), cache=cache)
+        cache.repeat_rows(len(rows))
+        stats.prefix_tokens_reused += shared * (len(rows) - 1)
+    ids, mask = left_pad([p[shared:] for p in prompts], tokenizer.pad_id or 0)
+    mask = torch.cat([mask.new_ones(len(rows), shared), mask], dim=1)  # the prefix, then each row's own tokens
     logits = lm(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
     stats.batches += 1
     stats.prompt_tokens += sum(len(r.request.tokens) for r in rows)
@@ -133,6 +144,18 @@ def _decode_batch(lm: CausalLM, tokenizer: Tokenizer, rows: list[_Row], params: 
         stats.decode_rows += len(active)
     stats.output_tokens += sum(len(r.tokens) for r in rows)
     stats.decode_s += time.perf_counter() - start
+
+
+def shared_prefix(prompts: list[tuple[int, ...]], least: int = SHARED_PREFIX_MIN) -> int:
+    """How many leading tokens every prompt of the batch shares, when at least ``least`` and the batch has two
+    prompts or more; else 0. Each row keeps one token of its own, whose logits start its completion."""
+    if len(prompts) < 2:
+        return 0
+    first, shortest = prompts[0], min(len(p) for p in prompts) - 1
+    n = 0
+    while n < shortest and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n if n >= least else 0
 
 
 def left_pad(sequences: list[tuple[int, ...]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,6 +46,11 @@ class LayerCache:
             rows = rows.to(self.keys.device)
             self.keys, self.values = self.keys[rows], self.values[rows]
 
+    def repeat_rows(self, n: int) -> None:
+        """One cached row (a prefix every sequence shares) becomes ``n`` rows."""
+        if self.keys is not None and self.values is not None:
+            self.keys, self.values = self.keys.repeat(n, 1, 1, 1), self.values.repeat(n, 1, 1, 1)
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
@@ -71,6 +76,10 @@ class KVCache:
     def keep(self, rows: torch.Tensor) -> None:
         for layer in self._layers.values():
             layer.keep(rows)
+
+    def repeat_rows(self, n: int) -> None:
+        for layer in self._layers.values():
+            layer.repeat_rows(n)
 
     @property
     def nbytes(self) -> int:

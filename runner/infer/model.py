@@ -17,12 +17,14 @@ from runner.errors import GenerateError
 
 
 class Cache(Protocol):
-    """What the decode loop needs of a cache: its length, and dropping finished rows."""
+    """What the decode loop needs of a cache: its length, dropping finished rows, and sharing a prefix."""
 
     @property
     def length(self) -> int: ...
 
     def keep(self, rows: torch.Tensor) -> None: ...
+
+    def repeat_rows(self, n: int) -> None: ...
 
 
 @runtime_checkable
@@ -55,6 +57,9 @@ class TransformersCache:
 
     def keep(self, rows: torch.Tensor) -> None:
         self.inner.batch_select_indices(rows)
+
+    def repeat_rows(self, n: int) -> None:
+        self.inner.batch_repeat_interleave(n)
 
 
 class TransformersLM:
