@@ -198,7 +198,8 @@ def streamed_blocks(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger
     block_devices, main = plan.check.block_devices, plan.hardware.main_device
     on_disk = [b for b in layout.blocks if plan.compute[b.name].streamed]
     plans: list[tuple[nn.Module, Block, dict[str, str], list[str]]] = []
-    convert: dict[str, list[str]] = {}
+    convert: dict[str, list[str]] = {}  # block -> the keys converted into its file, each key in one file only
+    converts: set[str] = set()          # blocks read from the offload folder (a tied key may sit in another's file)
     for block in on_disk:
         module = model.get_submodule(block.name)
         cut = len(block.name) + 1 if block.name else 0
@@ -211,7 +212,10 @@ def streamed_blocks(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger
                 slots[slot[cut:]] = layout.ties.get(slot, slot)
         keys = sorted(set(slots.values()))
         if block_devices[block.name] == "disk" and _needs_conversion(checkpoint, keys, dtype):
-            convert[block.name] = keys
+            converts.add(block.name)
+            written = {k for ks in convert.values() for k in ks}
+            if own := [k for k in keys if k not in written]:
+                convert[block.name] = own
         plans.append((module, block, slots, keys))
     converted = _converted(checkpoint, convert, dtype, folder) if convert else None
     out = []
@@ -220,7 +224,7 @@ def streamed_blocks(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger
         if block_devices[block.name] == "cpu":
             read = _resident_on_cpu(checkpoint, keys, dtype, device, ledger, layout).__getitem__
         else:
-            source = converted if block.name in convert else checkpoint
+            source = converted if block.name in converts else checkpoint
             read = source.read_uncached
             located = source.locate(keys)
             reads = plan_reads(located) if located else None

@@ -32,11 +32,14 @@ def test_prefetch_depths_give_identical_outputs(depth, tmp_path):
         expected = resident.model(TOKENS)
     out, result = logits(f"offload.prefetch={depth}", tmp_path=tmp_path / f"d{depth}")
     assert torch.equal(out, expected)
-    disk = [b.nbytes for b in result.layout.blocks if result.check.block_devices[b.name] == "disk"]
+    layout = result.layout
+    # What streaming a block moves: a tied head (0 B in the plan) streams its owner's table.
+    streamed = {b.name: sum(layout.tensor_bytes[layout.ties.get(t, t)] for t in b.tensors) for b in layout.blocks}
+    disk = [streamed[b.name] for b in layout.blocks if result.check.block_devices[b.name] == "disk"]
     held = sum(sorted(disk, reverse=True)[: 1 + depth])  # the running block and `depth` read ahead
     assert result.ledger.peak["cpu"] <= result.check.loads["cpu"] + held
     # Every block dropped again, but the next forward's first `depth` disk blocks are already read ahead.
-    first = [b.nbytes for b in result.layout.blocks if result.check.block_devices[b.name] == "disk"][:depth]
+    first = [streamed[b.name] for b in layout.blocks if result.check.block_devices[b.name] == "disk"][:depth]
     assert result.ledger.current["cpu"] == result.check.loads["cpu"] + sum(first)
     with torch.inference_mode():
         assert torch.equal(result.model(TOKENS), expected)  # the second forward uses what was read ahead
