@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from runner.blocks import Block
 from runner.errors import PlanError
 from runner.hardware import Device, cap_override
-from runner.optimal import Problem, best_partition
+from runner.optimal import Problem, best_partition, staging
 from runner.room import room_left
 from runner.sizes import format_bytes
 
@@ -89,8 +89,8 @@ def plan_device_map(request: PlanRequest) -> Plan:
         try:
             placed = _place(request, items, {**budgets, "disk": -1}, pinned)  # not even a zero-byte block
         except PlanError:
-            with_disk = _place(request, items, budgets, pinned)  # how much would have gone to disk
-            on_disk = sum(item.weight for item in items if with_disk[item.names[0]] == "disk")
+            with_disk = _place(request, items, budgets, pinned)  # what would have gone to disk
+            on_disk = sum(item.size for item in items if with_disk[item.names[0]] == "disk")  # weights and KV
             raise PlanError(f"the model needs {format_bytes(on_disk)} more than the GPUs and the CPU can hold "
                             f"(offload.allow_disk is false); raise max_memory, use a smaller dtype, or set "
                             "offload.allow_disk=true") from None
@@ -143,8 +143,8 @@ def _place(request: PlanRequest, items: list[_Item], budgets: dict[str, int],
 
     Disk blocks are streamed into the main device when they run, and their KV cache lives
     there, so room is reserved there for the biggest one plus every disk block's KV cache,
-    and only when something is on disk. A bigger reserve can push more onto disk, so the
-    reserve is raised until it covers what it made.
+    and only when something is on disk. ``auto`` tries every size of that room (runner/optimal.py);
+    a fill raises it until it covers what it made, and falls back to ``auto`` if that fails.
     """
     if request.strategy == "auto":
         return _place_auto(request, items, budgets, pinned)
@@ -183,56 +183,26 @@ def _place_by_fill(request: PlanRequest, items: list[_Item], budgets: dict[str, 
 
 def _place_auto(request: PlanRequest, items: list[_Item], budgets: dict[str, int],
                 pinned: dict[str, int]) -> dict[str, str]:
-    """The exact search, once per candidate staging size (none, or the size of one of the items)."""
-    main = request.main_device
+    """The exact search (runner/optimal.py), which also sizes the staging room on the main device."""
     gpus = [d.name for d in request.devices if d.kind == "gpu"]
-    best: tuple | None = None
-    for limit in [0, *sorted({item.weight for item in items if item.weight})]:
-        extra = 0
-        for _ in range(len(items) + 1):  # grow the KV part of the staging room until it covers the disk blocks
-            reserve = limit * (1 + request.prefetch) + extra
-            caps = {d: budgets[d] - (reserve if d == main else 0) for d in budgets}
-            if reserve and caps[main] < 0:
-                break  # no room to stream disk blocks in
-            problem = Problem([i.size for i in items], [i.weight for i in items], [i.kv for i in items],
-                              [i.pin for i in items], [(g, caps[g]) for g in gpus], caps["cpu"], caps["disk"], limit)
-            assignment = best_partition(problem)
-            if assignment is None:
-                break
-            placed = {name: device for item, device in zip(items, assignment) for name in item.names}
-            needed = _staging(items, placed, request.prefetch)
-            if needed <= reserve:
-                key = _merit(items, assignment, gpus) + (reserve,)
-                if best is None or key < best[0]:
-                    best = (key, placed)
-                break
-            extra = needed - limit * (1 + request.prefetch)
-        if best is not None and best[0][0] == 0:
-            break  # nothing off GPU: a staging reserve cannot do better
-    if best is None:
+    problem = Problem([i.size for i in items], [i.weight for i in items], [i.kv for i in items],
+                      [i.pin for i in items], [(g, budgets[g]) for g in gpus], budgets["cpu"], budgets["disk"],
+                      request.main_device, 1 + request.prefetch)
+    assignment = best_partition(problem)
+    if assignment is None:
         if any(i.pin for i in items):  # pins may rule out every contiguous map: keep them, fill around them
             log.warning("the pinned blocks leave no map with one contiguous run per device; "
                         "filling around them in order instead")
             return _place_by_fill(replace(request, strategy="sequential"), items, budgets, pinned)
         _no_room(max(items, key=lambda i: i.size), [(d, budgets[d]) for d in budgets])
-    return best[1]
-
-
-def _merit(items: list[_Item], assignment: list[str], gpus: list[str]) -> tuple[int, int, int, int]:
-    """(bytes off GPU, bytes moved for disk blocks, hops, largest GPU load): smaller is better, in that order."""
-    off = sum(item.weight for item, d in zip(items, assignment) if d not in gpus)
-    disk = sum(item.size for item, d in zip(items, assignment) if d == "disk")  # weights, and KV to the main device
-    hops = sum(1 for a, b in zip(assignment, assignment[1:]) if a != b)
-    loads = [sum(item.size for item, d in zip(items, assignment) if d == g) for g in gpus]
-    return off, disk, hops, max(loads, default=0)
+    return {name: device for item, device in zip(items, assignment) for name in item.names}
 
 
 def _staging(items: list[_Item], placed: dict[str, str], prefetch: int) -> int:
-    """Room on the main device for the running disk block and ``prefetch`` read ahead (the biggest ones, to be
-    safe), plus every disk block's KV cache, which lives there."""
+    """Room on the main device for the running disk block and ``prefetch`` read ahead, plus every disk
+    block's KV cache, which lives there."""
     on_disk = [item for item in items if placed[item.names[0]] == "disk"]
-    held = sorted((i.weight for i in on_disk), reverse=True)[: 1 + prefetch]
-    return sum(held) + sum(i.kv for i in on_disk)
+    return staging((i.weight for i in on_disk), (i.kv for i in on_disk), 1 + prefetch)
 
 
 # -- strategies: each turns the GPUs' capacities into per-GPU caps for the sequential fill ----------------------

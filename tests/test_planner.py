@@ -125,6 +125,31 @@ def test_cpu_only_hardware_spills_to_disk_and_reserves_on_cpu():
     assert p.reserves == {"cpu": {"offload_staging": 20}}
 
 
+@pytest.mark.parametrize("strategy", ["auto", "sequential"])
+def test_kv_caches_of_disk_blocks_count_in_the_staging_room(strategy):
+    # b0 holds no weights but a 2 B KV cache; b1 and b2 (5 B) fit neither beside it on the 3 B GPU nor on the 3 B
+    # CPU, so they go to disk and stream into cuda:0, which keeps 3 B for the bigger one and can hold nothing
+    # else: b0 goes to the CPU. auto once found no map here: its staging room jumped from 0 past 3 B to 5 B.
+    p = plan(strategy, devices(3, cpu=3), blocks=[block("b0", 0), block("b1", 2), block("b2", 3)],
+             kv_bytes={"b0": 2})
+    assert p.device_map == {"b0": "cpu", "b1": "disk", "b2": "disk"}
+    assert p.loads == {"cuda:0": 0, "cpu": 0, "disk": 5}
+    assert p.reserves == {"cpu": {"kv_cache": 2}, "cuda:0": {"offload_staging": 3}}
+
+
+def test_without_disk_the_shortfall_counts_kv_caches():
+    # b0 (10 B) fills cuda:1; b1 holds no weights but a 1 B KV cache, which fits neither cuda:0 (GPUs run in id
+    # order, and cuda:0 comes before b0's cuda:1) nor the 0 B CPU. With disk it streams into cuda:0; without,
+    # the model needs 1 B more (once '0 B': only the weights of what would go to disk were counted).
+    blocks = [block("b0", 10), block("b1", 0)]
+    assert plan("auto", devices(1, 10, cpu=0), blocks=blocks, kv_bytes={"b1": 1}).device_map == {
+        "b0": "cuda:1", "b1": "disk"}
+    with pytest.raises(PlanError) as e:
+        plan("auto", devices(1, 10, cpu=0), blocks=blocks, kv_bytes={"b1": 1}, allow_disk=False)
+    assert e.value.lines == ("the model needs 1 B more than the GPUs and the CPU can hold (offload.allow_disk is "
+                             "false); raise max_memory, use a smaller dtype, or set offload.allow_disk=true",)
+
+
 @pytest.mark.parametrize("strategy", ["sequential", "balanced", "balanced_low_0"])
 def test_pins_are_kept_and_the_rest_planned_around_them(strategy):
     p = plan(strategy, devices(80, 80), pins={"b3": "cpu", "emb": "cuda:1", "head": "cuda:1"})

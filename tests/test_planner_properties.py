@@ -1,7 +1,7 @@
 """Properties every plan must have, on random small models, budgets, pins, reserves and KV caches.
 
-The xfail(strict=True) tests are known planner bugs, each with its minimal examples; when one is
-fixed its test starts passing, fails as XPASS, and its mark should go.
+A known planner bug is pinned as an xfail(strict=True) test with its minimal examples; when it is
+fixed the test starts passing, fails as XPASS, and its mark should go.
 """
 from __future__ import annotations
 
@@ -26,11 +26,9 @@ SETTINGS = settings(max_examples=300, deadline=None, database=None)
 
 @st.composite
 def requests(draw, pins: bool = True, reserves: bool = True, allow_disk: bool | None = None,
-             max_blocks: int = 12, max_gpus: int = 4, kv_caches: bool = True,
-             kv_without_weights: bool = True) -> PlanRequest:
+             max_blocks: int = 12, max_gpus: int = 4) -> PlanRequest:
     """Blocks b0..bN (about one in ten zero-byte, at most one tie), GPUs (ids maybe with gaps), a CPU, a disk;
-    maybe pins, reserves, KV caches (kv_caches=False: none; kv_without_weights=False: none on a zero-byte block
-    or tied pair)."""
+    maybe pins, reserves, KV caches (zero-byte blocks and tied pairs included), disk blocks read ahead."""
     n = draw(st.integers(1, max_blocks))
     nbytes = st.integers(-10, 100).map(lambda n: max(n, 0))
     blocks = [Block(f"b{i}", "Block", draw(nbytes), (f"b{i}.weight",)) for i in range(n)]
@@ -54,14 +52,11 @@ def requests(draw, pins: bool = True, reserves: bool = True, allow_disk: bool | 
     reserve_map = {}
     if reserves and draw(st.booleans()):
         reserve_map = {d: {"activations": draw(st.integers(0, 50))} for d in draw(st.sets(st.sampled_from(names)))}
-    kv = {b.name: draw(st.integers(0, 30)) for b in blocks if draw(st.booleans())} if kv_caches and draw(
-        st.booleans()) else {}
-    if not kv_without_weights:  # the KV of a zero-byte block or pair: see test_..._with_kv_on_zero_byte_blocks
-        owned = {b.name: b.nbytes for b in blocks}
-        kv = {b.name: kv[b.name] for b in blocks if b.name in kv and owned[b.tied_to or b.name]}
+    kv = {b.name: draw(st.integers(0, 30)) for b in blocks if draw(st.booleans())} if draw(st.booleans()) else {}
     return PlanRequest(tuple(blocks), tuple(devices), draw(st.sampled_from(STRATEGIES)), names[0] if k else "cpu",
                        pin_map, reserve_map, kv,
-                       draw(st.sampled_from([True, True, True, False])) if allow_disk is None else allow_disk)
+                       draw(st.sampled_from([True, True, True, False])) if allow_disk is None else allow_disk,
+                       draw(st.sampled_from([0, 0, 0, 1, 2])))
 
 
 def hand_made(sizes: list[int], gpus: list[int], cpu: int, **kwargs) -> PlanRequest:
@@ -125,8 +120,9 @@ def check_sound(request: PlanRequest, plan: Plan) -> None:
         assert plan.reserves.get(d, {}).get("kv_cache", 0) == kv
         assert loads[d] + sum(plan.reserves.get(d, {}).values()) <= budget(request, d), (d, plan)
     on_disk = [g for g in groups(request) if dm[g[0]] == "disk"]
-    if on_disk:  # the main device keeps room to stream in the biggest disk block, with every disk block's KV
-        need = max(weight(request, g) for g in on_disk) + sum(size(request, g) - weight(request, g) for g in on_disk)
+    if on_disk:  # the main device keeps room to stream in the biggest disk blocks, with every disk block's KV
+        held = sorted((weight(request, g) for g in on_disk), reverse=True)[: 1 + request.prefetch]
+        need = sum(held) + sum(size(request, g) - weight(request, g) for g in on_disk)
         assert plan.reserves.get(request.main_device, {}).get("offload_staging", 0) >= need
     # 6. tied blocks share a device; 4. pins are kept
     assert all(len({dm[b] for b in g}) == 1 for g in groups(request))
@@ -152,7 +148,8 @@ def fewest_off_gpu(request: PlanRequest) -> int | None:
         for (w, kv), d in zip(items, devices):
             used[d] += w + kv * (d != "disk")
         disk = [(w, kv) for (w, kv), d in zip(items, devices) if d == "disk"]
-        used[request.main_device] += max((w for w, _ in disk), default=0) + sum(kv for _, kv in disk)
+        held = sorted((w for w, _ in disk), reverse=True)[: 1 + request.prefetch]  # running and read ahead
+        used[request.main_device] += sum(held) + sum(kv for _, kv in disk)
         running = set(devices) | ({request.main_device} if disk else set())  # others keep no reserve
         if all(used[d] <= room[d] for d in running):
             off = sum(w for (w, _), d in zip(items, devices) if d not in gpus)
@@ -161,7 +158,9 @@ def fewest_off_gpu(request: PlanRequest) -> int | None:
 
 
 @SETTINGS
-@given(requests(kv_without_weights=False))
+@given(requests())
+# once planned: a block pinned to disk runs on cuda:0, which has no room left after its reserve
+@example(replace(hand_made([0, 0], gpus=[0], cpu=0), pins={"b0": "disk"}, reserves={"cuda:0": {"activations": 1}}))
 def test_every_plan_covers_fits_keeps_pins_and_ties(request_):
     result = plan_or_error(request_)
     if isinstance(result, Plan):  # (a plan for more bytes than all the budgets hold would fail here)
@@ -183,7 +182,7 @@ def test_every_plan_fits_also_with_kv_on_zero_byte_blocks(request_):
 # the CPU run, and the next big one had to go to disk, whose staging overfilled the main GPU.
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @SETTINGS
-@given(requests(pins=False, reserves=False, kv_without_weights=False))
+@given(requests(pins=False, reserves=False))
 @example(hand_made([1, 0, 1], gpus=[0], cpu=2))
 @example(hand_made([50, 5, 50], gpus=[10], cpu=300))
 def test_a_plan_error_is_a_real_infeasibility(strategy, request_):
@@ -211,12 +210,13 @@ def assert_auto_has_the_fewest_bytes_off_gpu(request_: PlanRequest) -> None:
         assert off_gpu(request_, result.device_map) == best, (best, result.device_map)
 
 
-# Without KV caches the staging room is the biggest disk block, one of the sizes auto tries: it is exact.
-# With them, see test_auto_with_kv_caches_misses_the_best_map below.
+# auto tries every staging room a disk run may need (the biggest disk block, its KV caches included): it is exact.
 @SETTINGS
-@given(requests(pins=False, kv_caches=False))
+@given(requests(pins=False))
 @example(hand_made([3, 2, 1], gpus=[1, 2], cpu=5))
 @example(hand_made([12, 0, 100], gpus=[132], cpu=1, kv_bytes={"b1": 1, "b2": 20}))  # once a KV-staging overshoot
+@example(hand_made([0, 2, 3], gpus=[3], cpu=3, kv_bytes={"b0": 2}))  # once a PlanError where every fill planned
+@example(hand_made([0, 10, 100, 0, 33, 4, 1], gpus=[110, 37], cpu=5, kv_bytes={"b3": 1}))  # once 15 B off GPU, not 5
 def test_auto_is_never_worse_than_the_fills_on_bytes_off_gpu(request_):
     plans = {s: plan_or_error(replace(request_, strategy=s)) for s in STRATEGIES}
     if all(isinstance(p, Plan) for p in plans.values()):
@@ -225,7 +225,7 @@ def test_auto_is_never_worse_than_the_fills_on_bytes_off_gpu(request_):
 
 
 @settings(max_examples=150, deadline=None, database=None)
-@given(requests(pins=False, max_blocks=5, max_gpus=3, kv_caches=False))
+@given(requests(pins=False, max_blocks=5, max_gpus=3))
 @example(hand_made([40, 60, 45, 50, 10], gpus=[90, 45, 10], cpu=300))
 @example(hand_made([12, 0, 100], gpus=[132], cpu=1, kv_bytes={"b1": 1, "b2": 20}))  # once a KV-staging overshoot
 @example(hand_made([50, 10, 0, 10], gpus=[10, 10], cpu=300, kv_bytes={"b2": 5}, allow_disk=False))  # disk anyway
@@ -233,12 +233,10 @@ def test_auto_has_the_fewest_bytes_off_gpu_of_any_contiguous_map(request_):
     assert_auto_has_the_fewest_bytes_off_gpu(request_)
 
 
-# Known bug (runner/planner.py, _place_auto): for each staging size, the KV part of the reserve jumps to the KV of
-# every block the search put on disk, and the search prefers the fewest bytes on disk, not a map that fits the
-# reserve; so it can step over the reserve a map with fewer bytes off GPU needs, or over every one that fits.
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "auto's KV-staging fixed point overshoots: with KV caches it can miss the map with the fewest bytes off GPU, "
-    "or every map (a PlanError)"))
+# Once bugs: for each staging size, the KV part of the reserve jumped to the KV of every block the search put on
+# disk, and the search preferred the fewest bytes on disk, not a map that fits the reserve; so it could step over
+# the reserve a map with fewer bytes off GPU needs, or over every one that fits. And with blocks read ahead, the
+# reserve was that many times the biggest disk block, not the biggest ones there are.
 @pytest.mark.parametrize("request_", [
     # auto: PlanError; cpu | disk, disk fits (staging 3 B on cuda:0), and every fill finds it
     hand_made([0, 2, 3], gpus=[3], cpu=3, kv_bytes={"b0": 2}),
@@ -246,8 +244,14 @@ def test_auto_has_the_fewest_bytes_off_gpu_of_any_contiguous_map(request_):
     hand_made([1, 0, 0, 2, 10], gpus=[41], cpu=0, kv_bytes={"b0": 9, "b3": 21}),
     # auto: b0-b1 on disk (15 B off GPU); the fills keep b0-b2 on cuda:0 and only b5-b6 on the CPU (5 B)
     hand_made([0, 10, 100, 0, 33, 4, 1], gpus=[110, 37], cpu=5, kv_bytes={"b3": 1}),
-], ids=["plan-error", "all-on-disk", "two-gpus"])
-def test_auto_with_kv_caches_misses_the_best_map(request_):
+    # auto: PlanError; reading 2 blocks ahead, the staging room is the 3 biggest disk blocks, not 3 times the
+    # biggest: b0 on cuda:0 (7 B), b1 on the CPU, b2 on disk (1 B of staging) fits
+    hand_made([7, 4, 1], gpus=[9], cpu=4, prefetch=2),
+    # auto: PlanError; b0 (no weights, a 5 B KV cache) on disk is 0 B off GPU but needs its KV cache staged on the
+    # 0 B cuda:0; b0-b2 on cuda:1 and b3-b4 on the CPU fits (1 B off GPU)
+    hand_made([0, 4, 1, 1, 0], gpus=[0, 10], cpu=1, kv_bytes={"b0": 5}, prefetch=1),
+], ids=["plan-error", "all-on-disk", "two-gpus", "prefetch", "prefetch-kv"])
+def test_auto_finds_the_best_map_whatever_staging_it_needs(request_):
     assert_auto_has_the_fewest_bytes_off_gpu(request_)
 
 
@@ -263,10 +267,10 @@ def test_allow_disk_false_never_plans_disk(request_):
                 or "to disk, but offload.allow_disk is false" in str(result)), result.lines
 
 
-# Once a bug: a block pinned to disk was blamed on memory ('the model needs 0 B more ...').
-# A zero-byte block with a KV cache still is: see test_allow_disk_false_counts_kv_caches_in_the_shortfall.
+# Once a bug: a block pinned to disk was blamed on memory ('the model needs 0 B more ...'), and so was a zero-byte
+# block whose KV cache fits nowhere (see test_allow_disk_false_counts_kv_caches_in_the_shortfall).
 @SETTINGS
-@given(requests(allow_disk=False, kv_without_weights=False))
+@given(requests(allow_disk=False))
 @example(replace(hand_made([0], gpus=[], cpu=0), pins={"b0": "disk"}, allow_disk=False))
 @example(hand_made([50, 10, 0, 10], gpus=[10, 10], cpu=300, kv_bytes={"b2": 5}, allow_disk=False))
 def test_allow_disk_false_states_a_real_shortfall(request_):
@@ -278,11 +282,8 @@ def test_allow_disk_false_states_a_real_shortfall(request_):
         assert 0 < missing and weight(request_) - compute <= missing * 1.01, result.lines
 
 
-# Known bug (runner/planner.py, plan_device_map): the shortfall sums the weights of what would go to disk, so a
-# zero-byte block whose KV cache fits nowhere but disk is 'the model needs 0 B more'.
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "with offload.allow_disk=false the shortfall leaves KV caches out: a zero-byte block whose KV cache fits "
-    "nowhere reads 'needs 0 B more'"))
+# Once a bug: the shortfall summed only the weights of what would go to disk, so a zero-byte block whose KV cache
+# fits nowhere but disk was 'the model needs 0 B more'.
 def test_allow_disk_false_counts_kv_caches_in_the_shortfall():
     # b0 fills cuda:1; b1's 1 B KV cache fits neither cuda:0 (before cuda:1) nor the CPU: 1 B is missing
     request_ = hand_made([10, 0], gpus=[1, 10], cpu=0, kv_bytes={"b1": 1}, allow_disk=False)
@@ -329,14 +330,14 @@ def states_a_shortfall(request_: PlanRequest) -> bool:
 # A property that checks only plans holds trivially on a generator whose requests all fail (and one that checks
 # only errors, on one whose requests all plan): on the same generators, a fair share must reach the assertions.
 @pytest.mark.parametrize("generator, reaches, least", [
-    (requests(kv_without_weights=False), planned, 0.25),  # test_every_plan_covers_fits_keeps_pins_and_ties
-    (requests(), planned, 0.25),  # test_every_plan_fits_also_with_kv_on_zero_byte_blocks
-    (requests(pins=False, reserves=False, kv_without_weights=False), refused, 0.25),  # ..._a_real_infeasibility
-    (requests(pins=False, kv_caches=False), every_strategy_plans, 0.25),  # auto never worse than the fills
+    (requests(), planned, 0.25),  # test_every_plan_covers_fits_keeps_pins_and_ties, ..._with_kv_on_zero_byte_blocks
+    (requests(pins=False, reserves=False), refused, 0.25),  # test_a_plan_error_is_a_real_infeasibility
+    (requests(pins=False), every_strategy_plans, 0.25),  # test_auto_is_never_worse_than_the_fills_on_bytes_off_gpu
+    (requests(pins=False, max_blocks=5, max_gpus=3), planned, 0.25),  # ..._fewest_bytes_off_gpu_of_any_contiguous_map
     (requests(allow_disk=False), planned, 0.2),  # test_allow_disk_false_never_plans_disk, a plan without disk
     (requests(allow_disk=False), only_disk_was_missing, 0.03),  # the same, an error that must say disk was missing
-    (requests(allow_disk=False, kv_without_weights=False), states_a_shortfall, 0.03),  # ..._states_a_real_shortfall
-], ids=["covers", "kv-on-zero-byte", "plan-error", "never-worse", "no-disk-plan", "no-disk-error", "shortfall"])
+    (requests(allow_disk=False), states_a_shortfall, 0.03),  # test_allow_disk_false_states_a_real_shortfall
+], ids=["covers", "plan-error", "never-worse", "fewest-off-gpu", "no-disk-plan", "no-disk-error", "shortfall"])
 def test_the_generated_requests_reach_each_property(generator, reaches, least):
     requests_ = drawn(generator)
     reached = sum(map(reaches, requests_))
