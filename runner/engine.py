@@ -11,7 +11,6 @@ weights. Everything that can be wrong with the prompts is found before a weight 
 """
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
 from collections.abc import Sequence
@@ -27,8 +26,6 @@ from runner.infer.prompts import encode_prompts, fit, task_requests
 from runner.infer.sampling import SamplingParams
 from runner.pipeline import Planned, RunResult, load, open_source, plan
 from runner.tokenizer import Tokenizer
-
-log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -93,8 +90,6 @@ class Engine:
                     value = fields[key]
                     fields[key] = (value,) if isinstance(value, (str, int)) else tuple(value)
             params = replace(params, **fields)
-        if params.seed is None:
-            params = replace(params, seed=self.config.seed)
         requests = encode_prompts(self.tokenizer, prompts, task.chat if chat is None else chat)
         requests = self._fit(requests, params.max_new_tokens, task.truncate if truncate is None else truncate,
                              self.loaded)
