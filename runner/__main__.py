@@ -18,9 +18,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from runner.config import CONF_DIR, load_config
 from runner.errors import RunnerError
-from runner.tasks import generate, plan
+from runner.tasks import embed, generate, plan, score
 
 log = logging.getLogger("runner")
+RECIPES = {"generate": generate, "score": score, "embed": embed}
 _failures: list[RunnerError] = []  # a failed job is reported and recorded; a sweep goes on with the next
 
 
@@ -29,7 +30,7 @@ def app(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         config = load_config(cfg)
-        recipe = plan if config.mode in ("plan", "check") else generate  # the task group has one task so far
+        recipe = plan if config.mode in ("plan", "check") else RECIPES[config.task.name]
         text, paths = recipe.run(config, run_dir)
     except RunnerError as e:
         _print_error(e)

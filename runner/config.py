@@ -69,17 +69,52 @@ class PlacementSpec:
 
 @dataclass(frozen=True)
 class GenerateTask:
-    prompts: tuple[str, ...]
     sampling: SamplingParams
     chat: bool = True                      # wrap each prompt in the tokenizer's chat template, when it has one
     truncate: Literal["left"] | None = None  # left: drop a too-long prompt's oldest tokens; None: an error
     name: Literal["generate"] = "generate"
+    output_key: str = "completion"         # the field of an output line that holds the result
+
+
+@dataclass(frozen=True)
+class ScoreTask:
+    per_token: bool = False                # also write each scored token's log-probability
+    name: Literal["score"] = "score"
+    output_key: str = "score"
+
+
+@dataclass(frozen=True)
+class EmbedTask:
+    pooling: Literal["mean", "last", "cls"] = "mean"
+    normalize: bool = True
+    name: Literal["embed"] = "embed"
+    output_key: str = "embedding"
+
+
+Task = GenerateTask | ScoreTask | EmbedTask
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where a job's rows come from, and what a bad one does."""
+
+    format: Literal["inline", "text", "jsonl", "openai"] = "inline"
+    prompts: tuple[str, ...] = ()          # inline
+    path: Path | None = None               # text, jsonl, openai
+    field: str | None = None               # the text field; None: prompt (generate) or text (score, embed)
+    id_field: str | None = None            # None: the line number (inline: the position); openai: custom_id
+    window: int = 1024                     # rows read ahead and sorted by length
+    on_error: Literal["fail", "skip"] = "fail"
+
+    def text_field(self, task: Task) -> str:
+        return self.field or ("prompt" if task.name == "generate" else "text")
 
 
 @dataclass(frozen=True)
 class RuntimeSpec:
     batch_size: int
-    seq_len: int | None  # prompt plus new tokens; None until derived from the task's prompts
+    seq_len: int | None  # prompt plus new tokens; None until derived from the data, or the model's context
+    log_every: float = 30.0  # seconds between progress lines off a terminal
 
 
 @dataclass(frozen=True)
@@ -88,10 +123,12 @@ class RunConfig:
     checkpoint: CheckpointSpec
     hardware: HardwareSpec
     placement: PlacementSpec
-    task: GenerateTask
+    task: Task
     dtype: DType
     seed: int
     runtime: RuntimeSpec = RuntimeSpec(1, 256)
+    data: DataSpec = DataSpec(prompts=("Hello",))
+    resume: bool = False            # continue the job in the run folder
     tokenizer_path: Path | None = None  # a folder holding tokenizer.json, or the file; None: the checkpoint's own
     mode: Literal["run", "plan", "check"] = "run"
     map_file: Path | None = None    # mode=check: the map to validate
@@ -181,7 +218,9 @@ def _typed(c: dict[str, Any]) -> RunConfig:
         task=_task(c["task"], c["seed"]),
         dtype=c["dtype"],
         seed=c["seed"],
-        runtime=RuntimeSpec(c["runtime"]["batch_size"], c["runtime"]["seq_len"]),
+        runtime=RuntimeSpec(c["runtime"]["batch_size"], c["runtime"]["seq_len"], float(c["runtime"]["log_every"])),
+        data=_data(c["data"]),
+        resume=c["resume"],
         mode=c["mode"],
         map_file=_path(c["map_file"]),
         tokenizer_path=_path(c["tokenizer"]["path"], "tokenizer.path"),
@@ -189,11 +228,20 @@ def _typed(c: dict[str, Any]) -> RunConfig:
     )
 
 
-def _task(t: dict[str, Any], seed: int) -> GenerateTask:
+def _task(t: dict[str, Any], seed: int) -> Task:
+    if t["name"] == "score":
+        return ScoreTask(t["per_token"])
+    if t["name"] == "embed":
+        return EmbedTask(t["pooling"], t["normalize"])
     sampling = SamplingParams(max_new_tokens=t["max_new_tokens"], temperature=float(t["temperature"]), top_k=t["top_k"],
                               top_p=float(t["top_p"]), min_p=float(t["min_p"]), stop=tuple(t["stop"]),
                               stop_token_ids=tuple(t["stop_token_ids"]), seed=seed)
-    return GenerateTask(tuple(t["prompts"]), sampling, t["chat"], t["truncate"])
+    return GenerateTask(sampling, t["chat"], t["truncate"])
+
+
+def _data(d: dict[str, Any]) -> DataSpec:
+    return DataSpec(format=d["format"], prompts=tuple(d.get("prompts", ())), path=_path(d.get("path"), "data.path"),
+                    field=d["field"], id_field=d["id_field"], window=d["window"], on_error=d["on_error"])
 
 
 def _device_name(key: str) -> str:

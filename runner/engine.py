@@ -1,4 +1,4 @@
-"""The engine: a model planned, validated and loaded once, then asked to generate as often as you like.
+"""The engine: a model planned, validated and loaded once, then asked to generate, score or embed as often as you like.
 
     from runner import Engine
     engine = Engine.from_overrides(["model=gpt2xl", "placement=balanced_low_0"])
@@ -6,24 +6,29 @@
         print(c.text)
 
 Loading follows ``runner.pipeline``: checkpoint headers, the tokenizer, the cache length the
-task's prompts need (``runtime.seq_len``, unless set), the plan and its validation, then the
-weights. Everything that can be wrong with the prompts is found before a weight is read.
+config's inline rows need (``runtime.seq_len``, unless set), the plan and its validation, then the
+weights. Whatever can be checked before a weight is read is checked then (``before_load``).
 """
 from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from runner.config import RunConfig, compose
+import torch
+
+from runner.config import EmbedTask, GenerateTask, RunConfig, compose
 from runner.errors import GenerateError
-from runner.infer.generate import Completion, GenerationStats, Request, generate
-from runner.infer.model import CausalLM, causal_lm  # the model object is loaded in place
-from runner.infer.prompts import encode_prompts, fit, task_requests
+from runner.infer.batches import length_batches
+from runner.infer.embed import Encoder, Pooling, embed, encoder
+from runner.infer.generate import Completion, GenerationStats, generate
+from runner.infer.model import CausalLM, causal_lm, context_length
+from runner.infer.prompts import encode_prompts, fit, fit_tokens, plan_inputs
 from runner.infer.sampling import SamplingParams
+from runner.infer.score import Score, ScoreRequest, pair_request, score, text_request
 from runner.pipeline import Planned, RunResult, load, open_source, plan
 from runner.tokenizer import Tokenizer
 
@@ -34,38 +39,58 @@ class Engine:
     Args:
         config: the typed run config (``runner.config.load_config``, or ``Engine.from_overrides``).
         run_dir: where converted disk weights go unless ``offload.folder`` is set (default: a new temporary folder).
-        check_task: check the config's own prompts (``task.prompts``) against the plan before any weight is read,
-            as ``python -m runner`` does; from Python they only size the cache, when ``runtime.seq_len`` is null.
+        before_load: called once planning is done and before any weight is read, with the engine as it is then
+            (``tokenizer``, ``config``, ``context`` set): a batch job checks its first rows here.
 
     Raises:
-        RunnerError: bad input at any stage, one line per problem, before any weight is read where possible.
+        RunnerError: bad input at any stage, one line per problem, before any weight is read where possible;
+            a model that cannot run the config's task (an encoder asked to generate) among them.
     """
 
     tokenizer: Tokenizer  # the checkpoint's own (or bytes, for synthetic weights)
-    lm: CausalLM          # the loaded model, behind the generation contract
+    model: torch.nn.Module  # the dispatched model
     loaded: RunResult     # the plan, its check, the ledger and the timings of every stage
     config: RunConfig     # as planned: runtime.seq_len derived
+    context: int          # the longest sequence the model takes
 
-    def __init__(self, config: RunConfig, run_dir: Path | None = None, *, check_task: bool = False):
+    def __init__(self, config: RunConfig, run_dir: Path | None = None, *,
+                 before_load: Callable[[Engine], None] | None = None):
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="runner-"))
         self.stats = GenerationStats()
         start = time.perf_counter()
         checkpoint = open_source(config)
         opened = time.perf_counter() - start
-        config, self.tokenizer, requests = task_requests(config, checkpoint)
-        task = config.task
+        config, self.tokenizer = plan_inputs(config, checkpoint)
         planned: Planned = plan(config, self.run_dir, checkpoint)
         planned.timings["checkpoint"] = round(planned.timings.get("checkpoint", 0.0) + opened, 4)
-        self.lm = causal_lm(planned.model, config.model.name)  # an encoder fails here, before loading
-        if check_task:
-            self._fit(requests, task.sampling.max_new_tokens, task.truncate, planned)
-        self.loaded = load(planned, self.run_dir)
         self.config = planned.config
+        self.model = planned.model
+        (self._encoder if isinstance(config.task, EmbedTask) else self._lm)()  # the wrong model fails before loading
+        self.context = context_length(self.model) or 1 << 30
+        if before_load is not None:
+            before_load(self)
+        self.loaded = load(planned, self.run_dir)
 
     @classmethod
     def from_overrides(cls, overrides: Sequence[str] = (), run_dir: Path | None = None) -> Engine:
         """Compose the shipped configs with command-line style overrides, as ``python -m runner`` does."""
         return cls(compose(overrides), run_dir)
+
+    @property
+    def seq_len(self) -> int:
+        """The longest sequence the plan reserved room for."""
+        assert self.config.runtime.seq_len is not None  # derived before planning
+        return self.config.runtime.seq_len
+
+    @property
+    def lm(self) -> CausalLM:
+        """The model behind the generation contract (generate, score)."""
+        return self._lm()
+
+    @property
+    def encoder(self) -> Encoder:
+        """The model behind the hidden-states contract (embed)."""
+        return self._encoder()
 
     def generate(self, prompts: Sequence[str], params: SamplingParams | None = None, *, chat: bool | None = None,
                  truncate: Literal["left"] | None = None, **fields: Any) -> list[Completion]:
@@ -78,26 +103,80 @@ class Engine:
             chat: wrap each prompt in the chat template (default: the config's ``task.chat``).
             truncate: ``"left"`` cuts a prompt that does not fit the context (default: the config's).
         """
-        task = self.config.task
-        params = params or task.sampling
-        if fields:
-            unknown = sorted(set(fields) - set(SamplingParams.__dataclass_fields__))
-            if unknown:
-                raise GenerateError(f"{', '.join(unknown)}: not a sampling setting; expected any of "
-                                    f"{', '.join(SamplingParams.__dataclass_fields__)}")
-            for key in ("stop", "stop_token_ids"):  # one string or id, or a list of them
-                if key in fields:
-                    value = fields[key]
-                    fields[key] = (value,) if isinstance(value, (str, int)) else tuple(value)
-            params = replace(params, **fields)
+        task = self.config.task if isinstance(self.config.task, GenerateTask) else GenerateTask(SamplingParams())
+        params = sampling_params(params or task.sampling, fields)
         requests = encode_prompts(self.tokenizer, prompts, task.chat if chat is None else chat)
-        requests = self._fit(requests, params.max_new_tokens, task.truncate if truncate is None else truncate,
-                             self.loaded)
+        requests = fit(requests, params.max_new_tokens, context=self.context, seq_len=self.seq_len,
+                       truncate=task.truncate if truncate is None else truncate)
         return generate(self.lm, self.tokenizer, requests, params, batch_size=self.config.runtime.batch_size,
                         seed=self.config.seed, stats=self.stats)
 
-    def _fit(self, requests: list[Request], max_new_tokens: int, truncate: Literal["left"] | None,
-             planned: Planned) -> list[Request]:
-        seq_len = planned.config.runtime.seq_len
-        assert seq_len is not None  # derived before planning
-        return fit(requests, max_new_tokens, context=self.lm.block_size, seq_len=seq_len, truncate=truncate)
+    def score(self, texts: Sequence[str | tuple[str, str]]) -> list[Score]:
+        """The log-likelihood of each text, or of each ``(prompt, continuation)`` pair's continuation given its
+        prompt, in input order; batches of ``runtime.batch_size``, sorted by length."""
+        requests = [pair_request(self.tokenizer, i, *t) if isinstance(t, tuple) else
+                    text_request(self.tokenizer, i, t) for i, t in enumerate(_listed(texts, "texts"))]
+        for r in requests:
+            fit_tokens(r.tokens, 0, context=self.context, seq_len=self.seq_len, truncate=None)
+        return self.score_batches(requests)
+
+    def score_batches(self, requests: Sequence[ScoreRequest]) -> list[Score]:
+        lm, out = self.lm, {}
+        for batch in length_batches(requests, self.config.runtime.batch_size, length=lambda r: len(r.tokens)):
+            for r, s in zip(batch, score(lm, batch, pad_id=self.tokenizer.pad_id or 0)):
+                out[r.index] = s
+        return [out[r.index] for r in requests]
+
+    def embed(self, texts: Sequence[str], *, pooling: Pooling | None = None,
+              normalize: bool | None = None) -> torch.Tensor:
+        """One vector per text, ``[len(texts), hidden]`` float32, in input order (default pooling and
+        normalisation: the config's ``task.pooling`` and ``task.normalize`` with task=embed, else mean and true)."""
+        task = self.config.task if isinstance(self.config.task, EmbedTask) else EmbedTask()
+        tokens = [self.tokenizer.encode(t, add_special_tokens=True) for t in _listed(texts, "texts")]
+        for i, t in enumerate(tokens):
+            try:
+                fit_tokens(tuple(t), 0, context=self.context, seq_len=self.seq_len, truncate=None)
+            except GenerateError as e:
+                raise GenerateError(f"texts[{i}]: {e.lines[0]}") from None
+        out = torch.empty(len(tokens), 0)
+        for batch in length_batches(list(range(len(tokens))), self.config.runtime.batch_size,
+                                    length=lambda i: len(tokens[i])):
+            vectors = embed(self.encoder, [tokens[i] for i in batch], pooling=pooling or task.pooling,
+                            normalize=task.normalize if normalize is None else normalize,
+                            pad_id=self.tokenizer.pad_id or 0)
+            if not out.shape[1]:
+                out = torch.empty(len(tokens), vectors.shape[1])
+            out[batch] = vectors
+        return out
+
+    def _lm(self) -> CausalLM:
+        return causal_lm(self.model, self.config.model.name)
+
+    def _encoder(self) -> Encoder:
+        return encoder(self.model, self.config.model.name)
+
+
+def sampling_params(params: SamplingParams, fields: dict[str, Any]) -> SamplingParams:
+    """``params`` with single fields replaced (``temperature=0.7``, ``stop="\\n"``).
+
+    Raises:
+        GenerateError: a field that is not a sampling setting, or a value ``SamplingParams`` refuses.
+    """
+    if not fields:
+        return params
+    unknown = sorted(set(fields) - set(SamplingParams.__dataclass_fields__))
+    if unknown:
+        raise GenerateError(f"{', '.join(unknown)}: not a sampling setting; expected any of "
+                            f"{', '.join(SamplingParams.__dataclass_fields__)}")
+    fields = dict(fields)
+    for key in ("stop", "stop_token_ids"):  # one string or id, or a list of them
+        if key in fields:
+            value = fields[key]
+            fields[key] = (value,) if isinstance(value, (str, int)) else tuple(value)
+    return replace(params, **fields)
+
+
+def _listed(texts: Sequence[Any], name: str) -> Sequence[Any]:
+    if isinstance(texts, str):
+        raise GenerateError(f"{name}: expected a list of strings, got one string; wrap it in a list")
+    return texts

@@ -57,3 +57,21 @@ class GenerateError(RunnerError):
     """A request the loaded engine cannot serve as planned (too long, too many, or the wrong task)."""
 
     stage = "generate"
+
+
+class DataError(RunnerError):
+    """A batch job's input or output files: a bad row, a missing file, a run folder that cannot be resumed."""
+
+    stage = "data"
+
+
+class EmbedError(RunnerError):
+    """A model that gives no hidden states to embed, or a batch it cannot embed (empty, or past its context)."""
+
+    stage = "embed"
+
+
+class ScoreError(RunnerError):
+    """A text or continuation with nothing to score, or a request the model cannot read whole."""
+
+    stage = "score"

@@ -28,7 +28,7 @@ from runner.hardware import Hardware, detect_hardware
 from runner.memory import MemoryLedger
 from runner.order import ForwardTrace, forward_order
 from runner.planner import Plan, PlanRequest, plan_device_map
-from runner.reserves import device_reserves, keeps_kv_cache, kv_bytes
+from runner.reserves import LOGITS, device_reserves, keeps_kv_cache, kv_bytes
 from runner.room import room_left
 from runner.validate import MapCheck, check_map, load_map_file, resolve_pins
 
@@ -95,9 +95,11 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None) ->
         request = PlanRequest(
             blocks=layout.blocks, devices=hardware.devices, strategy=cfg.placement.strategy,
             main_device=hardware.main_device, pins=resolve_pins(cfg.placement.device_map, layout, hardware),
-            reserves=device_reserves(hardware, trace, shape, dtype.itemsize, cfg.hardware.cuda_context_reserve),
+            reserves=device_reserves(hardware, trace, shape, dtype.itemsize, cfg.hardware.cuda_context_reserve,
+                                     logits=LOGITS[cfg.task.name]),
+            # Only generation keeps keys and values between forwards; scoring and embedding run one forward.
             kv_bytes=kv_bytes(model, layout, trace, cfg.model.no_split_module_classes, shape, dtype.itemsize)
-            if keeps_kv_cache(model) else {},
+            if cfg.task.name == "generate" and keeps_kv_cache(model) else {},
             allow_disk=cfg.placement.allow_disk, prefetch=cfg.placement.prefetch)
         activation_bytes = {name: n * dtype.itemsize for name, n in trace.input_elems.items()}
         if cfg.mode == "check":  # the map comes from a file, to be validated as it is
@@ -154,9 +156,15 @@ def _weights_per_device(layout: ModelLayout, block_devices: dict[str, str], hard
 
 
 def _within_context(cfg: RunConfig, context: int | None) -> RunConfig:
-    """No sequence outgrows the model's context, so neither does the cache planned for it."""
+    """No sequence outgrows the model's context, so neither does the cache planned for it. Unset (rows from a
+    file, not read ahead), the length is the model's context: any row that fits the model fits the plan."""
     if cfg.runtime.seq_len is None:
-        raise ConfigError("runtime.seq_len: not set and not derived; set it to the longest prompt plus new tokens")
+        if context is None:
+            raise ConfigError(f"runtime.seq_len: {cfg.model.name} does not say how long a sequence it takes; "
+                              "set runtime.seq_len to the longest row plus new tokens")
+        log.info("runtime.seq_len: planning for the model's context of %d tokens (set runtime.seq_len to the "
+                 "longest row plus new tokens to plan for less)", context)
+        return replace(cfg, runtime=replace(cfg.runtime, seq_len=context))
     if context is None or cfg.runtime.seq_len <= context:
         return cfg
     log.info("runtime.seq_len %d is past the model's context of %d tokens: planning for %d",

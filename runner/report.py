@@ -16,7 +16,7 @@ from pathlib import Path
 
 import runner
 from runner.explain import compact_map, plan_document
-from runner.infer.generate import Completion, GenerationStats
+from runner.infer.generate import GenerationStats
 from runner.pipeline import Planned, RunResult
 from runner.room import reserved
 from runner.schema import schema_errors
@@ -63,13 +63,13 @@ def report_document(result: RunResult) -> dict:
     }
 
 
-def write_outputs(result: RunResult, run_dir: Path, completions: list[Completion],
-                  generation: GenerationStats) -> dict[str, Path]:
-    """Write the run's three files: the map, the report (with the generation's figures) and the completions."""
-    report = {**report_document(result), "generation": generation_document(generation)}
+def write_job_report(result: RunResult, run_dir: Path, job: dict, generation: GenerationStats | None) -> dict[str, Path]:
+    """Write the map and the report, with the job's figures (and the generation's, for task=generate)."""
+    report = {**report_document(result), "job": job}
+    if generation is not None:
+        report["generation"] = generation_document(generation)
     return write_documents(run_dir, {"device_map.json": (device_map_document(result), "device_map"),
-                                     "report.json": (report, "report")},
-                           [asdict(c) for c in completions])
+                                     "report.json": (report, "report")})
 
 
 def generation_document(stats: GenerationStats) -> dict:
@@ -84,22 +84,13 @@ def write_plan(planned: Planned, run_dir: Path) -> dict[str, Path]:
     return write_documents(run_dir, {"plan.json": (plan_document(planned), "plan")})
 
 
-def write_documents(run_dir: Path, documents: dict[str, tuple[dict, str]],
-                    predictions: list[dict] | None = None) -> dict[str, Path]:
+def write_documents(run_dir: Path, documents: dict[str, tuple[dict, str]]) -> dict[str, Path]:
     """Each file is checked against its schema first: a mismatch is a bug, and nothing is written."""
     problems = [f"{name}: {e}" for name, (doc, schema) in documents.items() for e in schema_errors(doc, schema)]
-    problems += [f"predictions.jsonl line {i + 1}: {e}" for i, p in enumerate(predictions or [])
-                 for e in schema_errors(p, "prediction")]
     if problems:
         raise RuntimeError("output does not match its schema (a bug in the runner): " + "; ".join(problems))
     run_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, (doc, _) in documents.items():
-        paths[name] = _atomic_write(run_dir / name, json.dumps(doc, indent=2) + "\n")
-    if predictions is not None:
-        lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
-        paths["predictions.jsonl"] = _atomic_write(run_dir / "predictions.jsonl", lines)
-    return paths
+    return {name: _atomic_write(run_dir / name, json.dumps(doc, indent=2) + "\n") for name, (doc, _) in documents.items()}
 
 
 def format_summary(result: RunResult) -> str:
@@ -140,10 +131,6 @@ def _numbered_runs(compact: dict[str, str]) -> list[tuple[str, str]]:
             rows.append((module or "(model)", device, -1, -1))
     return [(name if first < 0 else f"{name}{first}" if first == last else f"{name}{first}-{last}", device)
             for name, device, first, last in rows]
-
-
-def format_completions(completions: list[Completion]) -> str:
-    return "\n".join(f"[{c.index}] {c.prompt!r} -> {c.text!r}" for c in completions)
 
 
 def _atomic_write(path: Path, text: str) -> Path:

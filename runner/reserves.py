@@ -6,8 +6,10 @@ Every figure here is taken off a device's budget before planning and listed in t
 - ``activations``: the hidden states of one forward, ``ACTIVATION_COPIES`` copies of the widest
   block input for ``batch_size x seq_len`` tokens (residual stream, norm output, q/k/v,
   attention output and the 4x-wide MLP hidden state live together at the peak);
-- ``outputs``: the logits of one forward, on the main device, where outputs land: one position per
-  sequence, since generation asks only for the last position's logits (``logits_to_keep=1``);
+- ``outputs``: the logits of one forward, on the main device, where outputs land: for generation one
+  position per sequence, since it asks only for the last position's logits (``logits_to_keep=1``); for
+  scoring every position, with their float32 log-probabilities; none for embedding, which stops at the
+  hidden states;
 - ``kv_cache``: keys and values of every unsplittable block for ``batch_size x seq_len`` tokens in the
   compute dtype, counted with its block (see ``kv_bytes``), for models that keep them (see ``keeps_kv_cache``).
 
@@ -17,7 +19,7 @@ something is on disk.
 from __future__ import annotations
 
 
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from torch import nn
 
@@ -28,9 +30,12 @@ from runner.order import ForwardTrace
 
 ACTIVATION_COPIES = 10
 
+Logits = Literal["last", "all", "none"]
+LOGITS: dict[str, Logits] = {"generate": "last", "score": "all", "embed": "none"}  # what each task asks for
+
 
 def device_reserves(hardware: Hardware, trace: ForwardTrace, shape: RuntimeSpec, itemsize: int,
-                    cuda_context: int) -> dict[str, dict[str, int]]:
+                    cuda_context: int, logits: Logits = "last") -> dict[str, dict[str, int]]:
     """device -> reason -> bytes, for every device that computes (GPUs and the CPU)."""
     assert shape.seq_len is not None, "seq_len is derived before planning"
     tokens = shape.batch_size * shape.seq_len
@@ -44,8 +49,10 @@ def device_reserves(hardware: Hardware, trace: ForwardTrace, shape: RuntimeSpec,
             r["cuda_context"] = cuda_context
         if hidden:
             r["activations"] = ACTIVATION_COPIES * tokens * hidden * itemsize
-        if device.name == hardware.main_device and trace.output_elems:
+        if device.name == hardware.main_device and trace.output_elems and logits == "last":
             r["outputs"] = shape.batch_size * trace.output_elems * itemsize
+        elif device.name == hardware.main_device and trace.output_elems and logits == "all":
+            r["outputs"] = tokens * trace.output_elems * (itemsize + 4)  # logits, then float32 log-probabilities
         reserves[device.name] = {k: v for k, v in r.items() if v}
     return reserves
 

@@ -189,8 +189,9 @@ class HFTokenizer(_Backed):
         self._cleanup = bool(config.get("clean_up_tokenization_spaces")) and type(tok.model).__name__ != "BPE"
 
 
-def apply_chat_template(tokenizer: Tokenizer, prompt: str) -> str:
-    """The prompt as one user turn in the tokenizer's chat template, ready for the assistant's answer.
+def apply_chat_template(tokenizer: Tokenizer, prompt: str | list[dict[str, str]]) -> str:
+    """The prompt as one user turn (or a conversation, as ``[{role, content}]`` messages) in the tokenizer's
+    chat template, ready for the assistant's answer.
 
     Renders as transformers' ``apply_chat_template(..., add_generation_prompt=True, tokenize=False)``.
 
@@ -198,8 +199,9 @@ def apply_chat_template(tokenizer: Tokenizer, prompt: str) -> str:
         CheckpointError: the template is malformed or raises while rendering.
     """
     try:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         return _compiled(tokenizer.chat_template).render(
-            messages=[{"role": "user", "content": prompt}], tools=None, documents=None, add_generation_prompt=True,
+            messages=messages, tools=None, documents=None, add_generation_prompt=True,
             bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
     except Exception as e:  # noqa: BLE001 -- the template is the checkpoint's code: any failure in it is bad input
         line = f" at line {e.lineno}" if isinstance(e, jinja2.TemplateSyntaxError) else ""

@@ -72,4 +72,4 @@ def generate_run(cfg: RunConfig, run_dir: Path):
     from runner.engine import Engine
 
     engine = Engine(cfg, run_dir)
-    return engine, engine.generate(cfg.task.prompts)
+    return engine, engine.generate(cfg.data.prompts)

@@ -66,7 +66,7 @@ CLI_CASES = {
                                         ("max_new_tokens: 64 leaves no room for a prompt", "context of 64 tokens")),
     "empty-stop-string": (("task.stop=['']",), "config", ("task.stop.0", "expected a non-empty stop string")),
     "batch-size-zero": (("runtime.batch_size=0",), "config", ("runtime.batch_size: 0 is less than the minimum of 1",)),
-    "prompt-past-the-context": (("task.prompts=[" + "x" * 70 + "]",), "generate",
+    "prompt-past-the-context": (("data.prompts=[" + "x" * 70 + "]",), "generate",
                                 ("prompts[0]: 70 prompt tokens", "context of 64 tokens", "task.truncate=left")),
     "plan-without-a-tokenizer-or-length": (("mode=plan", "model=seq100b", "hardware=a100_8x80gb"), "config",
                                            ("runtime.seq_len: model seq100b has no tokenizer", "runtime.seq_len=256")),

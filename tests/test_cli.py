@@ -27,12 +27,12 @@ def test_default_run_answers_with_paris_and_writes_three_valid_files(tmp_path):
     predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert schema_errors(report, "report") == []
     assert schema_errors(device_map, "device_map") == []
-    assert all(schema_errors(p, "prediction") == [] for p in predictions)
+    assert all(schema_errors(p, "prediction.generate") == [] for p in predictions)
 
     # The embedded default is the real SmolLM2-135M-Instruct, through its chat template.
-    assert predictions[0]["prompt"] == "What is the capital of France?"
-    assert predictions[0]["text"] == "The capital of France is Paris."
-    assert predictions[0]["output_tokens"][-1] == 2 and predictions[0]["finish_reason"] == "stop"  # at <|im_end|>
+    assert predictions[0]["id"] == 0 and predictions[0]["prompt"] == "What is the capital of France?"
+    assert predictions[0]["completion"]["text"] == "The capital of France is Paris."
+    assert predictions[0]["completion"]["finish_reason"] == "stop"  # at <|im_end|>
     assert report["model"]["name"] == "smollm2_135m" and report["strategy"] == "auto"
     assert report["checkpoint"]["source"] == "gguf"
     assert Path(report["checkpoint"]["files"][0]["path"]).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,12 +40,16 @@ def test_default_run_answers_with_paris_and_writes_three_valid_files(tmp_path):
     assert report["versions"]["torch"].startswith("2.")
     planned = sum(d["planned_bytes"] for d in report["devices"])
     assert planned == report["model"]["bytes"] == sum(b["bytes"] for b in device_map["blocks"])
-    assert [p["prompt"] for p in predictions] == report["config"]["task"]["prompts"]
+    assert [p["prompt"] for p in predictions] == report["config"]["data"]["prompts"]
     # The KV cache is planned for the longest chat-templated prompt plus max_new_tokens, and nothing more.
-    longest = max(len(p["prompt_tokens"]) for p in predictions)
+    completions = [p["completion"] for p in predictions]
+    longest = max(c["prompt_tokens"] for c in completions)
     assert report["config"]["runtime"]["seq_len"] is None  # as the user left it: derived
-    assert report["generation"]["prompt_tokens"] == sum(len(p["prompt_tokens"]) for p in predictions)
-    assert report["generation"]["output_tokens"] == sum(len(p["output_tokens"]) for p in predictions)
+    assert report["generation"]["prompt_tokens"] == sum(c["prompt_tokens"] for c in completions)
+    assert report["generation"]["output_tokens"] == sum(c["completion_tokens"] for c in completions)
+    assert report["job"]["rows"] == {"total": 2, "done": 2, "skipped": 0, "resumed": 0}
+    assert report["job"]["tokens"] == {"input": report["generation"]["prompt_tokens"],
+                                       "output": report["generation"]["output_tokens"]}
     kv = {d["name"]: d["reserves"].get("kv_cache") for d in report["devices"]}
     # 30 layers x 2 (keys, values) x (longest + 12) positions x 3 KV heads x 64 channels x 4 bytes.
     assert kv["cpu"] == 30 * 2 * (longest + 12) * 3 * 64 * 4
@@ -60,7 +64,7 @@ def test_synthetic_gpt_run_writes_a_sharded_checkpoint(tmp_path):
     files = [Path(f["path"]) for f in report["checkpoint"]["files"]]
     assert (files[0].parent / "model.safetensors.index.json").exists()
     predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    assert all(len(p["output_tokens"]) == 4 for p in predictions)
+    assert all(p["completion"]["completion_tokens"] == 4 for p in predictions)
 
 
 def test_second_run_reuses_the_synthetic_checkpoint(tmp_path):
@@ -69,7 +73,7 @@ def test_second_run_reuses_the_synthetic_checkpoint(tmp_path):
     assert first.returncode == second.returncode == 0
     assert "Reusing synthetic checkpoint" in second.stdout
     outputs = [json.loads((tmp_path / d / "predictions.jsonl").read_text().splitlines()[0]) for d in "ab"]
-    assert outputs[0]["output_tokens"] == outputs[1]["output_tokens"]
+    assert outputs[0]["completion"] == outputs[1]["completion"]
 
 
 def test_simulated_two_gpu_map_and_partial_pins(tmp_path):

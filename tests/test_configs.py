@@ -15,8 +15,9 @@ OPTIONS = [(group, option) for group, options in sorted(GROUPS.items()) for opti
 
 
 def test_every_group_is_shipped():
-    assert set(GROUPS) == {"model", "checkpoint", "placement", "hardware", "task"}
-    assert set(GROUPS["task"]) == {"generate"}
+    assert set(GROUPS) == {"model", "checkpoint", "placement", "hardware", "task", "data"}
+    assert set(GROUPS["task"]) == {"generate", "score", "embed"}
+    assert set(GROUPS["data"]) == {"inline", "text", "jsonl", "openai"}
     assert set(GROUPS["model"]) <= set(GROUPS["checkpoint"])  # every model names the weights it comes with
     assert {"gpt2tiny", "gpt2mini", "gpt2", "gpt2medium", "gpt2large", "gpt2xl"} <= set(GROUPS["model"])
     assert set(GROUPS["placement"]) == {"auto", "balanced", "balanced_low_0", "sequential"}
@@ -26,15 +27,17 @@ def test_every_group_is_shipped():
 @pytest.mark.parametrize("group, option", OPTIONS)
 def test_option_composes_and_validates(group, option):
     needs = {"local": ["checkpoint.path=/models/gpt2.safetensors"], "gguf": ["checkpoint.path=/models/m.gguf"],
-             "llama": ["checkpoint.path=/models/m.gguf"], "hub": ["checkpoint.repo_id=org/name"]}
-    extra = needs.get(option, []) if group in ("checkpoint", "model") else []
+             "llama": ["checkpoint.path=/models/m.gguf"], "hub": ["checkpoint.repo_id=org/name"],
+             "text": ["data.path=rows.txt"], "jsonl": ["data.path=rows.jsonl"], "openai": ["data.path=batch.jsonl"]}
+    extra = needs.get(option, []) if group in ("checkpoint", "model", "data") else []
     cfg = compose_config(f"{group}={option}", *extra)
     assert schema_errors(cfg.resolved, "config") == []
     if group == "placement":
         assert cfg.placement.strategy == option
     if group == "model":
         assert cfg.model.name == option
-        expected = {"seq100b": (), "llama": ("LlamaDecoderLayer",), "smollm2_135m": ("LlamaDecoderLayer",)}
+        expected = {"seq100b": (), "llama": ("LlamaDecoderLayer",), "smollm2_135m": ("LlamaDecoderLayer",),
+                    "minilm": ("BertLayer",)}
         assert cfg.model.no_split_module_classes == expected.get(option, ("Block",))
 
 
@@ -59,8 +62,8 @@ def test_every_schema_error_is_reported_at_once():
     with pytest.raises(ConfigError) as e:
         compose_config("max_memory.cpu=10GX", "dtype=fp8", "task.max_new_tokens=0", "+bogus=1")
     assert e.value.lines == (
-        "bogus: unknown key; expected one of: checkpoint, device_map, dtype, hardware, map_file, max_memory, mode, "
-        "model, offload, placement, runtime, seed, task, tokenizer",
+        "bogus: unknown key; expected one of: checkpoint, data, device_map, dtype, hardware, map_file, max_memory, "
+        "mode, model, offload, placement, resume, runtime, seed, task, tokenizer",
         "dtype: 'fp8' is not valid; expected one of: auto, float32, float16, bfloat16",
         "max_memory.cpu: '10GX' is not valid; expected a size with a unit, such as 500MB or 10GiB",
         "task.max_new_tokens: 0 is less than the minimum of 1",

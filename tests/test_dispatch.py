@@ -47,7 +47,7 @@ def test_tight_budgets_span_every_tier_and_match_the_reference(strategy, tmp_pat
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_greedy_tokens_equal_the_all_cpu_run(strategy, tmp_path):
     # A 2-byte prompt and 6 new tokens: a KV cache of 8 positions is planned for, within the same budgets.
-    overrides = [*SIX[:-1], "runtime.seq_len=8", "task.max_new_tokens=6", "task.prompts=[Hi]"]
+    overrides = [*SIX[:-1], "runtime.seq_len=8", "task.max_new_tokens=6", "data.prompts=[Hi]"]
     _, cpu = generate_run(compose_config(*overrides, "hardware=cpu"), tmp_path / "cpu")
     # cuda:0 also holds more activations and the disk blocks' KV cache: more room than TIGHT.
     tight = ["+max_memory.0=60000B", *TIGHT[1:]]

@@ -107,7 +107,7 @@ def test_batched_greedy_tokens_equal_transformers_generate(tmp_path, arch):
     base = LLAMA if arch == "llama" else GPT2
     engine, completions = generate_run(compose_config(*base, f"checkpoint.path={tmp_path / 'ckpt'}",
                                                       "runtime.batch_size=4", "task.max_new_tokens=10",
-                                                      f"task.prompts=[{','.join(repr(p) for p in PROMPTS[:6])}]"),
+                                                      f"data.prompts=[{','.join(repr(p) for p in PROMPTS[:6])}]"),
                                        tmp_path / "run")
     assert engine.loaded.check.block_devices  # loaded through the runner, not the reference
     expected = reference_greedy(reference, [c.prompt_tokens for c in completions], 10)
@@ -119,14 +119,14 @@ def test_a_transformers_model_generates_through_its_own_cache(tmp_path):
     reference = save_gpt2(tmp_path / "ckpt")
     cfg = compose_config("checkpoint=local", f"checkpoint.path={tmp_path / 'ckpt'}", "hardware=sim_2gpu",
                          "placement=balanced", "runtime.batch_size=3", "task.chat=false", "task.max_new_tokens=8",
-                         "task.prompts=[Hi,'The quick brown fox',abc]")
+                         "data.prompts=[Hi,'The quick brown fox',abc]")
     arch = {"_target_": "transformers.GPT2LMHeadModel",
             "config": {"_target_": "transformers.GPT2Config", "n_layer": 2, "n_head": 2, "n_embd": 32,
                        "vocab_size": 300, "n_positions": 128, "bos_token_id": None, "eos_token_id": None}}
     engine = Engine(replace(cfg, model=ModelSpec("hf-gpt2", arch, ())), tmp_path / "run")
     assert type(engine.lm).__name__ == "TransformersLM"
     assert set(engine.loaded.check.block_devices.values()) == {"cuda:0", "cuda:1"}
-    completions = engine.generate(list(cfg.task.prompts))
+    completions = engine.generate(list(cfg.data.prompts))
     assert [c.output_tokens for c in completions] == reference_greedy(
         reference, [c.prompt_tokens for c in completions], 8)
 

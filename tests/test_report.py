@@ -12,7 +12,8 @@ import pytest
 from conftest import compose_config
 from runner.infer.generate import GenerationStats
 from runner.pipeline import plan, prepare
-from runner.report import format_map, format_summary, write_documents, write_outputs, write_plan
+from runner.report import format_map, format_summary, write_documents, write_job_report, write_plan
+from runner.tasks.batch import JobStats, job_document
 from runner.schema import schema_errors
 
 SIX = ("model=gpt2tiny", "model.arch.n_layer=6", "hardware=sim_2gpu", "placement=balanced", "max_memory.cpu=1GiB",
@@ -85,9 +86,10 @@ def test_write_plan_writes_a_plan_json_equal_to_the_plan(loaded, tmp_path):
     assert [b["name"] for b in doc["blocks"]] == list(loaded.check.block_devices)
 
 
-def test_write_outputs_writes_the_map_and_a_report_equal_to_the_run(loaded, tmp_path):
-    paths = write_outputs(loaded, tmp_path, [], GenerationStats())
-    assert paths == {name: tmp_path / name for name in ("device_map.json", "report.json", "predictions.jsonl")}
+def test_write_job_report_writes_the_map_and_a_report_equal_to_the_run(loaded, tmp_path):
+    job = job_document(JobStats(total=3, done=2, skipped=1), loaded.config)
+    paths = write_job_report(loaded, tmp_path, job, GenerationStats())
+    assert paths == {name: tmp_path / name for name in ("device_map.json", "report.json")}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(paths)  # no temporary file left
     device_map = json.loads((tmp_path / "device_map.json").read_text())
     report = json.loads((tmp_path / "report.json").read_text())
@@ -118,6 +120,8 @@ def test_write_outputs_writes_the_map_and_a_report_equal_to_the_run(loaded, tmp_
     assert any("cuda:1 -> cuda:0" in w for w in report["warnings"])
     assert {"build", "plan", "validate", "load"} <= set(report["timings"])
     assert report["config"]["placement"]["strategy"] == "balanced"
+    assert report["job"]["rows"] == {"total": 3, "done": 2, "skipped": 1, "resumed": 0}
+    assert report["job"]["batch_latency_s"] is None and report["generation"]["requests"] == 0
 
 
 def test_a_document_that_breaks_its_schema_is_not_written(tmp_path):

@@ -1,19 +1,69 @@
-"""``task=generate``: load once, complete every prompt, write the map, the report and the completions."""
+"""``task=generate``: a completion for every row, written as ``completion`` (or in the OpenAI batch shape)."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
+from typing import Any
 
-from runner.config import RunConfig
-from runner.engine import Engine
-from runner.report import format_completions, format_summary, write_outputs
+from runner.config import GenerateTask, RunConfig
+from runner.data import openai
+from runner.data.rows import Row
+from runner.engine import Engine, sampling_params
+from runner.errors import GenerateError
+from runner.infer.generate import Completion, Request, generate
+from runner.infer.prompts import encode_prompt, fit_tokens
+from runner.tasks import batch
+from runner.tasks.batch import Batch, Item
 
 
 def run(config: RunConfig, run_dir: Path) -> tuple[str, dict[str, Path]]:
-    """The text to show, and the files written."""
-    engine = Engine(config, run_dir, check_task=True)  # a prompt that cannot run fails before loading
-    start = time.perf_counter()
-    completions = engine.generate(config.task.prompts)
-    engine.loaded.timings["generate"] = round(time.perf_counter() - start, 4)
-    paths = write_outputs(engine.loaded, run_dir, completions, engine.stats)
-    return format_summary(engine.loaded) + "\n\n" + format_completions(completions), paths
+    return batch.run(config, run_dir, GenerateRows)
+
+
+class GenerateRows:
+    """Rows as generation requests: the chat template (or raw text, or given token ids), the row's own sampling
+    settings over the task's, and the fit to the context; batches share one set of settings."""
+
+    def __init__(self, engine: Engine, config: RunConfig, created: int):
+        assert isinstance(config.task, GenerateTask)
+        self.engine, self.task, self.created = engine, config.task, created
+        self.openai = config.data.format == "openai"
+        self.vocab = config.model.arch.get("vocab_size")
+
+    def prepare(self, row: Row) -> Item:
+        params = sampling_params(self.task.sampling, row.sampling)
+        tokenizer = self.engine.tokenizer
+        if row.input_ids is not None:
+            tokens = tuple(token_ids(row.input_ids, self.vocab))
+        elif row.messages is not None:
+            tokens = encode_prompt(tokenizer, row.messages, chat=True)
+        else:
+            assert row.text is not None
+            tokens = encode_prompt(tokenizer, row.text, chat=self.task.chat and row.endpoint != "completions")
+        tokens = fit_tokens(tokens, params.max_new_tokens, context=self.engine.context, seq_len=self.engine.seq_len,
+                            truncate=self.task.truncate)
+        return Item(row, Request(row.number, row.text or "", tokens), len(tokens), group=params)
+
+    def run(self, items: list[Item]) -> Batch:
+        stats = self.engine.stats
+        prefill, decode = stats.prefill_s, stats.decode_s
+        completions = generate(self.engine.lm, self.engine.tokenizer, [i.request for i in items], items[0].group,
+                               batch_size=len(items), seed=self.engine.config.seed, stats=stats)
+        return Batch(completions, sum(i.tokens for i in items), sum(len(c.output_tokens) for c in completions),
+                     first_token_s=stats.prefill_s - prefill, decode_s=stats.decode_s - decode)
+
+    def line(self, row: Row, result: Completion) -> dict[str, Any]:
+        if self.openai:
+            return openai.response_line(row, result, model=self.engine.config.model.name, created=self.created)
+        return row.output("completion", {"text": result.text, "finish_reason": result.finish_reason,
+                                         "prompt_tokens": len(result.prompt_tokens),
+                                         "completion_tokens": len(result.output_tokens)})
+
+    def error_line(self, row: Row) -> dict[str, Any]:
+        return openai.error_line(row) if self.openai else row.error_output()
+
+
+def token_ids(ids: list[int], vocab: int | None) -> list[int]:
+    """Given token ids, checked against the model's vocabulary."""
+    if vocab is not None and max(ids) >= vocab:
+        raise GenerateError(f"input_ids: id {max(ids)} is past the model's vocabulary of {vocab} tokens")
+    return ids

@@ -6,7 +6,7 @@ from pathlib import Path
 from runner.config import RunConfig
 from runner.errors import ConfigError
 from runner.explain import format_plan
-from runner.infer.prompts import task_requests
+from runner.infer.prompts import plan_inputs
 from runner.pipeline import open_source, plan
 from runner.report import format_map, write_plan
 

@@ -100,6 +100,14 @@ class GPT(ZooCausalLM, nn.Module):
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 logits_to_keep: int = 0) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(idx, attention_mask, positions, cache, logits_to_keep))
+
+    def hidden_states(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                      keep: int = 0) -> torch.Tensor:
+        """The final hidden states ``[B, T, n_embd]`` (after ``ln_f``, before the head), of the last ``keep``
+        positions only (0: all). Arguments as ``forward``'s; a right-padded batch takes its mask alone, and the
+        real tokens' states are those each sequence would get by itself (``runner.infer.embed``)."""
         s = step(idx, attention_mask, positions, cache)
         if s.start + idx.shape[1] > self.block_size:
             raise ValueError(f"sequence of {s.start + idx.shape[1]} tokens is longer than block_size {self.block_size}")
@@ -107,9 +115,9 @@ class GPT(ZooCausalLM, nn.Module):
         x = tok + self.transformer.wpe(s.positions).to(tok.device)  # the two tables may sit on different devices
         for i, block in enumerate(self.transformer.h):
             x = block(x, s.mask, s.layer_cache(cache, i))
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        return self.lm_head(self.transformer.ln_f(x))
+        if keep:
+            x = x[:, -keep:]
+        return self.transformer.ln_f(x)
 
     @classmethod
     def checkpoint_names(cls, stored: dict[str, TensorEntry]) -> NameMap:

@@ -146,14 +146,21 @@ class Llama(ZooCausalLM, nn.Module):
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 logits_to_keep: int = 0) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(idx, attention_mask, positions, cache, logits_to_keep))
+
+    def hidden_states(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                      keep: int = 0) -> torch.Tensor:
+        """The final hidden states ``[B, T, hidden_size]`` (after the final norm, before the head), of the last
+        ``keep`` positions only (0: all); see ``GPT.hidden_states``."""
         s = step(idx, attention_mask, positions, cache)
         x = self.model.embed_tokens(idx)
         cos, sin = self.model.rotary_emb(x, s.positions)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, s.mask, s.layer_cache(cache, i))
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        return self.lm_head(self.model.norm(x))
+        if keep:
+            x = x[:, -keep:]
+        return self.model.norm(x)
 
     @staticmethod
     def arch_from_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,239 @@
+"""A batch job: every row of the data through the task, its output line written as soon as it may be.
+
+The recipe, top to bottom:
+
+1. record the job in the run folder (or check that the job being resumed had the same settings);
+2. open ``predictions.jsonl``: on resume, its complete lines are the rows already done;
+3. plan the model, and check the first window of rows against the plan before any weight is read;
+4. load, then for each window of rows: tokenize and check every row (a bad one ends the run, or is
+   written with an ``error``), sort by length into batches, run each batch that holds a row not yet
+   done, and append the lines that are ready, in input order, fsynced;
+5. write the report: rows, tokens, throughput, latency, peak memory against the plan.
+
+The task (generate, score, embed) is a ``RowTask``: how to prepare one row and run one batch.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any, Protocol
+
+from runner.config import RunConfig
+from runner.data.rows import Row
+from runner.data.sources import count_rows, read_rows, windows
+from runner.data.writer import PREDICTIONS, PredictionsFile, job_settings, start_job
+from runner.engine import Engine
+from runner.errors import DataError, RunnerError
+from runner.infer.batches import length_batches
+from runner.progress import Progress
+from runner.report import format_summary, write_job_report
+
+
+@dataclass
+class Item:
+    """A row ready to run: its tokenized request, its length, and the batch group it belongs to."""
+
+    row: Row
+    request: Any
+    tokens: int
+    group: Hashable = None  # rows of different groups (sampling settings) never share a batch
+
+
+@dataclass
+class Batch:
+    """What running one batch gave: a result per item, in order, and its token counts and times."""
+
+    results: list[Any]
+    input_tokens: int
+    output_tokens: int = 0
+    first_token_s: float | None = None  # generation: the prefill, until every row has its first token
+    decode_s: float = 0.0
+
+
+class RowTask(Protocol):
+    """What a task does with rows."""
+
+    def prepare(self, row: Row) -> Item:
+        """Tokenize and check one row. Raises ``RunnerError`` (its first line says what is wrong)."""
+        ...
+
+    def run(self, items: list[Item]) -> Batch: ...
+
+    def line(self, row: Row, result: Any) -> dict[str, Any]:
+        """The output line of a row that ran."""
+        ...
+
+    def error_line(self, row: Row) -> dict[str, Any]:
+        """The output line of a row skipped for ``row.error``."""
+        ...
+
+
+@dataclass
+class JobStats:
+    total: int | None
+    resumed: int = 0
+    done: int = 0
+    skipped: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    compute_s: float = 0.0
+    decode_s: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    first_tokens: list[float] = field(default_factory=list)
+
+    def add(self, batch: Batch, seconds: float) -> None:
+        self.input_tokens += batch.input_tokens
+        self.output_tokens += batch.output_tokens
+        self.compute_s += seconds
+        self.decode_s += batch.decode_s
+        self.latencies.append(seconds)
+        if batch.first_token_s is not None:
+            self.first_tokens.append(batch.first_token_s)
+
+
+def run(config: RunConfig, run_dir: Path, task_rows: type) -> tuple[str, dict[str, Path]]:
+    """The text to show, and the files written. ``task_rows(engine, config, created)`` makes the ``RowTask``."""
+    created = start_job(run_dir, job_settings(config.resolved), resume=config.resume)
+    out = PredictionsFile(run_dir / PREDICTIONS, id_key="custom_id" if config.data.format == "openai" else "id",
+                          resume=config.resume)
+    stats = JobStats(count_rows(config.data), resumed=len(out.done))
+    rows = _check_done(read_rows(config.data, config.task), out.done)
+    chunks = windows(rows, config.data.window)
+    first = next(chunks, [])
+    if not first and not out.done:
+        raise DataError(f"data.path: {config.data.path} holds no rows; give it one row per line")
+    holder: dict[str, tuple[RowTask, list[Item], list[Row]]] = {}
+
+    def check_first_window(engine: Engine) -> None:  # a bad first row fails before any weight is read
+        task = task_rows(engine, config, created)
+        holder["first"] = (task, *_prepare(task, first, config))
+
+    engine = Engine(config, run_dir, before_load=check_first_window)
+    task, items, bad = holder["first"]
+    progress = Progress(stats.total, initial=stats.resumed, log_every=config.runtime.log_every)
+    start = time.perf_counter()
+    try:
+        for window in chain([first], chunks):
+            if window is not first:
+                items, bad = _prepare(task, window, config)
+            _run_window(task, window, items, bad, out, stats, progress, config)
+    finally:  # what finished is on disk whatever stops the job
+        out.flush()
+        progress.close()
+    out.close()
+    engine.loaded.timings[config.task.name] = round(time.perf_counter() - start, 4)
+    paths = write_job_report(engine.loaded, run_dir, job_document(stats, config),
+                             engine.stats if config.task.name == "generate" else None)
+    paths[PREDICTIONS] = out.path
+    shown = "\n\n" + format_lines(out.path, config.task.output_key) if config.data.format == "inline" else ""
+    return format_summary(engine.loaded) + shown + "\n\n" + format_job(stats, out.path), paths
+
+
+def _check_done(rows: Iterator[Row], done: list[Any]) -> Iterator[Row]:
+    """The rows, after checking that the ones already written are the same rows (same ids, same order)."""
+    for row in rows:
+        if row.number < len(done) and row.id != done[row.number]:
+            raise DataError(f"resume: {row.where} has id {row.id!r} but output line {row.number + 1} is for "
+                            f"{done[row.number]!r}: the input changed since the job started; restore it, or "
+                            "start a new run folder")
+        yield row
+    # (a shorter input than the output is caught by the writer: nothing more to write)
+
+
+def _prepare(task: RowTask, window: list[Row], config: RunConfig) -> tuple[list[Item], list[Row]]:
+    """The window's rows ready to run, and the bad ones; with ``on_error: fail``, the first bad row ends the run."""
+    items, bad = [], []
+    for row in window:
+        if row.error is None:
+            try:
+                items.append(task.prepare(row))
+                continue
+            except RunnerError as e:
+                row.failed(e.lines[0])
+        if config.data.on_error == "fail":
+            raise DataError(f"{row.where}: {row.error}; fix the row and run again with resume=true (the rows "
+                            "before it are kept), or set data.on_error=skip to write it with an error and go on")
+        bad.append(row)
+    return items, bad
+
+
+def _run_window(task: RowTask, window: list[Row], items: list[Item], bad: list[Row], out: PredictionsFile,
+                stats: JobStats, progress: Progress, config: RunConfig) -> None:
+    resumed = len(out.done)
+    out.expect(row.number for row in window if row.number >= resumed)
+    for row in bad:
+        if row.number >= resumed:
+            out.put(row.number, task.error_line(row))
+            stats.skipped += 1
+    for batch in length_batches(items, config.runtime.batch_size, length=lambda i: i.tokens, group=lambda i: i.group):
+        todo = [i for i in batch if i.row.number >= resumed]
+        if not todo:
+            continue  # every row already written; a batch with one row to do runs whole, as it first ran
+        start = time.perf_counter()
+        result = task.run(batch)
+        seconds = time.perf_counter() - start
+        for item, value in zip(batch, result.results):
+            if item.row.number >= resumed:
+                out.put(item.row.number, task.line(item.row, value))
+        written = out.flush()
+        stats.done += len(todo)
+        stats.add(result, seconds)
+        progress.update(written, tokens=result.input_tokens + result.output_tokens)
+    progress.update(out.flush())
+
+
+def job_document(stats: JobStats, config: RunConfig) -> dict[str, Any]:
+    """The report's ``job`` section."""
+    prefill_s = stats.compute_s - stats.decode_s
+    decoded = stats.output_tokens - (stats.done if stats.output_tokens else 0)  # each row's first token is prefill's
+    return {
+        "task": config.task.name,
+        "input": str(config.data.path) if config.data.path else "inline",
+        "format": config.data.format,
+        "rows": {"total": stats.total, "done": stats.done, "skipped": stats.skipped, "resumed": stats.resumed},
+        "tokens": {"input": stats.input_tokens, "output": stats.output_tokens},
+        "tokens_per_s": {"prefill": _rate(stats.input_tokens, prefill_s), "decode": _rate(decoded, stats.decode_s)},
+        "batch_latency_s": _percentiles(stats.latencies),
+        "time_to_first_token_s": _percentiles(stats.first_tokens),
+    }
+
+
+def format_job(stats: JobStats, path: Path) -> str:
+    skipped = f", {stats.skipped} skipped" if stats.skipped else ""
+    resumed = f", {stats.resumed} already done" if stats.resumed else ""
+    return f"{stats.done} rows{skipped}{resumed} -> {path}"
+
+
+def format_lines(path: Path, key: str, limit: int = 20) -> str:
+    """The first output lines, one short line each: what a small inline job shows on screen."""
+    shown = []
+    with path.open(encoding="utf-8") as f:
+        for text, _ in zip(f, range(limit)):
+            line = json.loads(text)
+            value = line.get(key)
+            if value is None:
+                result = f"error: {line.get('error')}"
+            elif key == "completion":
+                result = repr(value["text"])
+            elif key == "score":
+                result = f"logprob {value['logprob']:.4f} over {value['tokens']} tokens, perplexity {value['perplexity']:.3f}"
+            else:
+                result = f"{len(value)} dims [{', '.join(f'{x:.4f}' for x in value[:3])}, ...]"
+            shown.append(f"[{line['id']}] {result}")
+    return "\n".join(shown)
+
+
+def _rate(tokens: int, seconds: float) -> float | None:
+    return round(tokens / seconds, 2) if seconds > 0 and tokens else None
+
+
+def _percentiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731 -- nearest rank
+    return {"p50": round(pick(0.5), 4), "p95": round(pick(0.95), 4)}
