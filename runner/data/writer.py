@@ -52,11 +52,11 @@ def start_job(run_dir: Path, settings: dict[str, Any], *, resume: bool) -> int:
     predictions = run_dir / PREDICTIONS
     if path.exists() and resume:
         recorded = json.loads(path.read_text(encoding="utf-8"))
-        changed = [k for k in OUTPUT_KEYS if recorded["settings"].get(k) != settings.get(k)]
+        changed = _changed(recorded["settings"], settings)
         if changed:
-            k = changed[0]
-            raise DataError(f"resume: {k} was {_short(recorded['settings'].get(k))} in the job being resumed and is "
-                            f"{_short(settings.get(k))} now; resume with the same settings, or start a new run folder")
+            k, was, now = changed[0]
+            raise DataError(f"resume: {k} was {_short(was)} in the job being resumed and is {_short(now)} now; "
+                            "resume with the same settings, or start a new run folder")
         return int(recorded["created"])
     if not resume and (path.exists() or (predictions.exists() and predictions.stat().st_size)):
         raise DataError(f"{run_dir}: already holds a job's {PREDICTIONS}; pass resume=true to continue it, "
@@ -134,6 +134,13 @@ class PredictionsFile:
             os.truncate(self.path, end)
         log.info("Resuming: %d rows already in %s", len(done), self.path)
         return done
+
+
+def _changed(was: Any, now: Any, key: str = "") -> list[tuple[str, Any, Any]]:
+    """The dotted keys whose values differ, down to the innermost one."""
+    if isinstance(was, dict) and isinstance(now, dict):
+        return [c for k in {**was, **now} for c in _changed(was.get(k), now.get(k), f"{key}.{k}" if key else k)]
+    return [] if was == now else [(key, was, now)]
 
 
 def _short(value: Any) -> str:

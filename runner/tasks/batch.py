@@ -110,7 +110,7 @@ def run(config: RunConfig, run_dir: Path, task_rows: type) -> tuple[str, dict[st
 
     def check_first_window(engine: Engine) -> None:  # a bad first row fails before any weight is read
         task = task_rows(engine, config, created)
-        holder["first"] = (task, *_prepare(task, first, config))
+        holder["first"] = (task, *_prepare(task, first, config, run_dir))
 
     engine = Engine(config, run_dir, before_load=check_first_window)
     task, items, bad = holder["first"]
@@ -119,7 +119,7 @@ def run(config: RunConfig, run_dir: Path, task_rows: type) -> tuple[str, dict[st
     try:
         for window in chain([first], chunks):
             if window is not first:
-                items, bad = _prepare(task, window, config)
+                items, bad = _prepare(task, window, config, run_dir)
             _run_window(task, window, items, bad, out, stats, progress, config)
     finally:  # what finished is on disk whatever stops the job
         out.flush()
@@ -144,7 +144,7 @@ def _check_done(rows: Iterator[Row], done: list[Any]) -> Iterator[Row]:
     # (a shorter input than the output is caught by the writer: nothing more to write)
 
 
-def _prepare(task: RowTask, window: list[Row], config: RunConfig) -> tuple[list[Item], list[Row]]:
+def _prepare(task: RowTask, window: list[Row], config: RunConfig, run_dir: Path) -> tuple[list[Item], list[Row]]:
     """The window's rows ready to run, and the bad ones; with ``on_error: fail``, the first bad row ends the run."""
     items, bad = [], []
     for row in window:
@@ -155,8 +155,8 @@ def _prepare(task: RowTask, window: list[Row], config: RunConfig) -> tuple[list[
             except RunnerError as e:
                 row.failed(e.lines[0])
         if config.data.on_error == "fail":
-            raise DataError(f"{row.where}: {row.error}; fix the row and run again with resume=true (the rows "
-                            "before it are kept), or set data.on_error=skip to write it with an error and go on")
+            raise DataError(f"{row.where}: {row.error}; fix the row and resume (resume=true hydra.run.dir={run_dir} "
+                            "keeps the rows done), or set data.on_error=skip to write it with an error and go on")
         bad.append(row)
     return items, bad
 

@@ -1,0 +1,232 @@
+"""Batch jobs over files: every input format, ids and fields carried through, input order kept, bad rows
+failed or skipped by line, resuming after SIGKILL to the same bytes, the OpenAI batch round trip, and a
+100k-line file streamed in bounded memory."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import compose_config
+from runner.errors import DataError
+from runner.schema import schema_errors
+from runner.tasks import generate as generate_task
+
+TINY = ("model=gpt2tiny", "model.arch.n_layer=2", "hardware=cpu", "task.max_new_tokens=4")
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def read_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def run_job(run_dir: Path, *overrides: str):
+    return generate_task.run(compose_config(*TINY, *overrides), run_dir)
+
+
+def cli(run_dir: Path, *overrides: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runner", *overrides, f"hydra.run.dir={run_dir}"],
+                          capture_output=True, text=True, timeout=600, **kwargs)
+
+
+ROWS = [{"uid": f"r{i}", "prompt": "ab" * (1 + (i * 7) % 11), "lang": ["en", "fr"][i % 2], "meta": {"i": i}}
+        for i in range(12)]
+
+
+def test_jsonl_rows_keep_their_ids_fields_and_input_order_whatever_the_batching(tmp_path):
+    rows = [*ROWS, {"uid": "ids", "input_ids": [104, 105, 33], "lang": None}]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    job = ("data=jsonl", f"data.path={data}", "data.id_field=uid")
+    run_job(tmp_path / "sorted", *job, "runtime.batch_size=4", "data.window=8")
+    run_job(tmp_path / "alone", *job, "runtime.batch_size=1")
+    lines = read_lines(tmp_path / "sorted")
+    assert [line["id"] for line in lines] == [r["uid"] for r in rows]  # input order, though batches ran by length
+    for line, row in zip(lines, rows):
+        assert {k: v for k, v in line.items() if k not in ("id", "completion")} == {
+            k: v for k, v in row.items() if k != "uid"}  # every other field, unchanged
+        assert schema_errors(line, "prediction.generate") == []
+    assert lines[-1]["completion"]["prompt_tokens"] == 3  # the given ids, as they are
+    assert lines == read_lines(tmp_path / "alone")  # greedy tokens do not depend on the batch
+    report = json.loads((tmp_path / "sorted" / "report.json").read_text())
+    assert report["job"]["rows"] == {"total": 13, "done": 13, "skipped": 0, "resumed": 0}
+    assert report["job"]["tokens"]["output"] == 13 * 4
+    assert report["job"]["batch_latency_s"]["p95"] >= report["job"]["batch_latency_s"]["p50"] > 0
+
+
+def test_a_text_file_is_one_row_per_line_numbered_by_line(tmp_path):
+    data = tmp_path / "prompts.txt"
+    data.write_text("first line\nsecond\n\n  fourth, after a blank\n", encoding="utf-8")
+    run_job(tmp_path / "run", "data=text", f"data.path={data}")
+    lines = read_lines(tmp_path / "run")
+    assert [(line["id"], line["prompt"]) for line in lines] == [
+        (1, "first line"), (2, "second"), (4, "  fourth, after a blank")]
+
+
+BAD_ROWS = {
+    "invalid JSON": ('{"uid": "x", "prompt": "ab"', r"line 3: invalid JSON \(Expecting ',' delimiter"),
+    "missing field": ({"uid": "x", "text": "ab"}, r"line 3: no 'prompt' field; a row holds exactly one of"),
+    "empty prompt": ({"uid": "x", "prompt": "  "}, r"line 3: prompt: the text is empty"),
+    "too long": ({"uid": "x", "prompt": "a" * 100}, r"line 3: 100 prompt tokens \+ max_new_tokens 4 exceed the "
+                                                    r"model's context of 64 tokens"),
+    "duplicate id": ({"uid": "r0", "prompt": "ab"}, r"line 3: duplicate id 'r0', already used at rows.jsonl line 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ROWS))
+def test_a_bad_row_ends_the_run_naming_its_line_before_any_work_on_it(tmp_path, case):
+    bad, message = BAD_ROWS[case]
+    data = write_jsonl(tmp_path / "rows.jsonl", [ROWS[0], ROWS[1], bad, ROWS[3]])
+    with pytest.raises(DataError, match=f"^rows.jsonl {message}") as e:
+        run_job(tmp_path / "run", "data=jsonl", f"data.path={data}", "data.id_field=uid")
+    assert "set data.on_error=skip" in e.value.lines[0] and "resume=true" in e.value.lines[0]
+    assert read_lines(tmp_path / "run") == []  # its window never ran
+
+
+@pytest.mark.parametrize("case", list(BAD_ROWS))
+def test_a_bad_row_is_skipped_with_its_error_and_counted(tmp_path, case):
+    bad, message = BAD_ROWS[case]
+    data = write_jsonl(tmp_path / "rows.jsonl", [ROWS[0], ROWS[1], bad, ROWS[3]])
+    run_job(tmp_path / "run", "data=jsonl", f"data.path={data}", "data.id_field=uid", "data.on_error=skip")
+    lines = read_lines(tmp_path / "run")
+    assert [("completion" in line, "error" in line) for line in lines] == [(1, 0), (1, 0), (0, 1), (1, 0)]
+    assert all(schema_errors(line, "prediction.generate") == [] for line in lines)
+    import re
+    assert re.match(f"rows.jsonl {message}", lines[2]["error"])
+    assert lines[2]["id"] == ("r0" if case == "duplicate id" else 3 if case == "invalid JSON" else "x")
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["job"]["rows"] == {"total": 4, "done": 3, "skipped": 1, "resumed": 0}
+
+
+def test_a_later_windows_bad_row_keeps_the_rows_before_it(tmp_path):
+    data = write_jsonl(tmp_path / "rows.jsonl", [*ROWS[:4], {"uid": "x"}])
+    with pytest.raises(DataError, match="rows.jsonl line 5: no 'prompt' field"):
+        run_job(tmp_path / "run", "data=jsonl", f"data.path={data}", "data.id_field=uid", "data.window=2")
+    assert [line["id"] for line in read_lines(tmp_path / "run")] == ["r0", "r1", "r2", "r3"]
+
+
+def test_a_run_folder_with_a_job_is_resumed_only_when_asked_and_only_with_the_same_settings(tmp_path):
+    data = write_jsonl(tmp_path / "rows.jsonl", ROWS[:3])
+    job = ("data=jsonl", f"data.path={data}", "data.id_field=uid")
+    run_job(tmp_path / "run", *job)
+    with pytest.raises(DataError, match="already holds a job's predictions.jsonl; pass resume=true"):
+        run_job(tmp_path / "run", *job)
+    with pytest.raises(DataError, match="^resume: task.max_new_tokens was 4 in the job being resumed and is 5 now"):
+        run_job(tmp_path / "run", *job, "resume=true", "task.max_new_tokens=5")
+    write_jsonl(data, [ROWS[1], ROWS[0], ROWS[2]])
+    with pytest.raises(DataError, match="^resume: rows.jsonl line 1 has id 'r1' but output line 1 is for 'r0'"):
+        run_job(tmp_path / "run", *job, "resume=true")
+
+
+def openai_requests(n: int) -> list[dict]:
+    """Completions requests, every other one sampled with its own temperature and seed."""
+    rows = []
+    for i in range(n):
+        body = {"prompt": "ab" * (1 + i % 9) + "c" * (i % 5), "max_tokens": 6}
+        if i % 2:
+            body |= {"temperature": 0.9, "top_p": 0.95, "seed": i % 3}
+        rows.append({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/completions", "body": body})
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["jsonl", "openai"])
+def test_a_job_killed_midway_resumes_to_the_same_bytes(tmp_path, fmt):
+    if fmt == "jsonl":  # sampled: every row from its own seeded stream
+        data = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "ab" * (1 + i % 13), "n": i} for i in range(200)])
+        extra = ("task.temperature=0.8",)
+    else:  # greedy and sampled requests mixed, each with its own settings
+        data = write_jsonl(tmp_path / "batch.jsonl", openai_requests(200))
+        extra = ()
+    job = ("model=gpt2tiny", "hardware=cpu", "task.max_new_tokens=24", "runtime.batch_size=2", "data.window=64",
+           f"data={fmt}", f"data.path={data}", *extra)
+    whole = cli(tmp_path / "whole", *job)
+    assert whole.returncode == 0, whole.stderr
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "runner", *job, f"hydra.run.dir={killed}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    predictions = killed / "predictions.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if predictions.exists() and predictions.read_bytes().count(b"\n") >= 30:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed"
+    done = predictions.read_bytes()
+    assert 30 <= done.count(b"\n") < 200
+    with predictions.open("ab") as f:  # as if the kill had cut a write short
+        f.write(b'{"id": 999, "prom')
+    resumed = cli(killed, *job, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "dropping a torn last line" in resumed.stdout + resumed.stderr
+    assert predictions.read_bytes() == (tmp_path / "whole" / "predictions.jsonl").read_bytes()
+    report = json.loads((killed / "report.json").read_text())
+    assert report["job"]["rows"]["resumed"] == done.count(b"\n")
+    assert report["job"]["rows"]["done"] == 200 - done.count(b"\n")
+
+
+def test_openai_batch_round_trip_on_the_default_chat_model(tmp_path):
+    rows = [
+        {"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "smol", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                  "max_tokens": 12}},
+        {"custom_id": "short", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": [{"role": "system", "content": "Answer in one word."},
+                               {"role": "user", "content": "What is the opposite of hot?"}], "max_tokens": 2}},
+        {"custom_id": "plain", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "The capital of France is", "max_tokens": 3}},
+        {"custom_id": "bad", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
+    ]
+    data = write_jsonl(tmp_path / "batch.jsonl", rows)
+    proc = cli(tmp_path / "run", "data=openai", f"data.path={data}", "data.on_error=skip", "runtime.batch_size=2")
+    assert proc.returncode == 0, proc.stderr
+    lines = read_lines(tmp_path / "run")
+    assert all(schema_errors(line, "prediction.openai") == [] for line in lines)
+    assert [line["custom_id"] for line in lines] == ["chat", "short", "plain", "bad"]
+    chat = lines[0]["response"]["body"]
+    assert chat["object"] == "chat.completion" and chat["model"] == "smol"
+    assert chat["choices"][0]["message"] == {"role": "assistant", "content": "The capital of France is Paris."}
+    assert chat["choices"][0]["finish_reason"] == "stop"
+    short = lines[1]["response"]["body"]
+    assert short["usage"]["completion_tokens"] == 2 and short["choices"][0]["finish_reason"] == "length"
+    plain = lines[2]["response"]["body"]
+    assert plain["object"] == "text_completion" and plain["model"] == "smollm2_135m"
+    assert plain["usage"]["completion_tokens"] == 3 and plain["choices"][0]["text"].strip()
+    assert lines[3]["response"] is None and "url: '/v1/embeddings' is not served" in lines[3]["error"]["message"]
+
+
+@pytest.mark.slow
+def test_a_100k_line_file_streams_in_bounded_memory(tmp_path):
+    """Peak RSS of a 100k-line job is that of a 10k-line one: rows are read a window at a time."""
+    pad = "x" * 1500  # a carried field: the 100k file is 150 MB, which would show if it were read whole
+
+    def peak_rss(lines: int) -> int:
+        data = tmp_path / f"rows{lines}.jsonl"
+        with data.open("w") as f:
+            for i in range(lines):
+                f.write(json.dumps({"prompt": "ab" * (1 + i % 7), "pad": pad}) + "\n")
+        run_dir = tmp_path / f"run{lines}"
+        code = ("import sys; from runner.__main__ import main; rc = main(); "
+                "print('VmHWM', [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]); "
+                "sys.exit(rc)")
+        argv = ["model=gpt2tiny", "model.arch.n_layer=1", "hardware=cpu", "task.max_new_tokens=1",
+                "runtime.batch_size=256", "data=jsonl", f"data.path={data}", f"hydra.run.dir={run_dir}"]
+        proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr
+        assert (run_dir / "predictions.jsonl").read_bytes().count(b"\n") == lines
+        return int(proc.stdout.split("VmHWM")[-1].split()[0]) * 1024
+
+    small, large = peak_rss(10_000), peak_rss(100_000)
+    assert large - small < 40 * 2**20, f"peak RSS grew by {(large - small) / 2**20:.0f} MiB with the file"
