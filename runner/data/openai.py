@@ -4,8 +4,8 @@ A request line: ``{"custom_id", "method": "POST", "url": "/v1/chat/completions" 
 The body's sampling fields override the task's for that request. A result line: ``{"id", "custom_id",
 "response": {"status_code": 200, "request_id", "body": <chat.completion | text_completion>}, "error": null}``,
 or, for a skipped row, ``"response": null`` and ``"error": {"code", "message"}``. Ids are derived from the
-line, not drawn at random, and ``created`` is the job's first start, so a resumed job writes the same bytes
-as an uninterrupted one.
+line, not drawn at random, and ``created`` is 0 (no clock time), so a resumed job writes the same bytes as an
+uninterrupted one.
 """
 from __future__ import annotations
 
@@ -64,8 +64,8 @@ def openai_row(obj: dict[str, Any], row: Row, task: Task) -> Row:
     return row
 
 
-def response_line(row: Row, completion: Completion, *, model: str, created: int) -> dict[str, Any]:
-    """The OpenAI batch output line for a completed request; ``created``: when the job first started."""
+def response_line(row: Row, completion: Completion, *, model: str) -> dict[str, Any]:
+    """The OpenAI batch output line for a completed request."""
     usage = {"prompt_tokens": len(completion.prompt_tokens), "completion_tokens": len(completion.output_tokens),
              "total_tokens": len(completion.prompt_tokens) + len(completion.output_tokens)}
     if row.endpoint == "chat":
@@ -75,7 +75,7 @@ def response_line(row: Row, completion: Completion, *, model: str, created: int)
     else:
         choice = {"index": 0, "text": completion.text, "logprobs": None, "finish_reason": completion.finish_reason}
         body = {"id": f"cmpl-{row.number}", "object": "text_completion"}
-    body |= {"created": created, "model": row.model or model, "choices": [choice], "usage": usage}
+    body |= {"created": 0, "model": row.model or model, "choices": [choice], "usage": usage}
     return {"id": f"batch_req_{row.number}", "custom_id": row.id,
             "response": {"status_code": 200, "request_id": f"req_{row.number}", "body": body}, "error": None}
 

@@ -42,8 +42,8 @@ def job_settings(resolved: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def start_job(run_dir: Path, settings: dict[str, Any], *, resume: bool) -> int:
-    """Record a new job in ``run_dir``, or check that a resumed one has the same settings; the job's start time.
+def start_job(run_dir: Path, settings: dict[str, Any], *, resume: bool) -> None:
+    """Record a new job in ``run_dir``, or check that a resumed one has the same settings.
 
     Raises:
         DataError: the folder holds a job and ``resume`` is false, or it was run with other settings.
@@ -57,7 +57,7 @@ def start_job(run_dir: Path, settings: dict[str, Any], *, resume: bool) -> int:
             k, was, now = changed[0]
             raise DataError(f"resume: {k} was {_short(was)} in the job being resumed and is {_short(now)} now; "
                             "resume with the same settings, or start a new run folder")
-        return int(recorded["created"])
+        return
     if not resume and (path.exists() or (predictions.exists() and predictions.stat().st_size)):
         raise DataError(f"{run_dir}: already holds a job's {PREDICTIONS}; pass resume=true to continue it, "
                         "or pick a new run folder (hydra.run.dir=...)")
@@ -66,7 +66,6 @@ def start_job(run_dir: Path, settings: dict[str, Any], *, resume: bool) -> int:
     tmp = path.with_name(JOB + ".tmp")
     tmp.write_text(json.dumps({"created": created, "settings": settings}, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
-    return created
 
 
 class PredictionsFile:

@@ -4,9 +4,9 @@ A ``ScoreRequest`` is token ids and the position of the first one scored; ``text
 make one from text, the second with lm-evaluation-harness' ``loglikelihood`` encoding. ``score`` reads a batch in
 one forward, right-padded: a causal model never attends to later positions, so a row's padding changes none of
 its logits and every row's positions start at 0, and no attention mask is needed (the plain causal attention
-path, the fastest). Each scored token's log-probability is its logit less the log-sum-exp of its position's
-logits, in float32, one row at a time: beside the model's own ``[B, T, vocab]`` logits, only one row's worth of
-float32 temporaries is ever held, and positions of padding or of unscored context are never normalized.
+path, the fastest). The scored positions' logits are normalized (``log_softmax`` in float32) one row at a time:
+beside the model's own ``[B, T, vocab]`` logits, only one row's float32 log-probabilities are ever held, and
+positions of padding or of unscored context are never normalized.
 """
 from __future__ import annotations
 
@@ -117,10 +117,13 @@ def score(lm: CausalLM, requests: Sequence[ScoreRequest], *, pad_id: int) -> lis
     per_token, greedy = [], []
     for row, r in enumerate(requests):
         # Position p predicts token p + 1: positions first_scored - 1 .. len - 2 predict the scored tokens.
-        predicted = logits[row, r.first_scored - 1 - start:len(r.tokens) - 1 - start].float()
+        # log_softmax's fused kernel, cast on the way in: faster on the CPU than logsumexp, which allocates x - max.
+        predicted = torch.log_softmax(logits[row, r.first_scored - 1 - start:len(r.tokens) - 1 - start], dim=-1,
+                                      dtype=torch.float32)
         targets = torch.tensor(r.tokens[r.first_scored:], device=predicted.device)
-        per_token.append(predicted.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(predicted, dim=-1))
+        per_token.append(predicted.gather(-1, targets[:, None])[:, 0])
         greedy.append((predicted.argmax(dim=-1) == targets).all())
+        del predicted  # one row's float32 log-probabilities at a time
     flat = torch.cat(per_token).tolist()  # one transfer from the device for the whole batch
     greedy = torch.stack(greedy).tolist()
     out, at = [], 0

@@ -96,8 +96,8 @@ class JobStats:
 
 
 def run(config: RunConfig, run_dir: Path, task_rows: type) -> tuple[str, dict[str, Path]]:
-    """The text to show, and the files written. ``task_rows(engine, config, created)`` makes the ``RowTask``."""
-    created = start_job(run_dir, job_settings(config.resolved), resume=config.resume)
+    """The text to show, and the files written. ``task_rows(engine, config)`` makes the ``RowTask``."""
+    start_job(run_dir, job_settings(config.resolved), resume=config.resume)
     out = PredictionsFile(run_dir / PREDICTIONS, id_key="custom_id" if config.data.format == "openai" else "id",
                           resume=config.resume)
     stats = JobStats(count_rows(config.data), resumed=len(out.done))
@@ -109,7 +109,7 @@ def run(config: RunConfig, run_dir: Path, task_rows: type) -> tuple[str, dict[st
     holder: dict[str, tuple[RowTask, list[Item], list[Row]]] = {}
 
     def check_first_window(engine: Engine) -> None:  # a bad first row fails before any weight is read
-        task = task_rows(engine, config, created)
+        task = task_rows(engine, config)
         holder["first"] = (task, *_prepare(task, first, config, run_dir))
 
     engine = Engine(config, run_dir, before_load=check_first_window)

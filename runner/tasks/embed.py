@@ -22,7 +22,7 @@ def run(config: RunConfig, run_dir: Path) -> tuple[str, dict[str, Path]]:
 class EmbedRows:
     """Rows as token ids (the tokenizer's special tokens added, as the model was trained); a batch is one forward."""
 
-    def __init__(self, engine: Engine, config: RunConfig, created: int):
+    def __init__(self, engine: Engine, config: RunConfig):
         assert isinstance(config.task, EmbedTask)
         self.engine, self.task = engine, config.task
         self.vocab = config.model.arch.get("vocab_size")

@@ -23,9 +23,9 @@ class GenerateRows:
     """Rows as generation requests: the chat template (or raw text, or given token ids), the row's own sampling
     settings over the task's, and the fit to the context; batches share one set of settings."""
 
-    def __init__(self, engine: Engine, config: RunConfig, created: int):
+    def __init__(self, engine: Engine, config: RunConfig):
         assert isinstance(config.task, GenerateTask)
-        self.engine, self.task, self.created = engine, config.task, created
+        self.engine, self.task = engine, config.task
         self.openai = config.data.format == "openai"
         self.vocab = config.model.arch.get("vocab_size")
 
@@ -53,7 +53,7 @@ class GenerateRows:
 
     def line(self, row: Row, result: Completion) -> dict[str, Any]:
         if self.openai:
-            return openai.response_line(row, result, model=self.engine.config.model.name, created=self.created)
+            return openai.response_line(row, result, model=self.engine.config.model.name)
         return row.output("completion", {"text": result.text, "finish_reason": result.finish_reason,
                                          "prompt_tokens": len(result.prompt_tokens),
                                          "completion_tokens": len(result.output_tokens)})

@@ -22,7 +22,7 @@ def run(config: RunConfig, run_dir: Path) -> tuple[str, dict[str, Path]]:
 class ScoreRows:
     """Rows as scoring requests; each batch is one forward."""
 
-    def __init__(self, engine: Engine, config: RunConfig, created: int):
+    def __init__(self, engine: Engine, config: RunConfig):
         assert isinstance(config.task, ScoreTask)
         self.engine, self.task = engine, config.task
         self.vocab = config.model.arch.get("vocab_size")
