@@ -171,6 +171,9 @@ def load_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
     plain = to_plain(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
     plain.pop("hydra", None)
     errors = schema_errors(plain, "config")
+    if not errors and plain["data"]["format"] == "openai" and plain["task"]["name"] != "generate":
+        errors.append(f"data: the OpenAI batch format asks for completions; it runs with task=generate, "
+                      f"not task={plain['task']['name']}")
     if not errors and plain["mode"] == "check" and not plain["map_file"]:
         errors.append("map_file: mode=check needs the map to check, e.g. map_file=outputs/.../device_map.json")
     if errors:

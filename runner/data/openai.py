@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from runner.config import Task
 from runner.data.rows import Row
 from runner.infer.generate import Completion
 
@@ -22,15 +21,12 @@ SAMPLING_FIELDS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max
                    "stop": "stop", "seed": "seed", "ignore_eos": "ignore_eos"}
 
 
-def openai_row(obj: dict[str, Any], row: Row, task: Task) -> Row:
+def openai_row(obj: dict[str, Any], row: Row) -> Row:
     """A request line as a row: its ``custom_id``, prompt or messages, and sampling overrides."""
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         return row.failed("custom_id: expected a non-empty string naming the request")
     row.id = custom_id
-    if task.name != "generate":
-        return row.failed(f"the OpenAI batch format asks for completions; it runs with task=generate, "
-                          f"not task={task.name}")
     if obj.get("method", "POST") != "POST":
         return row.failed(f"method: {obj['method']!r}; batch requests are POST")
     url = obj.get("url")

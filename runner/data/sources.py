@@ -79,7 +79,7 @@ def _json_row(line: str, row: Row, data: DataSpec, task: Task) -> Row:
     if not isinstance(obj, dict):
         return row.failed(f"expected a JSON object, got {type(obj).__name__}")
     if data.format == "openai":
-        return openai_row(obj, row, task)
+        return openai_row(obj, row)
     return _fields_row(obj, row, data, task)
 
 
