@@ -4,7 +4,7 @@ failed or skipped by line, resuming after SIGKILL to the same bytes, the OpenAI 
 from __future__ import annotations
 
 import json
-import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import compose_config
 from runner.errors import DataError
@@ -100,7 +101,6 @@ def test_a_bad_row_is_skipped_with_its_error_and_counted(tmp_path, case):
     lines = read_lines(tmp_path / "run")
     assert [("completion" in line, "error" in line) for line in lines] == [(1, 0), (1, 0), (0, 1), (1, 0)]
     assert all(schema_errors(line, "prediction.generate") == [] for line in lines)
-    import re
     assert re.match(f"rows.jsonl {message}", lines[2]["error"])
     assert lines[2]["id"] == ("r0" if case == "duplicate id" else 3 if case == "invalid JSON" else "x")
     report = json.loads((tmp_path / "run" / "report.json").read_text())
@@ -190,8 +190,11 @@ def test_openai_batch_round_trip_on_the_default_chat_model(tmp_path):
         {"custom_id": "bad", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
     ]
     data = write_jsonl(tmp_path / "batch.jsonl", rows)
-    proc = cli(tmp_path / "run", "data=openai", f"data.path={data}", "data.on_error=skip", "runtime.batch_size=2")
+    proc = cli(tmp_path / "run", "data=openai", f"data.path={data}", "data.on_error=skip", "runtime.batch_size=2",
+               "runtime.log_every=0.001")
     assert proc.returncode == 0, proc.stderr
+    # Off a terminal, progress comes as log lines: rows done of total, tokens/s, time left.
+    assert re.search(r"\d/4 rows, \d+ tokens/s, \d\d:\d\d:\d\d left", proc.stdout + proc.stderr)
     lines = read_lines(tmp_path / "run")
     assert all(schema_errors(line, "prediction.openai") == [] for line in lines)
     assert [line["custom_id"] for line in lines] == ["chat", "short", "plain", "bad"]
@@ -273,3 +276,17 @@ def test_embed_job_on_minilm_from_the_command_line_equals_sentence_transformers(
     reference = torch.from_numpy(model.encode(sentences, batch_size=3))
     cosine = torch.nn.functional.cosine_similarity(ours, reference, dim=1)
     assert cosine.min() >= 0.9999, cosine
+
+
+def test_the_engine_scores_and_embeds_in_input_order_whatever_the_batching(tmp_path):
+    from runner.engine import Engine
+
+    texts = ["ab" * (1 + (i * 5) % 9) for i in range(7)]
+    engine = Engine(compose_config(*TINY[:3], "task=embed", "task.pooling=last", "runtime.batch_size=3"), tmp_path)
+    together = engine.embed(texts)
+    alone = torch.cat([engine.embed([t]) for t in texts])
+    assert together.shape == (7, 16) and torch.allclose(together, alone, atol=1e-5)
+    assert torch.allclose(together.norm(dim=1), torch.ones(7))
+    scores = engine.score(texts + [("abab", "ab")])
+    assert [s.tokens for s in scores] == [len(t) - 1 for t in texts] + [2]
+    assert [s.logprob for s in scores[:7]] == pytest.approx([engine.score([t])[0].logprob for t in texts], abs=1e-5)
