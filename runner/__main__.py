@@ -18,10 +18,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from runner.config import CONF_DIR, load_config
 from runner.errors import RunnerError
-from runner.tasks import embed, generate, plan, score
+from runner.tasks import batch, plan
+from runner.tasks.embed import EmbedRows
+from runner.tasks.generate import GenerateRows
+from runner.tasks.score import ScoreRows
 
 log = logging.getLogger("runner")
-RECIPES = {"generate": generate, "score": score, "embed": embed}
+TASKS = {"generate": GenerateRows, "score": ScoreRows, "embed": EmbedRows}  # how each task treats a row
 _failures: list[RunnerError] = []  # a failed job is reported and recorded; a sweep goes on with the next
 
 
@@ -30,8 +33,10 @@ def app(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         config = load_config(cfg)
-        recipe = plan if config.mode in ("plan", "check") else RECIPES[config.task.name]
-        text, paths = recipe.run(config, run_dir)
+        if config.mode in ("plan", "check"):
+            text, paths = plan.run(config, run_dir)
+        else:
+            text, paths = batch.run(config, run_dir, TASKS[config.task.name])
     except RunnerError as e:
         _print_error(e)
         _failures.append(e)

@@ -17,7 +17,9 @@ import torch
 from conftest import compose_config
 from runner.errors import DataError
 from runner.schema import schema_errors
-from runner.tasks import generate as generate_task
+from runner.tasks import batch
+from runner.tasks.generate import GenerateRows
+from runner.tasks.score import ScoreRows
 
 TINY = ("model=gpt2tiny", "model.arch.n_layer=2", "hardware=cpu", "task.max_new_tokens=4")
 
@@ -32,7 +34,7 @@ def read_lines(run_dir: Path) -> list[dict]:
 
 
 def run_job(run_dir: Path, *overrides: str):
-    return generate_task.run(compose_config(*TINY, *overrides), run_dir)
+    return batch.run(compose_config(*TINY, *overrides), run_dir, GenerateRows)
 
 
 def cli(run_dir: Path, *overrides: str, **kwargs) -> subprocess.CompletedProcess:
@@ -239,9 +241,8 @@ def test_score_job_writes_log_likelihoods_per_token_and_in_total(tmp_path):
     rows = [{"text": "ab" * (2 + i)} for i in range(5)] + [{"prompt": "abab", "continuation": "ab", "k": 1}]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
     run = tmp_path / "run"
-    from runner.tasks import score as score_task
-    score_task.run(compose_config(*TINY[:3], "task=score", "task.per_token=true", "data=jsonl", f"data.path={data}",
-                                  "runtime.batch_size=4"), run)
+    batch.run(compose_config(*TINY[:3], "task=score", "task.per_token=true", "data=jsonl", f"data.path={data}",
+                             "runtime.batch_size=4"), run, ScoreRows)
     lines = read_lines(run)
     assert all(schema_errors(line, "prediction.score") == [] for line in lines)
     assert [line["score"]["tokens"] for line in lines] == [3, 5, 7, 9, 11, 2]  # bytes: all but the first scored

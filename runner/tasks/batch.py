@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -95,8 +95,10 @@ class JobStats:
             self.first_tokens.append(batch.first_token_s)
 
 
-def run(config: RunConfig, run_dir: Path, task_rows: type) -> tuple[str, dict[str, Path]]:
-    """The text to show, and the files written. ``task_rows(engine, config)`` makes the ``RowTask``."""
+def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig], RowTask]
+        ) -> tuple[str, dict[str, Path]]:
+    """The text to show, and the files written. ``task_rows(engine, config)`` makes the ``RowTask``
+    (``GenerateRows``, ``ScoreRows``, ``EmbedRows``)."""
     start_job(run_dir, job_settings(config.resolved), resume=config.resume)
     out = PredictionsFile(run_dir / PREDICTIONS, id_key="custom_id" if config.data.format == "openai" else "id",
                           resume=config.resume)

@@ -1,7 +1,6 @@
 """``task=embed``: one pooled vector per row, as ``embedding``."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from runner.config import EmbedTask, RunConfig
@@ -10,13 +9,8 @@ from runner.engine import Engine
 from runner.errors import GenerateError
 from runner.infer.embed import embed
 from runner.infer.prompts import fit_tokens
-from runner.tasks import batch
 from runner.tasks.batch import Batch, Item
 from runner.tasks.generate import token_ids
-
-
-def run(config: RunConfig, run_dir: Path) -> tuple[str, dict[str, Path]]:
-    return batch.run(config, run_dir, EmbedRows)
 
 
 class EmbedRows:

@@ -1,7 +1,9 @@
-"""``task=generate``: a completion for every row, written as ``completion`` (or in the OpenAI batch shape)."""
+"""``task=generate``: a completion for every row, written as ``completion`` (or in the OpenAI batch shape).
+
+The job itself (reading, batching, writing, resuming) is ``runner.tasks.batch``; this is what generation does
+with one row and one batch."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from runner.config import GenerateTask, RunConfig
@@ -11,12 +13,7 @@ from runner.engine import Engine, sampling_params
 from runner.errors import GenerateError
 from runner.infer.generate import Completion, Request, generate
 from runner.infer.prompts import encode_prompt, fit_tokens
-from runner.tasks import batch
 from runner.tasks.batch import Batch, Item
-
-
-def run(config: RunConfig, run_dir: Path) -> tuple[str, dict[str, Path]]:
-    return batch.run(config, run_dir, GenerateRows)
 
 
 class GenerateRows:

@@ -17,7 +17,7 @@ def run(config: RunConfig, run_dir: Path) -> tuple[str, dict[str, Path]]:
     if config.runtime.seq_len is None:  # sized like a run of the task would be
         if checkpoint is None and "vocab_size" not in config.model.arch:
             raise ConfigError(f"runtime.seq_len: model {config.model.name} has no tokenizer to size the plan from "
-                              "task.prompts; set the tokens per sequence to plan for, e.g. runtime.seq_len=256")
-        config, _, _ = task_requests(config, checkpoint)
+                              "data.prompts; set the tokens per sequence to plan for, e.g. runtime.seq_len=256")
+        config, _ = plan_inputs(config, checkpoint)
     planned = plan(config, run_dir, checkpoint)
     return format_map(planned) + "\n\n" + format_plan(planned), write_plan(planned, run_dir)

@@ -1,7 +1,6 @@
 """``task=score``: the log-likelihood of every row (a text, or a continuation given its prompt), as ``score``."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from runner.config import RunConfig, ScoreTask
@@ -10,13 +9,8 @@ from runner.engine import Engine
 from runner.errors import GenerateError
 from runner.infer.prompts import fit_tokens
 from runner.infer.score import Score, ScoreRequest, pair_request, score, text_request
-from runner.tasks import batch
 from runner.tasks.batch import Batch, Item
 from runner.tasks.generate import token_ids
-
-
-def run(config: RunConfig, run_dir: Path) -> tuple[str, dict[str, Path]]:
-    return batch.run(config, run_dir, ScoreRows)
 
 
 class ScoreRows:
