@@ -102,7 +102,7 @@ def embed(enc: Encoder, batch: Sequence[Sequence[int]], *, pooling: Pooling, nor
     ids, mask = right_pad(batch, pad_id)
     hidden = enc.hidden_states(ids, mask)
     mask = mask.to(hidden.device)
-    if pooling == "mean":  # in float32, as sentence-transformers sums
+    if pooling == "mean":  # summed in float32, whatever the compute dtype
         weights = mask.to(torch.float32)[:, :, None]
         pooled = (hidden.float() * weights).sum(1) / weights.sum(1)
     elif pooling == "last":
