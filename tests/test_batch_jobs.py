@@ -149,7 +149,7 @@ def test_a_job_killed_midway_resumes_to_the_same_bytes(tmp_path, fmt):
     else:  # greedy and sampled requests mixed, each with its own settings
         data = write_jsonl(tmp_path / "batch.jsonl", openai_requests(200))
         extra = ()
-    job = ("model=gpt2tiny", "hardware=cpu", "task.max_new_tokens=24", "runtime.batch_size=2", "data.window=64",
+    job = ("model=gpt2tiny", "hardware=cpu", "task.max_new_tokens=16", "runtime.batch_size=2", "data.window=64",
            f"data={fmt}", f"data.path={data}", *extra)
     whole = cli(tmp_path / "whole", *job)
     assert whole.returncode == 0, whole.stderr

@@ -67,12 +67,8 @@ def fit_tokens(tokens: tuple[int, ...], max_new_tokens: int, *, context: int, se
                truncate: Literal["left"] | None) -> tuple[int, ...]:
     """One prompt's tokens, checked or cut on the left to leave ``max_new_tokens`` within the context and the
     planned ``seq_len`` (0 new tokens: the prompt alone must fit, as for scoring and embedding)."""
-    limit = min(context, seq_len)
-    if max_new_tokens and max_new_tokens >= limit:
-        what = (f"the model's context of {context} tokens" if context <= seq_len
-                else f"runtime.seq_len {seq_len}, the length the KV cache was planned for")
-        raise GenerateError(f"max_new_tokens: {max_new_tokens} leaves no room for a prompt within {what}; lower it")
-    room = limit - max_new_tokens
+    check_new_tokens(max_new_tokens, context=context, seq_len=seq_len)
+    room = min(context, seq_len) - max_new_tokens
     if len(tokens) <= room:
         return tokens
     if truncate == "left":
@@ -85,6 +81,15 @@ def fit_tokens(tokens: tuple[int, ...], max_new_tokens: int, *, context: int, se
                             f"shorten the text{lower}{cut}")
     raise GenerateError(f"{len(tokens)}{new} exceed runtime.seq_len {seq_len}, the length planned for; "
                         f"raise runtime.seq_len (null: sized from inline rows, else the model's context){lower}")
+
+
+def check_new_tokens(max_new_tokens: int, *, context: int, seq_len: int) -> None:
+    """``max_new_tokens`` leaves room for a prompt within the context and the planned length."""
+    limit = min(context, seq_len)
+    if max_new_tokens and max_new_tokens >= limit:
+        what = (f"the model's context of {context} tokens" if context <= seq_len
+                else f"runtime.seq_len {seq_len}, the length the KV cache was planned for")
+        raise GenerateError(f"max_new_tokens: {max_new_tokens} leaves no room for a prompt within {what}; lower it")
 
 
 def planned_length(requests: list[Request], max_new_tokens: int) -> int:

@@ -157,8 +157,10 @@ def _prepare(task: RowTask, window: list[Row], config: RunConfig, run_dir: Path)
             except RunnerError as e:
                 row.failed(e.lines[0])
         if config.data.on_error == "fail":
-            raise DataError(f"{row.where}: {row.error}; fix the row and resume (resume=true hydra.run.dir={run_dir} "
-                            "keeps the rows done), or set data.on_error=skip to write it with an error and go on")
+            fix = ("fix it" if config.data.format == "inline" else
+                   f"fix the row and resume (resume=true hydra.run.dir={run_dir} keeps the rows done)")
+            raise DataError(f"{row.where}: {row.error}; {fix}, or set data.on_error=skip to write it with an error "
+                            "and go on")
         bad.append(row)
     return items, bad
 

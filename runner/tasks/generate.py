@@ -12,7 +12,7 @@ from runner.data.rows import Row
 from runner.engine import Engine, sampling_params
 from runner.errors import GenerateError
 from runner.infer.generate import Completion, Request, generate
-from runner.infer.prompts import encode_prompt, fit_tokens
+from runner.infer.prompts import check_new_tokens, encode_prompt, fit_tokens
 from runner.tasks.batch import Batch, Item
 
 
@@ -25,6 +25,8 @@ class GenerateRows:
         self.engine, self.task = engine, config.task
         self.openai = config.data.format == "openai"
         self.vocab = config.model.arch.get("vocab_size")
+        # The task's own max_new_tokens is the config's to fix, not a row's (a row may still ask for more).
+        check_new_tokens(self.task.sampling.max_new_tokens, context=engine.context, seq_len=engine.seq_len)
 
     def prepare(self, row: Row) -> Item:
         params = sampling_params(self.task.sampling, row.sampling)
