@@ -63,9 +63,10 @@ def text_request(tokenizer: Tokenizer, index: int, text: str) -> ScoreRequest:
 def pair_request(tokenizer: Tokenizer, index: int, prompt: str, continuation: str) -> ScoreRequest:
     """log p(continuation | prompt), encoded as lm-evaluation-harness' ``loglikelihood`` does (``HFLM``, whose
     default adds no special tokens): the prompt's trailing whitespace moves to the continuation; the continuation's
-    tokens are those of ``encode(prompt + continuation)`` after as many as ``encode(prompt)`` has, so a token that
-    spans the boundary is not split; the model reads the prompt's own tokens, then those. An empty prompt (or one
-    of whitespace only) reads the tokenizer's BOS token, else its EOS token, in its place.
+    tokens are those of ``encode(prompt + continuation)`` past as many as ``encode(prompt)`` has (a token merging
+    across the boundary counts as the prompt's, and is not scored); the model reads the prompt's own tokens, then
+    those. An empty prompt (or one of whitespace only) reads the tokenizer's BOS token, else its EOS token, in its
+    place, as lm-eval reads its prefix token.
 
     Raises:
         ScoreError: the continuation adds no token, or the prompt is empty and the tokenizer has neither BOS nor EOS.
