@@ -28,7 +28,7 @@ from runner.infer.generate import Completion, GenerationStats, generate
 from runner.infer.model import CausalLM, causal_lm, context_length
 from runner.infer.prompts import encode_prompts, fit, fit_tokens, plan_inputs
 from runner.infer.sampling import SamplingParams
-from runner.infer.score import Score, ScoreRequest, pair_request, score, text_request
+from runner.infer.score import Score, pair_request, score, text_request
 from runner.pipeline import Planned, RunResult, load, open_source, plan
 from runner.tokenizer import Tokenizer
 
@@ -117,10 +117,7 @@ class Engine:
         requests = [pair_request(self.tokenizer, i, *t) if isinstance(t, tuple) else
                     text_request(self.tokenizer, i, t) for i, t in enumerate(_listed(texts, "texts"))]
         for r in requests:
-            fit_tokens(r.tokens, 0, context=self.context, seq_len=self.seq_len, truncate=None)
-        return self.score_batches(requests)
-
-    def score_batches(self, requests: Sequence[ScoreRequest]) -> list[Score]:
+            self._check_fits(r.index, r.tokens)
         lm, out = self.lm, {}
         for batch in length_batches(requests, self.config.runtime.batch_size, length=lambda r: len(r.tokens)):
             for r, s in zip(batch, score(lm, batch, pad_id=self.tokenizer.pad_id or 0)):
@@ -134,20 +131,22 @@ class Engine:
         task = self.config.task if isinstance(self.config.task, EmbedTask) else EmbedTask()
         tokens = [self.tokenizer.encode(t, add_special_tokens=True) for t in _listed(texts, "texts")]
         for i, t in enumerate(tokens):
-            try:
-                fit_tokens(tuple(t), 0, context=self.context, seq_len=self.seq_len, truncate=None)
-            except GenerateError as e:
-                raise GenerateError(f"texts[{i}]: {e.lines[0]}") from None
-        out = torch.empty(len(tokens), 0)
+            self._check_fits(i, tuple(t))
+        vectors: dict[int, torch.Tensor] = {}
         for batch in length_batches(list(range(len(tokens))), self.config.runtime.batch_size,
                                     length=lambda i: len(tokens[i])):
-            vectors = embed(self.encoder, [tokens[i] for i in batch], pooling=pooling or task.pooling,
-                            normalize=task.normalize if normalize is None else normalize,
-                            pad_id=self.tokenizer.pad_id or 0)
-            if not out.shape[1]:
-                out = torch.empty(len(tokens), vectors.shape[1])
-            out[batch] = vectors
-        return out
+            pooled = embed(self.encoder, [tokens[i] for i in batch], pooling=pooling or task.pooling,
+                           normalize=task.normalize if normalize is None else normalize,
+                           pad_id=self.tokenizer.pad_id or 0)
+            vectors.update(zip(batch, pooled))
+        return torch.stack([vectors[i] for i in range(len(tokens))])
+
+    def _check_fits(self, index: int, tokens: tuple[int, ...]) -> None:
+        """A text to score or embed fits the model's context and the planned length."""
+        try:
+            fit_tokens(tokens, 0, context=self.context, seq_len=self.seq_len, truncate=None)
+        except GenerateError as e:
+            raise GenerateError(f"texts[{index}]: {e.lines[0]}") from None
 
     def _lm(self) -> CausalLM:
         return causal_lm(self.model, self.config.model.name)
