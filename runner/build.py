@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from runner.config import ModelSpec
+from runner.checkpoint.base import one_line
 from runner.errors import BuildError
 
 log = logging.getLogger(__name__)
@@ -43,13 +44,34 @@ def meta_parameters() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def import_target(target: str) -> Any:
-    """``runner.zoo.gpt.GPT`` -> the class. Raises BuildError naming ``model.arch._target_``."""
+# Modules a config may name as ``_target_`` (nested ones included) without the user's say: what a constructor
+# there can do is build a model. Anything else (subprocess.Popen, logging.FileHandler...) would let a config
+# run code, so it is refused before it is imported; ``trust.allow_targets`` adds prefixes the user vouches for.
+DEFAULT_TARGETS = ("runner.zoo", "torch.nn", "transformers")
+
+
+def allowed(target: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether ``target`` lies in one of the modules ``prefixes`` names (whole dotted components)."""
+    return any(target == p or target.startswith(p + ".") for p in prefixes)
+
+
+def import_target(target: str, key: str = "model.arch._target_", trusted: tuple[str, ...] = ()) -> Any:
+    """``runner.zoo.gpt.GPT`` -> the class, imported only when its module is allowed.
+
+    Raises:
+        BuildError: naming ``key``: a target outside the allowed modules (before any import), or one that
+            cannot be imported (whatever its module raises while importing).
+    """
+    prefixes = DEFAULT_TARGETS + trusted
+    if not allowed(target, prefixes):
+        raise BuildError(f"{key}: {target} is outside the modules a config may build from ({', '.join(prefixes)}); "
+                         f"if you trust it, add its module to trust.allow_targets (e.g. "
+                         f"'trust.allow_targets=[{target.rpartition('.')[0] or target}]')")
     module_name, _, attr = target.rpartition(".")
     try:
         return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise BuildError(f"model.arch._target_: cannot import {target!r} ({e}); "
+    except Exception as e:  # noqa: BLE001 -- an allowed module that fails to import: any error is the config's
+        raise BuildError(f"{key}: cannot import {target!r} ({type(e).__name__}: {one_line(e)}); "
                          "expected an importable nn.Module class such as runner.zoo.gpt.GPT") from e
 
 
@@ -64,7 +86,7 @@ def _parameters(cls: Any) -> str:
 def model_class(spec: ModelSpec) -> type[nn.Module]:
     """The class ``model.arch._target_`` names, checked to be an nn.Module before anything is called."""
     target = spec.arch["_target_"]
-    cls = import_target(target)
+    cls = import_target(target, "model.arch._target_", spec.trusted_targets)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise BuildError(f"model.arch._target_: {target} is not an nn.Module class; "
                          "expected a model class such as runner.zoo.gpt.GPT")
@@ -89,13 +111,14 @@ def resolve_arch(spec: ModelSpec, config: dict[str, Any] | None, source: str) ->
     return {**derived, **spec.arch}
 
 
-def _instantiate_nested(value: Any, key: str) -> Any:
-    """An argument that is itself ``{_target_: SomeConfigClass, ...}`` (transformers' ``config=``) is built first."""
+def _instantiate_nested(value: Any, key: str, trusted: tuple[str, ...]) -> Any:
+    """An argument that is itself ``{_target_: SomeConfigClass, ...}`` (transformers' ``config=``) is built first,
+    its own nested arguments before it; every target must be in the allowed modules."""
     if isinstance(value, dict) and "_target_" in value:
-        cls = import_target(value["_target_"])
+        cls = import_target(value["_target_"], f"{key}._target_", trusted)
         if not isinstance(cls, type):
             raise BuildError(f"{key}._target_: {value['_target_']} is not a class")
-        args = {k: _instantiate_nested(v, f"{key}.{k}") for k, v in value.items() if k != "_target_"}
+        args = {k: _instantiate_nested(v, f"{key}.{k}", trusted) for k, v in value.items() if k != "_target_"}
         try:
             return cls(**args)
         except Exception as e:  # noqa: BLE001 -- the user's class: whatever it raises is about its arguments
@@ -112,7 +135,8 @@ def build_skeleton(spec: ModelSpec) -> nn.Module:
     """Instantiate ``spec.arch`` with parameters on meta, in eval mode."""
     target = spec.arch["_target_"]
     cls = model_class(spec)
-    kwargs = {k: _instantiate_nested(v, f"model.arch.{k}") for k, v in spec.arch.items() if k != "_target_"}
+    kwargs = {k: _instantiate_nested(v, f"model.arch.{k}", spec.trusted_targets)
+              for k, v in spec.arch.items() if k != "_target_"}
     log.info("Building model <%s> on meta", target)
     with meta_parameters():
         try:

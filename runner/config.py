@@ -31,6 +31,7 @@ class ModelSpec:
     arch: dict[str, Any]  # `_target_` plus its constructor arguments
     no_split_module_classes: tuple[str, ...]
     arch_from_checkpoint: bool = False  # the rest of the arguments come from the checkpoint's own config
+    trusted_targets: tuple[str, ...] = ()  # modules the user allows ``_target_`` from, beyond the defaults
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ def _typed(c: dict[str, Any]) -> RunConfig:
     model = c["model"]
     return RunConfig(
         model=ModelSpec(model["name"], dict(model["arch"]), tuple(model["no_split_module_classes"]),
-                        model.get("arch_from_checkpoint", False)),
+                        model.get("arch_from_checkpoint", False), tuple(c["trust"]["allow_targets"])),
         checkpoint=checkpoint,
         hardware=hardware,
         placement=placement,
@@ -272,11 +273,21 @@ def _path(value: str | None, key: str = "path") -> Path | None:
         return None
     if value.startswith("pkg://"):
         package, _, name = value.removeprefix("pkg://").partition("/")
-        spec = importlib.util.find_spec(package)  # finds the package without importing (running) it
+        top, *sub = package.split(".")
+        # find_spec of a top-level name imports nothing; of "a.b" it would import (run) a, so the rest of the
+        # dotted name is walked as folders
+        try:
+            spec = importlib.util.find_spec(top) if top.isidentifier() else None
+        except (ImportError, ValueError):
+            spec = None
         if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(f"{key}: package {package} is not installed; install it (e.g. "
-                              f"pip install --no-deps {package.replace('_', '-')}) or point {key} at a file")
-        return Path(list(spec.submodule_search_locations)[0]) / name
+            raise ConfigError(f"{key}: package {top} is not installed; install it (e.g. "
+                              f"pip install --no-deps {top.replace('_', '-')}) or point {key} at a file")
+        root = Path(list(spec.submodule_search_locations)[0])
+        path = root.joinpath(*sub, name)
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            raise ConfigError(f"{key}: {value} leaves package {package}; name a file inside it")
+        return path
     return Path(os.path.expandvars(value)).expanduser()
 
 

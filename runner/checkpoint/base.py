@@ -100,11 +100,14 @@ def from_index(index: Path, open_files) -> Checkpoint:
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index}: not a valid index; expected JSON with a 'weight_map' object "
                               "of tensor name -> shard file name")
-    files = sorted({index.parent / name for name in weight_map.values()})
+    files = sorted({shard_path(index, name) for name in set(weight_map.values())})
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise CheckpointError(f"{index}: names shard(s) {', '.join(missing)} that are not in {index.parent}; "
                               "the download is incomplete")
+    not_files = [f.name for f in files if not f.is_file()]  # a FIFO or device would hang or feed the reader
+    if not_files:
+        raise CheckpointError(f"{index}: shard {not_files[0]} is not a regular file; an index names shard files")
     checkpoint = open_files(files)
     absent = [key for key, name in weight_map.items()
               if key not in checkpoint.entries or checkpoint.entries[key].file.name != name]
@@ -112,6 +115,25 @@ def from_index(index: Path, open_files) -> Checkpoint:
         raise CheckpointError(f"{index}: lists {len(absent)} tensor(s) its shards do not hold, "
                               f"e.g. {absent[0]} in {weight_map[absent[0]]}; the index and shards do not match")
     return checkpoint
+
+
+def shard_path(index: Path, name: str) -> Path:
+    """A shard the index names, confined to the index's folder: a plain relative name, which stays inside the
+    folder once symlinks are resolved (a Hub snapshot's links resolve into its repo's ``blobs``).
+
+    Raises:
+        CheckpointError: an absolute name, a ``..`` in it, or a link out of the checkpoint's folder.
+    """
+    folder = index.parent
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise CheckpointError(f"{index}: names shard {name!r}, outside its folder; an index names files beside it")
+    path = folder / relative
+    home = folder.parent.parent if folder.parent.name == "snapshots" else folder  # a Hub repo: links to ../../blobs
+    if path.exists() and not path.resolve().is_relative_to(home.resolve()):
+        raise CheckpointError(f"{index}: shard {name!r} links to {path.resolve()}, outside {home}; "
+                              "copy the file into the checkpoint folder if you trust it")
+    return path
 
 
 def one_line(e: BaseException) -> str:

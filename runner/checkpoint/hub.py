@@ -19,7 +19,7 @@ import os
 import re
 from pathlib import Path
 
-from runner.checkpoint.base import CONFIG_NAME, Checkpoint, one_line
+from runner.checkpoint.base import CONFIG_NAME, Checkpoint, one_line, shard_path
 from runner.checkpoint.files import INDEX_NAME, open_local
 from runner.checkpoint.pickled import NOT_WEIGHTS, PICKLE_INDEX_NAME, PICKLE_SUFFIXES
 from runner.config import CheckpointSpec
@@ -232,10 +232,13 @@ def _shards(index: Path) -> list[str]:
     """The shard files an index names (checked again, fully, when the checkpoint is opened)."""
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return sorted({name for name in weight_map.values() if isinstance(name, str)})
+        names = sorted({name for name in weight_map.values() if isinstance(name, str)})
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{index}: not a valid index; expected JSON with a 'weight_map' object of tensor "
                               "name -> shard file name") from e
+    for name in names:  # nothing is fetched or opened outside the repo
+        shard_path(index, name)
+    return names
 
 
 def _is_network_error(e: BaseException) -> bool:
