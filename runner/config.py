@@ -192,20 +192,20 @@ def _typed(c: dict[str, Any]) -> RunConfig:
         revision=ck.get("revision", "main"),
         seed=ck.get("seed", 0),
         dtype=ck.get("dtype", "float32"),
-        shard_size=parse_size(ck["shard_size"]) if "shard_size" in ck else CheckpointSpec.shard_size,
+        shard_size=_size(ck["shard_size"], "checkpoint.shard_size") if "shard_size" in ck else CheckpointSpec.shard_size,
         cache_dir=_path(ck.get("cache_dir")),
     )
     hardware = HardwareSpec(
         name=hw["name"],
         simulated=hw["simulated"],
-        gpus=None if hw["gpus"] == "auto" else {k: parse_size(v) for k, v in hw["gpus"].items()},
-        cpu=None if hw["cpu"] == "auto" else parse_size(hw["cpu"]),
-        cuda_context_reserve=parse_size(hw.get("cuda_context_reserve", "0B")),
-        cpu_reserve=parse_size(hw.get("cpu_reserve", "0B")),
+        gpus=None if hw["gpus"] == "auto" else {k: _size(v, f"hardware.gpus.{k}") for k, v in hw["gpus"].items()},
+        cpu=None if hw["cpu"] == "auto" else _size(hw["cpu"], "hardware.cpu"),
+        cuda_context_reserve=_size(hw.get("cuda_context_reserve", "0B"), "hardware.cuda_context_reserve"),
+        cpu_reserve=_size(hw.get("cpu_reserve", "0B"), "hardware.cpu_reserve"),
     )
     placement = PlacementSpec(
         strategy=c["placement"]["strategy"],
-        max_memory={_device_name(k): parse_size(v) for k, v in c["max_memory"].items() if v is not None},
+        max_memory={_device_name(k): _size(v, f"max_memory.{k}") for k, v in c["max_memory"].items() if v is not None},
         device_map=_flatten_map(c["device_map"]),
         offload_folder=_path(c["offload"]["folder"]),
         allow_disk=c["offload"]["allow_disk"],
@@ -246,6 +246,14 @@ def _task(t: dict[str, Any], seed: int) -> Task:
 def _data(d: dict[str, Any]) -> DataSpec:
     return DataSpec(format=d["format"], prompts=tuple(d.get("prompts", ())), path=_path(d.get("path"), "data.path"),
                     field=d["field"], id_field=d["id_field"], window=d["window"], on_error=d["on_error"])
+
+
+def _size(value: str, key: str) -> int:
+    """A size the schema let through (its pattern), checked for magnitude: one line naming the key."""
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def _device_name(key: str) -> str:

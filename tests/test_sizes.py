@@ -25,3 +25,14 @@ def test_format_bytes():
     assert format_bytes(512) == "512 B"
     assert format_bytes(1536) == "1.50 KiB"
     assert format_bytes(3 * 2**30) == "3.00 GiB"
+
+
+def test_a_size_past_any_device_is_one_config_line_not_an_overflow():
+    from conftest import compose_config
+    from runner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^max_memory.cpu: 9{24}\.\.\.: 400 digits is past any device"):
+        compose_config("max_memory.cpu=" + "9" * 400 + "GB")
+    with pytest.raises(ConfigError, match=r"^max_memory.cpu: 1000000000TiB is past any device \(over 1 EiB\)"):
+        compose_config("max_memory.cpu=1000000000TiB")
+    assert parse_size("1024TiB") == 2**50  # a big cluster's disk is fine
