@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from runner.config import CONF_DIR, load_config
-from runner.errors import RunnerError
+from runner.errors import Interrupted, RunnerError
 from runner.tasks import batch, plan
 from runner.tasks.embed import EmbedRows
 from runner.tasks.generate import GenerateRows
@@ -48,12 +49,22 @@ def app(cfg: DictConfig) -> None:
 def main() -> int:
     # Let Hydra's own errors (unknown group option, bad override) reach us, to print them in one line.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    signal.signal(signal.SIGTERM, _terminated)  # a scheduler's stop: end as Ctrl-C does, in one line
     try:
         app()
     except (HydraException, OmegaConfBaseException) as e:
         print(f"error: config: {_one_line(str(e) or str(e.__cause__) or type(e).__name__)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        kept = e.kept if isinstance(e, Interrupted) and e.kept else "nothing kept beyond what the run folder holds"
+        print(f"interrupted: {signal.Signals(signum).name}; {kept}", file=sys.stderr)
+        return 128 + signum
     return 2 if _failures else 0
+
+
+def _terminated(signum: int, frame) -> None:
+    raise Interrupted(signum)
 
 
 def _print_error(e: RunnerError) -> None:

@@ -75,3 +75,12 @@ class ScoreError(RunnerError):
     """A text or continuation with nothing to score, or a request the model cannot read whole."""
 
     stage = "score"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: the run stops, saying what it was doing and what is kept."""
+
+    def __init__(self, signum: int, kept: str = ""):
+        self.signum = signum
+        self.kept = kept  # what survives, and how to go on; empty: nothing beyond what the run folder holds
+        super().__init__(kept)

@@ -291,3 +291,27 @@ def test_the_engine_scores_and_embeds_in_input_order_whatever_the_batching(tmp_p
     scores = engine.score(texts + [("abab", "ab")])
     assert [s.tokens for s in scores] == [len(t) - 1 for t in texts] + [2]
     assert [s.logprob for s in scores[:7]] == pytest.approx([engine.score([t])[0].logprob for t in texts], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_job_ends_in_one_line_saying_what_is_kept(tmp_path, signum, code):
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "ab" * (1 + i % 13)} for i in range(400)])
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "model=gpt2tiny", "hardware=cpu", "task.max_new_tokens=16",
+                             "runtime.batch_size=2", "data=jsonl", f"data.path={data}", f"hydra.run.dir={run}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    predictions = run / "predictions.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if predictions.exists() and predictions.read_bytes().count(b"\n") >= 10:
+            proc.send_signal(signum)
+            break
+        time.sleep(0.01)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    kept = predictions.read_bytes().count(b"\n")
+    assert predictions.read_bytes().endswith(b"\n") and 10 <= kept < 400
+    assert stderr.strip().splitlines() == [
+        f"interrupted: {signum.name}; {kept} rows are in {predictions}; resume=true hydra.run.dir={run} continues "
+        "the job"]

@@ -84,6 +84,7 @@ class PredictionsFile:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._order: deque[int] = deque()       # row numbers still to write, in input order
         self._finished: dict[int, str] = {}     # lines finished ahead of an earlier row
+        self.lines = len(self.done)              # complete lines in the file
 
     def expect(self, numbers: Iterable[int]) -> None:
         """The next rows to write, in input order (rows already in the file are not expected)."""
@@ -102,6 +103,7 @@ class PredictionsFile:
             while data:  # a regular file takes it in one write; loop for the odd partial one
                 data = data[os.write(self._fd, data):]
             os.fsync(self._fd)
+            self.lines += len(lines)
         return len(lines)
 
     def close(self) -> None:

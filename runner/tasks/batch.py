@@ -15,6 +15,7 @@ The task (generate, score, embed) is a ``RowTask``: how to prepare one row and r
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from runner.data.rows import Row
 from runner.data.sources import count_rows, read_rows, windows
 from runner.data.writer import PREDICTIONS, PredictionsFile, job_settings, start_job
 from runner.engine import Engine
-from runner.errors import DataError, RunnerError
+from runner.errors import DataError, Interrupted, RunnerError
 from runner.infer.batches import length_batches
 from runner.progress import Progress
 from runner.report import format_summary, write_job_report
@@ -123,6 +124,11 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
             if window is not first:
                 items, bad = _prepare(task, window, config, run_dir)
             _run_window(task, window, items, bad, out, stats, progress, config)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see __main__): say what is kept and how to go on
+        out.flush()
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        raise Interrupted(signum, f"{out.lines} rows are in {out.path}; "
+                                  f"resume=true hydra.run.dir={run_dir} continues the job") from None
     finally:  # what finished is on disk whatever stops the job
         out.flush()
         progress.close()
