@@ -84,6 +84,12 @@ def detect_hardware(spec: HardwareSpec, max_memory: dict[str, int], offload_fold
     if unknown:
         raise HardwareError(*(f"max_memory: hardware={spec.name} has no device {name}; "
                               f"its devices are {', '.join(names)}" for name in unknown))
+    for name, cap in max_memory.items():
+        real = _real_size(spec, name, offload_folder)
+        if real is not None and cap > real:
+            log.warning("max_memory.%s: %s is more than this machine has (%s); a plan that fills it will fail "
+                        "when it runs. Lower it, or leave it out to use what is there", name, format_bytes(cap),
+                        format_bytes(real))
     devices = [Device(d.name, d.kind, max_memory.get(d.name, d.budget), d.simulated) for d in devices]
     for d in devices:
         log.debug("device %s: budget %s%s", d.name, format_bytes(d.budget), " (simulated)" if d.simulated else "")
@@ -101,6 +107,18 @@ def _gpu_budgets(spec: HardwareSpec) -> dict[str, int]:
         raise HardwareError(f"hardware.gpus: {', '.join(missing)} not found; this machine has {count} CUDA GPU(s). "
                             "Use hardware=auto, or a simulated profile such as hardware=sim_2gpu")
     return dict(spec.gpus)
+
+
+def _real_size(spec: HardwareSpec, name: str, offload_folder: Path) -> int | None:
+    """What this machine really has for a device whose figure was detected (None: declared by the profile, or
+    simulated, so there is nothing here to compare with): all the RAM, the disk's free space, a GPU's memory."""
+    if name == "cpu":
+        return psutil.virtual_memory().total if spec.cpu is None else None
+    if name == "disk":
+        return _free_disk(offload_folder)
+    if spec.simulated or spec.gpus is not None:
+        return None
+    return torch.cuda.mem_get_info(int(name.split(":")[1]))[1]
 
 
 def _free_disk(folder: Path) -> int:

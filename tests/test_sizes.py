@@ -36,3 +36,23 @@ def test_a_size_past_any_device_is_one_config_line_not_an_overflow():
     with pytest.raises(ConfigError, match=r"^max_memory.cpu: 1000000000TiB is past any device \(over 1 EiB\)"):
         compose_config("max_memory.cpu=1000000000TiB")
     assert parse_size("1024TiB") == 2**50  # a big cluster's disk is fine
+
+
+def test_a_cap_above_what_the_machine_has_is_warned_about_naming_both_figures(tmp_path, caplog):
+    import psutil
+
+    from conftest import compose_config
+    from runner.hardware import detect_hardware
+
+    cfg = compose_config("hardware=cpu", "max_memory.cpu=1000TiB")
+    with caplog.at_level("WARNING", logger="runner.hardware"):
+        hardware = detect_hardware(cfg.hardware, cfg.placement.max_memory, tmp_path)
+    assert hardware.get("cpu").budget == 1000 * 2**40  # honoured: the user may know better
+    ram = format_bytes(psutil.virtual_memory().total)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"max_memory.cpu: 1000.00 TiB is more than this machine has ({ram}); a plan that fills it will fail when "
+        "it runs. Lower it, or leave it out to use what is there"]
+    caplog.clear()
+    sized = compose_config("hardware=a100_8x80gb", "max_memory.cpu=4TiB")  # a profile of another machine: no warning
+    detect_hardware(sized.hardware, sized.placement.max_memory, tmp_path)
+    assert caplog.records == []
