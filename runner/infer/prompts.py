@@ -112,3 +112,10 @@ def plan_inputs(config: RunConfig, checkpoint: Checkpoint | None) -> tuple[RunCo
             seq_len = max(len(tokenizer.encode(p, add_special_tokens=True)) for p in config.data.prompts)
         config = replace(config, runtime=replace(config.runtime, seq_len=seq_len))
     return config, tokenizer
+
+
+def token_ids(ids: list[int], vocab: int | None) -> list[int]:
+    """Given token ids, checked against the model's vocabulary."""
+    if vocab is not None and max(ids) >= vocab:
+        raise GenerateError(f"input_ids: id {max(ids)} is past the model's vocabulary of {vocab} tokens")
+    return ids

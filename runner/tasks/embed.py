@@ -8,9 +8,8 @@ from runner.data.rows import Row
 from runner.engine import Engine
 from runner.errors import GenerateError
 from runner.infer.embed import embed
-from runner.infer.prompts import fit_tokens
+from runner.infer.prompts import fit_tokens, token_ids
 from runner.tasks.batch import Batch, Item
-from runner.tasks.generate import token_ids
 
 
 class EmbedRows:
@@ -38,7 +37,7 @@ class EmbedRows:
         return Batch(vectors.tolist(), sum(i.tokens for i in items))
 
     def line(self, row: Row, result: list[float]) -> dict[str, Any]:
-        return row.output("embedding", result)
+        return row.output(self.task.output_key, result)
 
     def error_line(self, row: Row) -> dict[str, Any]:
         return row.error_output()

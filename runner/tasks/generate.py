@@ -10,9 +10,8 @@ from runner.config import GenerateTask, RunConfig
 from runner.data import openai
 from runner.data.rows import Row
 from runner.engine import Engine, sampling_params
-from runner.errors import GenerateError
 from runner.infer.generate import Completion, Request, generate
-from runner.infer.prompts import check_new_tokens, encode_prompt, fit_tokens
+from runner.infer.prompts import check_new_tokens, encode_prompt, fit_tokens, token_ids
 from runner.tasks.batch import Batch, Item
 
 
@@ -53,16 +52,10 @@ class GenerateRows:
     def line(self, row: Row, result: Completion) -> dict[str, Any]:
         if self.openai:
             return openai.response_line(row, result, model=self.engine.config.model.name)
-        return row.output("completion", {"text": result.text, "finish_reason": result.finish_reason,
+        return row.output(self.task.output_key, {"text": result.text, "finish_reason": result.finish_reason,
                                          "prompt_tokens": len(result.prompt_tokens),
                                          "completion_tokens": len(result.output_tokens)})
 
     def error_line(self, row: Row) -> dict[str, Any]:
         return openai.error_line(row) if self.openai else row.error_output()
 
-
-def token_ids(ids: list[int], vocab: int | None) -> list[int]:
-    """Given token ids, checked against the model's vocabulary."""
-    if vocab is not None and max(ids) >= vocab:
-        raise GenerateError(f"input_ids: id {max(ids)} is past the model's vocabulary of {vocab} tokens")
-    return ids

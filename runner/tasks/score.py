@@ -7,10 +7,9 @@ from runner.config import RunConfig, ScoreTask
 from runner.data.rows import Row
 from runner.engine import Engine
 from runner.errors import GenerateError
-from runner.infer.prompts import fit_tokens
+from runner.infer.prompts import fit_tokens, token_ids
 from runner.infer.score import Score, ScoreRequest, pair_request, score, text_request
 from runner.tasks.batch import Batch, Item
-from runner.tasks.generate import token_ids
 
 
 class ScoreRows:
@@ -46,7 +45,7 @@ class ScoreRows:
                                  "perplexity": result.perplexity, "greedy": result.greedy}
         if self.task.per_token:
             value["token_logprobs"] = list(result.token_logprobs)
-        return row.output("score", value)
+        return row.output(self.task.output_key, value)
 
     def error_line(self, row: Row) -> dict[str, Any]:
         return row.error_output()
