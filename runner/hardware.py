@@ -7,6 +7,7 @@ planner, the hooks and the byte accounting cannot tell them apart.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +123,30 @@ def _real_size(spec: HardwareSpec, name: str, offload_folder: Path) -> int | Non
 
 
 def _free_disk(folder: Path) -> int:
+    probe = _nearest_existing(folder)
+    try:
+        return shutil.disk_usage(probe if probe.is_dir() else probe.parent).free
+    except OSError:
+        return 0
+
+
+def _nearest_existing(folder: Path) -> Path:
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    return shutil.disk_usage(probe).free
+    return probe
+
+
+def offload_folder_problem(folder: Path) -> str | None:
+    """Why disk blocks could not be kept in ``folder``, in a few words; None if it looks usable."""
+    probe = _nearest_existing(folder)
+    if not probe.is_dir():
+        return f"cannot be a folder: {probe} is a file"
+    try:
+        if shutil.disk_usage(probe).total == 0:
+            return f"is on a filesystem with no storage ({probe} is in a virtual filesystem such as /proc)"
+    except OSError as e:
+        return f"cannot be used ({e.strerror or e})"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"is not writable ({probe} is read-only to this user)"
+    return None

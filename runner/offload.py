@@ -6,9 +6,11 @@
   resident memory; no allocation or page faults per forward; ``O_DIRECT`` unless the bytes
   are already in the page cache, where a CPU block maps and uses them in place for the one
   forward. Descriptors and header offsets stay open for the run.
-- Weights that need converting (another dtype, GGUF, pickle) are written once into the
-  offload folder as safetensors, each file atomically, the manifest last. A later run with
-  the same checkpoint, dtype and map reuses the folder; a stale or half-written one is rebuilt.
+- Weights that need converting (another dtype, GGUF, pickle) are written once into a folder
+  of ``offload.folder`` (by default in the runner's cache) keyed by the checkpoint's
+  fingerprint and the dtype, one safetensors file per block, each written atomically, the
+  manifest last. Any later run of that checkpoint and dtype reuses every block already
+  there, whatever its budget; a missing, stale or cut-short file is written again.
 - While block *i* computes, a background thread reads the next ``depth`` disk blocks (wrapping
   around to the next forward's first). On CUDA
   they are copied from pinned memory on a separate stream, so copies overlap compute.
@@ -19,6 +21,7 @@ import errno
 import hashlib
 import json
 import logging
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
@@ -253,41 +256,94 @@ def _needs_conversion(checkpoint: Checkpoint, keys: list[str], dtype: torch.dtyp
 
 
 def _converted(checkpoint: Checkpoint, blocks: dict[str, list[str]], dtype: torch.dtype,
-               folder: Path) -> OffloadFolder:
-    """The offload folder, written now or reused when its manifest matches this checkpoint, dtype and map."""
-    fingerprint = hashlib.sha256(json.dumps({"checkpoint": checkpoint.fingerprint(), "dtype": str(dtype),
-                                             "blocks": blocks}, sort_keys=True).encode()).hexdigest()
+               root: Path) -> OffloadFolder:
+    """The converted disk blocks, in a folder of ``root`` keyed by the checkpoint's fingerprint and the dtype.
+
+    A block whose file is there, whole, and holding the same keys is reused, whatever the map or budget of the run
+    that wrote it; any other is written now (each file atomically, the manifest last), so a second run of the same
+    checkpoint and dtype writes nothing.
+    """
+    identity = {"checkpoint": checkpoint.fingerprint(), "dtype": str(dtype)}
+    folder = root / hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     files = {name: folder / f"{name or 'model'}.safetensors" for name in blocks}
     manifest = folder / MANIFEST
-    try:
-        recorded = json.loads(manifest.read_text()) if manifest.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        recorded = None
-    if recorded and recorded.get("fingerprint") == fingerprint and all(f.is_file() for f in files.values()):
-        log.info("Reusing converted disk weights in %s", folder)
+    recorded = _recorded_blocks(manifest, identity)
+    todo = {name: keys for name, keys in blocks.items()
+            if recorded.get(name) != keys or not _whole(files[name], keys)}
+    if todo:
+        if recorded:
+            log.warning("Offload folder %s lacks or holds stale or cut-short files for %d block(s); converting them",
+                        folder, len(todo))
+        written = _write(checkpoint, todo, dtype, folder, files)
+        # Read again just before writing: a run beside this one may have recorded blocks of its own meanwhile.
+        _write_manifest(manifest, identity, {**_recorded_blocks(manifest, identity), **recorded, **todo})
+        log.info("Converted %d disk block(s) into %s (%.2f GB written)", len(todo), folder, written / 1e9)
     else:
-        if recorded is not None or manifest.exists():
-            log.warning("Offload folder %s is stale or incomplete; rebuilding it", folder)
-        _write(checkpoint, blocks, dtype, folder, files, manifest, fingerprint)
+        log.info("Reusing converted disk weights in %s", folder)
     return OffloadFolder(list(files.values()), source="offload")
 
 
-def _write(checkpoint, blocks, dtype, folder: Path, files: dict[str, Path], manifest: Path, fingerprint: str) -> None:
+def _recorded_blocks(manifest: Path, identity: dict) -> dict[str, list[str]]:
+    """The blocks a manifest says were written for this checkpoint and dtype; none if it is missing or another's."""
+    try:
+        recorded = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(recorded, dict) or recorded.get("identity") != identity:
+        return {}
+    blocks = recorded.get("blocks")
+    return blocks if isinstance(blocks, dict) else {}
+
+
+def _whole(file: Path, keys: list[str]) -> bool:
+    """The file is a complete safetensors file holding exactly ``keys``: its header parses and its length is the
+    header's. A file cut short after its manifest was written (a full disk, a copy stopped half-way) is not."""
+    try:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size > 100_000_000:
+                return False
+            header = json.loads(f.read(size))
+            end = max((meta["data_offsets"][1] for k, meta in header.items() if k != "__metadata__"), default=0)
+            return sorted(k for k in header if k != "__metadata__") == sorted(keys) and \
+                os.fstat(f.fileno()).st_size == 8 + size + end
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+
+
+def _write(checkpoint, blocks: dict[str, list[str]], dtype, folder: Path, files: dict[str, Path]) -> int:
+    """Write each block's converted file atomically; the bytes written."""
+    written = 0
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        manifest.unlink(missing_ok=True)  # from here on the folder is incomplete until the manifest is back
         for name, keys in blocks.items():
-            tmp = files[name].with_suffix(".tmp")
-            save_file({k: _converted_tensor(checkpoint, k, dtype) for k in keys}, str(tmp))
-            tmp.replace(files[name])  # atomic: a half-written file never carries the final name
-        tmp = manifest.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": fingerprint, "blocks": sorted(blocks)}))
-        tmp.replace(manifest)
+            tmp = files[name].with_name(f".{files[name].name}.{os.getpid()}.tmp")  # a run beside this one has its own
+            try:
+                save_file({k: _converted_tensor(checkpoint, k, dtype) for k in keys}, str(tmp))
+                written += tmp.stat().st_size
+                tmp.replace(files[name])  # atomic: a half-written file never carries the final name
+            finally:
+                tmp.unlink(missing_ok=True)
     except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as its own type
-        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
-        hint = ("the disk is full; free space or set offload.folder to a larger disk" if full
-                else "set offload.folder to a writable folder with room for the disk blocks")
-        raise OffloadError(f"offload.folder: cannot write {folder} ({getattr(e, 'strerror', None) or e}); {hint}") from e
+        raise _write_error(folder, e) from e
+    return written
+
+
+def _write_manifest(manifest: Path, identity: dict, blocks: dict[str, list[str]]) -> None:
+    tmp = manifest.with_name(f".{manifest.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"identity": identity, "blocks": blocks}, sort_keys=True))
+        tmp.replace(manifest)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(manifest.parent, e) from e
+
+
+def _write_error(folder: Path, e: Exception) -> OffloadError:
+    full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
+    hint = ("the disk is full; free space or set offload.folder to a larger disk" if full
+            else "set offload.folder to a writable folder with room for the disk blocks")
+    return OffloadError(f"offload.folder: cannot write {folder} ({getattr(e, 'strerror', None) or e}); {hint}")
 
 
 def _converted_tensor(checkpoint, key: str, dtype: torch.dtype) -> torch.Tensor:

@@ -22,9 +22,9 @@ from runner.checkpoint import Checkpoint, KeyReport, check_keys, open_checkpoint
 from runner.compute import Compute, compute_plan
 from runner.config import RunConfig
 from runner.dispatch import dispatch
-from runner.errors import CheckpointError, ConfigError
+from runner.errors import CheckpointError, ConfigError, OffloadError, PlanError
 from runner.infer.model import context_length
-from runner.hardware import Hardware, detect_hardware
+from runner.hardware import Hardware, detect_hardware, offload_folder_problem
 from runner.memory import MemoryLedger
 from runner.order import ForwardTrace, forward_order
 from runner.planner import Plan, PlanRequest, plan_device_map
@@ -111,7 +111,7 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None) ->
         else:
             log.info("Planning %s over %s with strategy %s", cfg.model.name, ", ".join(hardware.names),
                      cfg.placement.strategy)
-            the_plan = plan_device_map(request)
+            the_plan = _plan_or_blame_the_folder(request, _offload_folder(cfg, run_dir), cfg.placement.max_memory)
     with _timed(timings, "validate"):
         check = check_map(the_plan.device_map, layout, hardware, the_plan.reserves, activation_bytes)
         for warning in check.warnings:
@@ -140,6 +140,8 @@ def load(planned: Planned, run_dir: Path) -> RunResult:
         keys = planned.keys or check_keys(checkpoint, planned.model, planned.layout)
         if keys.ignored:
             log.info("Ignoring checkpoint tensors the model does not load: %s", ", ".join(keys.ignored))
+    if "disk" in planned.check.block_devices.values():
+        _check_offload_folder(_offload_folder(cfg, run_dir), checkpoint)
     ledger = MemoryLedger(planned.hardware)
     with _timed(timings, "load"):
         dispatch(planned, checkpoint, ledger, offload_folder=_offload_folder(cfg, run_dir),
@@ -174,6 +176,33 @@ def _within_context(cfg: RunConfig, context: int | None) -> RunConfig:
 
 def _offload_folder(cfg: RunConfig, run_dir: Path) -> Path:
     return cfg.placement.offload_folder or run_dir / "offload"
+
+
+def _plan_or_blame_the_folder(request: PlanRequest, folder: Path, caps: dict[str, int]) -> Plan:
+    """The plan; when it fails for want of disk room that an unusable offload folder took away, the folder is
+    named, not the budget."""
+    try:
+        return plan_device_map(request)
+    except PlanError:
+        problem = None if "disk" in caps else offload_folder_problem(folder)
+        if problem and request.allow_disk:
+            raise OffloadError(f"offload.folder: {folder} {problem}, so nothing can be offloaded to disk, and the "
+                               "model does not fit in memory; point offload.folder at a writable folder on a disk"
+                               ) from None
+        raise
+
+
+def _check_offload_folder(folder: Path, checkpoint: Checkpoint) -> None:
+    """Converted blocks never land beside the user's weights, where the next run would read them as the checkpoint's.
+
+    Raises:
+        OffloadError: ``folder`` is, or lies inside, a folder holding the checkpoint's files.
+    """
+    target = folder.expanduser().resolve()
+    for home in sorted({f.resolve().parent for f in checkpoint.files}):
+        if target == home or home in target.parents:
+            raise OffloadError(f"offload.folder: {folder} lies inside the checkpoint's folder {home}; converted "
+                               "blocks would be written beside its weights. Point offload.folder elsewhere")
 
 
 def _compute_dtype(cfg: RunConfig, checkpoint: Checkpoint | None) -> torch.dtype:

@@ -16,6 +16,12 @@ TOKENS = torch.tensor([[72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]
 DISKY = ["model=gpt2tiny", "model.arch.n_layer=6", "hardware=cpu", "runtime.seq_len=1"]
 
 
+def converted(root) -> "Path":
+    """The one folder of ``root`` the conversions went to (one per checkpoint and dtype)."""
+    (folder,) = [p for p in root.iterdir() if p.is_dir()]
+    return folder
+
+
 def logits(*overrides: str, tmp_path) -> tuple[torch.Tensor, object]:
     half = any(o.startswith("dtype=") and o != "dtype=float32" for o in overrides)
     cap = "max_memory.cpu=30000B" if half else "max_memory.cpu=60000B"
@@ -48,8 +54,8 @@ def test_prefetch_depths_give_identical_outputs(depth, tmp_path):
 
 def test_disk_reads_bypass_the_memory_map(tmp_path):
     """Weights in the compute dtype are read from the checkpoint itself, into private buffers."""
-    _, result = logits("offload.prefetch=0", tmp_path=tmp_path)
-    assert not (tmp_path / "offload").exists()  # nothing converted: fp32 checkpoint, fp32 compute
+    _, result = logits("offload.prefetch=0", f"offload.folder={tmp_path / 'off'}", tmp_path=tmp_path)
+    assert not (tmp_path / "off").exists()  # nothing converted: fp32 checkpoint, fp32 compute
     key = next(s for b in result.layout.blocks if result.check.block_devices[b.name] == "disk"
                for s in b.tensors if s.endswith("weight"))
     direct = result.checkpoint.read_uncached(key)
@@ -60,20 +66,34 @@ def test_disk_reads_bypass_the_memory_map(tmp_path):
 def test_converted_weights_are_written_once_and_reused(tmp_path):
     folder = tmp_path / "off"
     first, _ = logits("dtype=bfloat16", f"offload.folder={folder}", tmp_path=tmp_path / "a")
-    files = sorted(folder.glob("*.safetensors"))
-    assert files and (folder / MANIFEST).is_file()
+    files = sorted(converted(folder).glob("*.safetensors"))
+    assert files and (converted(folder) / MANIFEST).is_file()
     stamps = {f: f.stat().st_mtime_ns for f in files}
     second, _ = logits("dtype=bfloat16", f"offload.folder={folder}", tmp_path=tmp_path / "b")
     assert {f: f.stat().st_mtime_ns for f in files} == stamps  # reused, not rewritten
     assert torch.equal(first, second)
+    # A smaller budget puts more blocks on disk: those already converted are reused, only the others written.
+    third = prepare(compose_config(*DISKY, "max_memory.cpu=20000B", "dtype=bfloat16", f"offload.folder={folder}"),
+                    tmp_path / "c")
+    more = sorted(converted(folder).glob("*.safetensors"))
+    assert len(more) > len(files) and {f: f.stat().st_mtime_ns for f in files} == stamps
+    with torch.inference_mode():
+        assert torch.equal(third.model(TOKENS), first)
 
 
 def test_a_stale_folder_is_rebuilt(tmp_path):
     folder = tmp_path / "off"
     logits("dtype=bfloat16", f"offload.folder={folder}", tmp_path=tmp_path / "a")
-    # Another dtype makes the recorded fingerprint stale: the folder is rebuilt, not trusted.
-    out, _ = logits("dtype=float16", f"offload.folder={folder}", tmp_path=tmp_path / "b")
+    # A manifest recorded for another checkpoint or dtype is not trusted: its blocks are converted again.
+    (bf16,) = [p for p in folder.iterdir()]
+    float16 = folder / "f16"
+    float16.mkdir()
+    for f in bf16.iterdir():
+        (float16 / f.name).write_bytes(f.read_bytes())
     reference, _ = logits("dtype=float16", f"offload.folder={tmp_path / 'fresh'}", tmp_path=tmp_path / "c")
+    fresh = converted(tmp_path / "fresh")
+    float16.rename(folder / fresh.name)  # bf16 files and manifest where the float16 ones belong
+    out, _ = logits("dtype=float16", f"offload.folder={folder}", tmp_path=tmp_path / "b")
     assert torch.equal(out, reference)
 
 
@@ -81,12 +101,26 @@ def test_an_interrupted_conversion_is_detected_and_redone(tmp_path):
     folder = tmp_path / "off"
     expected, _ = logits("dtype=bfloat16", f"offload.folder={folder}", tmp_path=tmp_path / "a")
     # As if the run died mid-write: the manifest is written last, so it is missing, and a file is cut short.
-    (folder / MANIFEST).unlink()
-    victim = sorted(folder.glob("*.safetensors"))[0]
+    (converted(folder) / MANIFEST).unlink()
+    victim = sorted(converted(folder).glob("*.safetensors"))[0]
     victim.write_bytes(victim.read_bytes()[:100])
     out, _ = logits("dtype=bfloat16", f"offload.folder={folder}", tmp_path=tmp_path / "b")
     assert torch.equal(out, expected)
-    assert (folder / MANIFEST).is_file()
+    assert (converted(folder) / MANIFEST).is_file()
+
+
+@pytest.mark.parametrize("cut", [100, -1], ids=["header", "last-byte"])
+def test_a_converted_file_cut_short_under_an_intact_manifest_is_rewritten(tmp_path, cut):
+    """The runner wrote the file, so it checks it: a short one is converted again, not blamed on the checkpoint."""
+    folder = tmp_path / "off"
+    expected, _ = logits("dtype=bfloat16", f"offload.folder={folder}", tmp_path=tmp_path / "a")
+    victim = sorted(converted(folder).glob("*.safetensors"))[-1]
+    whole = victim.read_bytes()
+    victim.write_bytes(whole[:cut])
+    out, _ = logits("dtype=bfloat16", f"offload.folder={folder}", tmp_path=tmp_path / "b")
+    assert torch.equal(out, expected)
+    assert victim.read_bytes() == whole
+    assert not [p for p in converted(folder).iterdir() if p.name.endswith(".tmp")]
 
 
 def test_an_unwritable_folder_is_one_clear_error(tmp_path):
@@ -153,9 +187,9 @@ def test_disk_blocks_are_read_into_reused_buffers(tmp_path):
     """No allocation per forward: every disk block's weights land in one of depth + 1 reused buffers when they
     come from the device (bytes in the page cache would be mapped in place instead)."""
     # bfloat16 from fp32: disk blocks come from the offload folder, whose pages nothing else maps or reads ahead.
-    result = prepare(compose_config(*DISKY, "max_memory.cpu=30000B", "dtype=bfloat16", "offload.prefetch=1"),
-                     tmp_path)
-    evict_page_cache((tmp_path / "offload").glob("*.safetensors"))
+    result = prepare(compose_config(*DISKY, "max_memory.cpu=30000B", "dtype=bfloat16", "offload.prefetch=1",
+                                    f"offload.folder={tmp_path / 'off'}"), tmp_path)
+    evict_page_cache(tmp_path.glob("off/*/*.safetensors"))
     storages = []
     for name, device in result.check.block_devices.items():
         if device == "disk" and name.startswith("transformer.h."):
@@ -201,3 +235,23 @@ def test_a_lone_disk_block_is_not_read_twice_by_the_wrap_around(tmp_path):
         for _ in range(2):
             tight.model(TOKENS)
     assert tight.ledger.peak["cuda:0"] == tight.check.loads["cuda:0"] + h5.nbytes
+
+
+def test_an_offload_folder_with_no_storage_is_named_when_the_plan_needs_disk(tmp_path):
+    """/proc has no free space: the plan's want of disk is put down to offload.folder, not to a budget."""
+    with pytest.raises(OffloadError) as e:
+        logits("offload.folder=/proc/runner-offload", tmp_path=tmp_path)
+    assert len(e.value.lines) == 1
+    assert e.value.lines[0].startswith("offload.folder: /proc/runner-offload is on a filesystem with no storage")
+    assert e.value.lines[0].endswith("point offload.folder at a writable folder on a disk")
+
+
+def test_an_offload_folder_inside_the_checkpoint_folder_is_refused(tmp_path):
+    """Converted blocks beside the user's weights would be read as the checkpoint's own by the next run."""
+    resident = prepare(compose_config("model=gpt2tiny", "model.arch.n_layer=6", "hardware=cpu"), tmp_path / "all")
+    home = resident.checkpoint.files[0].parent
+    with pytest.raises(OffloadError) as e:
+        logits("dtype=bfloat16", f"offload.folder={home / 'off'}", tmp_path=tmp_path / "run")
+    assert e.value.lines == [f"offload.folder: {home / 'off'} lies inside the checkpoint's folder {home}; converted "
+                             "blocks would be written beside its weights. Point offload.folder elsewhere"]
+    assert not (home / "off").exists()

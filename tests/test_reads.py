@@ -111,15 +111,25 @@ def test_a_truncated_file_is_a_short_read_and_a_bad_buffer_is_refused(checkpoint
         reader.read(reads, aligned_buffer(reads.nbytes))
 
 
-def test_renamed_and_transformed_tensors(tmp_path):
-    """Under a name map, plain renames are located in the inner checkpoint; a transform cannot be read in place."""
-    from runner.checkpoint.names import NameMap, RenamedCheckpoint, Source, transpose
+def test_renamed_and_transposed_tensors_are_read_in_place(tmp_path):
+    """Under a name map, renames and transposed (Conv1D) weights are located in the inner checkpoint: a transposed
+    weight is read into the buffer as stored and handed out as a view of it, never copied."""
+    from runner.checkpoint.names import NameMap, RenamedCheckpoint, Source
 
-    save_file({"t.w": torch.randn(4, 6), "t.b": torch.randn(6)}, str(tmp_path / "m.safetensors"))
+    w, b = torch.randn(4, 6), torch.randn(6)
+    save_file({"t.w": w, "t.b": b}, str(tmp_path / "m.safetensors"))
     inner = open_safetensors(tmp_path / "m.safetensors")
-    renamed = RenamedCheckpoint(inner, NameMap({"w": Source("t.w", transpose, (6, 4)), "b": Source("t.b")}))
-    assert renamed.locate(["w", "b"]) is None
-    assert renamed.locate(["b"]) == {"b": inner.locate(["t.b"])["t.b"]}
+    renamed = RenamedCheckpoint(inner, NameMap({"w": Source("t.w", transposed=True), "b": Source("t.b")}))
+    assert renamed.entries["w"].shape == (6, 4)
+    located = renamed.locate(["w", "b"])
+    assert located["b"] == inner.locate(["t.b"])["t.b"]
+    assert located["w"].transposed and located["w"].shape == (4, 6)
+    reads = plan_reads(located)
+    buffer = aligned_buffer(reads.nbytes)
+    got = SpanReader(direct=False).read(reads, buffer)
+    assert torch.equal(got["w"], w.t()) and torch.equal(got["b"], b)
+    assert got["w"].untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()  # a view of the buffer
+    assert torch.equal(renamed.read("w"), w.t()) and not renamed.read("w").is_contiguous()  # a view: no copy
 
 
 def test_a_span_is_read_in_chunks_and_an_error_names_the_file_cut_short(checkpoint, monkeypatch):

@@ -5,10 +5,13 @@ linear weights transposed as Conv1D, with or without a ``transformer.`` prefix, 
 legacy mask buffers). A model class may say how its names map onto a checkpoint's by
 defining ``checkpoint_names(stored) -> NameMap``; the rest of the runner then only ever
 sees the model's names and shapes.
+
+A stored layout is read as it is: a transposed weight becomes a transposed *view* of the
+stored bytes (``F.linear`` takes it as it is), never a copy. So a mapped file's pages are
+the weight itself, and a disk block is read straight from the checkpoint like any other.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,16 +21,12 @@ import torch
 from runner.checkpoint.base import Checkpoint, TensorEntry
 from runner.checkpoint.reads import Located
 
-Transform = Callable[[torch.Tensor], torch.Tensor]
-
-
 @dataclass(frozen=True)
 class Source:
-    """Where one model tensor comes from: a stored key, and how to turn the stored tensor into it."""
+    """Where one model tensor comes from: a stored key, read as it is or as a transposed view of it."""
 
     key: str
-    transform: Transform | None = None
-    shape: tuple[int, ...] | None = None  # the shape after ``transform``; None: as stored
+    transposed: bool = False  # a 2-D ``[in, out]`` weight seen as ``[out, in]`` (Conv1D -> Linear)
 
 
 @dataclass(frozen=True)
@@ -36,9 +35,8 @@ class NameMap:
     ignored: dict[str, str] = field(default_factory=dict)  # stored key -> why it is knowingly skipped
 
 
-def transpose(t: torch.Tensor) -> torch.Tensor:
-    """Conv1D ``[in, out]`` -> Linear ``[out, in]``; contiguous, so it streams like any other tensor."""
-    return t.t().contiguous()
+def _view(tensor: torch.Tensor, src: Source) -> torch.Tensor:
+    return tensor.t() if src.transposed else tensor
 
 
 class RenamedCheckpoint(Checkpoint):
@@ -52,7 +50,8 @@ class RenamedCheckpoint(Checkpoint):
         for name, src in names.sources.items():
             stored = inner.entries.get(src.key)
             if stored is not None:
-                self.entries[name] = replace(stored, shape=src.shape or stored.shape)
+                shape = tuple(reversed(stored.shape)) if src.transposed else stored.shape
+                self.entries[name] = replace(stored, shape=shape)
 
     @property
     def files(self) -> list[Path]:
@@ -72,26 +71,22 @@ class RenamedCheckpoint(Checkpoint):
 
     def read(self, name: str) -> torch.Tensor:
         src = self.sources[name]
-        tensor = self.inner.read(src.key)
-        return src.transform(tensor) if src.transform else tensor
+        return _view(self.inner.read(src.key), src)
 
     def read_ahead(self, names: list[str]) -> None:
         self.inner.read_ahead([self.sources[n].key for n in names if n in self.sources])
 
     def locate(self, names: list[str]) -> dict[str, Located] | None:
-        """Where each tensor's bytes sit, under the model's names; None if any is transformed on the way."""
+        """Where each tensor's bytes sit, under the model's names (a transposed one as stored, marked to be viewed)."""
         sources = [self.sources[n] for n in names]
-        if any(src.transform for src in sources):
-            return None
         located = self.inner.locate([src.key for src in sources])
         if located is None:
             return None
-        return {n: replace(located[src.key], shape=self.entries[n].shape) for n, src in zip(names, sources)}
+        return {n: replace(located[src.key], transposed=src.transposed) for n, src in zip(names, sources)}
 
     def read_uncached(self, name: str) -> torch.Tensor:
         src = self.sources[name]
-        tensor = self.inner.read_uncached(src.key)
-        return src.transform(tensor) if src.transform else tensor
+        return _view(self.inner.read_uncached(src.key), src)
 
     def fingerprint(self) -> dict:
         return self.inner.fingerprint()

@@ -44,7 +44,12 @@ class Located:
     start: int
     nbytes: int
     dtype: torch.dtype
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]    # as stored
+    transposed: bool = False  # used as a transposed view of the stored 2-D tensor (``runner.checkpoint.names``)
+
+    def view(self, stored: torch.Tensor) -> torch.Tensor:
+        """The tensor as the model uses it, from its bytes as stored: a view, never a copy."""
+        return stored.t() if self.transposed else stored
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,7 @@ class SpanReader:
                 raise OSError(e.errno, e.strerror or str(e), str(span.file)) from e
             places.append(place)
             cold = cold or missed
-        return {key: places[i][offset: offset + loc.nbytes].view(loc.dtype).view(loc.shape)
+        return {key: loc.view(places[i][offset: offset + loc.nbytes].view(loc.dtype).view(loc.shape))
                 for key, (i, offset, loc) in reads.tensors.items()}
 
     def _read_span(self, span: Span, view: memoryview, buffer: torch.Tensor, map_cached: bool,

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from runner.checkpoint.files import TensorEntry
 from runner.infer.kv_cache import KVCache, LayerCache, ZooCausalLM, attend, step
-from runner.checkpoint.names import NameMap, Source, transpose
+from runner.checkpoint.names import NameMap, Source
 from runner.errors import CheckpointError
 
 
@@ -124,7 +124,7 @@ class GPT(ZooCausalLM, nn.Module):
         """This model's names on a GPT-2 checkpoint in either layout, decided once for the whole checkpoint.
 
         Every stored key is accounted for: mapped to the model name it holds (the four Conv1D weights of a
-        Hugging Face checkpoint transposed on read), ignored with a reason (legacy mask buffers), or kept
+        Hugging Face checkpoint as transposed views), ignored with a reason (legacy mask buffers), or kept
         under its own name, so that the key check reports it as unexpected. A model tensor the checkpoint
         lacks gets no source, so the key check reports it as missing.
 
@@ -145,7 +145,7 @@ class GPT(ZooCausalLM, nn.Module):
                 name = key
             shape = stored[key].shape
             if conv1d and name.endswith(_CONV1D) and len(shape) == 2:
-                sources[name] = Source(key, transform=transpose, shape=(shape[1], shape[0]))
+                sources[name] = Source(key, transposed=True)
             else:
                 sources[name] = Source(key)
         return NameMap(sources, ignored)
