@@ -5,6 +5,7 @@ their budgets: going over raises as a real GPU's allocator would.
 """
 from __future__ import annotations
 
+import resource
 import threading
 
 from runner.errors import SimulatedOutOfMemory
@@ -37,3 +38,26 @@ class MemoryLedger:
     def release(self, device: str, nbytes: int) -> None:
         with self._lock:
             self.current[device] -= nbytes
+
+
+def reset_peak_rss() -> bool:
+    """Start the kernel's peak-RSS mark afresh (VmHWM := VmRSS), so a peak read later is the peak since now and
+    not of whatever the process did before (a long-lived Python session, a test suite); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # Linux >= 4.0
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    """The process's peak resident bytes: since the last ``reset_peak_rss`` where the kernel says, else lifetime."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import psutil
 import torch
 from torch import nn
 
@@ -25,7 +26,7 @@ from runner.dispatch import dispatch
 from runner.errors import CheckpointError, ConfigError, OffloadError, PlanError
 from runner.infer.model import context_length
 from runner.hardware import Hardware, detect_hardware, offload_folder_problem
-from runner.memory import MemoryLedger
+from runner.memory import MemoryLedger, reset_peak_rss
 from runner.order import ForwardTrace, forward_order
 from runner.planner import Plan, PlanRequest, plan_device_map
 from runner.reserves import LOGITS, device_reserves, keeps_kv_cache, kv_bytes
@@ -59,6 +60,7 @@ class RunResult(Planned):
     """A planned run, loaded."""
 
     ledger: MemoryLedger | None = None
+    baseline_rss: int = 0  # the process's resident bytes just before the weights were loaded (interpreter, torch)
 
 
 def open_source(cfg: RunConfig) -> Checkpoint | None:
@@ -143,11 +145,13 @@ def load(planned: Planned, run_dir: Path) -> RunResult:
     if "disk" in planned.check.block_devices.values():
         _check_offload_folder(_offload_folder(cfg, run_dir), checkpoint)
     ledger = MemoryLedger(planned.hardware)
+    reset_peak_rss()  # the CPU's measured peak is then this run's, not the process's whole life's
+    baseline = psutil.Process().memory_info().rss
     with _timed(timings, "load"):
         dispatch(planned, checkpoint, ledger, offload_folder=_offload_folder(cfg, run_dir),
                  prefetch=cfg.placement.prefetch, direct_io=cfg.placement.direct_io)
     fields = {k: getattr(planned, k) for k in Planned.__dataclass_fields__}
-    return RunResult(**{**fields, "checkpoint": checkpoint, "keys": keys}, ledger=ledger)
+    return RunResult(**{**fields, "checkpoint": checkpoint, "keys": keys}, ledger=ledger, baseline_rss=baseline)
 
 
 def _weights_per_device(layout: ModelLayout, block_devices: dict[str, str], hardware: Hardware) -> dict[str, int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import platform
-import resource
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
@@ -18,6 +17,7 @@ import runner
 from runner.explain import compact_map, plan_document
 from runner.infer.generate import GenerationStats
 from runner.pipeline import Planned, RunResult
+from runner.memory import peak_rss
 from runner.room import reserved
 from runner.schema import schema_errors
 from runner.sizes import format_bytes
@@ -36,16 +36,40 @@ def device_map_document(result: RunResult) -> dict:
     }
 
 
-def report_document(result: RunResult) -> dict:
-    cfg = result.config
-    devices = [{
+# A measured peak this far above the plan's prediction is reported: the plan, or the runner, is wrong somewhere.
+OVER_PREDICTION = 1.10
+
+
+def device_documents(result: RunResult) -> list[dict]:
+    """Each device's budget, plan and peaks. The CPU's prediction includes the process's resident bytes before the
+    load (``baseline_bytes``: interpreter, torch, tokenizer), since its measured peak is the whole process's."""
+    return [{
         "name": d.name, "kind": d.kind, "simulated": d.simulated, "budget": d.budget,
         "planned_bytes": result.check.loads[d.name], "reserve": reserved(result.plan.reserves, d.name),
         "reserves": result.plan.reserves.get(d.name, {}),
         "peak_bytes": result.ledger.peak[d.name], "resident_bytes": result.ledger.current[d.name],
-        "predicted_peak_bytes": result.check.loads[d.name] + reserved(result.plan.reserves, d.name),
+        "baseline_bytes": result.baseline_rss if d.kind == "cpu" else 0,
+        "predicted_peak_bytes": result.check.loads[d.name] + reserved(result.plan.reserves, d.name)
+        + (result.baseline_rss if d.kind == "cpu" else 0),
         **_measured_peak(d),
     } for d in result.hardware.devices]
+
+
+def memory_warnings(devices: list[dict]) -> list[str]:
+    """One line per device whose measured peak exceeds the prediction by more than 10%."""
+    lines = []
+    for d in devices:
+        measured, predicted = d["measured_peak_bytes"], d["predicted_peak_bytes"]
+        if measured is not None and measured > OVER_PREDICTION * max(predicted, 1):
+            lines.append(f"{d['name']}: measured peak {format_bytes(measured)} ({d['measured_by']}) is "
+                         f"{measured / max(predicted, 1):.2f}x the plan's prediction of {format_bytes(predicted)}; "
+                         "memory outside the plan is in use, and a tighter budget may fail")
+    return lines
+
+
+def report_document(result: RunResult) -> dict:
+    cfg = result.config
+    devices = device_documents(result)
     return {
         "runner_version": runner.__version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -56,7 +80,7 @@ def report_document(result: RunResult) -> dict:
         "hardware": {"name": result.hardware.name, "main_device": result.hardware.main_device},
         "devices": devices,
         "checkpoint": {**result.checkpoint.fingerprint(), "ignored_keys": list(result.keys.ignored)},
-        "warnings": list(result.check.warnings),
+        "warnings": [*result.check.warnings, *memory_warnings(devices)],
         "timings": result.timings,
         "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
         "config": cfg.resolved,
@@ -144,8 +168,8 @@ def _measured_peak(device) -> dict:
     """What the machine says: the process's peak RSS for the CPU, the allocator's peak for a real GPU,
     the runner's own ledger (``peak_bytes``) for simulated GPUs and disk."""
     if device.kind == "cpu":
-        return {"measured_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                "measured_by": "process peak RSS (weights, runtime and interpreter)"}
+        return {"measured_peak_bytes": peak_rss(),
+                "measured_by": "process peak RSS since the load began (weights, runtime and interpreter)"}
     if device.kind == "gpu" and not device.simulated:
         import torch
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import compose_config
 from runner.infer.generate import GenerationStats
@@ -111,12 +112,14 @@ def test_write_job_report_writes_the_map_and_a_report_equal_to_the_run(loaded, t
         assert (d["budget"], d["planned_bytes"], d["reserves"], d["reserve"]) == (
             BUDGETS[name], LOADS[name], reserves, sum(reserves.values())), name
         assert d["peak_bytes"] == d["resident_bytes"] == LOADS[name], name  # everything loaded, nothing streamed
-        assert d["predicted_peak_bytes"] == LOADS[name] + sum(reserves.values()), name
+        assert d["predicted_peak_bytes"] == LOADS[name] + sum(reserves.values()) + d["baseline_bytes"], name
+        assert (d["baseline_bytes"] > 0) == (name == "cpu"), name  # the process before the load: CPU only
     assert devices["cuda:0"]["simulated"] and devices["cuda:0"]["measured_peak_bytes"] is None
     assert devices["cpu"]["measured_by"].startswith("process peak RSS") and devices["cpu"]["measured_peak_bytes"] > 0
     assert report["checkpoint"]["source"] == "synthetic" and report["checkpoint"]["ignored_keys"] == []
     assert [f["path"] for f in report["checkpoint"]["files"]] == [str(f) for f in loaded.checkpoint.files]
-    assert report["warnings"] == list(loaded.check.warnings)  # the tied head on cuda:0 after cuda:1: one hop back
+    # The tied head on cuda:0 after cuda:1: one hop back (and, maybe, the test process's own memory since the load).
+    assert [w for w in report["warnings"] if "measured peak" not in w] == list(loaded.check.warnings)
     assert any("cuda:1 -> cuda:0" in w for w in report["warnings"])
     assert {"build", "plan", "validate", "load"} <= set(report["timings"])
     assert report["config"]["placement"]["strategy"] == "balanced"
@@ -128,3 +131,21 @@ def test_a_document_that_breaks_its_schema_is_not_written(tmp_path):
     with pytest.raises(RuntimeError, match=r"^output does not match its schema \(a bug in the runner\): plan\.json: "):
         write_documents(tmp_path / "run", {"plan.json": ({"model": "gpt2tiny"}, "plan")})
     assert not (tmp_path / "run").exists()
+
+
+def test_a_measured_peak_above_the_prediction_is_a_warning(tmp_path):
+    """Memory outside the plan shows: the report and the screen say which device, and both figures."""
+    from runner.report import memory_warnings, report_document
+
+    result = prepare(compose_config("model=gpt2tiny", "hardware=cpu"), tmp_path)
+    assert not [w for w in report_document(result)["warnings"] if "measured peak" in w]
+    held = torch.ones(int(1.5 * result.baseline_rss) // 4)  # touched: resident, and nowhere in the plan
+    (line,) = [w for w in report_document(result)["warnings"] if "measured peak" in w]
+    assert line.startswith("cpu: measured peak ") and "x the plan's prediction of " in line
+    del held
+    doc = {"name": "cuda:0", "measured_peak_bytes": 12 * 2**30, "predicted_peak_bytes": 10 * 2**30,
+           "measured_by": "torch.cuda.max_memory_allocated"}
+    assert memory_warnings([doc]) == [
+        "cuda:0: measured peak 12.00 GiB (torch.cuda.max_memory_allocated) is 1.20x the plan's prediction of "
+        "10.00 GiB; memory outside the plan is in use, and a tighter budget may fail"]
+    assert memory_warnings([{**doc, "measured_peak_bytes": 11 * 2**30}]) == []  # within 10%
