@@ -116,6 +116,12 @@ class RuntimeSpec:
     batch_size: int
     seq_len: int | None  # prompt plus new tokens; None until derived from the data, or the model's context
     log_every: float = 30.0  # seconds between progress lines off a terminal
+    micro_batches: int = 1  # generation: batches decoded together, each streamed block loaded once for all of them
+
+    @property
+    def rows_in_flight(self) -> int:
+        """Sequences that hold a KV cache at once."""
+        return self.batch_size * self.micro_batches
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,10 @@ def load_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
     if not errors and plain["data"]["format"] == "openai" and plain["task"]["name"] != "generate":
         errors.append(f"data: the OpenAI batch format asks for completions; it runs with task=generate, "
                       f"not task={plain['task']['name']}")
+    if not errors and plain["runtime"]["micro_batches"] > 1 and plain["task"]["name"] != "generate":
+        errors.append(f"runtime.micro_batches: micro-batches share streamed blocks across decode steps of "
+                      f"task=generate; task={plain['task']['name']} runs one forward per batch, so raise "
+                      "runtime.batch_size instead")
     if not errors and plain["mode"] == "check" and not plain["map_file"]:
         errors.append("map_file: mode=check needs the map to check, e.g. map_file=outputs/.../device_map.json")
     if errors:
@@ -222,7 +232,8 @@ def _typed(c: dict[str, Any]) -> RunConfig:
         task=_task(c["task"], c["seed"]),
         dtype=c["dtype"],
         seed=c["seed"],
-        runtime=RuntimeSpec(c["runtime"]["batch_size"], c["runtime"]["seq_len"], float(c["runtime"]["log_every"])),
+        runtime=RuntimeSpec(c["runtime"]["batch_size"], c["runtime"]["seq_len"], float(c["runtime"]["log_every"]),
+                            c["runtime"]["micro_batches"]),
         data=_data(c["data"]),
         resume=c["resume"],
         mode=c["mode"],

@@ -34,8 +34,9 @@ def torch_device(name: str, hardware: Hardware) -> torch.device:
 
 
 def dispatch(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger, *, offload_folder: Path,
-             prefetch: int = 1, direct_io: bool = True) -> None:
-    """Load every resident block of ``plan.model`` onto its device, prepare streamed blocks, and install the hooks.
+             prefetch: int = 1, direct_io: bool = True) -> Prefetcher:
+    """Load every resident block of ``plan.model`` onto its device, prepare streamed blocks, and install the hooks;
+    the prefetcher that streams blocks in (``Prefetcher.shared_by`` lets micro-batches share each load).
 
     Disk blocks that need converting are written to ``offload_folder``. Streamed blocks are read ``prefetch`` ahead
     of the one running, with ``O_DIRECT`` when ``direct_io`` and their bytes are not in the page cache already.
@@ -55,6 +56,7 @@ def dispatch(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger, *, of
         _install_hooks(model.get_submodule(block.name), target, by_name.get(block.name), prefetcher)
     for alias, owner in layout.ties.items():  # the owner is loaded by now, wherever it lives
         set_slot(model, alias, get_slot(model, owner))
+    return prefetcher
 
 
 def _load_block(plan: LoadPlan, block: Block, checkpoint: Checkpoint, ledger: MemoryLedger,

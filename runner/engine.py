@@ -29,6 +29,7 @@ from runner.infer.model import CausalLM, causal_lm, context_length
 from runner.infer.prompts import encode_prompts, fit, fit_tokens, plan_inputs
 from runner.infer.sampling import SamplingParams
 from runner.infer.score import Score, pair_request, score, text_request
+from runner.offload import Prefetcher
 from runner.pipeline import Planned, RunResult, load, open_source, plan
 from runner.tokenizer import Tokenizer
 
@@ -83,6 +84,11 @@ class Engine:
         return self.config.runtime.seq_len
 
     @property
+    def streams(self) -> Prefetcher | None:
+        """What brings streamed blocks in; micro-batches share its loads."""
+        return self.loaded.streams
+
+    @property
     def lm(self) -> CausalLM:
         """The model behind the generation contract (generate, score)."""
         return self._lm()
@@ -108,8 +114,10 @@ class Engine:
         requests = encode_prompts(self.tokenizer, prompts, task.chat if chat is None else chat)
         requests = fit(requests, params.max_new_tokens, context=self.context, seq_len=self.seq_len,
                        truncate=task.truncate if truncate is None else truncate)
-        return generate(self.lm, self.tokenizer, requests, params, batch_size=self.config.runtime.batch_size,
-                        seed=self.config.seed, stats=self.stats)
+        runtime = self.config.runtime
+        return generate(self.lm, self.tokenizer, requests, params, batch_size=runtime.batch_size,
+                        micro_batches=runtime.micro_batches, seed=self.config.seed, stats=self.stats,
+                        streams=self.streams)
 
     def score(self, texts: Sequence[str | tuple[str, str]]) -> list[Score]:
         """The log-likelihood of each text, or of each ``(prompt, continuation)`` pair's continuation given its

@@ -17,11 +17,13 @@
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
@@ -138,11 +140,31 @@ class Prefetcher:
         self.free_buffers: list[torch.Tensor] = []
         self.made_buffers = 0
         self.held: dict[str, tuple[torch.Tensor | None, torch.cuda.Event | None]] = {}
+        self.sharing = 1                # micro-batches that use each block once it is in (``shared_by``)
+        self.uses: dict[str, int] = {}  # uses of each held block so far
+        self.loads = 0                  # blocks brought in, all forwards together
+
+    @contextlib.contextmanager
+    def shared_by(self, micro_batches: int) -> Iterator[None]:
+        """Within this block, each streamed block brought in serves ``micro_batches`` forwards before it is dropped:
+        the caller runs that many micro-batches through every block in turn (``runner.infer.column``), so weight
+        traffic per token falls by that factor. Whatever is still held at the end (a forward that raised) goes."""
+        self.sharing = micro_batches
+        try:
+            yield
+        finally:
+            self.sharing = 1
+            for block in [b for b in self.blocks if b.name in self.held]:
+                self.after(block, last=True)
 
     def before(self, block: DiskBlock) -> None:
         """Put the block's weights in place (waiting for a prefetch, or reading now), then read ahead."""
-        if block.name in self.held:  # the last forward raised before this block was dropped: drop it now
-            self.after(block)
+        if block.name in self.held:
+            if self.uses[block.name] < self.sharing:  # another micro-batch of the same column: it is in place
+                return
+            self.after(block, last=True)  # the last forward raised before this block was dropped: drop it now
+        self.loads += 1
+        self.uses[block.name] = 0
         future = self.pending.pop(block.name, None)
         if future is None:
             self.ledger.allocate(self.compute, block.nbytes, f"disk block {block.name or '(model)'}")
@@ -169,7 +191,11 @@ class Prefetcher:
             self.pending[ahead.name] = self.pool.submit(
                 lambda b=ahead, buf=ahead_buffer: (buf, b.fetch(self.reader, buf, self.stream)))
 
-    def after(self, block: DiskBlock) -> None:
+    def after(self, block: DiskBlock, last: bool = False) -> None:
+        """The block has run for one micro-batch: dropped once every micro-batch sharing it has (or ``last``)."""
+        self.uses[block.name] = self.uses.get(block.name, 0) + 1
+        if not last and self.uses[block.name] < self.sharing:
+            return
         block.detach()
         buffer, event = self.held.pop(block.name, (None, None))
         if buffer is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,8 +21,9 @@ from runner.blocks import ModelLayout, describe_model
 from runner.build import build_skeleton, model_class, no_split_classes, resolve_arch
 from runner.checkpoint import Checkpoint, KeyReport, check_keys, open_checkpoint
 from runner.compute import Compute, compute_plan
-from runner.config import RunConfig
+from runner.config import RunConfig, RuntimeSpec
 from runner.dispatch import dispatch
+from runner.offload import Prefetcher
 from runner.errors import CheckpointError, ConfigError, OffloadError, PlanError
 from runner.infer.model import context_length
 from runner.hardware import Hardware, detect_hardware, offload_folder_problem
@@ -30,7 +31,8 @@ from runner.memory import MemoryLedger, reset_peak_rss
 from runner.order import ForwardTrace, forward_order
 from runner.planner import Plan, PlanRequest, plan_device_map
 from runner.reserves import LOGITS, device_reserves, keeps_kv_cache, kv_bytes
-from runner.room import room_left
+from runner.room import reserved, room_left
+from runner.sizes import format_bytes
 from runner.validate import MapCheck, check_map, load_map_file, resolve_pins
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ class RunResult(Planned):
 
     ledger: MemoryLedger | None = None
     baseline_rss: int = 0  # the process's resident bytes just before the weights were loaded (interpreter, torch)
+    streams: Prefetcher | None = None  # brings streamed blocks in; micro-batches share its loads
 
 
 def open_source(cfg: RunConfig) -> Checkpoint | None:
@@ -93,16 +96,20 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None) ->
         trace = forward_order(model, layout)
         layout = layout.in_order(trace.order)
         hardware = detect_hardware(cfg.hardware, cfg.placement.max_memory, _offload_folder(cfg, run_dir))
-        shape = cfg.runtime
-        request = PlanRequest(
-            blocks=layout.blocks, devices=hardware.devices, strategy=cfg.placement.strategy,
-            main_device=hardware.main_device, pins=resolve_pins(cfg.placement.device_map, layout, hardware),
-            reserves=device_reserves(hardware, trace, shape, dtype.itemsize, cfg.hardware.cuda_context_reserve,
-                                     logits=LOGITS[cfg.task.name]),
-            # Only generation keeps keys and values between forwards; scoring and embedding run one forward.
-            kv_bytes=kv_bytes(model, layout, trace, cfg.model.no_split_module_classes, shape, dtype.itemsize)
-            if cfg.task.name == "generate" and keeps_kv_cache(model) else {},
-            allow_disk=cfg.placement.allow_disk, prefetch=cfg.placement.prefetch)
+        pins = resolve_pins(cfg.placement.device_map, layout, hardware)
+
+        def request_for(shape: RuntimeSpec) -> PlanRequest:
+            return PlanRequest(
+                blocks=layout.blocks, devices=hardware.devices, strategy=cfg.placement.strategy,
+                main_device=hardware.main_device, pins=pins,
+                reserves=device_reserves(hardware, trace, shape, dtype.itemsize, cfg.hardware.cuda_context_reserve,
+                                         logits=LOGITS[cfg.task.name]),
+                # Only generation keeps keys and values between forwards; scoring and embedding run one forward.
+                kv_bytes=kv_bytes(model, layout, trace, cfg.model.no_split_module_classes, shape, dtype.itemsize)
+                if cfg.task.name == "generate" and keeps_kv_cache(model) else {},
+                allow_disk=cfg.placement.allow_disk, prefetch=cfg.placement.prefetch)
+
+        request = request_for(cfg.runtime)
         activation_bytes = {name: n * dtype.itemsize for name, n in trace.input_elems.items()}
         if cfg.mode == "check":  # the map comes from a file, to be validated as it is
             assert cfg.map_file is not None  # load_config requires it in this mode
@@ -113,7 +120,8 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None) ->
         else:
             log.info("Planning %s over %s with strategy %s", cfg.model.name, ", ".join(hardware.names),
                      cfg.placement.strategy)
-            the_plan = _plan_or_blame_the_folder(request, _offload_folder(cfg, run_dir), cfg.placement.max_memory)
+            the_plan = _plan_or_blame(request, cfg, _offload_folder(cfg, run_dir),
+                                      one_batch=lambda: request_for(replace(cfg.runtime, micro_batches=1)))
     with _timed(timings, "validate"):
         check = check_map(the_plan.device_map, layout, hardware, the_plan.reserves, activation_bytes)
         for warning in check.warnings:
@@ -148,10 +156,11 @@ def load(planned: Planned, run_dir: Path) -> RunResult:
     reset_peak_rss()  # the CPU's measured peak is then this run's, not the process's whole life's
     baseline = psutil.Process().memory_info().rss
     with _timed(timings, "load"):
-        dispatch(planned, checkpoint, ledger, offload_folder=_offload_folder(cfg, run_dir),
-                 prefetch=cfg.placement.prefetch, direct_io=cfg.placement.direct_io)
+        streams = dispatch(planned, checkpoint, ledger, offload_folder=_offload_folder(cfg, run_dir),
+                           prefetch=cfg.placement.prefetch, direct_io=cfg.placement.direct_io)
     fields = {k: getattr(planned, k) for k in Planned.__dataclass_fields__}
-    return RunResult(**{**fields, "checkpoint": checkpoint, "keys": keys}, ledger=ledger, baseline_rss=baseline)
+    return RunResult(**{**fields, "checkpoint": checkpoint, "keys": keys}, ledger=ledger, baseline_rss=baseline,
+                     streams=streams)
 
 
 def _weights_per_device(layout: ModelLayout, block_devices: dict[str, str], hardware: Hardware) -> dict[str, int]:
@@ -182,18 +191,32 @@ def _offload_folder(cfg: RunConfig, run_dir: Path) -> Path:
     return cfg.placement.offload_folder or run_dir / "offload"
 
 
-def _plan_or_blame_the_folder(request: PlanRequest, folder: Path, caps: dict[str, int]) -> Plan:
-    """The plan; when it fails for want of disk room that an unusable offload folder took away, the folder is
-    named, not the budget."""
+def _plan_or_blame(request: PlanRequest, cfg: RunConfig, folder: Path, one_batch: Callable[[], PlanRequest]) -> Plan:
+    """The plan. When there is none, and the culprit is a setting the planner cannot see, that setting is named:
+    micro-batches whose KV caches take the room, or an unusable offload folder that took the disk away."""
     try:
         return plan_device_map(request)
-    except PlanError:
-        problem = None if "disk" in caps else offload_folder_problem(folder)
+    except PlanError as e:
+        runtime = cfg.runtime
+        if runtime.micro_batches > 1 and request.kv_bytes:
+            try:
+                plan_device_map(one_batch())
+            except PlanError:
+                pass
+            else:  # one batch fits: the other micro-batches' caches and outputs do not
+                kv = sum(request.kv_bytes.values())
+                room = sum(d.budget - reserved(request.reserves, d.name) for d in request.devices if d.kind != "disk")
+                raise PlanError(f"runtime.micro_batches: {runtime.micro_batches} micro-batches of {runtime.batch_size} "
+                                f"rows keep a KV cache of {format_bytes(kv)} ({runtime.rows_in_flight} rows x "
+                                f"{runtime.seq_len} tokens), and the devices that compute have {format_bytes(room)} "
+                                "for weights and cache after reserves; lower runtime.micro_batches, or raise "
+                                "max_memory") from None
+        problem = None if "disk" in cfg.placement.max_memory else offload_folder_problem(folder)
         if problem and request.allow_disk:
             raise OffloadError(f"offload.folder: {folder} {problem}, so nothing can be offloaded to disk, and the "
                                "model does not fit in memory; point offload.folder at a writable folder on a disk"
                                ) from None
-        raise
+        raise e
 
 
 def _check_offload_folder(folder: Path, checkpoint: Checkpoint) -> None:

@@ -4,14 +4,14 @@ Every figure here is taken off a device's budget before planning and listed in t
 
 - ``cuda_context``: what the CUDA context takes at the first allocation (a profile setting);
 - ``activations``: the hidden states of one forward, ``ACTIVATION_COPIES`` copies of the widest
-  block input for ``batch_size x seq_len`` tokens (residual stream, norm output, q/k/v,
+  block input for ``batch_size x seq_len`` tokens (micro-batches run one at a time) (residual stream, norm output, q/k/v,
   attention output and the 4x-wide MLP hidden state live together at the peak);
 - ``outputs``: the logits of one forward, on the main device, where outputs land: for generation one
   position per sequence, since it asks only for the last position's logits (``logits_to_keep=1``); for
   scoring every position, with their float32 log-probabilities; none for embedding, which stops at the
   hidden states;
-- ``kv_cache``: keys and values of every unsplittable block for ``batch_size x seq_len`` tokens in the
-  compute dtype, counted with its block (see ``kv_bytes``), for models that keep them (see ``keeps_kv_cache``).
+- ``kv_cache``: keys and values of every unsplittable block for ``batch_size x micro_batches x seq_len``
+  tokens in the compute dtype (every micro-batch keeps its own), counted with its block (see ``kv_bytes``), for models that keep them (see ``keeps_kv_cache``).
 
 The staging room for streaming disk blocks in is added by the planner, and only when
 something is on disk.
@@ -50,7 +50,7 @@ def device_reserves(hardware: Hardware, trace: ForwardTrace, shape: RuntimeSpec,
         if hidden:
             r["activations"] = ACTIVATION_COPIES * tokens * hidden * itemsize
         if device.name == hardware.main_device and trace.output_elems and logits == "last":
-            r["outputs"] = shape.batch_size * trace.output_elems * itemsize
+            r["outputs"] = shape.rows_in_flight * trace.output_elems * itemsize  # every micro-batch's, at once
         elif device.name == hardware.main_device and trace.output_elems and logits == "all":
             r["outputs"] = tokens * trace.output_elems * (itemsize + 4)  # logits, then float32 log-probabilities
         reserves[device.name] = {k: v for k, v in r.items() if v}
@@ -76,10 +76,10 @@ class CachesKeysAndValues(Protocol):
 def kv_bytes(model: nn.Module, layout: ModelLayout, trace: ForwardTrace, no_split: tuple[str, ...],
              shape: RuntimeSpec, itemsize: int) -> dict[str, int]:
     """Keys and values that generation holds for every unsplittable (attention) block: 2 x ``batch_size x
-    seq_len`` tokens x the width its attention modules declare (``kv_width``: grouped-query attention caches
-    fewer heads than it computes), or else its input width."""
+    micro_batches x seq_len`` tokens x the width its attention modules declare (``kv_width``: grouped-query
+    attention caches fewer heads than it computes), or else its input width."""
     assert shape.seq_len is not None, "seq_len is derived before planning"
-    tokens = shape.batch_size * shape.seq_len
+    tokens = shape.rows_in_flight * shape.seq_len
     out = {}
     for b in layout.blocks:
         if b.class_name not in no_split:

@@ -1,7 +1,9 @@
 """Batched generation: prompts sorted by length into batches, left-padded, decoded step by step over a KV cache.
 
 Each batch is prefilled in one forward (after the prefix all its prompts share, such as a chat template's
-system turn, prefilled once and copied to every row), then every step feeds one token per row. A row that stops
+system turn, prefilled once and copied to every row), then every step feeds one token per row. With
+micro-batches, K batches decode together as a column: each step runs all of them through each block
+while it is in (``runner.infer.column``). A row that stops
 (end of sequence, a stop token or string, or ``max_new_tokens``) leaves the batch: its cache rows are
 dropped, so it costs nothing more. Results come back in input order.
 """
@@ -14,7 +16,8 @@ from typing import Literal
 
 import torch
 
-from runner.infer.model import CausalLM
+from runner.infer.column import Call, Streams, column
+from runner.infer.model import Cache, CausalLM
 from runner.infer.sampling import SamplingParams, choose, request_generator
 from runner.tokenizer import Tokenizer
 
@@ -91,59 +94,93 @@ class _Row:
 
 @torch.inference_mode()
 def generate(lm: CausalLM, tokenizer: Tokenizer, requests: list[Request], params: SamplingParams, *,
-             batch_size: int, seed: int, stats: GenerationStats | None = None) -> list[Completion]:
-    """Every request's completion, in input order. Batches hold ``batch_size`` requests of similar length."""
+             batch_size: int, seed: int, stats: GenerationStats | None = None, micro_batches: int = 1,
+             streams: Streams | None = None) -> list[Completion]:
+    """Every request's completion, in input order. Batches hold ``batch_size`` requests of similar length; with
+    ``micro_batches`` K > 1, K batches decode together as a column, each streamed block brought in (by ``streams``)
+    once per step for all of them (``runner.infer.column``)."""
     stats = stats if stats is not None else GenerationStats()
     stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else tokenizer.eos_ids)
     seed = params.seed if params.seed is not None else seed
     by_length = sorted(requests, key=lambda r: (len(r.tokens), r.index))
     done: dict[int, Completion] = {}
-    for first in range(0, len(by_length), batch_size):
-        rows = [_Row(r, request_generator(seed, r.index)) for r in by_length[first:first + batch_size]]
-        _decode_batch(lm, tokenizer, rows, params, stop_ids, stats)
+    per_column = batch_size * micro_batches
+    for first in range(0, len(by_length), per_column):
+        rows = [_Row(r, request_generator(seed, r.index)) for r in by_length[first:first + per_column]]
+        micro = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        _decode_column(lm, tokenizer, micro, params, stop_ids, stats, streams)
         for row in rows:
             done[row.request.index] = row.completion(tokenizer)
-        log.info("batch of %d: %d new tokens", len(rows), sum(len(r.tokens) for r in rows))
+        log.info("%d batch(es) of up to %d: %d new tokens", len(micro), batch_size, sum(len(r.tokens) for r in rows))
     stats.requests += len(requests)
     return [done[r.index] for r in requests]
 
 
-def _decode_batch(lm: CausalLM, tokenizer: Tokenizer, rows: list[_Row], params: SamplingParams,
-                  stop_ids: frozenset[int], stats: GenerationStats) -> None:
+@dataclass
+class _MicroBatch:
+    """One batch of a column: the rows still decoding, their cache, and their attention mask so far."""
+
+    rows: list[_Row]
+    cache: Cache
+    mask: torch.Tensor | None = None
+
+
+def _decode_column(lm: CausalLM, tokenizer: Tokenizer, micro: list[list[_Row]], params: SamplingParams,
+                   stop_ids: frozenset[int], stats: GenerationStats, streams: Streams | None) -> None:
     start = time.perf_counter()
-    prompts = [r.request.tokens for r in rows]
-    cache = lm.new_cache(max(len(p) for p in prompts) + params.max_new_tokens)
-    shared = shared_prefix(prompts)
-    if shared:  # computed once for the batch (a chat template's system turn), then copied to every row
-        lm(torch.tensor([prompts[0][:shared]]), cache=cache)
-        cache.repeat_rows(len(rows))
-        stats.prefix_tokens_reused += shared * (len(rows) - 1)
-    ids, mask = left_pad([p[shared:] for p in prompts], tokenizer.pad_id or 0)
-    mask = torch.cat([mask.new_ones(len(rows), shared), mask], dim=1)  # the prefix, then each row's own tokens
-    logits = lm(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
-    stats.batches += 1
-    stats.prompt_tokens += sum(len(r.request.tokens) for r in rows)
+    prompts = [[r.request.tokens for r in rows] for rows in micro]
+    capacity = max(len(p) for ps in prompts for p in ps) + params.max_new_tokens
+    batches = [_MicroBatch(rows, lm.new_cache(capacity)) for rows in micro]
+    shared = shared_prefix([p for ps in prompts for p in ps])
+    if shared:  # computed once per batch (a chat template's system turn), then copied to every row
+        prefix = torch.tensor([prompts[0][0][:shared]])
+        column(lm, [Call(prefix, cache=b.cache, logits_to_keep=1) for b in batches], streams)
+        for b in batches:
+            b.cache.repeat_rows(len(b.rows))
+        stats.prefix_tokens_reused += shared * (sum(len(b.rows) for b in batches) - len(batches))
+    calls = []
+    for b, ps in zip(batches, prompts):
+        ids, mask = left_pad([p[shared:] for p in ps], tokenizer.pad_id or 0)
+        b.mask = torch.cat([mask.new_ones(len(ps), shared), mask], dim=1)  # the prefix, then each row's own tokens
+        calls.append(Call(ids, b.mask, b.cache, logits_to_keep=1))
+    outputs = column(lm, calls, streams)
+    stats.batches += len(batches)
+    stats.prompt_tokens += sum(len(p) for ps in prompts for p in ps)
     stats.prefill_s += time.perf_counter() - start
     start = time.perf_counter()
-    active = rows
     while True:
-        chosen = choose(logits[:, -1].float().cpu(), params, [r.generator for r in active])
-        for row, token in zip(active, chosen):
-            row.add(token, params, stop_ids, tokenizer)
-        going = [i for i, r in enumerate(active) if r.reason is None]
-        if not going:
+        calls = []
+        for b, logits in zip(batches, outputs):
+            chosen = _next_tokens(b, logits, params, stop_ids, tokenizer)
+            if b.rows:
+                assert b.mask is not None
+                b.mask = torch.cat([b.mask, b.mask.new_ones(len(b.rows), 1)], dim=1)
+                calls.append(Call(torch.tensor(chosen)[:, None], b.mask, b.cache, logits_to_keep=1))
+        batches = [b for b in batches if b.rows]
+        if not batches:
             break
-        if len(going) < len(active):  # finished rows leave the batch, and their cache rows with them
-            keep = torch.tensor(going)
-            cache.keep(keep)
-            mask = mask[keep]
-            active, chosen = [active[i] for i in going], [chosen[i] for i in going]
-        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-        logits = lm(torch.tensor(chosen)[:, None], attention_mask=mask, cache=cache, logits_to_keep=1)
+        outputs = column(lm, calls, streams)
         stats.steps += 1
-        stats.decode_rows += len(active)
-    stats.output_tokens += sum(len(r.tokens) for r in rows)
+        stats.decode_rows += sum(len(b.rows) for b in batches)
+    stats.output_tokens += sum(len(r.tokens) for rows in micro for r in rows)
     stats.decode_s += time.perf_counter() - start
+
+
+def _next_tokens(batch: _MicroBatch, logits: torch.Tensor, params: SamplingParams, stop_ids: frozenset[int],
+                 tokenizer: Tokenizer) -> list[int]:
+    """Each row's next token; rows that stop leave the batch, and their cache rows with them. The tokens of the
+    rows still going, in their order."""
+    chosen = choose(logits[:, -1].float().cpu(), params, [r.generator for r in batch.rows])
+    for row, token in zip(batch.rows, chosen):
+        row.add(token, params, stop_ids, tokenizer)
+    going = [i for i, r in enumerate(batch.rows) if r.reason is None]
+    if going and len(going) < len(batch.rows):
+        keep = torch.tensor(going)
+        batch.cache.keep(keep)
+        assert batch.mask is not None
+        batch.mask = batch.mask[keep]
+    batch.rows = [batch.rows[i] for i in going]
+    return [chosen[i] for i in going]
 
 
 def shared_prefix(prompts: list[tuple[int, ...]], least: int = SHARED_PREFIX_MIN) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from runner.errors import GenerateError
+from runner.infer.column import Steps
 
 
 class LayerCache:
@@ -94,6 +95,18 @@ class ZooCausalLM:
     def new_cache(self, capacity: int) -> KVCache:
         """An empty cache for up to ``capacity`` positions; each layer's fills on the device it computes on."""
         return KVCache(capacity)
+
+    def forward_steps(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                      logits_to_keep: int = 0) -> Steps:
+        """``forward``, yielding between blocks (``runner.infer.column``): hidden states, then the head."""
+        x = yield from self.hidden_steps(idx, attention_mask, positions, cache, logits_to_keep)
+        yield
+        return self.lm_head(x)
+
+    def hidden_steps(self, idx: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor | None,
+                     cache: KVCache | None, keep: int) -> Steps:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)

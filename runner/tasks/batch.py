@@ -184,7 +184,8 @@ def _run_window(task: RowTask, window: list[Row], items: list[Item], bad: list[R
         if row.number >= resumed:
             out.put(row.number, task.error_line(row))
             stats.skipped += 1
-    for batch in length_batches(items, config.runtime.batch_size, length=lambda i: i.tokens, group=lambda i: i.group):
+    # One run of the task takes every micro-batch of a column (generation), in length order.
+    for batch in length_batches(items, config.runtime.rows_in_flight, length=lambda i: i.tokens, group=lambda i: i.group):
         todo = [i for i in batch if i.row.number >= resumed]
         if not todo:
             continue  # every row already written; a batch with one row to do runs whole, as it first ran

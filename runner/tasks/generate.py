@@ -44,8 +44,10 @@ class GenerateRows:
     def run(self, items: list[Item]) -> Batch:
         stats = self.engine.stats
         prefill, decode = stats.prefill_s, stats.decode_s
+        runtime = self.engine.config.runtime
         completions = generate(self.engine.lm, self.engine.tokenizer, [i.request for i in items], items[0].group,
-                               batch_size=len(items), seed=self.engine.config.seed, stats=stats)
+                               batch_size=runtime.batch_size, micro_batches=runtime.micro_batches,
+                               seed=self.engine.config.seed, stats=stats, streams=self.engine.streams)
         return Batch(completions, sum(i.tokens for i in items), sum(len(c.output_tokens) for c in completions),
                      first_token_s=stats.prefill_s - prefill, decode_s=stats.decode_s - decode)
 

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from runner.checkpoint.files import TensorEntry
+from runner.infer.column import Steps, run_steps
 from runner.infer.kv_cache import KVCache, LayerCache, ZooCausalLM, attend, step
 from runner.checkpoint.names import NameMap, Source
 from runner.errors import CheckpointError
@@ -100,7 +101,7 @@ class GPT(ZooCausalLM, nn.Module):
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 logits_to_keep: int = 0) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(idx, attention_mask, positions, cache, logits_to_keep))
+        return run_steps(self.forward_steps(idx, attention_mask, positions, cache, logits_to_keep))
 
     def hidden_states(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       positions: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -108,13 +109,21 @@ class GPT(ZooCausalLM, nn.Module):
         """The final hidden states ``[B, T, n_embd]`` (after ``ln_f``, before the head), of the last ``keep``
         positions only (0: all). Arguments as ``forward``'s; a right-padded batch takes its mask alone, and the
         real tokens' states are those each sequence would get by itself (``runner.infer.embed``)."""
+        return run_steps(self.hidden_steps(idx, attention_mask, positions, cache, keep))
+
+    def hidden_steps(self, idx: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor | None,
+                     cache: KVCache | None, keep: int) -> Steps:
+        """``hidden_states``, yielding after each block."""
         s = step(idx, attention_mask, positions, cache)
         if s.start + idx.shape[1] > self.block_size:
             raise ValueError(f"sequence of {s.start + idx.shape[1]} tokens is longer than block_size {self.block_size}")
         tok = self.transformer.wte(idx)
+        yield
         x = tok + self.transformer.wpe(s.positions).to(tok.device)  # the two tables may sit on different devices
+        yield
         for i, block in enumerate(self.transformer.h):
             x = block(x, s.mask, s.layer_cache(cache, i))
+            yield
         if keep:
             x = x[:, -keep:]
         return self.transformer.ln_f(x)

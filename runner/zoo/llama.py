@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from runner.infer.column import Steps, run_steps
 from runner.infer.kv_cache import KVCache, LayerCache, ZooCausalLM, attend, step
 
 
@@ -146,18 +147,26 @@ class Llama(ZooCausalLM, nn.Module):
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 logits_to_keep: int = 0) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(idx, attention_mask, positions, cache, logits_to_keep))
+        return run_steps(self.forward_steps(idx, attention_mask, positions, cache, logits_to_keep))
 
     def hidden_states(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       positions: torch.Tensor | None = None, cache: KVCache | None = None,
                       keep: int = 0) -> torch.Tensor:
         """The final hidden states ``[B, T, hidden_size]`` (after the final norm, before the head), of the last
         ``keep`` positions only (0: all); see ``GPT.hidden_states``."""
+        return run_steps(self.hidden_steps(idx, attention_mask, positions, cache, keep))
+
+    def hidden_steps(self, idx: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor | None,
+                     cache: KVCache | None, keep: int) -> Steps:
+        """``hidden_states``, yielding after each block."""
         s = step(idx, attention_mask, positions, cache)
         x = self.model.embed_tokens(idx)
+        yield
         cos, sin = self.model.rotary_emb(x, s.positions)
+        yield
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, s.mask, s.layer_cache(cache, i))
+            yield
         if keep:
             x = x[:, -keep:]
         return self.model.norm(x)

@@ -1,0 +1,115 @@
+"""Micro-batches (``runtime.micro_batches``): K batches decode as a column, each streamed block brought in once per
+step for all of them; outputs equal the plain run's, and the plan and errors name the key."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import compose_config
+from runner.errors import ConfigError, PlanError
+from runner.infer.generate import GenerationStats, Request, generate
+from runner.infer.sampling import SamplingParams
+from runner.pipeline import prepare
+
+# gpt2tiny with 6 blocks (about 100 kB in fp32) and the KV cache of 8 rows on a CPU of 250 kB: the attention blocks
+# stream in from disk every forward.
+DISKY = ["model=gpt2tiny", "model.arch.n_layer=6", "hardware=cpu", "runtime.seq_len=24", "max_memory.cpu=250000B"]
+PROMPTS = [(72, 101, 108), (108, 111, 44, 32), (119, 111), (114, 108, 100, 33, 7), (9, 9, 9), (50, 60, 70, 80, 90),
+           (1,), (2, 3)]
+
+
+class Ids:
+    """A tokenizer stand-in: generation here works on token ids only."""
+
+    eos_ids = frozenset()
+    pad_id = 0
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def run(result, batch_size: int, micro_batches: int, params: SamplingParams) -> tuple[list, GenerationStats, int]:
+    requests = [Request(i, "", p) for i, p in enumerate(PROMPTS)]
+    stats = GenerationStats()
+    before = result.streams.loads
+    done = generate(result.model, Ids(), requests, params, batch_size=batch_size, micro_batches=micro_batches,
+                    seed=0, stats=stats, streams=result.streams)
+    return [c.output_tokens for c in done], stats, result.streams.loads - before
+
+
+@pytest.fixture(scope="module")
+def disky(tmp_path_factory):
+    result = prepare(compose_config(*DISKY, "runtime.micro_batches=4", "runtime.batch_size=2"),
+                     tmp_path_factory.mktemp("mb"))
+    assert "disk" in result.check.block_devices.values()
+    return result
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_new_tokens=6),
+                                    SamplingParams(max_new_tokens=6, temperature=0.9, top_k=20)],
+                         ids=["greedy", "sampled"])
+def test_a_column_gives_the_tokens_of_its_batches_run_one_by_one_with_a_quarter_of_the_loads(disky, params):
+    plain, plain_stats, plain_loads = run(disky, 2, 1, params)
+    column, stats, loads = run(disky, 2, 4, params)
+    assert column == plain
+    assert len({tuple(t) for t in plain}) > 1
+    disk_blocks = sum(1 for d in disky.check.block_devices.values() if d == "disk")
+    forwards = 1 + max(len(t) for t in plain) - 1  # prefill, then a step per new token after the first
+    assert loads == disk_blocks * forwards  # one load per block per step, for all four batches
+    assert plain_loads == disk_blocks * (4 + plain_stats.steps)  # every batch streams every block itself
+    assert stats.batches == plain_stats.batches == 4 and stats.output_tokens == plain_stats.output_tokens
+    assert disky.ledger.current["cpu"] <= disky.check.loads["cpu"] + max(
+        b.nbytes for b in disky.layout.blocks) * 2  # nothing held past its column
+
+
+def test_a_column_that_raises_drops_every_block_it_held(disky):
+    """A forward that fails half-way leaves no streamed block held past the column."""
+    params = SamplingParams(max_new_tokens=2)
+    expected, _, _ = run(disky, 2, 4, params)
+    baseline = disky.ledger.current["cpu"]
+    bad = [Request(0, "", (1, 2)), Request(1, "", tuple(range(5000, 5003)))]  # token ids past the vocabulary
+    with pytest.raises(IndexError):
+        generate(disky.model, Ids(), bad, params, batch_size=1, micro_batches=2, seed=0, streams=disky.streams)
+    assert not disky.streams.held
+    assert run(disky, 2, 4, params)[0] == expected
+    assert disky.ledger.current["cpu"] == baseline
+
+
+def test_the_kv_cache_of_every_micro_batch_is_planned(tmp_path):
+    one = prepare(compose_config(*DISKY[:-1], "max_memory.cpu=1GB", "runtime.batch_size=2"), tmp_path / "a")
+    four = prepare(compose_config(*DISKY[:-1], "max_memory.cpu=1GB", "runtime.batch_size=2",
+                                  "runtime.micro_batches=4"), tmp_path / "b")
+    kv = lambda r: sum(r.request.kv_bytes.values())
+    assert kv(four) == 4 * kv(one) > 0
+
+
+def test_micro_batches_whose_kv_cache_cannot_fit_is_one_line_naming_the_key(tmp_path):
+    with pytest.raises(PlanError) as e:
+        prepare(compose_config(*DISKY, "runtime.batch_size=2", "runtime.micro_batches=512"), tmp_path)
+    (line,) = e.value.lines
+    assert line.startswith("runtime.micro_batches: 512 micro-batches of 2 rows keep a KV cache of ")
+    assert "lower runtime.micro_batches" in line
+
+
+@pytest.mark.parametrize("override,message", [
+    ("runtime.micro_batches=0", "runtime.micro_batches: 0 is not valid; expected a whole number of batches decoded"),
+    ("task=score", "runtime.micro_batches: micro-batches share streamed blocks"),
+])
+def test_bad_micro_batches_are_one_config_line(override, message):
+    overrides = ["runtime.micro_batches=2", override] if override.startswith("task") else [override]
+    with pytest.raises(ConfigError) as e:
+        compose_config("model=gpt2tiny", *overrides)
+    assert len(e.value.lines) == 1 and e.value.lines[0].startswith(message), e.value.lines
+
+
+def test_a_transformers_model_runs_its_micro_batches_one_after_another(tmp_path):
+    """A model that cannot step block by block still gives every micro-batch's tokens (without the saving)."""
+    from runner.infer.column import Call, SteppedLM, column
+
+    class Plain(torch.nn.Module):
+        def forward(self, idx, attention_mask=None, cache=None, logits_to_keep=0):
+            return idx.float()[..., None] * 2
+
+    assert not isinstance(Plain(), SteppedLM)
+    out = column(Plain(), [Call(torch.tensor([[1, 2]])), Call(torch.tensor([[3]]))], streams=None)
+    assert [o.squeeze(-1).tolist() for o in out] == [[[2.0, 4.0]], [[6.0]]]
