@@ -103,9 +103,12 @@ def generation_document(stats: GenerationStats) -> dict:
             "decode_tokens_per_s": round(decode_tokens / max(stats.decode_s, 1e-9), 2)}
 
 
-def write_plan(planned: Planned, run_dir: Path) -> dict[str, Path]:
-    """Write ``plan.json`` (mode=plan)."""
-    return write_documents(run_dir, {"plan.json": (plan_document(planned), "plan")})
+def write_plan(planned: Planned, run_dir: Path, throughput: dict | None = None) -> dict[str, Path]:
+    """Write ``plan.json`` (mode=plan), with the predicted decode step when there is one."""
+    document = plan_document(planned)
+    if throughput is not None:
+        document["throughput"] = throughput
+    return write_documents(run_dir, {"plan.json": (document, "plan")})
 
 
 def write_documents(run_dir: Path, documents: dict[str, tuple[dict, str]]) -> dict[str, Path]:

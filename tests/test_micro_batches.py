@@ -113,3 +113,37 @@ def test_a_transformers_model_runs_its_micro_batches_one_after_another(tmp_path)
     assert not isinstance(Plain(), SteppedLM)
     out = column(Plain(), [Call(torch.tensor([[1, 2]])), Call(torch.tensor([[3]]))], streams=None)
     assert [o.squeeze(-1).tolist() for o in out] == [[[2.0, 4.0]], [[6.0]]]
+
+
+def test_the_predicted_step_counts_each_resource_once_per_step_for_every_row(tmp_path):
+    from runner.pipeline import plan
+    from runner.throughput import Rates, step_cost
+
+    planned = plan(compose_config(*DISKY, "runtime.batch_size=2", "runtime.micro_batches=4"), tmp_path)
+    layout, devices = planned.layout, planned.check.block_devices
+    disk = sum(b.nbytes for b in layout.blocks if devices[b.name] == "disk")
+    wte = next(b for b in layout.blocks if b.name == "transformer.wte").nbytes
+    # Every weight but the two lookup tables multiplies each row once; the tied head multiplies by wte's table.
+    weights = sum(b.nbytes for b in layout.blocks if b.class_name != "Embedding") + wte
+    attention = sum(planned.request.kv_bytes.values())  # half the cache read twice (keys and values), per row
+    cost = step_cost(planned, Rates(disk=1e6, host_to_device=None, flops={"cpu": 1e9}))
+    assert cost.rows == 8 and cost.disk_bytes == disk > 0 and cost.host_to_device_bytes == 0
+    assert cost.flops == {"cpu": 2 * 8 * weights // 4 + attention // 4}
+    assert cost.bound == "disk" and cost.seconds["disk"] == round(disk / 1e6, 6)
+    assert cost.tokens_per_s == round(8 / (disk / 1e6), 3)
+    assert cost.advice[0].startswith("disk bounds the step") and "runtime.micro_batches=" in cost.advice[0]
+    fast_disk = step_cost(planned, Rates(disk=1e12, host_to_device=None, flops={"cpu": 1e6}))
+    assert fast_disk.bound == "compute" and fast_disk.advice[0].startswith("compute bounds the step")
+
+
+def test_mode_plan_shows_the_predicted_throughput(tmp_path):
+    import json
+
+    from runner.tasks.plan import run as run_plan
+
+    config = compose_config(*DISKY, "mode=plan", "runtime.batch_size=2", "runtime.micro_batches=4")
+    text, paths = run_plan(config, tmp_path)
+    assert "tokens/s predicted for 8 sequences in flight, bound by " in text
+    document = json.loads(paths["plan.json"].read_text())
+    assert document["throughput"]["rows"] == 8 and document["throughput"]["rates"]["disk"] > 0
+    assert document["runtime"]["micro_batches"] == 4

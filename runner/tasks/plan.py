@@ -9,6 +9,7 @@ from runner.explain import format_plan
 from runner.infer.prompts import plan_inputs
 from runner.pipeline import open_source, plan
 from runner.report import format_map, write_plan
+from runner.throughput import format_step, measure_rates, runner_cache, step_cost
 
 
 def run(config: RunConfig, run_dir: Path) -> tuple[str, dict[str, Path]]:
@@ -20,4 +21,10 @@ def run(config: RunConfig, run_dir: Path) -> tuple[str, dict[str, Path]]:
                               "data.prompts; set the tokens per sequence to plan for, e.g. runtime.seq_len=256")
         config, _ = plan_inputs(config, checkpoint)
     planned = plan(config, run_dir, checkpoint)
-    return format_map(planned) + "\n\n" + format_plan(planned), write_plan(planned, run_dir)
+    text = format_map(planned) + "\n\n" + format_plan(planned)
+    if config.task.name != "generate" or config.mode != "plan":
+        return text, write_plan(planned, run_dir)
+    rates = measure_rates(planned, runner_cache())
+    cost = step_cost(planned, rates)
+    text += "\n\nthroughput:\n" + "\n".join(f"  {line}" for line in format_step(cost, rates))
+    return text, write_plan(planned, run_dir, cost.document(rates))
