@@ -85,6 +85,7 @@ class PredictionsFile:
         self._order: deque[int] = deque()       # row numbers still to write, in input order
         self._finished: dict[int, str] = {}     # lines finished ahead of an earlier row
         self.lines = len(self.done)              # complete lines in the file
+        self._writing: tuple[int, bytes] | None = None  # (file size before, bytes) of the append under way
 
     def expect(self, numbers: Iterable[int]) -> None:
         """The next rows to write, in input order (rows already in the file are not expected)."""
@@ -95,16 +96,27 @@ class PredictionsFile:
 
     def flush(self) -> int:
         """Append every line whose earlier rows are all written, then fsync; how many were appended."""
+        self._settle()
         lines = []
         while self._order and self._order[0] in self._finished:
             lines.append(self._finished.pop(self._order.popleft()))
         if lines:
             data = "".join(lines).encode("utf-8")
+            self._writing = (os.fstat(self._fd).st_size, data)
             while data:  # a regular file takes it in one write; loop for the odd partial one
                 data = data[os.write(self._fd, data):]
             os.fsync(self._fd)
-            self.lines += len(lines)
+            self._settle()
         return len(lines)
+
+    def _settle(self) -> None:
+        """Count the lines of the last append that reached the file. Ctrl-C can land between a write and its
+        count: the next flush (the one that says what is kept) then counts what the file really holds."""
+        if self._writing is None:
+            return
+        before, data = self._writing
+        self.lines += data[: max(os.fstat(self._fd).st_size - before, 0)].count(b"\n")
+        self._writing = None
 
     def close(self) -> None:
         assert not self._order, f"rows {list(self._order)[:5]} were expected and never finished (a bug)"
