@@ -129,8 +129,12 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None) ->
         keys = check_keys(checkpoint, model, layout) if checkpoint else None
         main = hardware.main_device
         room = room_left(hardware.get(main), check.loads[main], the_plan.reserves)
-        compute = compute_plan(layout.blocks, check.block_devices, main, activation_bytes,
-                               cfg.runtime.batch_size * cfg.runtime.seq_len, room, cfg.placement.prefetch)
+        # Generation's forwards are its decode steps: one token per sequence in flight, every micro-batch sharing
+        # each block's copy. Scoring and embedding run whole sequences.
+        tokens = (cfg.runtime.rows_in_flight if cfg.task.name == "generate"
+                  else cfg.runtime.batch_size * cfg.runtime.seq_len)
+        compute = compute_plan(layout.blocks, check.block_devices, main, activation_bytes, tokens, room,
+                               cfg.placement.prefetch, dtype.itemsize)
     return Planned(cfg, model, dtype, hardware, layout, trace, request, the_plan, check, compute, checkpoint, keys,
                    timings)
 

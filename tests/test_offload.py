@@ -160,8 +160,14 @@ def test_cpu_blocks_compute_where_fewer_bytes_move():
     assert plan["emb"].device == "cpu" and "embedding lookup" in plan["emb"].reason
     # 1000 B of weights < 2 x 32 tokens x 64 B of activations, and 2 copies fit the 3000 B of room: copy it in.
     assert plan["small"].device == "cuda:0" and plan["small"].streamed
-    # 50000 B of weights > 4096 B of activations: compute on the CPU.
-    assert plan["big"].device == "cpu" and "activations move less" in plan["big"].reason
+    # 50000 B of weights take 2 us to copy; 32 tokens take 4 us of CPU work (2 x 32 x 12500 FLOPs at 200 GFLOP/s)
+    # plus their activations' 0.16 us: copy it in too, room allowing.
+    roomy = compute_plan(blocks, devices, "cuda:0", act, tokens=32, room=10**6, prefetch=1)
+    assert roomy["big"].device == "cuda:0" and "costs less than computing 32 tokens on the CPU" in roomy["big"].reason
+    # Two tokens take 0.25 us of CPU work: less than the copy, so it computes on the CPU.
+    few = compute_plan(blocks, devices, "cuda:0", act, tokens=2, room=10**6, prefetch=1)
+    assert few["big"].device == "cpu" and "cost less than copying its 48.83 KiB of weights" in few["big"].reason
+    assert plan["big"].device == "cpu" and "no room" in plan["big"].reason
     assert plan["far"].device == "cuda:0" and plan["far"].streamed
     # A tied head counts 0 B (its bytes are the table's): copying it would move 4000 B the plan never reserved.
     assert plan["head"].device == "cpu" and not plan["head"].streamed and "shares its weights with emb" in plan["head"].reason
