@@ -29,10 +29,12 @@ class Compute:
 
 def compute_plan(blocks: tuple[Block, ...], block_devices: dict[str, str], main_device: str,
                  activation_bytes: dict[str, int], tokens: int, room: int, prefetch: int = 0,
-                 itemsize: int = 4) -> dict[str, Compute]:
+                 itemsize: int = 4, kv_bytes: dict[str, int] | None = None) -> dict[str, Compute]:
     """block -> where it computes. ``activation_bytes``: per token flowing into each block; ``tokens``: of one
     forward; ``room``: bytes the main device can spare for weights copied in (what is left of its budget after the
-    plan); up to ``1 + prefetch`` copies are held there at once; ``itemsize``: of a weight."""
+    plan); up to ``1 + prefetch`` copies are held there at once; ``itemsize``: of a weight. A CPU block copied in
+    keeps its KV cache (``kv_bytes``) on the main device for the whole run: that takes from the room for good."""
+    kv_bytes = kv_bytes or {}
     out = {}
     for block in blocks:
         stored = block_devices[block.name]
@@ -48,7 +50,9 @@ def compute_plan(blocks: tuple[Block, ...], block_devices: dict[str, str], main_
             moved = 2 * tokens * activation_bytes.get(block.name, 0)  # there and back
             on_cpu = moved / HOST_TO_DEVICE + 2 * tokens * (block.nbytes // itemsize) / CPU_FLOPS
             copied = block.nbytes / HOST_TO_DEVICE
-            if copied < on_cpu and (1 + prefetch) * block.nbytes <= room:
+            kv = kv_bytes.get(block.name, 0)
+            if copied < on_cpu and (1 + prefetch) * block.nbytes + kv <= room:
+                room -= kv
                 out[block.name] = Compute(main_device, True, f"copying its {format_bytes(block.nbytes)} of weights to "
                                           f"{main_device} (~{copied * 1e3:.3g} ms) costs less than computing {tokens} "
                                           f"tokens on the CPU (~{on_cpu * 1e3:.3g} ms with their activations)")
@@ -57,4 +61,23 @@ def compute_plan(blocks: tuple[Block, ...], block_devices: dict[str, str], main_
                        f"ms), cost less than copying its {format_bytes(block.nbytes)} of weights (~{copied * 1e3:.3g} "
                        "ms)" if copied >= on_cpu else f"{main_device} has no room to copy it in")
                 out[block.name] = Compute("cpu", False, f"computes on the CPU: {why}")
+    return out
+
+
+def kv_where_computed(reserves: dict[str, dict[str, int]], compute: dict[str, Compute], block_devices: dict[str, str],
+                      kv_bytes: dict[str, int]) -> dict[str, dict[str, int]]:
+    """The plan's reserves with each CPU block's KV cache counted where the block computes: a block copied into the
+    main GPU fills its cache there, not in RAM."""
+    moved: dict[str, int] = {}
+    for name, where in compute.items():
+        if block_devices[name] == "cpu" and where.device != "cpu" and kv_bytes.get(name):
+            moved[where.device] = moved.get(where.device, 0) + kv_bytes[name]
+    if not moved:
+        return reserves
+    out = {device: dict(reasons) for device, reasons in reserves.items()}
+    out["cpu"]["kv_cache"] -= sum(moved.values())
+    if not out["cpu"]["kv_cache"]:
+        del out["cpu"]["kv_cache"]
+    for device, nbytes in moved.items():
+        out.setdefault(device, {})["kv_cache"] = out.get(device, {}).get("kv_cache", 0) + nbytes
     return out

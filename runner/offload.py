@@ -71,11 +71,12 @@ class DiskBlock:
     """One streamed block: where each of its tensors is read from, and how to put them in place and take them out."""
 
     def __init__(self, module: nn.Module, block: Block, slots: dict[str, str], read, dtype: torch.dtype,
-                 device: torch.device, nbytes: int, reads: BlockReads | None = None):
+                 device: torch.device, nbytes: int, reads: BlockReads | None = None, in_ram: bool = False):
         self.module, self.name = module, block.name
         self.slots = slots          # slot (relative to the block) -> key it is read from
         self.read = read            # key -> CPU tensor: the fallback, and CPU blocks' resident copies
         self.reads = reads          # the block's spans in the checkpoint, read into a reused buffer
+        self.in_ram = in_ram        # a CPU block's resident (pinned) copy: fetching it reads no file
         self.dtype, self.device, self.nbytes = dtype, device, nbytes
         self._meta = {slot: get_slot(module, slot) for slot in slots}
 
@@ -188,6 +189,14 @@ class Prefetcher:
                 continue
             self.ledger.allocate(self.compute, ahead.nbytes, f"prefetch of disk block {ahead.name or '(model)'}")
             ahead_buffer = self._buffer(ahead)
+            if ahead.in_ram and self.stream is not None:
+                # Pinned RAM to a GPU: the copies are queued on the copy stream and return at once. Queued from
+                # here, not from the reading thread, whose every hand-over of the GIL would cost the compute
+                # thread a switch interval (5 ms), many times per step.
+                done: Future = Future()
+                done.set_result((ahead_buffer, ahead.fetch(self.reader, ahead_buffer, self.stream)))
+                self.pending[ahead.name] = done
+                continue
             self.pending[ahead.name] = self.pool.submit(
                 lambda b=ahead, buf=ahead_buffer: (buf, b.fetch(self.reader, buf, self.stream)))
 
@@ -258,19 +267,37 @@ def streamed_blocks(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger
             located = source.locate(keys)
             reads = plan_reads(located) if located else None
         out.append(DiskBlock(module, block, slots, read, dtype, device, sum(layout.tensor_bytes[k] for k in keys),
-                             reads))
+                             reads, in_ram=block_devices[block.name] == "cpu"))
     return out
 
 
 def _resident_on_cpu(checkpoint, keys: list[str], dtype: torch.dtype, device: torch.device, ledger: MemoryLedger,
                      layout: ModelLayout) -> dict[str, torch.Tensor]:
-    """A CPU block's weights, kept in RAM (pinned, when they go to a real GPU) to be copied in per forward."""
-    store = {}
+    """A CPU block's weights, kept in RAM to be copied in per forward. For a real GPU they are pinned, in one
+    allocation per block (pinning is slow per call), each tensor in its stored layout (a transposed view stays one)."""
+    if device.type != "cuda":
+        store = {key: _converted_tensor(checkpoint, key, dtype) for key in keys}
+    else:
+        stored = {key: _cast(checkpoint.read(key), dtype) for key in keys}
+        arena = torch.empty(sum(_aligned(t.nbytes) for t in stored.values()), dtype=torch.uint8, pin_memory=True)
+        store, at = {}, 0
+        for key, t in stored.items():
+            # The same strides as read: a Conv1D weight stays a transposed view, of pinned bytes now.
+            size = _aligned(t.nbytes)
+            base = arena[at: at + t.nbytes].view(t.dtype)
+            store[key] = base.as_strided(t.shape, t.stride()).copy_(t) if t.numel() else base.view(t.shape)
+            at += size
     for key in keys:
-        t = _converted_tensor(checkpoint, key, dtype)
-        store[key] = t.pin_memory() if device.type == "cuda" else t
         ledger.allocate("cpu", layout.tensor_bytes[key], key)
     return store
+
+
+def _aligned(nbytes: int, to: int = 64) -> int:
+    return -(-nbytes // to) * to
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
 
 
 def _needs_conversion(checkpoint: Checkpoint, keys: list[str], dtype: torch.dtype) -> bool:

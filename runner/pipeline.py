@@ -20,7 +20,7 @@ from torch import nn
 from runner.blocks import ModelLayout, describe_model
 from runner.build import build_skeleton, model_class, no_split_classes, resolve_arch
 from runner.checkpoint import Checkpoint, KeyReport, check_keys, open_checkpoint
-from runner.compute import Compute, compute_plan
+from runner.compute import Compute, compute_plan, kv_where_computed
 from runner.config import RunConfig, RuntimeSpec
 from runner.dispatch import dispatch
 from runner.offload import Prefetcher
@@ -134,7 +134,9 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None) ->
         tokens = (cfg.runtime.rows_in_flight if cfg.task.name == "generate"
                   else cfg.runtime.batch_size * cfg.runtime.seq_len)
         compute = compute_plan(layout.blocks, check.block_devices, main, activation_bytes, tokens, room,
-                               cfg.placement.prefetch, dtype.itemsize)
+                               cfg.placement.prefetch, dtype.itemsize, request.kv_bytes)
+        the_plan = replace(the_plan, reserves=kv_where_computed(the_plan.reserves, compute, check.block_devices,
+                                                                request.kv_bytes))
     return Planned(cfg, model, dtype, hardware, layout, trace, request, the_plan, check, compute, checkpoint, keys,
                    timings)
 

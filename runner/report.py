@@ -42,7 +42,8 @@ OVER_PREDICTION = 1.10
 
 def device_documents(result: RunResult) -> list[dict]:
     """Each device's budget, plan and peaks. The CPU's prediction includes the process's resident bytes before the
-    load (``baseline_bytes``: interpreter, torch, tokenizer), since its measured peak is the whole process's."""
+    load (``baseline_bytes``: interpreter, torch, tokenizer), since its measured peak is the whole process's; a real
+    GPU's leaves out the CUDA context, which its allocator does not see."""
     return [{
         "name": d.name, "kind": d.kind, "simulated": d.simulated, "budget": d.budget,
         "planned_bytes": result.check.loads[d.name], "reserve": reserved(result.plan.reserves, d.name),
@@ -50,7 +51,8 @@ def device_documents(result: RunResult) -> list[dict]:
         "peak_bytes": result.ledger.peak[d.name], "resident_bytes": result.ledger.current[d.name],
         "baseline_bytes": result.baseline_rss if d.kind == "cpu" else 0,
         "predicted_peak_bytes": result.check.loads[d.name] + reserved(result.plan.reserves, d.name)
-        + (result.baseline_rss if d.kind == "cpu" else 0),
+        + (result.baseline_rss if d.kind == "cpu" else 0)
+        - (result.plan.reserves.get(d.name, {}).get("cuda_context", 0) if d.kind == "gpu" and not d.simulated else 0),
         **_measured_peak(d),
     } for d in result.hardware.devices]
 

@@ -187,6 +187,24 @@ def test_a_streamed_cpu_block_gives_the_same_output(tmp_path):
     assert all(p.is_meta for p in result.model.transformer.h[1].parameters())  # dropped after the forward
     h1 = next(b for b in result.layout.blocks if b.name == "transformer.h.1")
     assert result.ledger.current["cpu"] == h1.nbytes  # its weights stay in RAM between forwards
+    # It computes on cuda:0, so its KV cache fills there: the plan counts it there, not in RAM.
+    kv = result.request.kv_bytes["transformer.h.1"]
+    on_gpu = sum(n for b, n in result.request.kv_bytes.items() if result.check.block_devices[b] == "cuda:0")
+    assert kv > 0 and "kv_cache" not in result.plan.reserves.get("cpu", {})
+    assert result.plan.reserves["cuda:0"]["kv_cache"] == on_gpu + kv
+
+
+def test_a_cpu_block_whose_kv_cache_does_not_fit_the_gpu_computes_on_the_cpu():
+    from runner.blocks import Block
+    from runner.compute import compute_plan
+
+    blocks = tuple(Block(f"h{i}", "Block", 1000, (f"h{i}.w",)) for i in range(3))
+    devices = dict.fromkeys(("h0", "h1", "h2"), "cpu")
+    plan = compute_plan(blocks, devices, "cuda:0", {}, tokens=64, room=2000 + 2 * 500, prefetch=1,
+                        kv_bytes=dict.fromkeys(("h0", "h1", "h2"), 500))
+    # Each copy in needs 2 x 1000 B at a time, and its KV cache stays: room for two caches, not three.
+    assert [plan[b].device for b in ("h0", "h1", "h2")] == ["cuda:0", "cuda:0", "cpu"]
+    assert "no room" in plan["h2"].reason
 
 
 def test_disk_blocks_are_read_into_reused_buffers(tmp_path):
