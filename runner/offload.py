@@ -77,27 +77,42 @@ class DiskBlock:
         self.read = read            # key -> CPU tensor: the fallback, and CPU blocks' resident copies
         self.reads = reads          # the block's spans in the checkpoint, read into a reused buffer
         self.in_ram = in_ram        # a CPU block's resident (pinned) copy: fetching it reads no file
+        self.arena: torch.Tensor | None = None  # the pinned bytes all its resident tensors view, for a real GPU
         self.dtype, self.device, self.nbytes = dtype, device, nbytes
         self._meta = {slot: get_slot(module, slot) for slot in slots}
 
-    def fetch(self, reader: SpanReader, buffer: torch.Tensor | None = None, stream: torch.cuda.Stream | None = None
-              ) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+    @property
+    def host_bytes(self) -> int:
+        """The pinned bytes a GPU copies in one go: the read buffer's span, or the resident arena; 0 if neither."""
+        if self.in_ram:
+            return self.arena.numel() if self.arena is not None else 0
+        return self.reads.nbytes if self.reads is not None else 0
+
+    def fetch(self, reader: SpanReader, buffer: torch.Tensor | None = None, stream: torch.cuda.Stream | None = None,
+              staging: Staging | None = None) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
         """Read every tensor once and move it to the compute device. Safe to run on a worker thread.
 
         With a ``buffer`` (reused from forward to forward: no allocation, no page faults) the block's spans
         are read into it and, on the CPU, the tensors are used in place. On CUDA the copies go on ``stream``,
-        so they overlap the compute stream.
+        so they overlap the compute stream; with a ``staging`` buffer on the GPU, the block's pinned bytes go in
+        one copy into it and its tensors are views there (no allocation per forward, memory bounded by the pool).
         """
+        host = None
         if buffer is not None and self.reads is not None:
             try:
                 # On the CPU, bytes in the page cache are used in place; a GPU copies from the pinned buffer.
                 read = reader.read(self.reads, buffer, map_cached=self.device.type == "cpu")
+                host = buffer
             except OSError as e:
                 raise CheckpointError(f"{e.filename or self.reads.spans[0].file}: cannot read disk block "
                                       f"{self.name or '(model)'} ({e.strerror or e}); the file may be truncated "
                                       "or replaced since the run began") from e
         else:
             read = {key: self.read(key) for key in dict.fromkeys(self.slots.values())}
+            host = self.arena
+        if stream is not None and staging is not None and host is not None and self.host_bytes <= staging.nbytes \
+                and all(t.dtype == self.dtype or not t.is_floating_point() for t in read.values()):
+            return staging.fill(read, host, self.host_bytes, stream)
         tensors: dict[str, torch.Tensor] = {}
         event = None
         for key, t in read.items():
@@ -121,6 +136,33 @@ class DiskBlock:
             set_slot(self.module, slot, meta)
 
 
+class Staging:
+    """A GPU buffer a streamed block's pinned bytes are copied into, reused from block to block: what the running
+    block and those read ahead occupy on the GPU is the pool's fixed size, not a fresh allocation per forward."""
+
+    def __init__(self, nbytes: int, device: torch.device):
+        self.nbytes = -(-nbytes // 8) * 8  # whole 8-byte words, so it views as any dtype
+        self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+        self.free_after: torch.cuda.Event | None = None  # the compute stream is done with the last block here
+
+    def fill(self, read: dict[str, torch.Tensor], host: torch.Tensor, nbytes: int, stream: torch.cuda.Stream
+             ) -> tuple[dict[str, torch.Tensor], torch.cuda.Event]:
+        """One copy of ``host``'s first ``nbytes`` in, on ``stream`` once the last block here is done with, and the
+        tensors of ``read`` (views of ``host``) as the same views of this buffer."""
+        with torch.cuda.stream(stream):
+            if self.free_after is not None:
+                stream.wait_event(self.free_after)
+            self.buffer[:nbytes].copy_(host[:nbytes], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        base = host.data_ptr()
+        tensors = {}
+        for key, t in read.items():
+            typed = self.buffer.view(t.dtype)
+            tensors[key] = typed.as_strided(t.shape, t.stride(), (t.data_ptr() - base) // t.element_size())
+        return tensors, event
+
+
 class Prefetcher:
     """Loads streamed blocks in forward order, ``depth`` blocks ahead of the one running (0: on demand only).
 
@@ -140,7 +182,11 @@ class Prefetcher:
         self.buffer_bytes = max((b.reads.nbytes for b in blocks if b.reads), default=0)
         self.free_buffers: list[torch.Tensor] = []
         self.made_buffers = 0
-        self.held: dict[str, tuple[torch.Tensor | None, torch.cuda.Event | None]] = {}
+        self.held: dict[str, tuple[torch.Tensor | None, torch.cuda.Event | None, Staging | None]] = {}
+        # On a real GPU: depth + 1 staging buffers the size of the biggest block, made on first use and reused.
+        self.staging_bytes = max((b.host_bytes for b in blocks if b.device.type == "cuda"), default=0)
+        self.free_staging: list[Staging] = []
+        self.made_staging = 0
         self.sharing = 1                # micro-batches that use each block once it is in (``shared_by``)
         self.uses: dict[str, int] = {}  # uses of each held block so far
         self.loads = 0                  # blocks brought in, all forwards together
@@ -169,16 +215,17 @@ class Prefetcher:
         future = self.pending.pop(block.name, None)
         if future is None:
             self.ledger.allocate(self.compute, block.nbytes, f"disk block {block.name or '(model)'}")
-            buffer = self._buffer(block)
-            tensors, event = block.fetch(self.reader, buffer, self.stream)
+            buffer, staging = self._buffer(block), self._staging(block)
+            tensors, event = block.fetch(self.reader, buffer, self.stream, staging)
         else:
-            buffer, (tensors, event) = future.result()
+            buffer, staging, (tensors, event) = future.result()
         if event is not None:
             compute = torch.cuda.current_stream(block.device)
             compute.wait_event(event)
-            for t in tensors.values():  # made on the copy stream, used on this one: not reused before it is done
-                t.record_stream(compute)
-        self.held[block.name] = (buffer, event)
+            if staging is None:
+                for t in tensors.values():  # made on the copy stream, used on this one: not reused before it is done
+                    t.record_stream(compute)
+        self.held[block.name] = (buffer, event, staging)
         block.attach(tensors)
         if self.pool is None:
             return
@@ -188,17 +235,19 @@ class Prefetcher:
             if ahead.name in self.pending or ahead.name in self.held:  # one copy of a block at a time, as planned
                 continue
             self.ledger.allocate(self.compute, ahead.nbytes, f"prefetch of disk block {ahead.name or '(model)'}")
-            ahead_buffer = self._buffer(ahead)
+            ahead_buffer, ahead_staging = self._buffer(ahead), self._staging(ahead)
             if ahead.in_ram and self.stream is not None:
                 # Pinned RAM to a GPU: the copies are queued on the copy stream and return at once. Queued from
                 # here, not from the reading thread, whose every hand-over of the GIL would cost the compute
                 # thread a switch interval (5 ms), many times per step.
                 done: Future = Future()
-                done.set_result((ahead_buffer, ahead.fetch(self.reader, ahead_buffer, self.stream)))
+                done.set_result((ahead_buffer, ahead_staging,
+                                 ahead.fetch(self.reader, ahead_buffer, self.stream, ahead_staging)))
                 self.pending[ahead.name] = done
                 continue
             self.pending[ahead.name] = self.pool.submit(
-                lambda b=ahead, buf=ahead_buffer: (buf, b.fetch(self.reader, buf, self.stream)))
+                lambda b=ahead, buf=ahead_buffer, st=ahead_staging: (buf, st, b.fetch(self.reader, buf, self.stream,
+                                                                                      st)))
 
     def after(self, block: DiskBlock, last: bool = False) -> None:
         """The block has run for one micro-batch: dropped once every micro-batch sharing it has (or ``last``)."""
@@ -206,12 +255,26 @@ class Prefetcher:
         if not last and self.uses[block.name] < self.sharing:
             return
         block.detach()
-        buffer, event = self.held.pop(block.name, (None, None))
+        buffer, event, staging = self.held.pop(block.name, (None, None, None))
         if buffer is not None:
             if event is not None:
                 event.synchronize()  # the copy out of the buffer is done before it is reused
             self.free_buffers.append(buffer)
+        if staging is not None:  # free for the next block once the compute stream is past this one
+            staging.free_after = torch.cuda.Event()
+            staging.free_after.record(torch.cuda.current_stream(block.device))
+            self.free_staging.append(staging)
         self.ledger.release(self.compute, block.nbytes)
+
+    def _staging(self, block: DiskBlock) -> Staging | None:
+        if block.device.type != "cuda" or not block.host_bytes:
+            return None
+        if self.free_staging:
+            return self.free_staging.pop(0)  # the longest free: its last block is the likeliest done
+        if self.made_staging > self.depth:  # all in use (cannot happen in forward order): copy without one
+            return None
+        self.made_staging += 1
+        return Staging(self.staging_bytes, block.device)
 
     def _buffer(self, block: DiskBlock) -> torch.Tensor | None:
         if block.reads is None:
@@ -259,22 +322,27 @@ def streamed_blocks(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger
     out = []
     for module, block, slots, keys in plans:
         reads = None
+        arena = None
         if block_devices[block.name] == "cpu":
-            read = _resident_on_cpu(checkpoint, keys, dtype, device, ledger, layout).__getitem__
+            resident, arena = _resident_on_cpu(checkpoint, keys, dtype, device, ledger, layout)
+            read = resident.__getitem__
         else:
             source = converted if block.name in converts else checkpoint
             read = source.read_uncached
             located = source.locate(keys)
             reads = plan_reads(located) if located else None
-        out.append(DiskBlock(module, block, slots, read, dtype, device, sum(layout.tensor_bytes[k] for k in keys),
-                             reads, in_ram=block_devices[block.name] == "cpu"))
+        streamed = DiskBlock(module, block, slots, read, dtype, device, sum(layout.tensor_bytes[k] for k in keys),
+                             reads, in_ram=block_devices[block.name] == "cpu")
+        streamed.arena = arena
+        out.append(streamed)
     return out
 
 
 def _resident_on_cpu(checkpoint, keys: list[str], dtype: torch.dtype, device: torch.device, ledger: MemoryLedger,
-                     layout: ModelLayout) -> dict[str, torch.Tensor]:
+                     layout: ModelLayout) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """A CPU block's weights, kept in RAM to be copied in per forward. For a real GPU they are pinned, in one
     allocation per block (pinning is slow per call), each tensor in its stored layout (a transposed view stays one)."""
+    arena = None
     if device.type != "cuda":
         store = {key: _converted_tensor(checkpoint, key, dtype) for key in keys}
     else:
@@ -289,7 +357,7 @@ def _resident_on_cpu(checkpoint, keys: list[str], dtype: torch.dtype, device: to
             at += size
     for key in keys:
         ledger.allocate("cpu", layout.tensor_bytes[key], key)
-    return store
+    return store, arena
 
 
 def _aligned(nbytes: int, to: int = 64) -> int:
