@@ -10,7 +10,8 @@ resources work side by side (the prefetcher overlaps reads with compute), so the
 
 The rates are measured on this machine: disk read GB/s once per disk (cached in the runner's cache, since it takes
 a quarter of a second and does not change), host-to-device GB/s once per GPU (cached), and the compute rate at the
-step's own shape (rows in flight against a weight of the model's width) for each plan, since it depends on both.
+step's own shape (one micro-batch's rows against a weight of the model's width: a step runs that matmul once per
+micro-batch) for each plan, since it depends on both.
 """
 from __future__ import annotations
 
@@ -130,8 +131,9 @@ def measure_rates(planned: Planned, cache: Path) -> Rates:
     flops = {}
     for device in {c.device for c in planned.compute.values()}:
         real = device.startswith("cuda:") and not planned.hardware.get(device).simulated
+        # One micro-batch's rows at a time: that is the matmul a step runs (K times over).
         flops[device] = _flop_rate(torch.device(device if real else "cpu"), planned.dtype,
-                                   planned.config.runtime.rows_in_flight, width)
+                                   planned.config.runtime.batch_size, width)
     return Rates(disk, to_gpu, flops)
 
 
