@@ -177,6 +177,24 @@ def evict(*roots: Path, tries: int = 1, slack: int = 0) -> int:
     return resident
 
 
+def folder_state(root: Path) -> dict[str, tuple[int, int]]:
+    """Size and modification time of every file under ``root`` (nothing if it is not there)."""
+    out = {}
+    for file in files_under(root):
+        try:
+            st = file.stat()
+        except OSError:  # removed meanwhile
+            continue
+        out[str(file)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def bytes_written(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> int:
+    """Bytes of the files that appeared or changed between two ``folder_state``s: a file rewritten with the
+    same size counts whole, which a plain sum of sizes would miss."""
+    return sum(size for name, (size, mtime) in after.items() if before.get(name) != (size, mtime))
+
+
 def dd_rate(files: list[Path]) -> tuple[float | None, str]:
     """GB/s of ``dd iflag=direct bs=16M`` over the files (page cache bypassed), and how it went."""
     total, seconds = 0, 0.0

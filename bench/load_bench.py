@@ -1,16 +1,27 @@
 #!/usr/bin/env python
-"""Cold-start load benchmark: the runner against plain PyTorch and Accelerate, on a synthetic GPT-2 large.
+"""Cold-start load benchmark: the runner against plain PyTorch and Accelerate, on GPT-2 large checkpoints.
 
-The checkpoint is the runner's own synthetic one for ``model=gpt2large`` (fp32, ~3.1 GB in ~500 MB
-shards with an index), written once into ``<cache>/synthetic`` (``--cache``, else ``RUNNER_CACHE``,
-else ``~/.cache/runner``). Every side loads it into the same class, ``runner.zoo.gpt.GPT``, all on
-the CPU, then runs one forward on a fixed ``[1, 128]`` batch:
+``--checkpoint`` picks the checkpoints, each benchmarked in turn with a table of its own (default: both
+``synthetic`` and ``hf-gpt2``; ``tinyllama`` only when asked), all fp32, ~500 MB shards with an index,
+under ``--cache`` (else ``RUNNER_CACHE``, else ``~/.cache/runner``):
 
-- ``runner``: ``runner.pipeline.prepare`` (``model=gpt2large hardware=cpu``, checkpoint as above), then the forward;
+- ``synthetic``: the runner's own for ``model=gpt2large`` (``nn.Linear`` layout, 3.1 GB), written once
+  into ``<cache>/synthetic``; every side loads it into the runner's class, ``runner.zoo.gpt.GPT``;
+- ``hf-gpt2``: transformers' ``GPT2LMHeadModel`` at gpt2-large's shape, written once by ``save_pretrained``
+  into ``<cache>/hf/gpt2-large`` (``hf_checkpoint.py``; Conv1D weights ``[in, out]``). The runner loads it
+  into its ``GPT`` (``model=gpt2large checkpoint=local``: the Conv1D weights are transposed views); the
+  other sides into transformers' ``GPT2LMHeadModel``, its natural class;
+- ``tinyllama``: the same for transformers' ``LlamaForCausalLM`` at TinyLlama-1.1B's shape (4.4 GB,
+  ``model=llama`` on the runner's side).
+
+All sides load on the CPU, then run one forward on a fixed ``[1, 128]`` batch:
+
+- ``runner``: ``runner.pipeline.prepare`` (``hardware=cpu``, the checkpoint as above), then the forward;
 - ``runner-bf16``: the same with ``dtype=bfloat16``, from the same fp32 checkpoint;
-- ``torch``: ``GPT(**arch)`` on the CPU, ``load_state_dict`` of every shard's ``safetensors.torch.load_file``;
-- ``accelerate`` (when importable): ``init_empty_weights()`` + ``load_checkpoint_and_dispatch(model, folder,
-  device_map={"": "cpu"}, no_split_module_classes=["Block"])``.
+- ``torch``: the class built on the CPU (``GPT(**arch)``, or transformers' class from ``config.json``),
+  ``load_state_dict`` of every shard's ``safetensors.torch.load_file``;
+- ``accelerate`` (when importable): ``init_empty_weights()`` (+ ``tie_weights()``) +
+  ``load_checkpoint_and_dispatch(model, folder, device_map={"": "cpu"}, no_split_module_classes=[<block>])``.
 
 Each side runs in a fresh subprocess, after every shard's pages are evicted from the page cache
 (``fsync`` + ``posix_fadvise(POSIX_FADV_DONTNEED)``; ``fincore`` reports what stayed resident).
@@ -24,9 +35,11 @@ Timings start after the imports (and, for the runner, after composing the Hydra 
   over the load phase), *after load* (anonymous + file-backed), *peak* (the whole process).
 - GB/s: checkpoint bytes over time to first logits, against ``dd iflag=direct`` on the same files.
 
-Run ``python bench/load_bench.py``: 3 cold runs per side, in rounds, the fastest reported (the one least
-disturbed by other load on the machine); about 3 minutes on 2 cores, plus ~15 s to write the checkpoint
-the first time. ``--what-if`` adds the runner patched with candidate fixes (see ``WHAT_IF``).
+Run ``python bench/load_bench.py``: 3 cold runs per side and checkpoint, in rounds, the fastest reported (the
+one least disturbed by other load on the machine); about 3 minutes a checkpoint on 2 cores, plus ~15-30 s to
+write each checkpoint the first time. The logits of the fp32 sides are compared: the same argmax over the
+last 8 positions, and values within a tolerance (different classes sum in different orders). ``--what-if``
+adds the runner patched with candidate fixes (see ``WHAT_IF``).
 The exit code is 0 whatever the verdict.
 """
 from __future__ import annotations
@@ -45,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py (which puts this checkout's runner first)
+import hf_checkpoint  # noqa: E402
 from common import (GB, MiB, ROOT, Sampler, compose_config, dd_rate, empty_gpt, evict, gb, importable,  # noqa: E402
                     quiet, ratio, reset_peak, status_bytes)
 
@@ -59,17 +73,74 @@ WHAT_IF = ("runner+willneed", "runner+pread", "runner-bf16+pread", "runner-bf16+
 WILLNEED_CHUNK = 1 << 20
 COLD_SLACK = 64 << 20  # a run is cold if at most this much of the checkpoint is cached when it starts
 MODEL_OVERRIDES = ["model=gpt2large", "hardware=cpu", "checkpoint.shard_size=500MB"]
+CHECKPOINTS = ("synthetic", *hf_checkpoint.CHECKPOINTS)
+DEFAULT_CHECKPOINTS = ["synthetic", "hf-gpt2"]
+SAMPLE_EVERY = 64  # logits compared by value: every 64th of the last row's (786 of gpt2's 50257)
 
 
 # -- one side, in a fresh process -----------------------------------------------------------------------------------
 
-def child(side: str, folder: Path) -> None:
+def runner_overrides(kind: str, folder: Path) -> list[str]:
+    """The runner's model and checkpoint overrides for ``kind``'s checkpoint in ``folder``."""
+    if kind == "synthetic":
+        return MODEL_OVERRIDES
+    return [*hf_checkpoint.runner_overrides(kind, folder), "hardware=cpu"]
+
+
+def synthetic_arch() -> dict[str, Any]:
+    return {k: v for k, v in compose_config(*MODEL_OVERRIDES).model.arch.items() if k != "_target_"}
+
+
+def child_imports(side: str, kind: str) -> None:
+    """Import what ``side`` loads with, so that the load's timer does not count it."""
+    if side == "torch":
+        import safetensors.torch  # noqa: F401
+    if side == "accelerate":
+        import accelerate  # noqa: F401
+    if side in ("torch", "accelerate") and kind == "synthetic":
+        import runner.zoo.gpt  # noqa: F401
+    if side in ("torch", "accelerate") and kind != "synthetic":
+        import transformers
+        getattr(transformers, hf_checkpoint.CHECKPOINTS[kind].cls)  # a lazy module: import the class now
+
+
+def load_torch(kind: str, folder: Path, shards: list[Path], arch: dict[str, Any] | None):
+    """The plain way: the class built on the CPU (random init), then ``load_state_dict`` of every shard."""
+    from safetensors.torch import load_file
+
+    from runner.zoo.gpt import GPT
+    model = GPT(**arch).eval() if kind == "synthetic" else hf_checkpoint.plain_model(kind, folder)
+    state = {}
+    for file in shards:
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)  # a tied head is stored once
+    del state
+    gc.collect()
+    return model
+
+
+def load_accelerate(kind: str, folder: Path, arch: dict[str, Any] | None):
+    """Accelerate's way: an empty model, then the checkpoint dispatched onto it, all on the CPU."""
+    from accelerate import load_checkpoint_and_dispatch
+    if kind == "synthetic":
+        model, block = empty_gpt(arch), "Block"
+    else:
+        model, block = hf_checkpoint.empty_model(kind, folder), hf_checkpoint.CHECKPOINTS[kind].block
+    return load_checkpoint_and_dispatch(model, checkpoint=str(folder), device_map={"": "cpu"},
+                                        no_split_module_classes=[block]).eval()
+
+
+def vocab_size(folder: Path, arch: dict[str, Any] | None) -> int:
+    return arch["vocab_size"] if arch else hf_checkpoint.hf_config(folder)["vocab_size"]
+
+
+def child(side: str, kind: str, folder: Path) -> None:
     """Load on one side, run one forward, print one ``RESULT {json}`` line (bytes, seconds)."""
     quiet()
     start_imports = time.perf_counter()
     import torch
     torch.set_num_threads(os.cpu_count() or 1)
-    from runner.zoo.gpt import GPT
     cfg = None
     side, *patches = side.split("+")
     if side.startswith("runner"):
@@ -81,14 +152,11 @@ def child(side: str, folder: Path) -> None:
             from safetensors import safe_open
             runner.checkpoint.files.safe_open = functools.partial(safe_open, backend="pread")
         dtype = ["dtype=bfloat16"] if side == "runner-bf16" else ["dtype=float32"]
-        cfg = compose_config(*MODEL_OVERRIDES, *dtype, f"runtime.seq_len={SEQ}")
-    elif side == "torch":
-        from safetensors.torch import load_file
-    elif side == "accelerate":
-        from accelerate import load_checkpoint_and_dispatch
-    arch = {k: v for k, v in (cfg or compose_config(*MODEL_OVERRIDES)).model.arch.items() if k != "_target_"}
+        cfg = compose_config(*runner_overrides(kind, folder), *dtype, f"runtime.seq_len={SEQ}")
+    child_imports(side, kind)
+    arch = synthetic_arch() if kind == "synthetic" else None
     imports = time.perf_counter() - start_imports
-    tokens = torch.randint(0, arch["vocab_size"], (1, SEQ), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, vocab_size(folder, arch), (1, SEQ), generator=torch.Generator().manual_seed(0))
     shards = sorted(folder.glob("*.safetensors"))
 
     sampler = Sampler()
@@ -109,17 +177,9 @@ def child(side: str, folder: Path) -> None:
         extra["timings"] = dict(result.timings)
         assert Path(result.checkpoint.files[0]).parent == folder, (result.checkpoint.files[0], folder)
     elif side == "torch":
-        model = GPT(**arch).eval()
-        state = {}
-        for file in shards:
-            state.update(load_file(file))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert missing == ["lm_head.weight"] and not unexpected, (missing, unexpected)  # tied, stored once
-        del state
-        gc.collect()
+        model = load_torch(kind, folder, shards, arch)
     else:
-        model = load_checkpoint_and_dispatch(empty_gpt(arch), checkpoint=str(folder), device_map={"": "cpu"},
-                                             no_split_module_classes=["Block"]).eval()
+        model = load_accelerate(kind, folder, arch)
     t_load = time.perf_counter() - t0
     sampler.phase = "after load"
     hwm_load = status_bytes("VmHWM")["VmHWM"]
@@ -129,6 +189,7 @@ def child(side: str, folder: Path) -> None:
     t1 = time.perf_counter()
     with torch.inference_mode():
         logits = model(tokens)
+        logits = getattr(logits, "logits", logits)  # transformers' classes return an output object
     t_forward = time.perf_counter() - t1
     sampler.phase = "second forward"
     t2 = time.perf_counter()
@@ -138,7 +199,8 @@ def child(side: str, folder: Path) -> None:
     sampler.stop()
     hwm_end = status_bytes("VmHWM")["VmHWM"]
     end = status_bytes("VmRSS", "RssAnon", "RssFile")
-    assert model.lm_head.weight is model.transformer.wte.weight
+    if hasattr(model, "transformer"):  # GPT-2, either class: the head is the token embedding, stored once
+        assert model.lm_head.weight is model.transformer.wte.weight
     last = logits[0, -1].float()
     print("RESULT " + json.dumps({
         "side": "+".join([side, *patches]), "imports": imports, "load": t_load, "forward": t_forward,
@@ -151,7 +213,7 @@ def child(side: str, folder: Path) -> None:
         "samples": sampler.count, "exact": exact,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "logits": {"argmax": logits[0, -8:].float().argmax(-1).tolist(), "sum": float(last.sum()),
-                   "first": last[:4].tolist()}, **extra}), flush=True)
+                   "first": last[:4].tolist(), "sample": last[::SAMPLE_EVERY].tolist()}, **extra}), flush=True)
 
 
 def _will_need(files: list[Path]) -> None:
@@ -168,8 +230,14 @@ def _will_need(files: list[Path]) -> None:
 
 # -- the parent: checkpoint, eviction, dd, children, report -----------------------------------------------------------
 
-def ensure_checkpoint() -> Path:
-    """The runner's synthetic gpt2large checkpoint, written by the runner itself if not cached (in a subprocess)."""
+def ensure_checkpoint(kind: str) -> Path:
+    """``kind``'s checkpoint, written if not cached (in a subprocess): the synthetic one by the runner itself,
+    the others by transformers."""
+    if kind != "synthetic":
+        try:
+            return hf_checkpoint.ensure(kind)
+        except RuntimeError as e:
+            sys.exit(str(e))
     code = ("import sys, logging; sys.path.insert(0, %r); logging.basicConfig(level=logging.INFO);"
             "from common import synthetic_folder; print('FOLDER', synthetic_folder(*%r))"
             % (str(Path(__file__).resolve().parent), MODEL_OVERRIDES))
@@ -179,9 +247,9 @@ def ensure_checkpoint() -> Path:
     return Path(next(line for line in proc.stdout.splitlines() if line.startswith("FOLDER ")).split(" ", 1)[1])
 
 
-def run_side(side: str, folder: Path, files: list[Path]) -> dict[str, Any]:
+def run_side(side: str, kind: str, folder: Path, files: list[Path]) -> dict[str, Any]:
     resident = evict(*files, tries=5, slack=COLD_SLACK)  # mapped pages: a few tries, a second apart
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", side, str(folder)],
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", side, kind, str(folder)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -202,9 +270,27 @@ def fastest_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return chosen
 
 
-def report(results: dict[str, dict[str, Any]], checkpoint_bytes: int, largest_shard: int, dd: float | None,
-           dd_note: str) -> None:
-    print(f"\nAll figures: GB = 1e9 bytes, seconds; RSS from /proc/self/status. Checkpoint {gb(checkpoint_bytes)} GB, "
+def same_logits(r: dict[str, Any], ref: dict[str, Any]) -> tuple[bool, float]:
+    """Whether a side's logits are the reference's: the same argmax over the last positions, and every sampled
+    value of the last row within 1e-3 of the largest (the classes may differ: sums run in other orders)."""
+    a, b = r["logits"], ref["logits"]
+    diff = max((abs(x - y) for x, y in zip(a["sample"], b["sample"])), default=float("inf"))
+    scale = max(1.0, max((abs(y) for y in b["sample"]), default=0.0))
+    return a["argmax"] == b["argmax"] and diff <= 1e-3 * scale, diff
+
+
+def describe(kind: str) -> str:
+    if kind == "synthetic":
+        return "the runner's synthetic checkpoint (nn.Linear layout); every side loads runner.zoo.gpt.GPT"
+    spec = hf_checkpoint.CHECKPOINTS[kind]
+    return (f"written by transformers' save_pretrained ({spec.cls}); the runner loads it with "
+            f"{' '.join(spec.runner)} checkpoint=local, the torch and accelerate sides into {spec.cls}")
+
+
+def report(kind: str, results: dict[str, dict[str, Any]], checkpoint_bytes: int, largest_shard: int,
+           dd: float | None, dd_note: str) -> None:
+    print(f"\n== checkpoint {kind}: {describe(kind)} ==")
+    print(f"All figures: GB = 1e9 bytes, seconds; RSS from /proc/self/status. Checkpoint {gb(checkpoint_bytes)} GB, "
           f"largest shard {gb(largest_shard)} GB.")
     head = (f"{'side':12} {'imports':>7} {'load':>6} {'1st fwd':>7} {'first logits':>12} {'2nd fwd':>7} "
             f"{'RSS before':>10} {'load peak':>9} {'sampled':>7} {'after load (anon+file)':>22} "
@@ -246,13 +332,15 @@ def report(results: dict[str, dict[str, Any]], checkpoint_bytes: int, largest_sh
               f"peak RSS {ratio(ours['peak'], r['peak'])}, RSS after load "
               f"{ratio(ours['after_load']['VmRSS'], r['after_load']['VmRSS'])}, load-phase peak "
               f"{ratio(ours['load_peak'] or ours['load_sampled'], r['load_peak'] or r['load_sampled'])}")
-    agree = [s for s, r in results.items() if "error" not in r and r["dtype"] == "float32"
-             and r["logits"]["argmax"] == ours["logits"]["argmax"]
-             and abs(r["logits"]["sum"] - ours["logits"]["sum"]) <= 1e-3 * max(1.0, abs(ours["logits"]["sum"]))]
-    print(f"  fp32 sides with the runner's logits (argmax of the last 8 positions, sum of the last): "
-          f"{', '.join(agree)}")
+    others = {s: same_logits(r, ours) for s, r in results.items()
+              if "error" not in r and r["dtype"] == "float32" and s != "runner"}
+    print("  fp32 sides with the runner's logits (same argmax over the last 8 positions, the last row's values "
+          "within 1e-3 of the largest): "
+          + (", ".join(f"{s} {'yes' if ok else 'NO'} (max diff {diff:.1e})" for s, (ok, diff) in others.items())
+             or "none measured"))
 
-    print("\nTargets (issue 3), for each runner row (what-if rows are the runner patched in the bench only):")
+    print(f"\nTargets ({kind} checkpoint), for each runner row "
+          "(what-if rows are the runner patched in the bench only):")
     acc = results.get("accelerate")
     has_acc = bool(acc) and "error" not in acc
     if not has_acc:
@@ -290,50 +378,69 @@ def report(results: dict[str, dict[str, Any]], checkpoint_bytes: int, largest_sh
               f"{checkpoint_bytes / fp32['first_logits'] / GB / dd:.0%} of dd's {dd:.2f} GB/s")
 
 
+def missing_package(side: str, kind: str) -> str | None:
+    """What ``side`` needs on ``kind``'s checkpoint and cannot import, if anything."""
+    needs = (["accelerate"] if side == "accelerate" else []) + (
+        ["transformers"] if kind != "synthetic" and side in ("torch", "accelerate") else [])
+    missing = [n for n in needs if not importable(n)]
+    return f"{', '.join(missing)} not importable (pip install -c constraints.txt -e .[bench])" if missing else None
+
+
+def bench_checkpoint(kind: str, sides: list[str], args: argparse.Namespace, start: float) -> dict[str, list]:
+    """Every side's cold runs on ``kind``'s checkpoint, in rounds, then its report; the raw runs."""
+    if kind != "synthetic" and not importable("transformers"):
+        print(f"\n== checkpoint {kind}: skipped, transformers is not importable (it writes the checkpoint) ==")
+        return {}
+    folder = ensure_checkpoint(kind)
+    files = sorted(folder.glob("*.safetensors"))
+    sizes = [f.stat().st_size for f in files]
+    print(f"\ncheckpoint {kind}: {folder} ({len(files)} shards, {sum(sizes) / GB:.2f} GB), ready after "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+    dd, dd_note = (None, "skipped") if args.no_dd else dd_rate(files)
+    skipped = {side: missing_package(side, kind) for side in sides if missing_package(side, kind)}
+    live = [side for side in sides if side not in skipped]
+    raw: dict[str, list[dict[str, Any]]] = {side: [] for side in live}
+    for i in range(args.repeats):  # rounds over all sides, so a busy spell on the machine hits every side alike
+        for side in live:
+            r = run_side(side, kind, folder, files)
+            raw[side].append(r)
+            print(f"  [{kind} {i + 1}/{args.repeats}] {side}: " + (
+                f"error: {r['error']}" if "error" in r else
+                f"first logits {r['first_logits']:.2f} s, peak RSS {gb(r['peak'])} GB"
+                + (f" (NOT cold: {r['resident_at_start'] / MiB:.0f} MiB were cached)"
+                   if r["resident_at_start"] > COLD_SLACK else "")), flush=True)
+    results = {side: fastest_run(runs) for side, runs in raw.items()}
+    results.update({side: {"side": side, "error": why} for side, why in skipped.items()})
+    report(kind, results, sum(sizes), max(sizes), dd, dd_note)
+    return raw
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, help="runner cache (default: RUNNER_CACHE, else ~/.cache/runner)")
+    parser.add_argument("--checkpoint", nargs="+", choices=CHECKPOINTS, default=DEFAULT_CHECKPOINTS,
+                        help="checkpoints to benchmark, one after the other, one table each (default: "
+                             f"{' '.join(DEFAULT_CHECKPOINTS)}; tinyllama writes 4.4 GB more)")
     parser.add_argument("--sides", nargs="+", choices=SIDES + WHAT_IF, default=list(SIDES))
     parser.add_argument("--what-if", action="store_true",
                         help=f"also run the runner patched with candidate fixes: {', '.join(WHAT_IF)}")
     parser.add_argument("--repeats", type=int, default=3,
                         help="cold runs per side, in rounds over the sides; the fastest is reported")
     parser.add_argument("--no-dd", action="store_true", help="skip the dd reference")
-    parser.add_argument("--json", type=Path, help="also write every run's raw figures here")
-    parser.add_argument("--child", nargs=2, metavar=("SIDE", "FOLDER"), help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help="also write every run's raw figures here, by checkpoint")
+    parser.add_argument("--child", nargs=3, metavar=("SIDE", "CHECKPOINT", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cache:
         os.environ["RUNNER_CACHE"] = str(args.cache.expanduser().resolve())
     if args.child:
-        child(args.child[0], Path(args.child[1]))
+        child(args.child[0], args.child[1], Path(args.child[2]))
         return
 
     start = time.perf_counter()
     print(f"cache: {os.environ.get('RUNNER_CACHE', '~/.cache/runner (default)')}; cpus: {os.cpu_count()}; "
-          f"python {sys.version.split()[0]}", flush=True)
-    folder = ensure_checkpoint()
-    files = sorted(folder.glob("*.safetensors"))
-    sizes = [f.stat().st_size for f in files]
-    print(f"checkpoint: {folder} ({len(files)} shards, {sum(sizes) / GB:.2f} GB), ready after "
-          f"{time.perf_counter() - start:.0f} s", flush=True)
-    dd, dd_note = (None, "skipped") if args.no_dd else dd_rate(files)
-    sides = [s for s in args.sides if s != "accelerate" or importable("accelerate")]
-    sides += [s for s in WHAT_IF if args.what_if and s not in sides]
-    raw: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
-    for i in range(args.repeats):  # rounds over all sides, so a busy spell on the machine hits every side alike
-        for side in sides:
-            r = run_side(side, folder, files)
-            raw[side].append(r)
-            print(f"  [{i + 1}/{args.repeats}] {side}: " + (
-                f"error: {r['error']}" if "error" in r else
-                f"first logits {r['first_logits']:.2f} s, peak RSS {gb(r['peak'])} GB"
-                + (f" (NOT cold: {r['resident_at_start'] / MiB:.0f} MiB were cached)"
-                   if r["resident_at_start"] > COLD_SLACK else "")), flush=True)
-    results = {side: fastest_run(runs) for side, runs in raw.items()}
-    if "accelerate" in args.sides and "accelerate" not in sides:
-        results["accelerate"] = {"side": "accelerate",
-                                 "error": "accelerate is not importable (pip install -c constraints.txt -e .[bench])"}
-    report(results, sum(sizes), max(sizes), dd, dd_note)
+          f"python {sys.version.split()[0]}; checkpoints: {' '.join(args.checkpoint)}", flush=True)
+    sides = list(args.sides) + [s for s in WHAT_IF if args.what_if and s not in args.sides]
+    raw = {kind: bench_checkpoint(kind, sides, args, start) for kind in dict.fromkeys(args.checkpoint)}
     if args.json:
         args.json.write_text(json.dumps(raw, indent=1))
     print(f"\nbench took {time.perf_counter() - start:.0f} s")

@@ -1,18 +1,28 @@
 #!/usr/bin/env python
 """Disk-offload benchmark: the runner's offload engine against Accelerate's ``load_checkpoint_and_dispatch``.
 
-The checkpoint is the runner's own synthetic one for ``model=gpt2large`` (fp32, ~3.1 GB in ~500 MB shards
-with an index), written once by the runner into ``<cache>/synthetic`` (``--cache``, else ``RUNNER_CACHE``,
-else ``/tmp/offload-bench-cache``). Both sides dispatch the same class, ``runner.zoo.gpt.GPT``, on the CPU
-with a 1 GiB CPU budget and the rest on disk, and run a fixed ``[4, 128]`` batch of token ids:
+``--checkpoint`` picks the checkpoints, each benchmarked in turn with a report of its own (default: both
+``synthetic`` and ``hf-gpt2``; ``tinyllama`` only when asked), all fp32, ~500 MB shards with an index, under
+``--cache`` (else ``RUNNER_CACHE``, else ``/tmp/offload-bench-cache``):
+
+- ``synthetic``: the runner's own for ``model=gpt2large`` (``nn.Linear`` layout, 3.1 GB), written once by the
+  runner into ``<cache>/synthetic``; both sides dispatch the runner's class, ``runner.zoo.gpt.GPT``;
+- ``hf-gpt2``: transformers' ``GPT2LMHeadModel`` at gpt2-large's shape, written once by ``save_pretrained``
+  into ``<cache>/hf/gpt2-large`` (``hf_checkpoint.py``; Conv1D weights ``[in, out]``). The runner loads it
+  into its ``GPT`` (``model=gpt2large checkpoint=local``: transposed views, streamed from the shards as they
+  are); Accelerate dispatches transformers' ``GPT2LMHeadModel``, its natural class (blocks: ``GPT2Block``);
+- ``tinyllama``: the same for ``LlamaForCausalLM`` at TinyLlama-1.1B's shape (``model=llama``).
+
+Both sides run on the CPU with a 1 GiB CPU budget and the rest on disk, on a fixed ``[4, 128]`` batch:
 
 - ``runner``: ``runner.pipeline.prepare`` with ``hardware=cpu max_memory.cpu=1GiB runtime.batch_size=4
   runtime.seq_len=128 offload.folder=<dir>`` (its planner places the blocks; disk blocks are read
   straight from the checkpoint's shards, a few aligned spans per block into reused buffers, from the page
   cache when the bytes are there and with ``O_DIRECT`` otherwise (``offload.direct_io``), prefetched
-  ``offload.prefetch`` blocks ahead);
-- ``accelerate``: ``init_empty_weights()`` + ``GPT(**arch)``, the map from Accelerate's own
-  ``infer_auto_device_map(max_memory={"cpu": 1GiB}, no_split_module_classes=["Block"])``, then
+  ``offload.prefetch`` blocks ahead). The bytes it writes into ``<dir>`` are counted (files new or
+  changed): none are expected for an fp32 checkpoint, and none at all on a second run;
+- ``accelerate``: ``init_empty_weights()`` + the class (head tied), the map from Accelerate's own
+  ``infer_auto_device_map(max_memory={"cpu": 1GiB}, no_split_module_classes=[<block>])``, then
   ``load_checkpoint_and_dispatch(model, <checkpoint folder>, device_map, offload_folder=<dir>)``
   (whatever Accelerate does with the disk part, here writing ``.dat`` files, is part of what is compared).
 
@@ -31,19 +41,21 @@ block, and the spans the prefetcher's reader took from the page cache, read with
 through the page cache (``SpanReader.counts``); next to them, ``dd iflag=direct bs=16M`` on the same shards.
 
 A third subprocess holds four models at once and runs them in interleaved, warm rounds: the runner's
-all-resident map (``max_memory.cpu=16GiB``), the plain ``GPT`` with ``load_state_dict`` of the same weights
-(its own copy: the hook-overhead target), the plain ``GPT`` on the runner's very tensors (a diagnostic:
-hooks alone), and the runner's 1 GiB disk map (the warm-cache target). The first round is a warm-up.
-Each round runs every model once, back to back, so a busy spell on the machine (other jobs) hits a round's
-forwards alike: these two targets judge the median over rounds of the ratio within a round (fastest and
-median walls and process CPU time are printed next to it; "busy" = process CPU time / (threads x wall)).
+all-resident map (``max_memory.cpu=16GiB``), the runner's class without the runner (plain) with
+``load_state_dict`` of the same weights (its own copy: the hook-overhead target), the plain model on the
+runner's very tensors (a diagnostic: hooks alone; on ``hf-gpt2`` also transposed views against contiguous
+copies), and the runner's 1 GiB disk map (the warm-cache target, and the runner's second run on its offload
+folder). The first round is a warm-up. Each round runs every model once, back to back, so a busy spell on the
+machine (other jobs) hits a round's forwards alike: these two targets judge the median over rounds of the
+ratio within a round (fastest and median walls and process CPU time are printed next to it; "busy" = process
+CPU time / (threads x wall)).
 
 ``--buffered`` sets the runner's ``O_DIRECT`` path against the page-cache one: a third disk-map side,
 ``runner+buffered`` (the runner with ``offload.direct_io=false``, on its own copy of the checkpoint), and a
 fifth model in the rounds (the runner's 1 GiB disk map with ``offload.direct_io=false``).
 
-Run ``python bench/offload_bench.py``: ~4 minutes on 2 idle cores (a forward is ~4.5 s there; other
-jobs can make it 2-3x longer), plus ~25 s to write the checkpoint and its copy the first time.
+Run ``python bench/offload_bench.py``: ~4 minutes a checkpoint on 2 idle cores (a forward is ~4.5 s there;
+other jobs can make it 2-3x longer), plus ~25-45 s to write each checkpoint and its copy the first time.
 The exit code is 0 whatever the verdict.
 """
 from __future__ import annotations
@@ -63,16 +75,20 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py (which puts this checkout's runner first)
-from common import (GB, MiB, ROOT, Sampler, compose_config, dd_rate, empty_gpt, evict, files_under, gb,  # noqa: E402
-                    importable, package_version, quiet, ratio, synthetic_folder)
+import hf_checkpoint  # noqa: E402
+from common import (GB, MiB, ROOT, Sampler, bytes_written, compose_config, dd_rate, empty_gpt, evict,  # noqa: E402
+                    files_under, folder_state, gb, importable, package_version, quiet, ratio, synthetic_folder)
 
 BATCH, SEQ = 4, 128
 CPU_BUDGET = "1GiB"
-MODEL_OVERRIDES = ["model=gpt2large", "hardware=cpu", "checkpoint.shard_size=500MB", "dtype=float32",
-                   f"runtime.batch_size={BATCH}", f"runtime.seq_len={SEQ}"]
+RUNTIME = ["hardware=cpu", "dtype=float32", f"runtime.batch_size={BATCH}", f"runtime.seq_len={SEQ}"]
+MODEL_OVERRIDES = ["model=gpt2large", "checkpoint.shard_size=500MB", *RUNTIME]
 TARGETS = {"load": 0.25, "evicted": 0.7, "warm": 1.05, "hooks": 1.03}
 RSS_SLACK = 600 * 10**6  # the issue's "+ 600 MB" of runtime above the budget and two blocks
 BUFFERED = ["offload.direct_io=false"]  # --buffered: disk blocks read through the page cache, not with O_DIRECT
+CHECKPOINTS = ("synthetic", *hf_checkpoint.CHECKPOINTS)
+DEFAULT_CHECKPOINTS = ["synthetic", "hf-gpt2"]
+SAMPLE_EVERY = 64  # logits compared by value: every 64th of each row's last position
 
 
 # -- probes -------------------------------------------------------------------------------------------------------
@@ -163,22 +179,48 @@ def _tokens(vocab: int):
 
 
 def _logits_summary(logits) -> dict[str, Any]:
+    logits = getattr(logits, "logits", logits)  # transformers' classes return an output object
     last = logits[:, -1].float()
     return {"argmax": logits[:, -4:].float().argmax(-1).flatten().tolist(), "sum": float(last.sum()),
-            "abs": float(last.abs().sum())}
+            "abs": float(last.abs().sum()), "sample": last[:, ::SAMPLE_EVERY].flatten().tolist()}
 
 
 def _arch() -> dict[str, Any]:
     return {k: v for k, v in compose_config(*MODEL_OVERRIDES).model.arch.items() if k != "_target_"}
 
 
-def child_write() -> None:
-    """Have the runner write (or find) its synthetic checkpoint; print its folder."""
+def runner_overrides(kind: str, folder: Path, side: str = "runner") -> list[str]:
+    """The runner's model and checkpoint overrides for ``kind``'s checkpoint in ``folder`` (a side's copy for
+    runner+buffered: a local checkpoint, same bytes)."""
+    if kind != "synthetic":
+        local = [*hf_checkpoint.runner_overrides(kind, folder), *RUNTIME]
+    elif side == "runner":
+        return MODEL_OVERRIDES
+    else:
+        local = [*(o for o in MODEL_OVERRIDES if not o.startswith("checkpoint.")), "checkpoint=local",
+                 f"checkpoint.path={folder}"]
+    return local + (BUFFERED if side == "runner+buffered" else [])
+
+
+def vocab_size(kind: str, folder: Path) -> int:
+    return _arch()["vocab_size"] if kind == "synthetic" else hf_checkpoint.hf_config(folder)["vocab_size"]
+
+
+def child_write(kind: str) -> None:
+    """Find ``kind``'s checkpoint, or have it written (the synthetic one by the runner); print its folder."""
     quiet()
-    print("STEP " + json.dumps({"folder": str(synthetic_folder(*MODEL_OVERRIDES))}), flush=True)
+    folder = synthetic_folder(*MODEL_OVERRIDES) if kind == "synthetic" else hf_checkpoint.write(kind)
+    print("STEP " + json.dumps({"folder": str(folder)}), flush=True)
 
 
-def child_side(side: str, work: Path, folder: Path) -> None:
+def empty_reference(kind: str, folder: Path):
+    """Accelerate's side before dispatch: an empty model (head tied) and the block class it must not split."""
+    if kind == "synthetic":
+        return empty_gpt(_arch()), "Block"
+    return hf_checkpoint.empty_model(kind, folder), hf_checkpoint.CHECKPOINTS[kind].block
+
+
+def child_side(side: str, kind: str, work: Path, folder: Path) -> None:
     """One side with the disk map, as a server: the parent says ``load``, ``forward <kind>`` and ``done`` on
     stdin (having evicted the side's files when the step asks for it), and gets one ``STEP {json}`` line back."""
     quiet()
@@ -191,20 +233,18 @@ def child_side(side: str, work: Path, folder: Path) -> None:
         from runner.pipeline import prepare
         stats = ReadStats()
         stats.install()
-        # runner+buffered reads its own copy of the checkpoint (see main), as a local one: same bytes.
-        overrides = MODEL_OVERRIDES if side == "runner" else [
-            *(o for o in MODEL_OVERRIDES if not o.startswith("checkpoint.")), "checkpoint=local",
-            f"checkpoint.path={folder}", *BUFFERED]
-        cfg = compose_config(*overrides, f"max_memory.cpu={CPU_BUDGET}", f"offload.folder={offload}")
-        arch = {k: v for k, v in cfg.model.arch.items() if k != "_target_"}
+        cfg = compose_config(*runner_overrides(kind, folder, side), f"max_memory.cpu={CPU_BUDGET}",
+                             f"offload.folder={offload}")
         extra["prefetch"] = cfg.placement.prefetch
         extra["direct_io"] = cfg.placement.direct_io
     else:
         from accelerate import load_checkpoint_and_dispatch
         from accelerate.utils import infer_auto_device_map
-        arch = _arch()
+        if kind != "synthetic":
+            import transformers
+            getattr(transformers, hf_checkpoint.CHECKPOINTS[kind].cls)  # a lazy module: import the class now
         shutil.rmtree(offload, ignore_errors=True)  # Accelerate rewrites it anyway; no stale files to evict
-    tokens = _tokens(arch["vocab_size"])
+    tokens = _tokens(vocab_size(kind, folder))
     threads = torch.get_num_threads()
     sampler = Sampler()
     sampler.start()
@@ -221,7 +261,9 @@ def child_side(side: str, work: Path, folder: Path) -> None:
             sampler.phase = "load"
             t0 = time.perf_counter()
             if side.startswith("runner"):
+                extra["offload_state"] = folder_state(offload)  # what the runner writes there: nothing, for fp32
                 result = prepare(cfg, work / f"{slug(side)}-run")
+                extra["offload_written_load"] = bytes_written(extra["offload_state"], folder_state(offload))
                 model = result.model
                 devices = result.check.block_devices
                 disk = [b for b in result.layout.blocks if devices[b.name] == "disk"]
@@ -233,13 +275,13 @@ def child_side(side: str, work: Path, folder: Path) -> None:
                 extra["reserves"] = result.plan.reserves
                 assert Path(result.checkpoint.files[0]).parent == folder, (result.checkpoint.files[0], folder)
             else:
-                model = empty_gpt(arch)
+                model, block = empty_reference(kind, folder)
+                sizes = _module_bytes(model)
                 device_map = infer_auto_device_map(model, max_memory={"cpu": _size(CPU_BUDGET)},
-                                                   no_split_module_classes=["Block"])
+                                                   no_split_module_classes=[block])
                 model = load_checkpoint_and_dispatch(model, checkpoint=str(folder), device_map=device_map,
-                                                     offload_folder=str(offload), no_split_module_classes=["Block"])
+                                                     offload_folder=str(offload), no_split_module_classes=[block])
                 model.eval()
-                sizes = _module_bytes(arch)
                 extra["map"] = _summarize({k: str(v) for k, v in device_map.items()})
                 extra["streamed"] = sum(sizes.get(k, 0) for k, v in device_map.items() if v == "disk")
                 extra["planned_cpu"] = sum(sizes.get(k, 0) for k, v in device_map.items() if v == "cpu")
@@ -272,6 +314,8 @@ def child_side(side: str, work: Path, folder: Path) -> None:
             sampler.stop()
             if stats:
                 extra["spans"] = stats.spans()
+            if "offload_state" in extra:
+                extra["offload_written"] = bytes_written(extra.pop("offload_state"), folder_state(offload))
             step({"forwards": forwards, "logits": _logits_summary(logits) if logits is not None else None,
                   "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "rss_load": sampler.peaks.get("load", 0),
@@ -279,48 +323,70 @@ def child_side(side: str, work: Path, folder: Path) -> None:
             return
 
 
-def child_compare(work: Path, folder: Path, rounds: int, buffered: bool) -> None:
+def _plain_copy(runner_model, arch: dict[str, Any], assign: bool):
+    """The runner's model class without the runner: built on meta, then its own copy of the runner's weights
+    (``assign``: the runner's very tensors, no copy, no hooks). Its head is tied again where the runner's is:
+    ``to_empty`` and ``assign`` give each name its own Parameter. Buffers no state dict carries (Llama's
+    rotary ``inv_freq``) are the runner's too: on meta they would be empty."""
+    import torch
+    from torch import nn
+    with torch.device("meta"):
+        model = type(runner_model)(**arch).eval()
+    if not assign:
+        model = model.to_empty(device="cpu")
+    state = runner_model.state_dict()
+    missing, unexpected = model.load_state_dict(state, assign=assign)
+    assert not missing and not unexpected, (missing, unexpected)
+    for name, buffer in runner_model.named_buffers():
+        if name not in state:  # non-persistent: computed by the constructor, never loaded
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner).register_buffer(leaf, buffer if assign else buffer.clone(), persistent=False)
+    head = runner_model.lm_head.weight
+    tied = [n for n, m in runner_model.named_modules() if isinstance(m, nn.Embedding) and m.weight is head]
+    if tied:
+        model.lm_head.weight = model.get_submodule(tied[0]).weight
+    return model
+
+
+def child_compare(kind: str, work: Path, folder: Path, rounds: int, buffered: bool) -> None:
     """Warm, interleaved: the runner's all-resident map, the plain model, the runner's disk map (and, with
-    ``buffered``, a second disk-map model with ``offload.direct_io=false``)."""
+    ``buffered``, a second disk-map model with ``offload.direct_io=false``). The disk map's offload folder is
+    the runner side's: this is its second run there, which must write nothing."""
     quiet()
     import torch
     torch.set_num_threads(os.cpu_count() or 1)
     from runner.pipeline import prepare
-    from runner.zoo.gpt import GPT
-    arch = _arch()
-    tokens = _tokens(arch["vocab_size"])
+    overrides = runner_overrides(kind, folder)
+    tokens = _tokens(vocab_size(kind, folder))
     timings = {}
     t0 = time.perf_counter()
-    resident = prepare(compose_config(*MODEL_OVERRIDES, "max_memory.cpu=16GiB"), work / "resident-run")
+    resident = prepare(compose_config(*overrides, "max_memory.cpu=16GiB"), work / "resident-run")
     timings["resident load"] = time.perf_counter() - t0
     assert set(resident.check.block_devices.values()) == {"cpu"}, resident.check.block_devices
+    arch = {k: v for k, v in resident.config.model.arch.items() if k != "_target_"}  # resolved from config.json too
     t0 = time.perf_counter()
-    with torch.device("meta"):
-        plain = GPT(**arch)
-    plain = plain.to_empty(device="cpu").eval()
-    plain.lm_head.weight = plain.transformer.wte.weight  # to_empty leaves meta parameters untied
-    missing, unexpected = plain.load_state_dict(resident.model.state_dict())  # a copy: the plain model's own memory
-    assert not missing and not unexpected, (missing, unexpected)
+    plain = _plain_copy(resident.model, arch, assign=False)  # a copy: the plain model's own memory
     timings["plain load_state_dict"] = time.perf_counter() - t0
-    with torch.device("meta"):  # a diagnostic: the plain model on the runner's own tensors (no copy, no hooks)
-        shared = GPT(**arch).eval()
-    shared.load_state_dict(resident.model.state_dict(), assign=True)
-    shared.lm_head.weight = shared.transformer.wte.weight  # assign gives each name its own Parameter: tie again
+    shared = _plain_copy(resident.model, arch, assign=True)  # a diagnostic: hooks alone
+    offload_folder = work / "runner-offload"
+    before = folder_state(offload_folder)
     t0 = time.perf_counter()
-    offload = prepare(compose_config(*MODEL_OVERRIDES, f"max_memory.cpu={CPU_BUDGET}",
-                                     f"offload.folder={work / 'runner-offload'}"), work / "runner-run")
+    offload = prepare(compose_config(*overrides, f"max_memory.cpu={CPU_BUDGET}", f"offload.folder={offload_folder}"),
+                      work / "runner-run")
     timings["disk-map load"] = time.perf_counter() - t0
+    written = {"load": bytes_written(before, folder_state(offload_folder))}
     models = {"resident": resident.model, "plain": plain, "plain, runner's tensors": shared,
               "disk map (warm)": offload.model}
     if buffered:
         t0 = time.perf_counter()
-        through_cache = prepare(compose_config(*MODEL_OVERRIDES, f"max_memory.cpu={CPU_BUDGET}",
-                                               f"offload.folder={work / 'runner-offload'}", *BUFFERED),
+        through_cache = prepare(compose_config(*overrides, f"max_memory.cpu={CPU_BUDGET}",
+                                               f"offload.folder={offload_folder}", *BUFFERED),
                                 work / "runner-run")
         timings["buffered disk-map load"] = time.perf_counter() - t0
         models["disk map (warm, buffered)"] = through_cache.model
     threads = torch.get_num_threads()
-    hook_s, hooks = _hook_cost(resident.model, torch.zeros(BATCH, SEQ, arch["n_embd"]))
+    width = arch.get("n_embd") or arch["hidden_size"]
+    hook_s, hooks = _hook_cost(resident.model, torch.zeros(BATCH, SEQ, width))
     times: dict[str, list[float]] = {k: [] for k in models}
     cpus: dict[str, list[float]] = {k: [] for k in models}
     io: dict[str, int] = dict.fromkeys(models, 0)
@@ -339,8 +405,10 @@ def child_compare(work: Path, folder: Path, rounds: int, buffered: bool) -> None
                 io[name] += read_bytes() - b
             logits[name] = _logits_summary(out)
             print(f"  > compare round {r} {name}: {wall:.2f} s wall, {cpu:.2f} s cpu", file=sys.stderr, flush=True)
+    written["total"] = bytes_written(before, folder_state(offload_folder))
     print("STEP " + json.dumps({"times": times, "cpu": cpus, "threads": threads, "read_bytes": io, "logits": logits,
-                                "timings": timings, "hook_s": hook_s, "hooks": hooks}), flush=True)
+                                "timings": timings, "hook_s": hook_s, "hooks": hooks,
+                                "offload_written": written}), flush=True)
 
 
 def _hook_cost(model, x, repeats: int = 200) -> tuple[float, int]:
@@ -367,18 +435,11 @@ def _size(text: str) -> int:
     return parse_size(text)
 
 
-def _module_bytes(arch: dict[str, Any]) -> dict[str, int]:
-    """Bytes of each top-level block name Accelerate's map uses (from a meta copy of the same class)."""
-    import torch
-
-    from runner.zoo.gpt import GPT
-    with torch.device("meta"):
-        meta = GPT(**arch)
-    out = {}
-    for name, module in meta.named_modules():
-        out[name] = sum(p.numel() * 4 for p in module.parameters())
-    out["lm_head"] = 0  # tied to wte: stored (and counted) once
-    return out
+def _module_bytes(model) -> dict[str, int]:
+    """Bytes of each module name Accelerate's map may use, from the empty model before dispatch; a tied
+    tensor counts once, in the module that names it first (the embedding, not the head)."""
+    params = [(name, p.numel() * p.element_size()) for name, p in model.named_parameters()]
+    return {m: sum(n for name, n in params if name.startswith(m + ".")) for m, _ in model.named_modules() if m}
 
 
 def _summarize(device_map: dict[str, str]) -> str:
@@ -461,10 +522,49 @@ def verdict(ok: bool | None, text: str) -> str:
 BUSY_OK = 0.9  # a forward that got less than this share of the cores ran on a busy machine (other jobs)
 
 
-def report(sides: dict[str, dict[str, Any]], compare: dict[str, Any], dd: float | None, dd_note: str,
-           total: int) -> None:
+def describe(checkpoint: str) -> str:
+    if checkpoint == "synthetic":
+        return "the runner's synthetic checkpoint (nn.Linear layout); both sides dispatch runner.zoo.gpt.GPT"
+    spec = hf_checkpoint.CHECKPOINTS[checkpoint]
+    return (f"written by transformers' save_pretrained ({spec.cls}); the runner loads it with "
+            f"{' '.join(spec.runner)} checkpoint=local, Accelerate dispatches {spec.cls}")
+
+
+def same_logits(v: dict[str, Any], ref: dict[str, Any]) -> tuple[bool, float]:
+    """The same argmax over the last positions, and every sampled value of the last positions within 1e-3 of
+    the largest (the classes may differ: sums run in other orders); and the largest difference."""
+    diff = max((abs(x - y) for x, y in zip(v["sample"], ref["sample"])), default=float("inf"))
+    scale = max(1.0, max((abs(y) for y in ref["sample"]), default=0.0))
+    return v["argmax"] == ref["argmax"] and diff <= 1e-3 * scale, diff
+
+
+def written_lines(sides: dict[str, dict[str, Any]], compare: dict[str, Any], folder: Path) -> list[str]:
+    """What the runner's runs wrote into its offload folder (files new or changed, in bytes), and the verdict:
+    the second run (the warm rounds' disk map, after the runner side's run) writes nothing."""
+    runs = []
+    for side, r in sides.items():
+        if "offload_written" in r:
+            runs.append(f"{side}: load {r['offload_written_load']:,} B, whole run {r['offload_written']:,} B")
+    second = compare.get("offload_written") if "error" not in compare else None
+    if second:
+        runs.append(f"warm rounds' disk map (second run): load {second['load']:,} B, whole run {second['total']:,} B")
+    where = f"{folder}" + ("" if folder.exists() else " (never created: nothing to convert)")
+    lines = [f"[info] bytes written to the offload folder {where}: " + ("; ".join(runs) or "not measured")]
+    if not any("offload_written" in r for r in sides.values()):
+        lines[0] += " (no runner side ran before the warm rounds here: theirs may be a first run)"
+    if second is None:
+        lines.append(verdict(None, "zero bytes written to the offload folder on the second run: not measured"))
+    else:
+        lines.append(verdict(second["total"] == 0, f"zero bytes written to the offload folder on the second run: "
+                                                   f"{second['total']:,} B"))
+    return lines
+
+
+def report(checkpoint: str, sides: dict[str, dict[str, Any]], compare: dict[str, Any], dd: float | None,
+           dd_note: str, total: int, offload_folder: Path) -> None:
     acc = sides.get("accelerate", {})
-    print(f"\nAll figures: GB = 1e9 bytes, seconds. Checkpoint {gb(total)} GB fp32; batch {BATCH} x {SEQ} tokens; "
+    print(f"\n== checkpoint {checkpoint}: {describe(checkpoint)} ==")
+    print(f"All figures: GB = 1e9 bytes, seconds. Checkpoint {gb(total)} GB fp32; batch {BATCH} x {SEQ} tokens; "
           f"max_memory.cpu={CPU_BUDGET}, the rest on disk. 'busy' = process CPU time / (torch threads x wall): "
           f"~1 when the forward had the cores to itself, lower when other jobs took them.")
     for side, r in sides.items():
@@ -556,11 +656,11 @@ def report(sides: dict[str, dict[str, Any]], compare: dict[str, Any], dd: float 
     if ref:
         rows = {**{f"compare {k}": v for k, v in compare["logits"].items()},
                 **{s: r["logits"] for s, r in ok.items()}}
-        same = [n for n, v in rows.items() if v["argmax"] == ref["argmax"]
-                and abs(v["sum"] - ref["sum"]) <= 1e-3 * max(1.0, ref["abs"])]
-        print(f"\nLogits equal to the plain model's (argmax of the last 4 positions, sum of the last row): "
-              f"{', '.join(same)}" + (f"; DIFFERENT: {', '.join(n for n in rows if n not in same)}"
-                                      if len(same) < len(rows) else ""))
+        checks = {n: same_logits(v, ref) for n, v in rows.items()}
+        print("\nLogits against the plain model's (the same argmax over the last 4 positions of every row, the last "
+              "positions' values within 1e-3 of the largest): "
+              + ", ".join(f"{n} {'same' if ok else 'DIFFERENT'} (max diff {diff:.1e})"
+                          for n, (ok, diff) in checks.items()))
 
     def interleaved(key: str, name: str, base: str, label: str) -> str:
         if not cmp_ok or name not in compare["times"]:
@@ -585,7 +685,7 @@ def report(sides: dict[str, dict[str, Any]], compare: dict[str, Any], dd: float 
         r = sides[side]
         has = "error" not in r
         print(f"\n{tag}the same targets reading through the page cache (offload.direct_io=false):" if tag
-              else "\nTargets (issue 5):")
+              else f"\nTargets ({checkpoint} checkpoint):")
         lines = []
         if has and has_acc:
             a, b = r["load"], acc["load"]
@@ -610,11 +710,12 @@ def report(sides: dict[str, dict[str, Any]], compare: dict[str, Any], dd: float 
         else:
             lines.append(verdict(None, "peak RSS: not measured"))
         if not tag:
-            lines.append(interleaved("hooks", "resident", "plain", "hook overhead, all-resident runner vs plain GPT"))
+            lines += written_lines(sides, compare, offload_folder)
+            lines.append(interleaved("hooks", "resident", "plain", "hook overhead, all-resident runner vs plain model"))
             if cmp_ok:
                 t, c, sh = compare["times"], compare["cpu"], "plain, runner's tensors"
-                lines.append(f"[info] the same split on the same tensors: all-resident runner vs plain GPT on the "
-                             f"runner's tensors (hooks alone) {min(t['resident']) / min(t[sh]):.3f}x fastest wall, "
+                lines.append(f"[info] the same split on the same tensors: all-resident runner vs the plain model on "
+                             f"the runner's tensors (hooks alone) {min(t['resident']) / min(t[sh]):.3f}x fastest wall, "
                              f"{med(c['resident']) / med(c[sh]):.3f}x CPU; plain on the runner's tensors vs plain on "
                              f"its own copy (mapped checkpoint pages vs anonymous memory) "
                              f"{min(t[sh]) / min(t['plain']):.3f}x, {med(c[sh]) / med(c['plain']):.3f}x CPU")
@@ -641,48 +742,25 @@ def copy_checkpoint(folder: Path, to: Path) -> Path:
     return to
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path, help="runner cache (default: RUNNER_CACHE, else /tmp/offload-bench-cache)")
-    parser.add_argument("--repeats", type=int, default=3, help="evicted forwards per side, after one warm-up")
-    parser.add_argument("--warm", type=int, default=1, help="warm forwards per side after the evicted ones")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="interleaved warm rounds (resident, plain, disk map) after a warm-up round")
-    parser.add_argument("--sides", nargs="+", choices=("runner", "accelerate", "compare"),
-                        default=["runner", "accelerate", "compare"])
-    parser.add_argument("--no-dd", action="store_true", help="skip the dd reference")
-    parser.add_argument("--buffered", action="store_true",
-                        help="also run the runner with offload.direct_io=false (disk blocks read through the page "
-                             "cache, not with O_DIRECT): a third disk-map side, runner+buffered, and a fifth model "
-                             "in the warm rounds")
-    parser.add_argument("--json", type=Path, help="also write the raw figures here")
-    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    cache = (args.cache or Path(os.environ.get("RUNNER_CACHE") or "/tmp/offload-bench-cache")).expanduser().resolve()
-    os.environ["RUNNER_CACHE"] = str(cache)  # the synthetic checkpoint config's cache_dir follows it
+def work_of(cache: Path, kind: str) -> Path:
+    """The bench's folder for ``kind``: checkpoint copies, offload folders, run folders."""
     work = cache / "offload-bench"
-    if args.child:
-        kind, rest = args.child[0], args.child[1:]
-        if kind == "write":
-            child_write()
-        elif kind == "compare":
-            child_compare(work, Path(rest[0]), int(rest[1]), rest[2] == "1")
-        else:
-            child_side(kind, work, Path(rest[0]))
-        return 0
+    return work if kind == "synthetic" else work / kind
 
-    start = time.perf_counter()
-    print(f"torch {package_version('torch')}, accelerate {package_version('accelerate')}; {os.cpu_count()} cpus "
-          f"(torch threads {os.cpu_count()}); cache {cache}", flush=True)
-    print(f"plan: each side 1 warm-up + {args.repeats} evicted + {args.warm} warm forwards, the two sides alternating; "
-          f"then 1 warm-up + {args.rounds} interleaved rounds of " + ("5" if args.buffered else "4") + " models", flush=True)
+
+def bench_checkpoint(kind: str, args: argparse.Namespace, cache: Path, start: float) -> dict[str, Any]:
+    """The disk-map sides and the warm rounds on ``kind``'s checkpoint, then its report; the raw figures."""
+    if kind != "synthetic" and not importable("transformers"):
+        print(f"\n== checkpoint {kind}: skipped, transformers is not importable (it writes the checkpoint) ==")
+        return {}
+    work = work_of(cache, kind)
     work.mkdir(parents=True, exist_ok=True)
-    writer = Child("write")
-    written = writer.ask(None, timeout=600)
+    writer = Child("write", kind)
+    written = writer.ask(None, timeout=900)
     writer.close()
     if "error" in written:
-        print(f"cannot write the synthetic checkpoint: {written['error']}")
-        return 0
+        print(f"cannot write the {kind} checkpoint: {written['error']}")
+        return {}
     folder = Path(written["folder"])
     shards = sorted(folder.glob("*.safetensors"))
     total = sum(f.stat().st_size for f in shards)
@@ -694,16 +772,31 @@ def main() -> int:
     folders = {"runner": folder}
     for side in names[1:]:  # each live side its own copy: no shared page cache, no shared mapped pages
         folders[side] = copy_checkpoint(folder, work / f"{slug(side)}-checkpoint")
-    print(f"checkpoint: {folder} ({len(shards)} shards, {gb(total)} GB; copies for "
+    print(f"\ncheckpoint {kind}: {folder} ({len(shards)} shards, {gb(total)} GB; copies for "
           + (", ".join(f"{s} in {folders[s]}" for s in names[1:]) or "-")
           + f"), ready after {time.perf_counter() - start:.0f} s", flush=True)
     dd, dd_note = (None, "skipped") if args.no_dd else dd_rate(shards)
     roots = {side: (folders[side], work / f"{slug(side)}-offload") for side in names}
+    sides = run_sides(kind, names, folders, roots, args)
+    print(f"[{kind}: disk-map sides done after {time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
 
+    compare: dict[str, Any] = {}
+    if "compare" in args.sides:
+        child = Child("compare", kind, str(folder), str(args.rounds), "1" if args.buffered else "0")
+        compare = child.ask(None, timeout=1200)
+        child.close()
+        print(f"[{kind}: compare done after {time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
+    report(kind, sides, compare, dd, dd_note, total, work / "runner-offload")
+    return {"sides": sides, "compare": compare, "dd": dd}
+
+
+def run_sides(kind: str, names: list[str], folders: dict[str, Path], roots: dict[str, tuple[Path, Path]],
+              args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The disk-map sides, live together; one load at a time, then their forwards alternating."""
     sides: dict[str, dict[str, Any]] = {}
     children: dict[str, Child] = {}
     for side in names:  # started together, idle until asked: the parent alternates their forwards
-        children[side] = Child(side, str(folders[side]))
+        children[side] = Child(side, kind, str(folders[side]))
         sides[side] = {"cached": []}
     for side in names:
         got = children[side].ask(None, timeout=300)
@@ -717,12 +810,14 @@ def main() -> int:
         print(f"  > {side} load: " + (got["error"] if "error" in got else f"{got['load']:.2f} s"), file=sys.stderr,
               flush=True)
     plan = ["warm-up"] + ["evicted"] * args.repeats + ["warm"] * args.warm
-    for i, kind in enumerate(plan):
+    for i, step in enumerate(plan):
         live = [s for s in names if "error" not in sides[s]]
+        if not live:  # --sides compare alone, or every side failed
+            break
         for side in live[i % len(live):] + live[:i % len(live)]:  # rotate who goes first
-            if kind != "warm":  # only this side's files: the other side's cache stays as it left it
+            if step != "warm":  # only this side's files: the other side's cache stays as it left it
                 sides[side]["cached"].append(evict(*roots[side]))
-            got = children[side].ask(f"forward {kind}", timeout=600)
+            got = children[side].ask(f"forward {step}", timeout=600)
             if "error" in got:
                 sides[side]["error"] = got["error"]
     for side in names:
@@ -730,17 +825,51 @@ def main() -> int:
             got = children[side].ask("done", timeout=120)
             sides[side].update(got)
         children[side].close()
-    print(f"[disk-map sides done after {time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
+    return sides
 
-    compare: dict[str, Any] = {}
-    if "compare" in args.sides:
-        child = Child("compare", str(folder), str(args.rounds), "1" if args.buffered else "0")
-        compare = child.ask(None, timeout=1200)
-        child.close()
-        print(f"[compare done after {time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
-    report(sides, compare, dd, dd_note, total)
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", type=Path, help="runner cache (default: RUNNER_CACHE, else /tmp/offload-bench-cache)")
+    parser.add_argument("--checkpoint", nargs="+", choices=CHECKPOINTS, default=DEFAULT_CHECKPOINTS,
+                        help="checkpoints to benchmark, one after the other, one report each (default: "
+                             f"{' '.join(DEFAULT_CHECKPOINTS)}; tinyllama writes 4.4 GB more)")
+    parser.add_argument("--repeats", type=int, default=3, help="evicted forwards per side, after one warm-up")
+    parser.add_argument("--warm", type=int, default=1, help="warm forwards per side after the evicted ones")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved warm rounds (resident, plain, disk map) after a warm-up round")
+    parser.add_argument("--sides", nargs="+", choices=("runner", "accelerate", "compare"),
+                        default=["runner", "accelerate", "compare"])
+    parser.add_argument("--no-dd", action="store_true", help="skip the dd reference")
+    parser.add_argument("--buffered", action="store_true",
+                        help="also run the runner with offload.direct_io=false (disk blocks read through the page "
+                             "cache, not with O_DIRECT): a third disk-map side, runner+buffered, and a fifth model "
+                             "in the warm rounds")
+    parser.add_argument("--json", type=Path, help="also write the raw figures here, by checkpoint")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    cache = (args.cache or Path(os.environ.get("RUNNER_CACHE") or "/tmp/offload-bench-cache")).expanduser().resolve()
+    os.environ["RUNNER_CACHE"] = str(cache)  # the checkpoints' folders follow it
+    if args.child:  # write KIND | compare KIND FOLDER ROUNDS BUFFERED | SIDE KIND FOLDER
+        role, kind, rest = args.child[0], args.child[1], args.child[2:]
+        if role == "write":
+            child_write(kind)
+        elif role == "compare":
+            child_compare(kind, work_of(cache, kind), Path(rest[0]), int(rest[1]), rest[2] == "1")
+        else:
+            child_side(role, kind, work_of(cache, kind), Path(rest[0]))
+        return 0
+
+    start = time.perf_counter()
+    print(f"torch {package_version('torch')}, accelerate {package_version('accelerate')}, transformers "
+          f"{package_version('transformers')}; {os.cpu_count()} cpus (torch threads {os.cpu_count()}); cache {cache}; "
+          f"checkpoints: {' '.join(args.checkpoint)}", flush=True)
+    print(f"plan, per checkpoint: each side 1 warm-up + {args.repeats} evicted + {args.warm} warm forwards, the sides "
+          f"alternating; then 1 warm-up + {args.rounds} interleaved rounds of " + ("5" if args.buffered else "4")
+          + " models", flush=True)
+    raw = {kind: bench_checkpoint(kind, args, cache, start) for kind in dict.fromkeys(args.checkpoint)}
     if args.json:
-        args.json.write_text(json.dumps({"sides": sides, "compare": compare, "dd": dd}, indent=1))
+        args.json.write_text(json.dumps(raw, indent=1))
     print(f"\n(bench wall time {time.perf_counter() - start:.0f} s)")
     return 0
 
