@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-accelerate", action="store_true")
+    parser.add_argument("--skip-main", action="store_true", help="only the table (and all-resident)")
     parser.add_argument("--table", nargs="*", type=int, metavar="K", default=None,
                         help="micro-batches of 16 to sweep (default when given bare: 1 2 4 8 16)")
     parser.add_argument("--table-tokens", type=int, nargs=2, default=(8, 8), metavar=("PROMPT", "NEW"))
@@ -185,9 +186,10 @@ def main() -> None:
                     new_tokens=args.new_tokens, **common)
     print(f"gpt2-large (transformers-written, {len(files_under(folder))} files) at 1 GiB for weights; "
           f"{args.prompts} prompts of ~{args.prompt_tokens} tokens, {args.new_tokens} new, greedy", flush=True)
-    results["runner"] = run("runner", folder, args.work / "runner", **main_run)
-    print("runner", _brief(results["runner"]), flush=True)
-    if not args.skip_accelerate:
+    if not args.skip_main:
+        results["runner"] = run("runner", folder, args.work / "runner", **main_run)
+        print("runner", _brief(results["runner"]), flush=True)
+    if not args.skip_accelerate and not args.skip_main:
         results["accelerate"] = run("accelerate", folder, args.work / "accelerate", **main_run)
         print("accelerate", _brief(results["accelerate"]), flush=True)
     ks = [1, 2, 4, 8, 16] if args.table == [] else (args.table or [])

@@ -223,19 +223,25 @@ def _h2d_rate(device: torch.device) -> float:
 
 @torch.inference_mode()
 def _flop_rate(device: torch.device, dtype: torch.dtype, rows: int, width: int) -> float:
-    """FLOP/s of ``[rows, width] @ [width, 4 width]``: a decode step's matmul, which at few rows is bound by reading
-    the weight, as the step itself is."""
-    x = torch.randn(rows, width, dtype=dtype, device=device)
-    w = torch.randn(width, 4 * width, dtype=dtype, device=device)
+    """FLOP/s of ``[rows, width] @ [width, 4 width]`` over weights that together outgrow the caches
+    (``PROBE_BYTES``): a decode step's matmul, which at few rows is bound by reading its weight from memory, as the
+    step itself is. The median of timed passes, so a busy spell on the machine does not set the figure."""
+    x = torch.full((rows, width), 0.01, dtype=dtype, device=device)  # the values do not matter, only the shapes
+    per_weight = 4 * width * width * dtype.itemsize
+    weights = [torch.full((width, 4 * width), 0.01, dtype=dtype, device=device)
+               for _ in range(max(1, min(16, PROBE_BYTES // per_weight)))]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
-    x @ w  # warm-up
-    sync(device)
-    reps, start = 0, time.perf_counter()
-    while reps < 3 or time.perf_counter() - start < 0.05:
+    for w in weights:  # warm-up: first touch, kernel choice
         x @ w
-        reps += 1
     sync(device)
-    return 2 * rows * width * 4 * width * reps / (time.perf_counter() - start)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for w in weights:
+            x @ w
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * rows * width * 4 * width * len(weights) / sorted(times)[len(times) // 2]
 
 
 def format_step(cost: StepCost, rates: Rates) -> list[str]:

@@ -307,3 +307,18 @@ def test_transformers_gpt2_model_without_prefix_loads_with_the_head_tied_to_wte(
         expected = base(TOKENS).last_hidden_state @ base.wte.weight.t()  # GPT-2's head is wte, transposed
     torch.testing.assert_close(logits(result.model), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits(result.model), logits(hf), rtol=1e-5, atol=1e-5)
+
+
+def test_conv1d_weights_are_views_of_the_file_in_fp32_and_plain_weights_once_cast(hf_lm, tmp_path):
+    """fp32 from an fp32 checkpoint: the transposed layout is used as it is, no copy. Cast to bfloat16 (a copy
+    anyway): a plain contiguous [out, in] weight, which half-precision CPU kernels run far faster."""
+    hf, folder = hf_lm
+    same = load(folder, tmp_path / "fp32", **SMALL)
+    weight = same.model.transformer.h[0].mlp.c_fc.weight
+    assert weight.shape == (4 * SMALL["n_embd"], SMALL["n_embd"]) and not weight.is_contiguous()
+    assert torch.equal(weight, hf.transformer.h[0].mlp.c_fc.weight.t())
+    cfg = compose_config(*arch_overrides(**SMALL), "checkpoint=local", f"checkpoint.path={folder}", "hardware=cpu",
+                         "dtype=bfloat16")
+    cast = prepare(cfg, tmp_path / "bf16").model.transformer.h[0].mlp.c_fc.weight
+    assert cast.dtype == torch.bfloat16 and cast.is_contiguous()
+    assert torch.equal(cast, hf.transformer.h[0].mlp.c_fc.weight.t().to(torch.bfloat16))

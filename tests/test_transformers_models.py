@@ -16,10 +16,10 @@ transformers = pytest.importorskip("transformers")
 TOKENS = torch.tensor([[5, 17, 42, 7, 99, 3, 250, 11]])
 
 
-def save_llama(tmp_path, tie: bool):
+def save_llama(tmp_path, tie: bool, theta: float = 10000.0):
     config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie)
+                                      rope_theta=theta, rms_norm_eps=1e-6, tie_word_embeddings=tie)
     torch.manual_seed(0)
     reference = transformers.LlamaForCausalLM(config).eval()
     folder = tmp_path / f"llama-tie{tie}"
@@ -36,6 +36,16 @@ def test_zoo_llama_reads_config_json_and_matches_transformers(tmp_path, tie):
     assert (arch["hidden_size"], arch["num_key_value_heads"], arch["tie_word_embeddings"]) == (64, 2, tie)
     assert (result.model.lm_head.weight is result.model.model.embed_tokens.weight) == tie
     assert not result.model.model.rotary_emb.inv_freq.is_meta  # a non-persistent buffer, rebuilt
+    with torch.inference_mode():
+        torch.testing.assert_close(result.model(TOKENS), reference(TOKENS).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_rope_theta_is_read_wherever_config_json_keeps_it(tmp_path):
+    """transformers 5 writes rope_theta under rope_parameters; older versions at the top. Either way it is read."""
+    reference, folder = save_llama(tmp_path, tie=False, theta=500000.0)
+    result = prepare(compose_config("model=llama", "checkpoint=local", f"checkpoint.path={folder}", "hardware=cpu"),
+                     tmp_path / "run")
+    assert result.config.model.arch["rope_theta"] == 500000.0
     with torch.inference_mode():
         torch.testing.assert_close(result.model(TOKENS), reference(TOKENS).logits, rtol=1e-4, atol=1e-5)
 

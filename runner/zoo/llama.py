@@ -177,4 +177,8 @@ class Llama(ZooCausalLM, nn.Module):
         names = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings",
                  "tie_word_embeddings")
-        return {k: config[k] for k in names if config.get(k) is not None}
+        arch = {k: config[k] for k in names if config.get(k) is not None}
+        rope = config.get("rope_parameters")  # transformers 5 writes rope_theta there, not at the top
+        if "rope_theta" not in arch and isinstance(rope, dict) and rope.get("rope_theta") is not None:
+            arch["rope_theta"] = rope["rope_theta"]
+        return arch
