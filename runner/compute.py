@@ -81,3 +81,20 @@ def kv_where_computed(reserves: dict[str, dict[str, int]], compute: dict[str, Co
     for device, nbytes in moved.items():
         out.setdefault(device, {})["kv_cache"] = out.get(device, {}).get("kv_cache", 0) + nbytes
     return out
+
+
+def pipeline_stagger(blocks: tuple[Block, ...], compute: dict[str, Compute]) -> int:
+    """How many blocks apart micro-batches run (``runner.infer.column``): the longest run of blocks computing on one
+    GPU, when the blocks compute on two GPUs or more and none is streamed (a streamed block is shared by all
+    micro-batches at once, which a pipeline would hold in for the whole step); else 0."""
+    if any(c.streamed for c in compute.values()):
+        return 0
+    runs: list[tuple[str, int]] = []  # (device, blocks in a row)
+    for block in blocks:
+        device = compute[block.name].device
+        if runs and runs[-1][0] == device:
+            runs[-1] = (device, runs[-1][1] + 1)
+        else:
+            runs.append((device, 1))
+    gpus = {device for device, _ in runs if device.startswith("cuda:")}
+    return max(n for device, n in runs if device.startswith("cuda:")) if len(gpus) > 1 else 0

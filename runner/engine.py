@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 
+from runner.compute import pipeline_stagger
 from runner.config import EmbedTask, GenerateTask, RunConfig, compose
 from runner.errors import GenerateError
 from runner.infer.batches import length_batches
@@ -89,6 +90,11 @@ class Engine:
         return self.loaded.streams
 
     @property
+    def stagger(self) -> int:
+        """Blocks between micro-batches in a pipeline over the GPUs; 0: none (``runner.compute.pipeline_stagger``)."""
+        return pipeline_stagger(self.loaded.layout.blocks, self.loaded.compute)
+
+    @property
     def lm(self) -> CausalLM:
         """The model behind the generation contract (generate, score)."""
         return self._lm()
@@ -117,7 +123,7 @@ class Engine:
         runtime = self.config.runtime
         return generate(self.lm, self.tokenizer, requests, params, batch_size=runtime.batch_size,
                         micro_batches=runtime.micro_batches, seed=self.config.seed, stats=self.stats,
-                        streams=self.streams)
+                        streams=self.streams, stagger=self.stagger)
 
     def score(self, texts: Sequence[str | tuple[str, str]]) -> list[Score]:
         """The log-likelihood of each text, or of each ``(prompt, continuation)`` pair's continuation given its

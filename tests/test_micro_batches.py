@@ -147,3 +147,64 @@ def test_mode_plan_shows_the_predicted_throughput(tmp_path):
     document = json.loads(paths["plan.json"].read_text())
     assert document["throughput"]["rows"] == 8 and document["throughput"]["rates"]["disk"] > 0
     assert document["runtime"]["micro_batches"] == 4
+
+
+def test_the_pipeline_schedule_starts_each_micro_batch_stagger_blocks_after_the_last():
+    from runner.infer.column import schedule
+
+    running = dict.fromkeys(range(3))
+    order = []
+    steps = {j: 0 for j in running}
+    for tick, j in schedule(running, stagger=2):
+        order.append((tick, j))
+        steps[j] += 1
+        if steps[j] == 4:  # every micro-batch runs 4 blocks
+            del running[j]
+    assert order == [(0, 0), (1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (4, 1), (4, 2), (5, 1), (5, 2), (6, 2), (7, 2)]
+    column = []
+    running = dict.fromkeys(range(2))
+    for tick, j in schedule(running, stagger=0):
+        column.append(j)
+        if len(column) == 4:
+            running.clear()
+    assert column == [0, 1, 0, 1]  # a column: every micro-batch through a block before the next block
+
+
+def test_the_stagger_is_the_longest_gpu_stage_and_none_with_streamed_blocks():
+    from runner.blocks import Block
+    from runner.compute import Compute, pipeline_stagger
+
+    blocks = tuple(Block(f"b{i}", "Block", 10, (f"b{i}.w",)) for i in range(6))
+    where = ["cuda:0", "cuda:0", "cuda:0", "cuda:1", "cuda:1", "cpu"]
+    compute = {b.name: Compute(d, False, "resident") for b, d in zip(blocks, where)}
+    assert pipeline_stagger(blocks, compute) == 3
+    assert pipeline_stagger(blocks, {**compute, "b3": Compute("cuda:0", False, ""), "b4": Compute("cuda:0", False, "")}
+                            ) == 0  # one GPU: nothing to overlap
+    assert pipeline_stagger(blocks, {**compute, "b5": Compute("cuda:0", True, "streamed")}) == 0
+
+
+@pytest.mark.parametrize("hardware", ["sim_2gpu", "sim_4gpu"])
+def test_micro_batches_run_as_a_pipeline_over_simulated_gpus_with_the_same_tokens(tmp_path, hardware):
+    from runner.compute import pipeline_stagger
+
+    result = prepare(compose_config("model=gpt2tiny", "model.arch.n_layer=4", f"hardware={hardware}",
+                                    "placement=balanced", "runtime.seq_len=24", "runtime.batch_size=2",
+                                    "runtime.micro_batches=4"), tmp_path)
+    stagger = pipeline_stagger(result.layout.blocks, result.compute)
+    assert stagger >= 2 and {"cuda:0", "cuda:1"} <= set(result.check.block_devices.values())
+    entered: list[str] = []
+    for block in result.layout.blocks:
+        result.model.get_submodule(block.name).register_forward_pre_hook(
+            lambda _m, _a, name=block.name: entered.append(name))
+    requests = [Request(i, "", p) for i, p in enumerate(PROMPTS)]
+    params = SamplingParams(max_new_tokens=5)
+    alone = generate(result.model, Ids(), requests, params, batch_size=2, seed=0)
+    entered.clear()
+    piped = generate(result.model, Ids(), requests, params, batch_size=2, micro_batches=4, seed=0,
+                     stagger=stagger)
+    assert [c.output_tokens for c in piped] == [c.output_tokens for c in alone]
+    # The prefill of the first micro-batch reaches cuda:1 before the last one has started on cuda:0.
+    on_gpu1 = [b.name for b in result.layout.blocks if result.check.block_devices[b.name] == "cuda:1"]
+    first = result.layout.blocks[0].name
+    prefill = entered[:4 * len(result.layout.blocks)]
+    assert min(prefill.index(n) for n in on_gpu1) < max(i for i, n in enumerate(prefill) if n == first)

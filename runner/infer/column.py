@@ -8,13 +8,14 @@ states of only one micro-batch are in flight at a time and each keeps its own KV
 
 A zoo model's forward is a generator that yields between its blocks (``SteppedLM``); ``column``
 advances the K generators in turn, and the prefetcher (``Prefetcher.shared_by``) keeps each block
-in until its K-th use. A model that cannot step (a transformers one) runs its micro-batches one
+in until its K-th use. Over several GPUs with nothing streamed, the same generators run staggered
+instead (``stagger``): GPipe's pipeline, each GPU working on another micro-batch. A model that cannot step (a transformers one) runs its micro-batches one
 after another, each streaming every block itself: the same results, without the saving.
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -57,20 +58,41 @@ def run_steps(steps: Steps) -> torch.Tensor:
             return done.value
 
 
-def column(lm: Any, calls: list[Call], streams: Streams | None) -> list[torch.Tensor]:
-    """Every call's output, in order, with each streamed block brought in once for all of them."""
+def column(lm: Any, calls: list[Call], streams: Streams | None, stagger: int = 0) -> list[torch.Tensor]:
+    """Every call's output, in order.
+
+    With ``stagger`` 0, block i runs for every micro-batch before block i + 1: each streamed block is brought in
+    once for all of them. With ``stagger`` S > 0 (a map over several GPUs, nothing streamed), micro-batch j starts
+    S blocks after micro-batch j - 1, GPipe's schedule: while micro-batch j runs the blocks of one GPU, j - 1 runs
+    the next GPU's. Kernels are queued on each GPU's own stream and the host never waits between them, so the GPUs
+    work at once. Each micro-batch runs the same computations in the same order whatever the schedule, so the
+    outputs are those of running the calls one by one.
+    """
     if len(calls) == 1 or not isinstance(lm, SteppedLM):
         return [lm(c.idx, attention_mask=c.attention_mask, cache=c.cache, logits_to_keep=c.logits_to_keep)
                 for c in calls]
     running = {j: lm.forward_steps(c.idx, attention_mask=c.attention_mask, cache=c.cache,
                                    logits_to_keep=c.logits_to_keep) for j, c in enumerate(calls)}
     out: dict[int, torch.Tensor] = {}
-    with streams.shared_by(len(calls)) if streams is not None else contextlib.nullcontext():
-        while running:
-            for j in list(running):  # block i for every micro-batch, then block i + 1
-                try:
-                    next(running[j])
-                except StopIteration as done:
-                    out[j] = done.value
-                    del running[j]
+    shared = streams.shared_by(len(calls)) if streams is not None and not stagger else contextlib.nullcontext()
+    with shared:
+        for _, j in schedule(running, stagger):
+            try:
+                next(running[j])
+            except StopIteration as done:
+                out[j] = done.value
+                del running[j]
     return [out[j] for j in range(len(calls))]
+
+
+def schedule(running: dict[int, Any], stagger: int) -> Iterator[tuple[int, int]]:
+    """``(tick, micro-batch)`` in the order their next block runs, while ``running`` holds them: at each tick every
+    started micro-batch runs one block, the furthest along first (its stage is downstream); micro-batch j starts at
+    tick ``j * stagger``."""
+    tick = 0
+    while running:
+        for j in sorted(running):
+            if j * stagger > tick:
+                break
+            yield tick, j
+        tick += 1

@@ -95,10 +95,10 @@ class _Row:
 @torch.inference_mode()
 def generate(lm: CausalLM, tokenizer: Tokenizer, requests: list[Request], params: SamplingParams, *,
              batch_size: int, seed: int, stats: GenerationStats | None = None, micro_batches: int = 1,
-             streams: Streams | None = None) -> list[Completion]:
+             streams: Streams | None = None, stagger: int = 0) -> list[Completion]:
     """Every request's completion, in input order. Batches hold ``batch_size`` requests of similar length; with
     ``micro_batches`` K > 1, K batches decode together as a column, each streamed block brought in (by ``streams``)
-    once per step for all of them (``runner.infer.column``)."""
+    once per step for all of them, or, with ``stagger`` > 0, as a pipeline over the GPUs (``runner.infer.column``)."""
     stats = stats if stats is not None else GenerationStats()
     stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else tokenizer.eos_ids)
     seed = params.seed if params.seed is not None else seed
@@ -108,12 +108,23 @@ def generate(lm: CausalLM, tokenizer: Tokenizer, requests: list[Request], params
     for first in range(0, len(by_length), per_column):
         rows = [_Row(r, request_generator(seed, r.index)) for r in by_length[first:first + per_column]]
         micro = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-        _decode_column(lm, tokenizer, micro, params, stop_ids, stats, streams)
+        _decode_column(lm, tokenizer, micro, params, stop_ids, stats, _Schedule(streams, stagger))
         for row in rows:
             done[row.request.index] = row.completion(tokenizer)
         log.info("%d batch(es) of up to %d: %d new tokens", len(micro), batch_size, sum(len(r.tokens) for r in rows))
     stats.requests += len(requests)
     return [done[r.index] for r in requests]
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """How a column's micro-batches share the model: the streams whose loads they share, and their stagger."""
+
+    streams: Streams | None
+    stagger: int
+
+    def run(self, lm: CausalLM, calls: list[Call]) -> list[torch.Tensor]:
+        return column(lm, calls, self.streams, self.stagger)
 
 
 @dataclass
@@ -126,7 +137,7 @@ class _MicroBatch:
 
 
 def _decode_column(lm: CausalLM, tokenizer: Tokenizer, micro: list[list[_Row]], params: SamplingParams,
-                   stop_ids: frozenset[int], stats: GenerationStats, streams: Streams | None) -> None:
+                   stop_ids: frozenset[int], stats: GenerationStats, schedule: _Schedule) -> None:
     start = time.perf_counter()
     prompts = [[r.request.tokens for r in rows] for rows in micro]
     capacity = max(len(p) for ps in prompts for p in ps) + params.max_new_tokens
@@ -134,7 +145,7 @@ def _decode_column(lm: CausalLM, tokenizer: Tokenizer, micro: list[list[_Row]], 
     shared = shared_prefix([p for ps in prompts for p in ps])
     if shared:  # computed once per batch (a chat template's system turn), then copied to every row
         prefix = torch.tensor([prompts[0][0][:shared]])
-        column(lm, [Call(prefix, cache=b.cache, logits_to_keep=1) for b in batches], streams)
+        schedule.run(lm, [Call(prefix, cache=b.cache, logits_to_keep=1) for b in batches])
         for b in batches:
             b.cache.repeat_rows(len(b.rows))
         stats.prefix_tokens_reused += shared * (sum(len(b.rows) for b in batches) - len(batches))
@@ -143,7 +154,7 @@ def _decode_column(lm: CausalLM, tokenizer: Tokenizer, micro: list[list[_Row]], 
         ids, mask = left_pad([p[shared:] for p in ps], tokenizer.pad_id or 0)
         b.mask = torch.cat([mask.new_ones(len(ps), shared), mask], dim=1)  # the prefix, then each row's own tokens
         calls.append(Call(ids, b.mask, b.cache, logits_to_keep=1))
-    outputs = column(lm, calls, streams)
+    outputs = schedule.run(lm, calls)
     stats.batches += len(batches)
     stats.prompt_tokens += sum(len(p) for ps in prompts for p in ps)
     stats.prefill_s += time.perf_counter() - start
@@ -159,7 +170,7 @@ def _decode_column(lm: CausalLM, tokenizer: Tokenizer, micro: list[list[_Row]], 
         batches = [b for b in batches if b.rows]
         if not batches:
             break
-        outputs = column(lm, calls, streams)
+        outputs = schedule.run(lm, calls)
         stats.steps += 1
         stats.decode_rows += sum(len(b.rows) for b in batches)
     stats.output_tokens += sum(len(r.tokens) for rows in micro for r in rows)

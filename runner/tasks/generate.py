@@ -47,7 +47,8 @@ class GenerateRows:
         runtime = self.engine.config.runtime
         completions = generate(self.engine.lm, self.engine.tokenizer, [i.request for i in items], items[0].group,
                                batch_size=runtime.batch_size, micro_batches=runtime.micro_batches,
-                               seed=self.engine.config.seed, stats=stats, streams=self.engine.streams)
+                               seed=self.engine.config.seed, stats=stats, streams=self.engine.streams,
+                               stagger=self.engine.stagger)
         return Batch(completions, sum(i.tokens for i in items), sum(len(c.output_tokens) for c in completions),
                      first_token_s=stats.prefill_s - prefill, decode_s=stats.decode_s - decode)
 
