@@ -181,12 +181,10 @@ def accelerate_side(folder: Path, arch: dict, ids: list[list[int]], cuda: bool) 
                                             dtype=torch.float16 if cuda else torch.float32).eval()
     sync()
     loaded = time.perf_counter() - start
-    longest = max(map(len, ids))
-    input_ids = torch.zeros(len(ids), longest, dtype=torch.long)
-    mask = torch.zeros(len(ids), longest, dtype=torch.long)
-    for i, p in enumerate(ids):
-        input_ids[i, longest - len(p):] = torch.tensor(p)
-        mask[i, longest - len(p):] = 1
+    from runner.infer.generate import left_pad
+
+    input_ids, mask = left_pad([tuple(p) for p in ids], 0)  # as the runner pads: the same rows on both sides
+    longest = input_ids.shape[1]
     device = "cuda:0" if cuda else "cpu"
     begin = time.perf_counter()
     with torch.inference_mode():

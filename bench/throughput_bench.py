@@ -124,12 +124,10 @@ def accelerate_side(args: dict) -> dict:
     model = load_checkpoint_and_dispatch(model, checkpoint=str(folder), device_map=device_map,
                                          offload_folder=args["offload"], no_split_module_classes=[block])
     loaded = time.perf_counter() - start
-    longest = max(map(len, ids))
-    input_ids = torch.zeros(len(ids), longest, dtype=torch.long)
-    mask = torch.zeros(len(ids), longest, dtype=torch.long)
-    for i, p in enumerate(ids):
-        input_ids[i, longest - len(p):] = torch.tensor(p)
-        mask[i, longest - len(p):] = 1
+    from runner.infer.generate import left_pad
+
+    input_ids, mask = left_pad([tuple(p) for p in ids], 0)  # as the runner pads: the same rows on both sides
+    longest = input_ids.shape[1]
     begin = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids, attention_mask=mask, max_new_tokens=args["new_tokens"],
