@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import compose_config, evict_page_cache
 from runner.errors import CheckpointError, OffloadError
-from runner.offload import MANIFEST
+from runner.conversions import MANIFEST
 from runner.pipeline import prepare
 
 TOKENS = torch.tensor([[72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]])
@@ -16,7 +17,7 @@ TOKENS = torch.tensor([[72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]
 DISKY = ["model=gpt2tiny", "model.arch.n_layer=6", "hardware=cpu", "runtime.seq_len=1"]
 
 
-def converted(root) -> "Path":
+def converted(root: Path) -> Path:
     """The one folder of ``root`` the conversions went to (one per checkpoint and dtype)."""
     (folder,) = [p for p in root.iterdir() if p.is_dir()]
     return folder
