@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -55,12 +56,26 @@ def main() -> int:
     except (HydraException, OmegaConfBaseException) as e:
         print(f"error: config: {_one_line(str(e) or str(e.__cause__) or type(e).__name__)}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if not _raised_by_hydra(e):
+            raise  # from the runner's own code it is a bug: keep the traceback
+        key = "hydra.sweep.dir" if any(a in ("-m", "--multirun") for a in sys.argv[1:]) else "hydra.run.dir"
+        print(f"error: config: {key}: cannot make the run folder {e.filename} ({e.strerror or e}); "
+              f"set {key} to a writable folder on a disk", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         kept = e.kept if isinstance(e, Interrupted) and e.kept else "nothing kept beyond what the run folder holds"
         print(f"interrupted: {signal.Signals(signum).name}; {kept}", file=sys.stderr)
         return 128 + signum
     return 2 if _failures else 0
+
+
+def _raised_by_hydra(e: OSError) -> bool:
+    """Whether Hydra itself raised it (making the run folder, opening its log), not the runner's task code."""
+    owners = [f.filename for f in traceback.extract_tb(e.__traceback__)
+              if f"{os.sep}hydra{os.sep}" in f.filename or f"{os.sep}runner{os.sep}" in f.filename]
+    return bool(owners) and f"{os.sep}hydra{os.sep}" in owners[-1]
 
 
 def _terminated(signum: int, frame) -> None:

@@ -90,3 +90,17 @@ def test_simulated_two_gpu_map_and_partial_pins(tmp_path):
     assert reserves["cuda:0"]["outputs"] == 1 * 256 * 4  # the last position's logits of 1 sequence, fp32
     assert reserves["cuda:1"] == {"activations": 10 * 32 * 16 * 4, "kv_cache": 2 * 32 * 16 * 4}  # h.1's keys, values
     assert any("cuda:1 -> cuda:0" in w for w in report["warnings"])
+
+
+@pytest.mark.parametrize("where", ["proc", "file"])
+def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path, where):
+    """Hydra makes the run folder before the runner starts: its error is still one line, exit 2."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    folder = Path("/proc/runner-run") if where == "proc" else blocker
+    proc = run_cli(folder, "model=gpt2tiny", "hardware=cpu")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: config: hydra.run.dir: cannot make the run folder {folder} "
+        f"({'No such file or directory' if where == 'proc' else 'File exists'}); "
+        "set hydra.run.dir to a writable folder on a disk"]
