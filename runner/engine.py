@@ -11,9 +11,10 @@ weights. Whatever can be checked before a weight is read is checked then (``befo
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,7 @@ from runner.compute import pipeline_stagger
 from runner.config import EmbedTask, GenerateTask, RunConfig, compose
 from runner.errors import GenerateError
 from runner.infer.batches import length_batches
+from runner.infer.finite import NonFiniteOutput, explained
 from runner.infer.embed import Encoder, Pooling, embed, encoder
 from runner.infer.generate import Completion, GenerationStats, generate
 from runner.infer.model import CausalLM, causal_lm, context_length
@@ -84,6 +86,14 @@ class Engine:
         assert self.config.runtime.seq_len is not None  # derived before planning
         return self.config.runtime.seq_len
 
+    @contextlib.contextmanager
+    def explain_non_finite(self) -> Iterator[None]:
+        """NaN or Inf in an output becomes one line naming the module where they first appear."""
+        try:
+            yield
+        except NonFiniteOutput as e:
+            raise explained(e, self.model, self.loaded.dtype) from None
+
     @property
     def streams(self) -> Prefetcher | None:
         """What brings streamed blocks in; micro-batches share its loads."""
@@ -121,9 +131,10 @@ class Engine:
         requests = fit(requests, params.max_new_tokens, context=self.context, seq_len=self.seq_len,
                        truncate=task.truncate if truncate is None else truncate)
         runtime = self.config.runtime
-        return generate(self.lm, self.tokenizer, requests, params, batch_size=runtime.batch_size,
-                        micro_batches=runtime.micro_batches, seed=self.config.seed, stats=self.stats,
-                        streams=self.streams, stagger=self.stagger)
+        with self.explain_non_finite():
+            return generate(self.lm, self.tokenizer, requests, params, batch_size=runtime.batch_size,
+                            micro_batches=runtime.micro_batches, seed=self.config.seed, stats=self.stats,
+                            streams=self.streams, stagger=self.stagger)
 
     def score(self, texts: Sequence[str | tuple[str, str]]) -> list[Score]:
         """The log-likelihood of each text, or of each ``(prompt, continuation)`` pair's continuation given its
@@ -133,9 +144,10 @@ class Engine:
         for r in requests:
             self._check_fits(r.index, r.tokens)
         lm, out = self.lm, {}
-        for batch in length_batches(requests, self.config.runtime.batch_size, length=lambda r: len(r.tokens)):
-            for r, s in zip(batch, score(lm, batch, pad_id=self.tokenizer.pad_id or 0)):
-                out[r.index] = s
+        with self.explain_non_finite():
+            for batch in length_batches(requests, self.config.runtime.batch_size, length=lambda r: len(r.tokens)):
+                for r, s in zip(batch, score(lm, batch, pad_id=self.tokenizer.pad_id or 0)):
+                    out[r.index] = s
         return [out[r.index] for r in requests]
 
     def embed(self, texts: Sequence[str], *, pooling: Pooling | None = None,
@@ -147,12 +159,13 @@ class Engine:
         for i, t in enumerate(tokens):
             self._check_fits(i, tuple(t))
         vectors: dict[int, torch.Tensor] = {}
-        for batch in length_batches(list(range(len(tokens))), self.config.runtime.batch_size,
-                                    length=lambda i: len(tokens[i])):
-            pooled = embed(self.encoder, [tokens[i] for i in batch], pooling=pooling or task.pooling,
-                           normalize=task.normalize if normalize is None else normalize,
-                           pad_id=self.tokenizer.pad_id or 0)
-            vectors.update(zip(batch, pooled))
+        with self.explain_non_finite():
+            for batch in length_batches(list(range(len(tokens))), self.config.runtime.batch_size,
+                                        length=lambda i: len(tokens[i])):
+                pooled = embed(self.encoder, [tokens[i] for i in batch], pooling=pooling or task.pooling,
+                               normalize=task.normalize if normalize is None else normalize,
+                               pad_id=self.tokenizer.pad_id or 0)
+                vectors.update(zip(batch, pooled))
         return torch.stack([vectors[i] for i in range(len(tokens))])
 
     def _check_fits(self, index: int, tokens: tuple[int, ...]) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from runner.errors import EmbedError
+from runner.infer.finite import check_rows
 from runner.infer.model import context_length
 
 Pooling = Literal["mean", "last", "cls"]
@@ -110,6 +111,9 @@ def embed(enc: Encoder, batch: Sequence[Sequence[int]], *, pooling: Pooling, nor
         pooled = hidden[torch.arange(len(batch), device=hidden.device), last].float()
     else:  # cls
         pooled = hidden[:, 0].float()
+    check_rows(pooled, lambda row: (lambda: enc.hidden_states(ids[row:row + 1, :lengths[row]],
+                                                              mask[row:row + 1, :lengths[row]].cpu())),
+               "the pooled hidden states")
     if normalize:
         pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
     return pooled.cpu()

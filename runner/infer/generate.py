@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from runner.infer.column import Call, Streams, column
+from runner.infer.finite import check_rows
 from runner.infer.model import Cache, CausalLM
 from runner.infer.sampling import SamplingParams, choose, request_generator
 from runner.tokenizer import Tokenizer
@@ -162,6 +164,7 @@ def _decode_column(lm: CausalLM, tokenizer: Tokenizer, micro: list[list[_Row]], 
     while True:
         calls = []
         for b, logits in zip(batches, outputs):
+            check_rows(logits[:, -1], lambda row, b=b: _rerun(lm, b.rows[row]), "the next-token logits")
             chosen = _next_tokens(b, logits, params, stop_ids, tokenizer)
             if b.rows:
                 assert b.mask is not None
@@ -175,6 +178,11 @@ def _decode_column(lm: CausalLM, tokenizer: Tokenizer, micro: list[list[_Row]], 
         stats.decode_rows += sum(len(b.rows) for b in batches)
     stats.output_tokens += sum(len(r.tokens) for rows in micro for r in rows)
     stats.decode_s += time.perf_counter() - start
+
+
+def _rerun(lm: CausalLM, row: _Row) -> Callable[[], torch.Tensor]:
+    """One row's forward again, alone and without a cache: its prompt and what it generated so far."""
+    return lambda: lm(torch.tensor([row.request.tokens + tuple(row.tokens)]))
 
 
 def _next_tokens(batch: _MicroBatch, logits: torch.Tensor, params: SamplingParams, stop_ids: frozenset[int],

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from runner.errors import ScoreError
+from runner.infer.finite import check_rows
 from runner.infer.model import CausalLM
 from runner.tokenizer import Tokenizer
 
@@ -114,6 +115,7 @@ def score(lm: CausalLM, requests: Sequence[ScoreRequest], *, pad_id: int) -> lis
     # Logits before the first position any row scores are never used: the head computes only from there on.
     start = min(r.first_scored for r in requests) - 1
     logits = lm(ids, logits_to_keep=width - start if start else 0)  # position p is logits[:, p - start]
+    check_rows(logits, lambda row: (lambda: lm(ids[row:row + 1])), "the logits")
 
     per_token, greedy = [], []
     for row, r in enumerate(requests):

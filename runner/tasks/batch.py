@@ -123,10 +123,11 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
     progress = Progress(stats.total, initial=stats.resumed, log_every=config.runtime.log_every)
     start = time.perf_counter()
     try:
-        for window in chain([first], chunks):
-            if window is not first:
-                items, bad = _prepare(task, window, config, run_dir)
-            _run_window(task, window, items, bad, out, stats, progress, config)
+        with engine.explain_non_finite():  # NaN or Inf in any task's outputs: one line naming where they start
+            for window in chain([first], chunks):
+                if window is not first:
+                    items, bad = _prepare(task, window, config, run_dir)
+                _run_window(task, window, items, bad, out, stats, progress, config)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see __main__): say what is kept and how to go on
         out.flush()
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
