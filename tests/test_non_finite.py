@@ -55,8 +55,9 @@ def test_finite_weights_pass(tmp_path):
 def test_a_job_over_nan_weights_ends_in_one_line_and_exit_2(tmp_path):
     path = checkpoint(tmp_path / "ckpt", float("nan"))
     overrides = [o for o in OVERRIDES if not o.startswith("runtime.seq_len")]  # sized from the default prompts
-    proc = subprocess.run([sys.executable, "-m", "runner", *overrides, "task.max_new_tokens=4", f"checkpoint.path={path}",
-                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "runner", *overrides, "task.max_new_tokens=4",
+                           f"checkpoint.path={path}", f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert line.startswith("error: generate: the next-token logits: module transformer.h.1.mlp.c_fc is the first")
