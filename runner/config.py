@@ -45,6 +45,7 @@ class CheckpointSpec:
     dtype: str = "float32"          # synthetic: the dtype the weights are stored in
     shard_size: int = 500 * 10**6   # synthetic
     cache_dir: Path | None = None   # synthetic; hub (None: the Hugging Face cache)
+    check_finite: bool = False      # every weight read once at load and checked for NaN and Inf
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,7 @@ def _typed(c: dict[str, Any]) -> RunConfig:
         dtype=ck.get("dtype", "float32"),
         shard_size=_size(ck["shard_size"], "checkpoint.shard_size") if "shard_size" in ck else CheckpointSpec.shard_size,
         cache_dir=_path(ck.get("cache_dir")),
+        check_finite=ck.get("check_finite", False),
     )
     hardware = HardwareSpec(
         name=hw["name"],

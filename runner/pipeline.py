@@ -156,6 +156,9 @@ def load(planned: Planned, run_dir: Path) -> RunResult:
         keys = planned.keys or check_keys(checkpoint, planned.model, planned.layout)
         if keys.ignored:
             log.info("Ignoring checkpoint tensors the model does not load: %s", ", ".join(keys.ignored))
+    if cfg.checkpoint.check_finite:
+        with _timed(timings, "check_finite"):
+            _check_finite(checkpoint, planned.layout)
     if "disk" in planned.check.block_devices.values():
         _check_offload_folder(_offload_folder(cfg, run_dir), checkpoint)
     ledger = MemoryLedger(planned.hardware)
@@ -223,6 +226,26 @@ def _plan_or_blame(request: PlanRequest, cfg: RunConfig, folder: Path, one_batch
                                "model does not fit in memory; point offload.folder at a writable folder on a disk"
                                ) from None
         raise e
+
+
+def _check_finite(checkpoint: Checkpoint, layout: ModelLayout) -> None:
+    """``checkpoint.check_finite``: every weight the model loads, read once and checked for NaN and Inf.
+
+    Raises:
+        CheckpointError: one line per tensor that holds any, with their count and its file.
+    """
+    bad = []
+    for key in layout.tensor_bytes:
+        if key in layout.ties or key in layout.non_persistent or key not in checkpoint.entries:
+            continue
+        tensor = checkpoint.read_uncached(key)
+        if tensor.is_floating_point():
+            count = int((~torch.isfinite(tensor)).sum())
+            if count:
+                bad.append(f"{checkpoint.entries[key].file}: tensor {key} holds {count} NaN or Inf value(s) of "
+                           f"{tensor.numel()}; the checkpoint is corrupt: re-download or re-export it")
+    if bad:
+        raise CheckpointError(*bad)
 
 
 def _check_offload_folder(folder: Path, checkpoint: Checkpoint) -> None:
