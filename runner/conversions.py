@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from runner.checkpoint import Checkpoint
-from runner.checkpoint.files import SafetensorsCheckpoint
+from runner.checkpoint.files import SafetensorsCheckpoint, safetensors_header
 from runner.errors import OffloadError
 
 log = logging.getLogger(__name__)
@@ -79,15 +79,10 @@ def _whole(file: Path, keys: list[str]) -> bool:
     """The file is a complete safetensors file holding exactly ``keys``: its header parses and its length is the
     header's. A file cut short after its manifest was written (a full disk, a copy stopped half-way) is not."""
     try:
-        with open(file, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if size > 100_000_000:
-                return False
-            header = json.loads(f.read(size))
-            end = max((meta["data_offsets"][1] for k, meta in header.items() if k != "__metadata__"), default=0)
-            return sorted(k for k in header if k != "__metadata__") == sorted(keys) and \
-                os.fstat(f.fileno()).st_size == 8 + size + end
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        data, tensors = safetensors_header(file)
+        end = max((meta["data_offsets"][1] for meta in tensors.values()), default=0)
+        return sorted(tensors) == sorted(keys) and file.stat().st_size == data + end
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         return False
 
 
@@ -127,5 +122,9 @@ def _write_error(folder: Path, e: Exception) -> OffloadError:
 
 
 def converted_tensor(checkpoint, key: str, dtype: torch.dtype) -> torch.Tensor:
-    t = checkpoint.read(key)
-    return (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    return cast(checkpoint.read(key), dtype).contiguous()
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A floating tensor in ``dtype`` (its strides kept); any other as it is."""
+    return t.to(dtype) if t.is_floating_point() else t

@@ -35,7 +35,7 @@ from runner.blocks import Block, ModelLayout, get_slot, set_slot
 from runner.checkpoint import Checkpoint
 from runner.checkpoint.reads import BlockReads, SpanReader, aligned_buffer, plan_reads
 from runner.compute import Compute
-from runner.conversions import converted, converted_tensor
+from runner.conversions import cast, converted, converted_tensor
 from runner.errors import CheckpointError
 from runner.hardware import Hardware
 from runner.memory import MemoryLedger
@@ -58,13 +58,14 @@ class DiskBlock:
     """One streamed block: where each of its tensors is read from, and how to put them in place and take them out."""
 
     def __init__(self, module: nn.Module, block: Block, slots: dict[str, str], read, dtype: torch.dtype,
-                 device: torch.device, nbytes: int, reads: BlockReads | None = None, in_ram: bool = False):
+                 device: torch.device, nbytes: int, reads: BlockReads | None = None, in_ram: bool = False,
+                 arena: torch.Tensor | None = None):
         self.module, self.name = module, block.name
         self.slots = slots          # slot (relative to the block) -> key it is read from
         self.read = read            # key -> CPU tensor: the fallback, and CPU blocks' resident copies
         self.reads = reads          # the block's spans in the checkpoint, read into a reused buffer
         self.in_ram = in_ram        # a CPU block's resident (pinned) copy: fetching it reads no file
-        self.arena: torch.Tensor | None = None  # the pinned bytes all its resident tensors view, for a real GPU
+        self.arena = arena          # the pinned bytes all its resident tensors view, for a real GPU
         self.dtype, self.device, self.nbytes = dtype, device, nbytes
         self._meta = {slot: get_slot(module, slot) for slot in slots}
 
@@ -318,10 +319,8 @@ def streamed_blocks(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger
             read = source.read_uncached
             located = source.locate(keys)
             reads = plan_reads(located) if located else None
-        streamed = DiskBlock(module, block, slots, read, dtype, device, sum(layout.tensor_bytes[k] for k in keys),
-                             reads, in_ram=block_devices[block.name] == "cpu")
-        streamed.arena = arena
-        out.append(streamed)
+        out.append(DiskBlock(module, block, slots, read, dtype, device, sum(layout.tensor_bytes[k] for k in keys),
+                             reads, in_ram=block_devices[block.name] == "cpu", arena=arena))
     return out
 
 
@@ -333,7 +332,7 @@ def _resident_on_cpu(checkpoint, keys: list[str], dtype: torch.dtype, device: to
     if device.type != "cuda":
         store = {key: converted_tensor(checkpoint, key, dtype) for key in keys}
     else:
-        stored = {key: _cast(checkpoint.read(key), dtype) for key in keys}
+        stored = {key: cast(checkpoint.read(key), dtype) for key in keys}
         arena = torch.empty(sum(_aligned(t.nbytes) for t in stored.values()), dtype=torch.uint8, pin_memory=True)
         store, at = {}, 0
         for key, t in stored.items():
@@ -351,13 +350,9 @@ def _aligned(nbytes: int, to: int = 64) -> int:
     return -(-nbytes // to) * to
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype) if t.is_floating_point() else t
-
-
 def _needs_conversion(checkpoint: Checkpoint, keys: list[str], dtype: torch.dtype) -> bool:
     """Anything but safetensors bytes in the compute dtype is converted once, not on every forward."""
     located = checkpoint.locate(keys)
     if located is None:
-        return True  # GGUF (quantized), pickle, or transposed on the way
+        return True  # GGUF (quantized) or pickle: no safetensors bytes to read in place
     return any(loc.dtype.is_floating_point and loc.dtype != dtype for loc in located.values())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import platform
 from dataclasses import asdict
 from importlib import metadata
@@ -21,6 +22,8 @@ from runner.memory import peak_rss
 from runner.room import reserved
 from runner.schema import schema_errors
 from runner.sizes import format_bytes
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("torch", "hydra-core", "omegaconf", "safetensors", "huggingface_hub", "jsonschema", "psutil")
 
@@ -90,10 +93,13 @@ def report_document(result: RunResult) -> dict:
 
 
 def write_job_report(result: RunResult, run_dir: Path, job: dict, generation: GenerationStats | None) -> dict[str, Path]:
-    """Write the map and the report, with the job's figures (and the generation's, for task=generate)."""
+    """Write the map and the report, with the job's figures (and the generation's, for task=generate); a measured
+    peak above the plan's prediction is also said on screen."""
     report = {**report_document(result), "job": job}
     if generation is not None:
         report["generation"] = generation_document(generation)
+    for line in memory_warnings(report["devices"]):
+        log.warning(line)
     return write_documents(run_dir, {"device_map.json": (device_map_document(result), "device_map"),
                                      "report.json": (report, "report")})
 

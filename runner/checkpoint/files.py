@@ -111,13 +111,10 @@ class SafetensorsCheckpoint(Checkpoint):
             for file in self.files:
                 if file.suffix != ".safetensors":
                     continue
-                with open(file, "rb") as f:
-                    size = int.from_bytes(f.read(8), "little")
-                    header = json.loads(f.read(size))
-                for key, meta in header.items():
-                    if key != "__metadata__":
-                        begin, end = meta["data_offsets"]
-                        self._located[key] = (file, 8 + size + begin, end - begin)
+                data, tensors = safetensors_header(file)
+                for key, meta in tensors.items():
+                    begin, end = meta["data_offsets"]
+                    self._located[key] = (file, data + begin, end - begin)
         return self._located
 
     def read(self, key: str) -> torch.Tensor:
@@ -136,6 +133,23 @@ class SafetensorsCheckpoint(Checkpoint):
                                   "re-download or re-export it") from e
         self._handles[file] = handle
         return handle
+
+
+HEADER_LIMIT = 100_000_000  # safetensors' own cap on a header's size
+
+
+def safetensors_header(file: Path) -> tuple[int, dict[str, dict]]:
+    """Where a safetensors file's data starts, and its header's tensor entries (``__metadata__`` left out).
+
+    Raises:
+        OSError: the file cannot be read. ValueError: its header is not one (too long, or not JSON).
+    """
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if size > HEADER_LIMIT:
+            raise ValueError(f"{file}: a header of {size} bytes is past safetensors' limit")
+        header = json.loads(f.read(size))
+    return 8 + size, {k: v for k, v in header.items() if k != "__metadata__"}
 
 
 def open_local(path: Path, allow_pickle: bool = False, source: str = "local") -> Checkpoint:

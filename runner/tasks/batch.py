@@ -15,7 +15,6 @@ The task (generate, score, embed) is a ``RowTask``: how to prepare one row and r
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import time
 from collections.abc import Callable, Hashable, Iterator
@@ -32,9 +31,7 @@ from runner.engine import Engine
 from runner.errors import DataError, Interrupted, RunnerError
 from runner.infer.batches import length_batches
 from runner.progress import Progress
-from runner.report import device_documents, format_summary, memory_warnings, write_job_report
-
-log = logging.getLogger(__name__)
+from runner.report import format_summary, write_job_report
 
 
 @dataclass
@@ -140,8 +137,6 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
     engine.loaded.timings[config.task.name] = round(time.perf_counter() - start, 4)
     paths = write_job_report(engine.loaded, run_dir, job_document(stats, config),
                              engine.stats if config.task.name == "generate" else None)
-    for line in memory_warnings(device_documents(engine.loaded)):
-        log.warning(line)
     paths[PREDICTIONS] = out.path
     shown = "\n\n" + format_lines(out.path, config.task.output_key) if config.data.format == "inline" else ""
     return format_summary(engine.loaded) + shown + "\n\n" + format_job(stats, out.path), paths
