@@ -15,11 +15,14 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from runner.config import CONF_DIR, load_config
+from runner import sweeps
 from runner.errors import Interrupted, RunnerError
+from runner.status import JobStatus, comparable, write_status
 from runner.tasks import batch, plan
 from runner.tasks.embed import EmbedRows
 from runner.tasks.generate import GenerateRows
@@ -27,32 +30,61 @@ from runner.tasks.score import ScoreRows
 
 log = logging.getLogger("runner")
 TASKS = {"generate": GenerateRows, "score": ScoreRows, "embed": EmbedRows}  # how each task treats a row
-_failures: list[RunnerError] = []  # a failed job is reported and recorded; a sweep goes on with the next
+_failed_runs = 0  # a single run's failures; a sweep's are counted from its jobs' status files
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def app(cfg: DictConfig) -> None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+def app(cfg: DictConfig) -> str:
+    """One job: its state goes to ``status.json`` in its run folder as it starts and as it ends."""
+    global _failed_runs
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    status = JobStatus("running", comparable(_resolved(cfg)), list(hydra_cfg.overrides.task))
+    write_status(run_dir, status)
     try:
         config = load_config(cfg)
+        if cfg.runtime.get("deterministic", True):  # a replay on the same machine gives the same bytes
+            torch.use_deterministic_algorithms(True, warn_only=True)
         if config.mode in ("plan", "check"):
             text, paths = plan.run(config, run_dir)
         else:
             text, paths = batch.run(config, run_dir, TASKS[config.task.name])
     except RunnerError as e:
         _print_error(e)
-        _failures.append(e)
-        return
+        write_status(run_dir, status.finished("failed", "; ".join(f"{e.stage}: {line}" for line in e.lines)))
+        _failed_runs += 1
+        return "failed"
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        write_status(run_dir, status.finished("failed", f"interrupted: {signal.Signals(signum).name}"))
+        raise
+    except BaseException as e:  # a bug: the folder says so, and the traceback stays
+        write_status(run_dir, status.finished("failed", f"bug: {type(e).__name__}: {e}"))
+        raise
     print(text)
     print(f"\nWrote {', '.join(paths)} to {run_dir}")
+    write_status(run_dir, status.finished("done"))
+    return "done"
+
+
+def _resolved(cfg: DictConfig) -> dict:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:  # a bad interpolation: load_config says which, in one line
+        return OmegaConf.to_container(cfg, resolve=False)
 
 
 def main() -> int:
     # Let Hydra's own errors (unknown group option, bad override) reach us, to print them in one line.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     signal.signal(signal.SIGTERM, _terminated)  # a scheduler's stop: end as Ctrl-C does, in one line
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, set before CUDA starts
+    sweeps.finished = None
     try:
         app()
+    except RunnerError as e:  # a sweep refused before any job ran (resume)
+        _print_error(e)
+        return 2
     except (HydraException, OmegaConfBaseException) as e:
         print(f"error: config: {_one_line(str(e) or str(e.__cause__) or type(e).__name__)}", file=sys.stderr)
         return 2
@@ -68,7 +100,9 @@ def main() -> int:
         kept = e.kept if isinstance(e, Interrupted) and e.kept else "nothing kept beyond what the run folder holds"
         print(f"interrupted: {signal.Signals(signum).name}; {kept}", file=sys.stderr)
         return 128 + signum
-    return 2 if _failures else 0
+    if sweeps.finished is not None:  # a sweep: its exit code is the number of jobs that failed
+        return min(sweeps.finished.failed, 125)
+    return 2 if _failed_runs else 0
 
 
 def _raised_by_hydra(e: OSError) -> bool:

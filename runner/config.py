@@ -15,11 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from runner.errors import ConfigError
+from runner.resources import CONF_DIR
 from runner.infer.sampling import SamplingParams
 from runner.schema import schema_errors
 from runner.sizes import parse_size
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 Strategy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]

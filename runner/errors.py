@@ -84,3 +84,9 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
         self.kept = kept  # what survives, and how to go on; empty: nothing beyond what the run folder holds
         super().__init__(kept)
+
+
+class SweepError(RunnerError):
+    """A sweep that cannot start or resume as asked, or a sweep folder that cannot be collected or replayed."""
+
+    stage = "sweep"

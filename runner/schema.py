@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 from typing import Any
 
 import jsonschema
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+from runner.resources import SCHEMA_DIR
+
 
 
 @functools.cache

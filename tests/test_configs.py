@@ -10,12 +10,12 @@ from runner.errors import ConfigError
 from runner.schema import schema_errors
 
 GROUPS = {group.name: sorted(p.stem for p in group.glob("*.yaml")) for group in Path(CONF_DIR).iterdir()
-          if group.is_dir()}
+          if group.is_dir() and group.name != "hydra"}  # conf/hydra holds Hydra's own options (the sweeper)
 OPTIONS = [(group, option) for group, options in sorted(GROUPS.items()) for option in options]
 
 
 def test_every_group_is_shipped():
-    assert set(GROUPS) == {"model", "checkpoint", "placement", "hardware", "task", "data"}
+    assert set(GROUPS) == {"model", "checkpoint", "placement", "hardware", "task", "data", "experiment"}
     assert set(GROUPS["task"]) == {"generate", "score", "embed"}
     assert set(GROUPS["data"]) == {"inline", "text", "jsonl", "openai"}
     assert set(GROUPS["model"]) <= set(GROUPS["checkpoint"])  # every model names the weights it comes with
@@ -62,7 +62,8 @@ def test_every_schema_error_is_reported_at_once():
     with pytest.raises(ConfigError) as e:
         compose_config("max_memory.cpu=10GX", "dtype=fp8", "task.max_new_tokens=0", "+bogus=1")
     assert e.value.lines == (
-        "bogus: unknown key; expected one of: checkpoint, data, device_map, dtype, hardware, map_file, max_memory, "
+        "bogus: unknown key; expected one of: checkpoint, data, device_map, dtype, force, hardware, map_file, "
+        "max_memory, "
         "mode, model, offload, placement, resume, runtime, seed, task, tokenizer, trust",
         "dtype: 'fp8' is not valid; expected one of: auto, float32, float16, bfloat16",
         "max_memory.cpu: '10GX' is not valid; expected a size with a unit, such as 500MB or 10GiB",

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import DataError
+from runner.status import changed_keys, short
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,10 @@ def start_job(run_dir: Path, settings: dict[str, Any], *, resume: bool) -> None:
     predictions = run_dir / PREDICTIONS
     if path.exists() and resume:
         recorded = json.loads(path.read_text(encoding="utf-8"))
-        changed = _changed(recorded["settings"], settings)
+        changed = changed_keys(recorded["settings"], settings)
         if changed:
             k, was, now = changed[0]
-            raise DataError(f"resume: {k} was {_short(was)} in the job being resumed and is {_short(now)} now; "
+            raise DataError(f"resume: {k} was {short(was)} in the job being resumed and is {short(now)} now; "
                             "resume with the same settings, or start a new run folder")
         return
     if not resume and (path.exists() or (predictions.exists() and predictions.stat().st_size)):
@@ -145,15 +146,3 @@ class PredictionsFile:
             os.truncate(self.path, end)
         log.info("Resuming: %d rows already in %s", len(done), self.path)
         return done
-
-
-def _changed(was: Any, now: Any, key: str = "") -> list[tuple[str, Any, Any]]:
-    """The dotted keys whose values differ, down to the innermost one."""
-    if isinstance(was, dict) and isinstance(now, dict):
-        return [c for k in {**was, **now} for c in _changed(was.get(k), now.get(k), f"{key}.{k}" if key else k)]
-    return [] if was == now else [(key, was, now)]
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,100 @@
+"""A job's state on disk: ``status.json`` in its run folder says ``running``, ``done`` or ``failed`` (with the
+one-line reason), for the resolved config it ran with.
+
+Any launcher (in-process, joblib, submitit, Ray) and any later reader (the sweep's collection, a resumed sweep)
+sees the same truth, since it is a file and not a list in some process's memory. Each write is atomic: a
+reader finds the old status or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from runner.errors import DataError
+
+STATUS = "status.json"
+# Keys that do not change what a job computes: a resumed job may differ in them.
+NOT_COMPARED = ("resume", "force", "runtime.log_every")
+
+State = Literal["running", "done", "failed"]
+
+
+@dataclass
+class JobStatus:
+    state: State
+    config: dict[str, Any]                 # the resolved config, less NOT_COMPARED
+    overrides: list[str] = field(default_factory=list)  # the job's command-line overrides
+    reason: str | None = None              # failed: the one-line error
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    started: str = field(default_factory=lambda: _now())
+    ended: str | None = None
+
+    def finished(self, state: State, reason: str | None = None) -> JobStatus:
+        return JobStatus(state, self.config, self.overrides, reason, self.host, self.pid, self.started, _now())
+
+    def in_flight(self) -> bool:
+        """Running, in a process that is still alive on this machine (from another one it cannot be told)."""
+        if self.state != "running" or self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return self.pid != os.getpid()
+
+
+def comparable(resolved: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config as a job's status records it: without the keys that change nothing."""
+    out = json.loads(json.dumps(resolved, default=str))
+    for key in NOT_COMPARED:
+        *parents, last = key.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
+
+
+def write_status(run_dir: Path, status: JobStatus) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{STATUS}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(asdict(status), indent=2) + "\n", encoding="utf-8")
+    tmp.replace(run_dir / STATUS)
+
+
+def read_status(run_dir: Path) -> JobStatus | None:
+    """The job's status; None where no job ran."""
+    path = run_dir / STATUS
+    if not path.is_file():
+        return None
+    try:
+        return JobStatus(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as e:
+        raise DataError(f"{path}: not a status this runner wrote ({type(e).__name__}); remove the file to run "
+                        "the job again") from None
+
+
+def changed_keys(was: Any, now: Any, key: str = "") -> list[tuple[str, Any, Any]]:
+    """The dotted keys whose values differ, down to the innermost one."""
+    if isinstance(was, dict) and isinstance(now, dict):
+        return [c for k in {**was, **now} for c in changed_keys(was.get(k), now.get(k), f"{key}.{k}" if key else k)]
+    return [] if was == now else [(key, was, now)]
+
+
+def short(value: Any) -> str:
+    """A value in a one-line message."""
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
