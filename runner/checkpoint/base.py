@@ -130,7 +130,14 @@ def shard_path(index: Path, name: str) -> Path:
         raise CheckpointError(f"{index}: names shard {name!r}, outside its folder; an index names files beside it")
     path = folder / relative
     home = folder.parent.parent if folder.parent.name == "snapshots" else folder  # a Hub repo: links to ../../blobs
-    if path.exists() and not path.resolve().is_relative_to(home.resolve()):
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in the name
+        return path  # reported with the other missing shards
+    except OSError as e:  # a name too long for the filesystem, a link loop, no permission
+        raise CheckpointError(f"{index}: names shard {name[:60]!r}, which cannot be looked up ({e.strerror}); "
+                              "an index names the shard files beside it") from e
+    if not path.resolve().is_relative_to(home.resolve()):
         raise CheckpointError(f"{index}: shard {name!r} links to {path.resolve()}, outside {home}; "
                               "copy the file into the checkpoint folder if you trust it")
     return path

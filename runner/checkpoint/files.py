@@ -111,7 +111,11 @@ class SafetensorsCheckpoint(Checkpoint):
             for file in self.files:
                 if file.suffix != ".safetensors":
                     continue
-                data, tensors = safetensors_header(file)
+                try:
+                    data, tensors = safetensors_header(file)
+                except (OSError, ValueError) as e:  # changed on disk since it was opened
+                    raise CheckpointError(f"{file}: not a readable safetensors file ({one_line(e)}); "
+                                          "re-download or re-export it") from e
                 for key, meta in tensors.items():
                     begin, end = meta["data_offsets"]
                     self._located[key] = (file, data + begin, end - begin)
@@ -142,14 +146,23 @@ def safetensors_header(file: Path) -> tuple[int, dict[str, dict]]:
     """Where a safetensors file's data starts, and its header's tensor entries (``__metadata__`` left out).
 
     Raises:
-        OSError: the file cannot be read. ValueError: its header is not one (too long, or not JSON).
+        OSError: the file cannot be read. ValueError: its header is not one (too long, not JSON, not an object
+            of tensor entries each with two whole-number ``data_offsets``).
     """
     with open(file, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         if size > HEADER_LIMIT:
             raise ValueError(f"{file}: a header of {size} bytes is past safetensors' limit")
         header = json.loads(f.read(size))
-    return 8 + size, {k: v for k, v in header.items() if k != "__metadata__"}
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: the header is JSON {type(header).__name__}, not an object of tensor entries")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    for key, meta in tensors.items():  # callers slice by these offsets: anything else would escape as a TypeError
+        offsets = meta.get("data_offsets") if isinstance(meta, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in offsets)):
+            raise ValueError(f"{file}: tensor {key[:80]!r} has no data_offsets [begin, end] of byte counts")
+    return 8 + size, tensors
 
 
 def open_local(path: Path, allow_pickle: bool = False, source: str = "local") -> Checkpoint:

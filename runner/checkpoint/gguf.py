@@ -64,7 +64,8 @@ class GGUFCheckpoint(Checkpoint):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.entries["model.embed_tokens.weight"].dtype if self.entries else torch.float32
+        embed = self.entries.get("model.embed_tokens.weight")  # absent from a file missing it: check_keys says so
+        return embed.dtype if embed is not None else torch.float32
 
     @property
     def metadata_dir(self) -> Path | None:
@@ -72,36 +73,71 @@ class GGUFCheckpoint(Checkpoint):
 
     def config(self) -> dict[str, Any]:
         """The architecture, in Hugging Face ``LlamaConfig`` names."""
-        m = self.metadata
+        tokens = self._reader.fields.get("tokenizer.ggml.tokens")
         return {
-            "vocab_size": m.get("llama.vocab_size") or len(self._reader.fields["tokenizer.ggml.tokens"].data),
-            "hidden_size": m["llama.embedding_length"],
-            "intermediate_size": m["llama.feed_forward_length"],
-            "num_hidden_layers": m["llama.block_count"],
-            "num_attention_heads": m["llama.attention.head_count"],
-            "num_key_value_heads": m.get("llama.attention.head_count_kv"),
-            "rms_norm_eps": m.get("llama.attention.layer_norm_rms_epsilon", 1e-6),
-            "rope_theta": m.get("llama.rope.freq_base", 10000.0),
-            "max_position_embeddings": m.get("llama.context_length", 2048),
+            "vocab_size": self._count("llama.vocab_size", len(tokens.data) if tokens is not None else None),
+            "hidden_size": self._count("llama.embedding_length"),
+            "intermediate_size": self._count("llama.feed_forward_length"),
+            "num_hidden_layers": self._count("llama.block_count"),
+            "num_attention_heads": self._count("llama.attention.head_count"),
+            "num_key_value_heads": self._count("llama.attention.head_count_kv", None, optional=True),
+            "rms_norm_eps": self._number("llama.attention.layer_norm_rms_epsilon", 1e-6),
+            "rope_theta": self._number("llama.rope.freq_base", 10000.0),
+            "max_position_embeddings": self._count("llama.context_length", 2048),
             "tie_word_embeddings": "lm_head.weight" not in self.entries,
         }
+
+    def _count(self, key: str, default: int | None = None, optional: bool = False) -> int | None:
+        """A positive whole-number metadata value (a dimension, a count); ``default`` where it is absent.
+
+        Raises:
+            CheckpointError: it is absent with no default (and not ``optional``), or not a positive integer.
+        """
+        value = self.metadata.get(key, default)
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            found = "missing" if value is None else f"{str(value)[:40]!r}"
+            raise CheckpointError(f"{self.files[0]}: GGUF metadata {key} is {found}; expected a positive integer, "
+                                  "as llama.cpp's converter writes it; re-convert or re-download the file")
+        return value
+
+    def _number(self, key: str, default: float) -> float:
+        """A positive finite metadata figure (an epsilon, a base); ``default`` where it is absent."""
+        value = self.metadata.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise CheckpointError(f"{self.files[0]}: GGUF metadata {key} is {str(value)[:40]!r}; expected a positive "
+                                  "number, as llama.cpp's converter writes it; re-convert or re-download the file")
+        return float(value)
 
     def read(self, name: str) -> torch.Tensor:
         from gguf import quants
 
         t = self._tensors[name]
-        array = quants.dequantize(t.data, t.tensor_type)
         shape = self.entries[name].shape
-        array = np.ascontiguousarray(array).reshape(shape)
+        try:
+            array = np.ascontiguousarray(quants.dequantize(t.data, t.tensor_type)).reshape(shape)
+        except (ValueError, NotImplementedError) as e:  # a size or quantization the header got wrong
+            raise CheckpointError(f"{self.files[0]}: tensor {t.name} cannot be decoded as {t.tensor_type.name} of "
+                                  f"shape {list(shape)} ({e}); the file is damaged, re-download it") from e
         tensor = torch.from_numpy(array if array.flags.writeable else array.copy())  # F32 data is the read-only map
         if tensor.dtype != self.entries[name].dtype:
             tensor = tensor.to(self.entries[name].dtype)
         if name.endswith("q_proj.weight"):
-            tensor = _unpermute(tensor, self.metadata["llama.attention.head_count"])
+            tensor = self._unpermute(tensor, t.name, "llama.attention.head_count")
         elif name.endswith("k_proj.weight"):
-            kv = self.metadata.get("llama.attention.head_count_kv") or self.metadata["llama.attention.head_count"]
-            tensor = _unpermute(tensor, kv)
+            key = "llama.attention.head_count_kv"
+            tensor = self._unpermute(tensor, t.name, key if self.metadata.get(key) else "llama.attention.head_count")
         return tensor
+
+    def _unpermute(self, w: torch.Tensor, stored: str, key: str) -> torch.Tensor:
+        """``_unpermute`` by the head count in metadata ``key``, which must split the rows into pairs per head."""
+        heads = self._count(key)
+        if w.dim() != 2 or w.shape[0] % (2 * heads):
+            raise CheckpointError(f"{self.files[0]}: tensor {stored} of shape {list(w.shape)} does not split into "
+                                  f"{heads} heads ({key}) of row pairs; the metadata and tensors disagree, "
+                                  "re-convert the file")
+        return _unpermute(w, heads)
 
     def tokenizer_fields(self) -> dict[str, Any]:
         """Vocabulary, merges, token types, special ids and chat template, for ``runner.tokenizer``."""
