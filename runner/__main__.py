@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from runner.config import CONF_DIR, load_config
+from runner.config import CONF_DIR, GROUP_HINT, load_config
 from runner import sweeps
 from runner.errors import Interrupted, RunnerError
 from runner.status import JobStatus, comparable, write_status
@@ -88,6 +88,11 @@ def main() -> int:
     except (HydraException, OmegaConfBaseException) as e:
         print(f"error: config: {_one_line(str(e) or str(e.__cause__) or type(e).__name__)}", file=sys.stderr)
         return 2
+    except (ValueError, TypeError) as e:  # Hydra's own, for a group given a number or a list: task=1
+        if not _raised_by_hydra(e):
+            raise
+        print(f"error: config: {_one_line(str(e))}; {GROUP_HINT}", file=sys.stderr)
+        return 2
     except OSError as e:
         if not _raised_by_hydra(e):
             raise  # from the runner's own code it is a bug: keep the traceback
@@ -105,7 +110,7 @@ def main() -> int:
     return 2 if _failed_runs else 0
 
 
-def _raised_by_hydra(e: OSError) -> bool:
+def _raised_by_hydra(e: Exception) -> bool:
     """Whether Hydra itself raised it (making the run folder, opening its log), not the runner's task code."""
     owners = [f.filename for f in traceback.extract_tb(e.__traceback__)
               if f"{os.sep}hydra{os.sep}" in f.filename or f"{os.sep}runner{os.sep}" in f.filename]

@@ -154,11 +154,18 @@ def compose(overrides: Sequence[str] = ()) -> RunConfig:
 
     if isinstance(overrides, str):
         raise ConfigError("overrides: expected a list such as ['model=gpt2', 'placement=balanced'], got one string")
-    try:
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="runner"):
-            return load_config(hydra_compose(config_name="config", overrides=list(overrides)))
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(f"overrides: {' '.join(str(e).split('Config search path')[0].split())}") from e
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="runner"):
+        try:
+            composed = hydra_compose(config_name="config", overrides=list(overrides))
+        except (HydraException, OmegaConfBaseException) as e:
+            raise ConfigError(f"overrides: {' '.join(str(e).split('Config search path')[0].split())}") from e
+        except (ValueError, TypeError) as e:  # Hydra's own, for a group given a number or a list: task=1
+            raise ConfigError(f"overrides: {e}; {GROUP_HINT}") from e
+        return load_config(composed)
+
+
+# Hydra raises a bare ValueError or TypeError for a group option that is not a name; this line follows it.
+GROUP_HINT = "a config group (model, checkpoint, hardware, placement, task, data) takes an option name, e.g. task=score"
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:

@@ -44,7 +44,14 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator == "required":
         return f"{path}: {error.message.replace(' is a required property', '')} is missing"
     if "errorMessage" in schema:
-        return f"{path}: {error.instance!r} is not valid; {schema['errorMessage']}"
+        return f"{path}: {_shown(error.instance)} is not valid; {schema['errorMessage']}"
     if error.validator == "enum":
-        return f"{path}: {error.instance!r} is not valid; expected one of: {', '.join(map(str, error.validator_value))}"
+        options = ", ".join(map(str, error.validator_value))
+        return f"{path}: {_shown(error.instance)} is not valid; expected one of: {options}"
     return f"{path}: {error.message}"
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value as a message quotes it, cut short: a 400-digit number or a pasted file stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."

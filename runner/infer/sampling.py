@@ -42,8 +42,9 @@ class SamplingParams:
         problems = []
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             problems.append(f"max_new_tokens: {self.max_new_tokens!r} is not a whole number of at least 1")
-        if self.temperature < 0:
-            problems.append(f"temperature: {self.temperature} is below 0; use 0 for greedy or a positive value")
+        if not 0 <= self.temperature < float("inf"):  # written so that NaN, which passes every bound, fails
+            problems.append(f"temperature: {self.temperature} is not a finite number of at least 0; "
+                            "use 0 for greedy or a positive value")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             problems.append(f"top_k: {self.top_k!r} is below 0; use 0 to keep every token")
         if not 0 < self.top_p <= 1:
