@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -42,7 +43,7 @@ def app(cfg: DictConfig) -> str:
     status = JobStatus("running", comparable(_resolved(cfg)), list(hydra_cfg.overrides.task))
     write_status(run_dir, status)
     try:
-        config = load_config(cfg)
+        config = replace(load_config(cfg), overrides=tuple(hydra_cfg.overrides.task))
         if cfg.runtime.get("deterministic", True):  # a replay on the same machine gives the same bytes
             torch.use_deterministic_algorithms(True, warn_only=True)
         if config.mode in ("plan", "check"):

@@ -141,6 +141,7 @@ class RunConfig:
     mode: Literal["run", "plan", "check"] = "run"
     map_file: Path | None = None    # mode=check: the map to validate
     resolved: dict[str, Any] = field(default_factory=dict, compare=False)  # for the report
+    overrides: tuple[str, ...] = field(default=(), compare=False)  # the command line's, for the manifest
 
 
 def compose(overrides: Sequence[str] = ()) -> RunConfig:
@@ -241,8 +242,8 @@ def _typed(c: dict[str, Any]) -> RunConfig:
         task=_task(c["task"], c["seed"]),
         dtype=c["dtype"],
         seed=c["seed"],
-        runtime=RuntimeSpec(c["runtime"]["batch_size"], c["runtime"]["seq_len"], float(c["runtime"]["log_every"]),
-                            c["runtime"]["micro_batches"]),
+        runtime=RuntimeSpec(int(c["runtime"]["batch_size"]), _whole(c["runtime"]["seq_len"]),
+                            float(c["runtime"]["log_every"]), int(c["runtime"]["micro_batches"])),
         data=_data(c["data"]),
         resume=c["resume"],
         mode=c["mode"],
@@ -257,7 +258,7 @@ def _task(t: dict[str, Any], seed: int) -> Task:
         return ScoreTask(t["per_token"])
     if t["name"] == "embed":
         return EmbedTask(t["pooling"], t["normalize"])
-    sampling = SamplingParams(max_new_tokens=t["max_new_tokens"], temperature=float(t["temperature"]), top_k=t["top_k"],
+    sampling = SamplingParams(max_new_tokens=int(t["max_new_tokens"]), temperature=float(t["temperature"]), top_k=t["top_k"],
                               top_p=float(t["top_p"]), min_p=float(t["min_p"]), stop=tuple(t["stop"]),
                               stop_token_ids=tuple(t["stop_token_ids"]), seed=seed)
     return GenerateTask(sampling, t["chat"], t["truncate"])
@@ -266,6 +267,11 @@ def _task(t: dict[str, Any], seed: int) -> Task:
 def _data(d: dict[str, Any]) -> DataSpec:
     return DataSpec(format=d["format"], prompts=tuple(d.get("prompts", ())), path=_path(d.get("path"), "data.path"),
                     field=d["field"], id_field=d["id_field"], window=d["window"], on_error=d["on_error"])
+
+
+def _whole(value: float | None) -> int | None:
+    """A count the schema took as an integer: ``1e14`` on the command line arrives as the float 1e14."""
+    return None if value is None else int(value)
 
 
 def _size(value: str, key: str) -> int:

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import re
 import shutil
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,7 @@ def jobs_to_run(jobs: list[SweepJob], sweep_dir: Path) -> list[SweepJob]:
         SweepError: the folder holds this sweep's jobs and resume is off; a recorded job ran with another config
             (unless forced: its folder is then set aside and the job runs again); a job is still running.
     """
+    launched[:] = [job.run_dir for job in jobs]
     statuses = {job.run_dir: read_status(job.run_dir) for job in jobs}
     recorded = [job for job in jobs if statuses[job.run_dir] is not None]
     resume = any(job.resume for job in jobs)
@@ -115,6 +117,7 @@ class Finished:
 
 
 finished: Finished | None = None  # the sweep this process ran, once collected (for the exit code)
+launched: list[Path] = []  # the folders of the jobs this sweep holds (set by the sweeper), launched or skipped
 
 
 class CollectWhenDone(Callback):
@@ -129,10 +132,11 @@ class CollectWhenDone(Callback):
             table = collect(sweep_dir)
         except RunnerError as e:
             for line in e.lines:
-                print(f"error: {e.stage}: {line}")
+                print(f"error: {e.stage}: {line}", file=sys.stderr)
             return
-        failed = sum(row.status != "done" for row in table.rows)
-        finished = Finished(len(table.rows), failed)
-        print(f"\nsweep: {len(table.rows) - failed} of {len(table.rows)} jobs done"
+        ours = [row for row in table.rows if row.folder in {p.name for p in launched}] or table.rows
+        failed = sum(row.status != "done" for row in ours)
+        finished = Finished(len(ours), failed)
+        print(f"\nsweep: {len(ours) - failed} of {len(ours)} jobs done"
               + (f", {failed} failed" if failed else "") + f"; wrote {', '.join(p.name for p in table.paths)} "
               f"to {sweep_dir}")

@@ -7,6 +7,7 @@ files saved beside it), ``BPETokenizer`` (the byte-level BPE inside a GGUF file)
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 from datetime import datetime
@@ -51,6 +52,10 @@ class Tokenizer(Protocol):
         """The text of ``ids``, special tokens left out."""
         ...
 
+    def content_hash(self) -> str:
+        """A hash of what decides the token ids (vocabulary, merges, special tokens): the run's manifest records it."""
+        ...
+
 
 class ByteTokenizer:
     """UTF-8 bytes are token ids 0-255; ids past 255 have no text and decode as ``<id>``."""
@@ -82,6 +87,9 @@ class ByteTokenizer:
         out.append(pending.decode("utf-8", errors="replace"))
         return "".join(out)
 
+    def content_hash(self) -> str:
+        return hashlib.sha256(b"utf-8 bytes").hexdigest()
+
 
 class _Backed:
     """A ``tokenizers.Tokenizer`` with the special tokens and chat template that go with it."""
@@ -100,6 +108,9 @@ class _Backed:
         self._tok = tok
         vocab = tok.get_vocab(with_added_tokens=True)
         self.id_span = max(vocab.values(), default=-1) + 1  # ids run from 0 to id_span - 1
+
+    def content_hash(self) -> str:
+        return hashlib.sha256(self._tok.to_str().encode("utf-8")).hexdigest()
 
     def _id(self, token: str) -> int | None:
         return self._tok.token_to_id(token) if token else None

@@ -31,7 +31,8 @@ from runner.engine import Engine
 from runner.errors import DataError, Interrupted, RunnerError
 from runner.infer.batches import length_batches
 from runner.progress import Progress
-from runner.report import format_summary, write_job_report
+from runner.manifest import write_manifest
+from runner.report import device_map_document, format_summary, write_job_report
 
 
 @dataclass
@@ -137,6 +138,9 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
     engine.loaded.timings[config.task.name] = round(time.perf_counter() - start, 4)
     paths = write_job_report(engine.loaded, run_dir, job_document(stats, config),
                              engine.stats if config.task.name == "generate" else None)
+    paths |= write_manifest(run_dir, config, checkpoint=engine.loaded.checkpoint.fingerprint(),
+                            hardware=engine.loaded.hardware, tokenizer=engine.tokenizer,
+                            device_map=device_map_document(engine.loaded)["device_map"])
     paths[PREDICTIONS] = out.path
     shown = "\n\n" + format_lines(out.path, config.task.output_key) if config.data.format == "inline" else ""
     return format_summary(engine.loaded) + shown + "\n\n" + format_job(stats, out.path), paths
