@@ -39,7 +39,7 @@ def resolve_pins(pins: dict[str, str], layout: ModelLayout, hardware: Hardware) 
         under = [b.name for b in layout.blocks if covers(key, b.name)]
         inside = [b for b in layout.blocks if b.name != key and covers(b.name, key)]
         if inside:
-            errors.append(f"device_map.{key}: it is inside block {inside[0].name} ({inside[0].class_name}), "
+            errors.append(f"device_map.{_shown(key)}: it is inside block {inside[0].name} ({inside[0].class_name}), "
                           f"which cannot be split; pin {inside[0].name or '(the whole model)'} instead")
         for name in under:
             blocks[name] = device
@@ -142,15 +142,21 @@ def _name_errors(device_map: dict[str, str], layout: ModelLayout, hardware: Hard
         if key not in names:
             close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
             hint = f"did you mean {close[0]}?" if close else "module names are dotted paths such as transformer.h.0"
-            errors.append(f"device_map.{key}: the model has no module or tensor named {key!r}; {hint}")
+            errors.append(f"device_map.{_shown(key)}: the model has no module or tensor named {key!r}; {hint}")
         if device not in hardware.names:
-            errors.append(f"device_map.{key}: device {device!r} is not in hardware={hardware.name}; "
+            errors.append(f"device_map.{_shown(key)}: device {device!r} is not in hardware={hardware.name}; "
                           f"expected one of {', '.join(hardware.names)}")
     for key in sorted(device_map):
         for outer in _ancestors(key)[1:]:
             if outer in device_map:
-                errors.append(f"device_map: {outer} and {key} overlap; map each module once")
+                errors.append(f"device_map: {_shown(outer)} and {_shown(key)} overlap; map each module once")
     return errors
+
+
+def _shown(key: str) -> str:
+    """A map key as a message names it: as typed, or quoted where it holds a newline or another unprintable
+    character, so that each finding stays one line."""
+    return key if key.isprintable() else repr(key)
 
 
 def _ancestors(name: str) -> list[str]:
