@@ -63,7 +63,7 @@ def sweep_job(job_cfg: DictConfig, overrides: list[str]) -> SweepJob:
                     bool(task_cfg.get("force")))
 
 
-def jobs_to_run(jobs: list[SweepJob], sweep_dir: Path) -> list[SweepJob]:
+def jobs_to_run(jobs: list[SweepJob], sweep_dir: Path, sweep_overrides: list[str] = ()) -> list[SweepJob]:
     """The jobs to launch: all of them in a new sweep folder; on resume, those not done with the same config.
 
     Raises:
@@ -75,6 +75,11 @@ def jobs_to_run(jobs: list[SweepJob], sweep_dir: Path) -> list[SweepJob]:
     recorded = [job for job in jobs if statuses[job.run_dir] is not None]
     resume = any(job.resume for job in jobs)
     if not recorded:
+        if resume:  # most likely a new timestamped folder: say where the sweep to resume is
+            earlier = earlier_sweep(sweep_dir, sweep_overrides)
+            log.warning("resume: hydra.sweep.dir=%s holds no jobs of this sweep, so all %d run; %s", sweep_dir,
+                        len(jobs), f"to resume the same sweep in {earlier}, pass hydra.sweep.dir={earlier}"
+                        if earlier else "to resume a sweep, pass its folder as hydra.sweep.dir")
         return jobs
     if not resume:
         counts = Counter(statuses[job.run_dir].state for job in recorded)
@@ -100,6 +105,22 @@ def jobs_to_run(jobs: list[SweepJob], sweep_dir: Path) -> list[SweepJob]:
     done = {job.run_dir for job in recorded if statuses[job.run_dir].state == "done" and job.run_dir not in differ}
     log.info("resume: %d of %d jobs done and skipped; %d to run", len(done), len(jobs), len(jobs) - len(done))
     return [job for job in jobs if job.run_dir not in done]
+
+
+def earlier_sweep(sweep_dir: Path, sweep_overrides: list[str]) -> Path | None:
+    """The newest sweep folder beside this one (``multirun/<date>/<time>``) run with the same overrides."""
+    ours = sorted(o for o in sweep_overrides if o.split("=")[0].lstrip("+~") not in ("resume", "force"))
+    root = sweep_dir.parent.parent
+    found = []
+    for config in root.glob("*/*/multirun.yaml") if root.is_dir() else ():
+        try:
+            task = OmegaConf.load(config).hydra.overrides.task
+        except Exception:  # not a sweep this runner can read: not the one to resume
+            continue
+        if config.parent != sweep_dir and sorted(o for o in task if o.split("=")[0].lstrip("+~")
+                                                 not in ("resume", "force")) == ours:
+            found.append(config.parent)
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def _set_aside(run_dir: Path) -> None:

@@ -28,4 +28,5 @@ class ResumingSweeper(BasicSweeper):
         loader = self.hydra_context.config_loader
         jobs = [sweep_job(loader.load_sweep_config(self.config, list(overrides)), list(overrides))
                 for batch in self.overrides for overrides in batch]
-        return {job.overrides for job in jobs_to_run(jobs, Path(str(self.config.hydra.sweep.dir)))}
+        to_run = jobs_to_run(jobs, Path(str(self.config.hydra.sweep.dir)), list(self.config.hydra.overrides.task))
+        return {job.overrides for job in to_run}
