@@ -79,7 +79,7 @@ def check_map(device_map: dict[str, str], layout: ModelLayout, hardware: Hardwar
                           f"add {target} to the map")
         elif len(devices) > 1:
             errors.append(f"device_map: block {block.name} ({block.class_name}) is split across "
-                          f"{' and '.join(devices)}; it cannot be split, map it whole to one device")
+                          f"{' and '.join(map(_shown, devices))}; it cannot be split, map it whole to one device")
         else:
             block_devices[block.name] = devices[0]
 
@@ -156,7 +156,7 @@ def _name_errors(device_map: dict[str, str], layout: ModelLayout, hardware: Hard
 def _shown(key: str) -> str:
     """A map key as a message names it: as typed, or quoted where it holds a newline or another unprintable
     character, so that each finding stays one line."""
-    return key if key.isprintable() else repr(key)
+    return key if key and key.isprintable() else repr(key)
 
 
 def _ancestors(name: str) -> list[str]:

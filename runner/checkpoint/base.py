@@ -101,19 +101,20 @@ def from_index(index: Path, open_files) -> Checkpoint:
         raise CheckpointError(f"{index}: not a valid index; expected JSON with a 'weight_map' object "
                               "of tensor name -> shard file name")
     files = sorted({shard_path(index, name) for name in set(weight_map.values())})
-    missing = [f.name for f in files if not f.exists()]
+    missing = [_shown(f.name) for f in files if not f.exists()]
     if missing:
         raise CheckpointError(f"{index}: names shard(s) {', '.join(missing)} that are not in {index.parent}; "
                               "the download is incomplete")
-    not_files = [f.name for f in files if not f.is_file()]  # a FIFO or device would hang or feed the reader
+    not_files = [_shown(f.name) for f in files if not f.is_file()]  # a FIFO or device would hang or feed the reader
     if not_files:
         raise CheckpointError(f"{index}: shard {not_files[0]} is not a regular file; an index names shard files")
     checkpoint = open_files(files)
     absent = [key for key, name in weight_map.items()
               if key not in checkpoint.entries or checkpoint.entries[key].file.name != name]
     if absent:
-        raise CheckpointError(f"{index}: lists {len(absent)} tensor(s) its shards do not hold, "
-                              f"e.g. {absent[0]} in {weight_map[absent[0]]}; the index and shards do not match")
+        example = f"{_shown(absent[0])} in {_shown(weight_map[absent[0]])}"
+        raise CheckpointError(f"{index}: lists {len(absent)} tensor(s) its shards do not hold, e.g. {example}; "
+                              "the index and shards do not match")
     return checkpoint
 
 
@@ -141,6 +142,12 @@ def shard_path(index: Path, name: str) -> Path:
         raise CheckpointError(f"{index}: shard {name!r} links to {path.resolve()}, outside {home}; "
                               "copy the file into the checkpoint folder if you trust it")
     return path
+
+
+def _shown(name: str) -> str:
+    """A name from a file as a message names it: as written, or quoted where a newline or another unprintable
+    character in it would break the line."""
+    return name if name and name.isprintable() else repr(name)
 
 
 def one_line(e: BaseException) -> str:
