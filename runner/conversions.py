@@ -7,11 +7,10 @@ checkpoint and dtype writes nothing; a missing, stale or cut-short file is writt
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
-import os
+import math
 from pathlib import Path
 
 import torch
@@ -20,7 +19,8 @@ from safetensors.torch import save_file
 
 from runner.checkpoint import Checkpoint
 from runner.checkpoint.files import SafetensorsCheckpoint, safetensors_header
-from runner.errors import OffloadError
+from runner.errors import DiskFull, OffloadError, interrupted
+from runner.writes import atomic_write, disk_full, is_disk_full, reclaim, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,17 @@ def converted(checkpoint: Checkpoint, blocks: dict[str, list[str]], dtype: torch
         if recorded:
             log.warning("Offload folder %s lacks or holds stale or cut-short files for %d block(s); converting them",
                         folder, len(todo))
-        written = _write(checkpoint, todo, dtype, folder, files)
+        reclaim(folder)  # temp files of runs killed while converting
+        done: dict[str, list[str]] = {}
+        try:
+            written = _write(checkpoint, todo, dtype, folder, files, done)
+        except KeyboardInterrupt as e:  # keep what is whole: the next run converts only the rest
+            _record_kept(manifest, identity, {**recorded, **done})
+            raise interrupted(e, f"converting disk blocks: {len(done)} of {len(todo)} are kept in {folder} and "
+                                 "reused by the next run") from None
+        except DiskFull:
+            _record_kept(manifest, identity, {**recorded, **done})  # if the manifest still fits
+            raise
         # Read again just before writing: a run beside this one may have recorded blocks of its own meanwhile.
         _write_manifest(manifest, identity, {**_recorded_blocks(manifest, identity), **recorded, **todo})
         log.info("Converted %d disk block(s) into %s (%.2f GB written)", len(todo), folder, written / 1e9)
@@ -86,39 +96,61 @@ def _whole(file: Path, keys: list[str]) -> bool:
         return False
 
 
-def _write(checkpoint, blocks: dict[str, list[str]], dtype, folder: Path, files: dict[str, Path]) -> int:
-    """Write each block's converted file atomically; the bytes written."""
+def _write(checkpoint, blocks: dict[str, list[str]], dtype, folder: Path, files: dict[str, Path],
+           done: dict[str, list[str]]) -> int:
+    """Write each block's converted file atomically, adding it to ``done`` once in place; the bytes written."""
     written = 0
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for name, keys in blocks.items():
-            tmp = files[name].with_name(f".{files[name].name}.{os.getpid()}.tmp")  # a run beside this one has its own
+            tmp = temp_path(files[name])  # a run beside this one has its own
             try:
                 save_file({k: converted_tensor(checkpoint, k, dtype) for k in keys}, str(tmp))
                 written += tmp.stat().st_size
                 tmp.replace(files[name])  # atomic: a half-written file never carries the final name
+                done[name] = keys
             finally:
                 tmp.unlink(missing_ok=True)
     except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as its own type
+        if is_disk_full(e):
+            left = {name: keys for name, keys in blocks.items() if name not in done}
+            raise disk_full("offload.folder", folder, f"converting {len(left)} more disk block(s)",
+                            _converted_bytes(checkpoint, left, dtype)) from e
         raise _write_error(folder, e) from e
     return written
 
 
-def _write_manifest(manifest: Path, identity: dict, blocks: dict[str, list[str]]) -> None:
-    tmp = manifest.with_name(f".{manifest.name}.{os.getpid()}.tmp")
+def _converted_bytes(checkpoint, blocks: dict[str, list[str]], dtype: torch.dtype) -> int:
+    """The tensor bytes of these blocks once cast to ``dtype`` (from the entries: no tensor read)."""
+    total = 0
+    for keys in blocks.values():
+        for key in keys:
+            entry = checkpoint.entries.get(key)
+            if entry is not None:
+                itemsize = dtype.itemsize if entry.dtype.is_floating_point else entry.dtype.itemsize
+                total += math.prod(entry.shape) * itemsize
+    return total
+
+
+def _record_kept(manifest: Path, identity: dict, blocks: dict[str, list[str]]) -> None:
+    """On the way out of an interrupted conversion: record the blocks that are whole; a failure only costs a
+    rewrite next time."""
     try:
-        tmp.write_text(json.dumps({"identity": identity, "blocks": blocks}, sort_keys=True))
-        tmp.replace(manifest)
+        _write_manifest(manifest, identity, {**_recorded_blocks(manifest, identity), **blocks})
+    except (OffloadError, DiskFull):
+        pass
+
+
+def _write_manifest(manifest: Path, identity: dict, blocks: dict[str, list[str]]) -> None:
+    try:
+        atomic_write(manifest, json.dumps({"identity": identity, "blocks": blocks}, sort_keys=True), "offload.folder")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise _write_error(manifest.parent, e) from e
 
 
 def _write_error(folder: Path, e: Exception) -> OffloadError:
-    full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
-    hint = ("the disk is full; free space or set offload.folder to a larger disk" if full
-            else "set offload.folder to a writable folder with room for the disk blocks")
-    return OffloadError(f"offload.folder: cannot write {folder} ({getattr(e, 'strerror', None) or e}); {hint}")
+    return OffloadError(f"offload.folder: cannot write {folder} ({getattr(e, 'strerror', None) or e}); "
+                        "set offload.folder to a writable folder with room for the disk blocks")
 
 
 def converted_tensor(checkpoint, key: str, dtype: torch.dtype) -> torch.Tensor:

@@ -6,6 +6,8 @@ escapes is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import signal
+
 
 class RunnerError(Exception):
     """Bad input found by some stage; ``lines`` holds every finding, one per line."""
@@ -90,3 +92,20 @@ class SweepError(RunnerError):
     """A sweep that cannot start or resume as asked, or a sweep folder that cannot be collected or replayed."""
 
     stage = "sweep"
+
+
+class DiskFull(RunnerError):
+    """A folder the runner writes to (the run folder, the offload folder, the cache) has no room left."""
+
+    stage = "disk"
+
+
+class OutOfMemory(RunnerError):
+    """A real allocation failed although the plan fitted: the device had less memory than its budget said."""
+
+    stage = "memory"
+
+
+def interrupted(e: KeyboardInterrupt, kept: str) -> Interrupted:
+    """The same signal (SIGINT for a plain Ctrl-C), now saying what is kept."""
+    return Interrupted(e.signum if isinstance(e, Interrupted) else signal.SIGINT, kept)

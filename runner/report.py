@@ -22,6 +22,7 @@ from runner.memory import peak_rss
 from runner.room import reserved
 from runner.schema import schema_errors
 from runner.sizes import format_bytes
+from runner.writes import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +170,7 @@ def _numbered_runs(compact: dict[str, str]) -> list[tuple[str, str]]:
 
 
 def _atomic_write(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, text, "hydra.run.dir")  # whole or absent; a full disk is one line
 
 
 def _measured_peak(device) -> dict:

@@ -27,6 +27,7 @@ import torch
 from runner.compute import LOOKUPS
 from runner.pipeline import Planned
 from runner.sizes import format_bytes
+from runner.writes import reclaim, temp_path
 
 PROBE_BYTES = 256 << 20   # read to time a disk: past its caches, short of a second
 PROBE_WIDTH = 4096        # the widest weight the compute probe multiplies by (bigger models: same rate per FLOP)
@@ -114,6 +115,7 @@ def measure_rates(planned: Planned, cache: Path) -> Rates:
     """This machine's rates for the plan: disk and host-to-device from ``cache`` (measured and kept there the first
     time), compute measured now at the step's shape."""
     layout, devices = planned.layout, planned.check.block_devices
+    reclaim(cache)  # a probe or rates file of a run killed while measuring
     disk = None
     if any(devices[b.name] == "disk" for b in layout.blocks):
         files = [f for f in planned.checkpoint.files if f.is_file()] if planned.checkpoint is not None else []
@@ -152,7 +154,7 @@ def _cached(cache: Path, key: str, measure) -> float | None:
         known[key] = figure
         try:
             cache.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".rates.{os.getpid()}.tmp")
+            tmp = temp_path(path)
             tmp.write_text(json.dumps(known, indent=1))
             tmp.replace(path)
         except OSError:
@@ -194,7 +196,7 @@ def _nearest_folder(path: Path) -> Path:
 
 def _probe_rate(folder: Path) -> float | None:
     """``_disk_rate`` of a probe file written into ``folder`` and removed after; None if it cannot be written."""
-    probe = folder / f".rate-probe.{os.getpid()}"
+    probe = temp_path(folder / "rate-probe")
     try:
         with open(probe, "wb") as f:
             chunk = os.urandom(1 << 20)

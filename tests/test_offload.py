@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import compose_config, evict_page_cache
-from runner.errors import CheckpointError, OffloadError
+from runner.errors import CheckpointError, DiskFull, OffloadError
 from runner.conversions import MANIFEST
 from runner.pipeline import prepare
 
@@ -141,9 +141,11 @@ def test_a_full_disk_is_one_clear_error(tmp_path):
                       capture_output=True).returncode:
         pytest.skip("cannot mount a small tmpfs here")
     try:
-        with pytest.raises(OffloadError) as e:
+        with pytest.raises(DiskFull) as e:
             logits("dtype=bfloat16", f"offload.folder={mount / 'off'}", "max_memory.disk=1GB", tmp_path=tmp_path)
-        assert "the disk is full" in e.value.lines[0]
+        (line,) = e.value.lines
+        assert line.startswith(f"offload.folder: {mount / 'off'}/") and " is full: converting " in line
+        assert not [p for p in (mount / "off").rglob("*") if p.name.endswith(".tmp")]  # no partial block
     finally:
         subprocess.run(["umount", str(mount)], check=False)
 

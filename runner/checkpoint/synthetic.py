@@ -10,20 +10,24 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
 from runner.checkpoint.files import INDEX_NAME
 from runner.config import CheckpointSpec, ModelSpec
-from runner.errors import CheckpointError
+from runner.errors import CheckpointError, interrupted
+from runner.writes import disk_full, is_disk_full, reclaim
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the way weights are drawn changes
+TEMP_FOLDER = re.compile(r"^\.tmp-[0-9a-f]+-(?P<pid>\d+)$")  # a write under way, or a dead run's
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, getattr(nn, "RMSNorm", nn.LayerNorm))
 
 
@@ -37,7 +41,8 @@ def synthetic_checkpoint(spec: CheckpointSpec, model_spec: ModelSpec, model: nn.
     if (folder / INDEX_NAME).exists():
         log.info("Reusing synthetic checkpoint %s", folder)
         return folder
-    tmp = spec.cache_dir / f".tmp-{digest}-{os.getpid()}"
+    tmp = spec.cache_dir / f".tmp-{digest}-{os.getpid()}"  # the pid tells a later run whether its writer lives
+    reclaim(spec.cache_dir, TEMP_FOLDER)
     try:
         spec.cache_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -53,12 +58,26 @@ def synthetic_checkpoint(spec: CheckpointSpec, model_spec: ModelSpec, model: nn.
             if not (folder / INDEX_NAME).exists():
                 raise
             log.info("Another run wrote %s first; using it", folder)  # same seed, same bytes
-    except OSError as e:
+    except KeyboardInterrupt as e:
+        raise interrupted(e, f"the synthetic checkpoint {folder.name} was left unfinished and its partial folder "
+                             "removed; the next run writes it again") from None
+    except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as its own type
+        if is_disk_full(e):
+            shutil.rmtree(tmp, ignore_errors=True)  # so the free space said is what the next try would have
+            raise disk_full("checkpoint.cache_dir", spec.cache_dir, f"the synthetic checkpoint {folder.name}",
+                            _nbytes(model, getattr(torch, spec.dtype))) from e
         raise CheckpointError(f"checkpoint.cache_dir: cannot write the synthetic checkpoint under {spec.cache_dir} "
-                              f"({e.strerror or e}); set checkpoint.cache_dir or RUNNER_CACHE to a writable folder") from e
+                              f"({getattr(e, 'strerror', None) or e}); set checkpoint.cache_dir or RUNNER_CACHE to a "
+                              "writable folder") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
     return folder
+
+
+def _nbytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """The bytes of tensor data the checkpoint holds (its headers add a few KiB)."""
+    return sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.dtype.itemsize)
+               for t, _ in _persistent_tensors(model).values())
 
 
 def _write(folder: Path, model: nn.Module, dtype: torch.dtype, seed: int, shard_size: int) -> None:

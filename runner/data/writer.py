@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import DataError
+from runner.writes import atomic_write, disk_full, is_disk_full
 from runner.status import changed_keys, short
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,7 @@ def start_job(run_dir: Path, settings: dict[str, Any], *, resume: bool) -> None:
                         "or pick a new run folder (hydra.run.dir=...)")
     created = int(time.time())
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(JOB + ".tmp")
-    tmp.write_text(json.dumps({"created": created, "settings": settings}, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, json.dumps({"created": created, "settings": settings}, indent=2) + "\n", "hydra.run.dir")
 
 
 class PredictionsFile:
@@ -88,6 +87,10 @@ class PredictionsFile:
         self.lines = len(self.done)              # complete lines in the file
         self._writing: tuple[int, bytes] | None = None  # (file size before, bytes) of the append under way
 
+    def todo(self, row: Any) -> bool:
+        """Whether the row still needs its line (resuming keeps the first ``len(done)`` rows' lines)."""
+        return row.number >= len(self.done)
+
     def expect(self, numbers: Iterable[int]) -> None:
         """The next rows to write, in input order (rows already in the file are not expected)."""
         self._order.extend(numbers)
@@ -104,9 +107,18 @@ class PredictionsFile:
         if lines:
             data = "".join(lines).encode("utf-8")
             self._writing = (os.fstat(self._fd).st_size, data)
-            while data:  # a regular file takes it in one write; loop for the odd partial one
-                data = data[os.write(self._fd, data):]
-            os.fsync(self._fd)
+            try:
+                while data:  # a regular file takes it in one write; loop for the odd partial one
+                    data = data[os.write(self._fd, data):]
+                os.fsync(self._fd)
+            except OSError as e:
+                if not is_disk_full(e):
+                    raise
+                needed = len(self._writing[1])
+                self._cut_back()
+                raise disk_full("hydra.run.dir", self.path.parent, f"appending {len(lines)} line(s) to "
+                                f"{self.path.name} ({self.lines} already there; resume=true goes on after them)",
+                                needed) from e
             self._settle()
         return len(lines)
 
@@ -118,6 +130,13 @@ class PredictionsFile:
         before, data = self._writing
         self.lines += data[: max(os.fstat(self._fd).st_size - before, 0)].count(b"\n")
         self._writing = None
+
+    def _cut_back(self) -> None:
+        """A full disk took part of the last append: cut the file back to its complete lines, so a resumed job
+        starts after the last whole line."""
+        before, _ = self._writing
+        os.ftruncate(self._fd, before)
+        self._writing = (before, b"")  # nothing of it reached the file
 
     def close(self) -> None:
         assert not self._order, f"rows {list(self._order)[:5]} were expected and never finished (a bug)"
