@@ -31,6 +31,7 @@ from runner.infer.generate import Completion, GenerationStats, generate
 from runner.infer.model import CausalLM, causal_lm, context_length
 from runner.infer.prompts import encode_prompts, fit, fit_tokens, plan_inputs
 from runner.infer.sampling import SamplingParams
+from runner.memory import plan_held
 from runner.infer.score import Score, pair_request, score, text_request
 from runner.offload import Prefetcher
 from runner.pipeline import Planned, RunResult, load, open_source, plan
@@ -94,6 +95,11 @@ class Engine:
         except NonFiniteOutput as e:
             raise explained(e, self.model, self.loaded.dtype) from None
 
+    def memory_checked(self) -> contextlib.AbstractContextManager[None]:
+        """A real allocation failing despite the plan becomes one line naming the device and the bytes."""
+        loaded = self.loaded
+        return plan_held(loaded.hardware, loaded.check.loads, loaded.plan.reserves, f"running {self.config.task.name}")
+
     @property
     def streams(self) -> Prefetcher | None:
         """What brings streamed blocks in; micro-batches share its loads."""
@@ -131,7 +137,7 @@ class Engine:
         requests = fit(requests, params.max_new_tokens, context=self.context, seq_len=self.seq_len,
                        truncate=task.truncate if truncate is None else truncate)
         runtime = self.config.runtime
-        with self.explain_non_finite():
+        with self.explain_non_finite(), self.memory_checked():
             return generate(self.lm, self.tokenizer, requests, params, batch_size=runtime.batch_size,
                             micro_batches=runtime.micro_batches, seed=self.config.seed, stats=self.stats,
                             streams=self.streams, stagger=self.stagger)
@@ -144,7 +150,7 @@ class Engine:
         for r in requests:
             self._check_fits(r.index, r.tokens)
         lm, out = self.lm, {}
-        with self.explain_non_finite():
+        with self.explain_non_finite(), self.memory_checked():
             for batch in length_batches(requests, self.config.runtime.batch_size, length=lambda r: len(r.tokens)):
                 for r, s in zip(batch, score(lm, batch, pad_id=self.tokenizer.pad_id or 0)):
                     out[r.index] = s
@@ -159,7 +165,7 @@ class Engine:
         for i, t in enumerate(tokens):
             self._check_fits(i, tuple(t))
         vectors: dict[int, torch.Tensor] = {}
-        with self.explain_non_finite():
+        with self.explain_non_finite(), self.memory_checked():
             for batch in length_batches(list(range(len(tokens))), self.config.runtime.batch_size,
                                         length=lambda i: len(tokens[i])):
                 pooled = embed(self.encoder, [tokens[i] for i in batch], pooling=pooling or task.pooling,

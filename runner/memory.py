@@ -5,12 +5,23 @@ their budgets: going over raises as a real GPU's allocator would.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import re
 import resource
 import threading
+from collections.abc import Iterator
 
-from runner.errors import SimulatedOutOfMemory
-from runner.hardware import Hardware
+import torch
+
+from runner.errors import OutOfMemory, SimulatedOutOfMemory
+from runner.hardware import Hardware, cap_override
 from runner.sizes import format_bytes
+
+_UNITS = {"bytes": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+_CUDA_ASK = re.compile(r"Tried to allocate ([\d.]+) (bytes|B|KiB|MiB|GiB|TiB)")  # torch's CUDA caching allocator
+_CUDA_GPU = re.compile(r"GPU (\d+)")
+_CPU_ASK = re.compile(r"tried to allocate (\d+) bytes")  # torch's DefaultCPUAllocator
 
 
 class MemoryLedger:
@@ -38,6 +49,44 @@ class MemoryLedger:
     def release(self, device: str, nbytes: int) -> None:
         with self._lock:
             self.current[device] -= nbytes
+
+
+@contextlib.contextmanager
+def plan_held(hardware: Hardware, loads: dict[str, int], reserves: dict[str, dict[str, int]],
+              doing: str) -> Iterator[None]:
+    """A real allocation that fails although the plan fitted (CUDA out of memory, the CPU allocator refusing, a
+    ``MemoryError``) becomes one line: the device, the bytes asked for, the plan's figure there, and what to lower.
+    ``loads`` and ``reserves`` are the plan's bytes of weights and of reserves per device."""
+    try:
+        yield
+    except (RuntimeError, MemoryError, OSError) as e:
+        failed = failed_allocation(e, hardware)
+        if failed is None:
+            raise
+        device, asked = failed
+        planned = loads.get(device, 0) + sum(reserves.get(device, {}).values())
+        budget = hardware.get(device).budget if device in hardware.names else 0
+        what = f"an allocation of {format_bytes(asked)}" if asked is not None else "an allocation"
+        raise OutOfMemory(f"{device}: out of memory {doing}: {what} failed, with {format_bytes(planned)} planned "
+                          f"there ({format_bytes(loads.get(device, 0))} of weights and the rest reserved) within its "
+                          f"budget of {format_bytes(budget)}; the device has less free than that budget: lower it "
+                          f"({cap_override(device)}) or runtime.batch_size") from None
+
+
+def failed_allocation(e: BaseException, hardware: Hardware) -> tuple[str, int | None] | None:
+    """(device, bytes asked for, when the message says) of a failed real allocation; None for any other error."""
+    message = str(e)
+    if isinstance(e, torch.OutOfMemoryError) or "CUDA out of memory" in message:
+        gpu = _CUDA_GPU.search(message)
+        device = f"cuda:{gpu[1]}" if gpu else hardware.main_device
+        ask = _CUDA_ASK.search(message)
+        return device, int(float(ask[1]) * _UNITS[ask[2]]) if ask else None
+    if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
+        return "cpu", None
+    if isinstance(e, RuntimeError) and ("DefaultCPUAllocator" in message or "can't allocate memory" in message):
+        ask = _CPU_ASK.search(message)
+        return "cpu", int(ask[1]) if ask else None
+    return None
 
 
 def reset_peak_rss() -> bool:

@@ -27,7 +27,7 @@ from runner.offload import Prefetcher
 from runner.errors import CheckpointError, ConfigError, OffloadError, PlanError
 from runner.infer.model import context_length
 from runner.hardware import Hardware, detect_hardware, offload_folder_problem
-from runner.memory import MemoryLedger, reset_peak_rss
+from runner.memory import MemoryLedger, plan_held, reset_peak_rss
 from runner.order import ForwardTrace, forward_order
 from runner.planner import Plan, PlanRequest, plan_device_map
 from runner.reserves import LOGITS, device_reserves, keeps_kv_cache, kv_bytes
@@ -120,10 +120,12 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None) ->
         else:
             log.info("Planning %s over %s with strategy %s", cfg.model.name, ", ".join(hardware.names),
                      cfg.placement.strategy)
-            the_plan = _plan_or_blame(request, cfg, _offload_folder(cfg, run_dir),
-                                      one_batch=lambda: request_for(replace(cfg.runtime, micro_batches=1)))
+            the_plan = _plan_or_blame(request, cfg, _offload_folder(cfg, run_dir), request_for)
     with _timed(timings, "validate"):
         check = check_map(the_plan.device_map, layout, hardware, the_plan.reserves, activation_bytes)
+        if cfg.mode != "check" and len(pins) == len(layout.blocks):  # the strategy had nothing left to place
+            check = replace(check, warnings=(*check.warnings, f"placement.strategy: {cfg.placement.strategy} was not "
+                                             "used: device_map pins every block, so the map is the one given"))
         for warning in check.warnings:
             log.warning(warning)
         keys = check_keys(checkpoint, model, layout) if checkpoint else None
@@ -164,7 +166,8 @@ def load(planned: Planned, run_dir: Path) -> RunResult:
     ledger = MemoryLedger(planned.hardware)
     reset_peak_rss()  # the CPU's measured peak is then this run's, not the process's whole life's
     baseline = psutil.Process().memory_info().rss
-    with _timed(timings, "load"):
+    with _timed(timings, "load"), plan_held(planned.hardware, planned.check.loads, planned.plan.reserves,
+                                            "loading the weights"):
         streams = dispatch(planned, checkpoint, ledger, offload_folder=_offload_folder(cfg, run_dir),
                            prefetch=cfg.placement.prefetch, direct_io=cfg.placement.direct_io)
     fields = {k: getattr(planned, k) for k in Planned.__dataclass_fields__}
@@ -200,32 +203,63 @@ def _offload_folder(cfg: RunConfig, run_dir: Path) -> Path:
     return cfg.placement.offload_folder or run_dir / "offload"
 
 
-def _plan_or_blame(request: PlanRequest, cfg: RunConfig, folder: Path, one_batch: Callable[[], PlanRequest]) -> Plan:
+def _plan_or_blame(request: PlanRequest, cfg: RunConfig, folder: Path,
+                   request_for: Callable[[RuntimeSpec], PlanRequest]) -> Plan:
     """The plan. When there is none, and the culprit is a setting the planner cannot see, that setting is named:
-    micro-batches whose KV caches take the room, or an unusable offload folder that took the disk away."""
+    a batch shape whose activations and KV caches take the room the weights would fit in, micro-batches whose KV
+    caches do, or an unusable offload folder that took the disk away."""
     try:
         return plan_device_map(request)
     except PlanError as e:
         runtime = cfg.runtime
-        if runtime.micro_batches > 1 and request.kv_bytes:
+
+        def fits(shape: RuntimeSpec) -> bool:
             try:
-                plan_device_map(one_batch())
+                plan_device_map(request_for(shape))
             except PlanError:
-                pass
-            else:  # one batch fits: the other micro-batches' caches and outputs do not
-                kv = sum(request.kv_bytes.values())
-                room = sum(d.budget - reserved(request.reserves, d.name) for d in request.devices if d.kind != "disk")
-                raise PlanError(f"runtime.micro_batches: {runtime.micro_batches} micro-batches of {runtime.batch_size} "
-                                f"rows keep a KV cache of {format_bytes(kv)} ({runtime.rows_in_flight} rows x "
-                                f"{runtime.seq_len} tokens), and the devices that compute have {format_bytes(room)} "
-                                "for weights and cache after reserves; lower runtime.micro_batches, or raise "
-                                "max_memory") from None
+                return False
+            return True
+
+        if runtime.micro_batches > 1 and request.kv_bytes and fits(replace(runtime, micro_batches=1)):
+            # one batch fits: the other micro-batches' caches and outputs do not
+            kv = sum(request.kv_bytes.values())
+            room = sum(d.budget - reserved(request.reserves, d.name) for d in request.devices if d.kind != "disk")
+            raise PlanError(f"runtime.micro_batches: {runtime.micro_batches} micro-batches of {runtime.batch_size} "
+                            f"rows keep a KV cache of {format_bytes(kv)} ({runtime.rows_in_flight} rows x "
+                            f"{runtime.seq_len} tokens), and the devices that compute have {format_bytes(room)} "
+                            "for weights and cache after reserves; lower runtime.micro_batches, or raise "
+                            "max_memory") from None
+        blame = _shape_to_blame(request, runtime, fits)
+        if blame:
+            raise PlanError(blame) from None
         problem = None if "disk" in cfg.placement.max_memory else offload_folder_problem(folder)
         if problem and request.allow_disk:
             raise OffloadError(f"offload.folder: {folder} {problem}, so nothing can be offloaded to disk, and the "
                                "model does not fit in memory; point offload.folder at a writable folder on a disk"
                                ) from None
         raise e
+
+
+def _shape_to_blame(request: PlanRequest, runtime: RuntimeSpec, fits: Callable[[RuntimeSpec], bool]) -> str | None:
+    """Why the batch shape, not a budget, is what does not fit: the weights fit with one row of one token, and the
+    key whose value is too big for the room (batch_size, seq_len, or both); None when the weights alone do not."""
+    assert runtime.seq_len is not None  # derived before planning
+    if not fits(replace(runtime, batch_size=1, micro_batches=1, seq_len=1)):
+        return None
+    if runtime.rows_in_flight > 1 and fits(replace(runtime, batch_size=1, micro_batches=1)):
+        key = "runtime.batch_size" if runtime.batch_size > 1 else "runtime.micro_batches"
+        fix = f"lower {key}"
+    elif runtime.seq_len > 1 and fits(replace(runtime, seq_len=1)):
+        key, fix = "runtime.seq_len", "lower runtime.seq_len (null: the longest row plus new tokens)"
+    else:
+        key, fix = "runtime.batch_size, runtime.seq_len", "lower both"
+    compute = [d for d in request.devices if d.kind != "disk"]
+    main = request.main_device
+    shape = sum(v for k, v in request.reserves.get(main, {}).items() if k != "cuda_context")
+    shape += sum(request.kv_bytes.values())
+    return (f"{key}: {runtime.rows_in_flight} row(s) x {runtime.seq_len} tokens need {format_bytes(shape)} for "
+            f"activations, outputs and KV cache beside the weights, and the devices that compute have "
+            f"{format_bytes(sum(d.budget for d in compute))} in all; {fix}")
 
 
 def _check_finite(checkpoint: Checkpoint, layout: ModelLayout) -> None:

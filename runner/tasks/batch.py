@@ -121,7 +121,8 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
     progress = Progress(stats.total, initial=stats.resumed, log_every=config.runtime.log_every)
     start = time.perf_counter()
     try:
-        with engine.explain_non_finite():  # NaN or Inf in any task's outputs: one line naming where they start
+        # NaN or Inf in any task's outputs, or a real allocation failing despite the plan: one line each
+        with engine.explain_non_finite(), engine.memory_checked():
             for window in chain([first], chunks):
                 if window is not first:
                     items, bad = _prepare(task, window, config, run_dir)
