@@ -89,7 +89,9 @@ def check_new_tokens(max_new_tokens: int, *, context: int, seq_len: int) -> None
     if max_new_tokens and max_new_tokens >= limit:
         what = (f"the model's context of {context} tokens" if context <= seq_len
                 else f"runtime.seq_len {seq_len}, the length the KV cache was planned for")
-        raise GenerateError(f"max_new_tokens: {max_new_tokens} leaves no room for a prompt within {what}; lower it")
+        raise GenerateError(f"max_new_tokens: {max_new_tokens} leaves no room for a prompt within {what}; lower it "
+                            f"below {limit} (prompt and new tokens share it; a completion also ends at its "
+                            "end-of-sequence token)")
 
 
 def planned_length(requests: list[Request], max_new_tokens: int) -> int:
