@@ -258,8 +258,8 @@ def _task(t: dict[str, Any], seed: int) -> Task:
         return ScoreTask(t["per_token"])
     if t["name"] == "embed":
         return EmbedTask(t["pooling"], t["normalize"])
-    sampling = SamplingParams(max_new_tokens=int(t["max_new_tokens"]), temperature=float(t["temperature"]), top_k=t["top_k"],
-                              top_p=float(t["top_p"]), min_p=float(t["min_p"]), stop=tuple(t["stop"]),
+    sampling = SamplingParams(max_new_tokens=int(t["max_new_tokens"]), temperature=float(t["temperature"]),
+                              top_k=t["top_k"], top_p=float(t["top_p"]), min_p=float(t["min_p"]), stop=tuple(t["stop"]),
                               stop_token_ids=tuple(t["stop_token_ids"]), seed=seed)
     return GenerateTask(sampling, t["chat"], t["truncate"])
 
