@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
@@ -21,9 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from runner.config import CONF_DIR, GROUP_HINT, load_config
-from runner import sweeps
+from runner import distributed, sweeps
 from runner.errors import Interrupted, RunnerError
-from runner.status import JobStatus, comparable, write_status
+from runner.status import JobStatus, comparable
+from runner.status import write_status as _write_status
 from runner.tasks import batch, plan
 from runner.tasks.embed import EmbedRows
 from runner.tasks.generate import GenerateRows
@@ -40,10 +42,15 @@ def app(cfg: DictConfig) -> str:
     global _failed_runs
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    launch = distributed.current()
     status = JobStatus("running", comparable(_resolved(cfg)), list(hydra_cfg.overrides.task))
+    write_status = _write_status if launch is None or launch.main else lambda *_: None  # rank 0 speaks for all
     write_status(run_dir, status)
     try:
         config = replace(load_config(cfg), overrides=tuple(hydra_cfg.overrides.task))
+        _check_launch(config, launch)
+        if launch is not None and not launch.main and config.mode != "run":
+            return "done"  # a plan or a check is made once, by rank 0
         if cfg.runtime.get("deterministic", True):  # a replay on the same machine gives the same bytes
             torch.use_deterministic_algorithms(True, warn_only=True)
         if config.mode in ("plan", "check"):
@@ -62,10 +69,24 @@ def app(cfg: DictConfig) -> str:
     except BaseException as e:  # a bug: the folder says so, and the traceback stays
         write_status(run_dir, status.finished("failed", f"bug: {type(e).__name__}: {e}"))
         raise
-    print(text)
-    print(f"\nWrote {', '.join(paths)} to {run_dir}")
+    if paths:  # (the other ranks of a data-parallel job have nothing of their own to show)
+        print(text)
+        print(f"\nWrote {', '.join(paths)} to {run_dir}")
     write_status(run_dir, status.finished("done"))
     return "done"
+
+
+def _check_launch(config, launch: distributed.Launch | None) -> None:
+    """``parallel.mode`` and the way the process was started must agree."""
+    if config.parallel.mode != "none" and launch is None:
+        raise distributed.ParallelError(
+            f"parallel.mode={config.parallel.mode}: this process was not started by torchrun (RANK, WORLD_SIZE, "
+            f"MASTER_ADDR ... are unset); run torchrun --nproc-per-node=N -m runner parallel.mode="
+            f"{config.parallel.mode} ..., or set parallel.mode=none")
+    if config.parallel.mode == "none" and launch is not None and launch.world_size > 1:
+        raise distributed.ParallelError(
+            f"parallel.mode=none, but torchrun started {launch.world_size} processes: each would run the whole job "
+            "into the same folder; set parallel.mode=data to share the rows between them")
 
 
 def _resolved(cfg: DictConfig) -> dict:
@@ -81,6 +102,25 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _terminated)  # a scheduler's stop: end as Ctrl-C does, in one line
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, set before CUDA starts
     sweeps.finished = None
+    try:
+        launch = distributed.launch_from_env()
+        if launch is not None:
+            if any(a in ("-m", "--multirun") for a in sys.argv[1:]):
+                raise distributed.ParallelError("a sweep (-m) cannot run under torchrun: launch each of its jobs "
+                                                "with torchrun, or sweep in one process")
+            distributed.start(launch)
+            sys.argv = _rank_argv(sys.argv, launch)
+    except RunnerError as e:
+        _print_error(e)
+        return 2
+    try:
+        return _run()
+    finally:
+        distributed.stop()
+
+
+def _run() -> int:
+    """Hydra's app, and its exit code: each kind of failure in one line."""
     try:
         app()
     except RunnerError as e:  # a sweep refused before any job ran (resume)
@@ -109,6 +149,18 @@ def main() -> int:
     if sweeps.finished is not None:  # a sweep: its exit code is the number of jobs that failed
         return min(sweeps.finished.failed, 125)
     return 2 if _failed_runs else 0
+
+
+def _rank_argv(argv: list[str], launch: distributed.Launch) -> list[str]:
+    """Every rank of a launch writes into the same run folder (rank 0 names it); only rank 0 keeps Hydra's
+    ``.hydra/``, and each rank logs to its own file."""
+    extra = []
+    if not any(a.startswith("hydra.run.dir=") for a in argv[1:]):
+        stamp = distributed.agree(lambda: time.strftime("%Y-%m-%d/%H-%M-%S"))
+        extra.append(f"hydra.run.dir=outputs/{stamp}")
+    if not launch.main:
+        extra += ["hydra.output_subdir=null", f"hydra.job.name=runner-rank{launch.rank}"]
+    return [*argv, *extra]
 
 
 def _raised_by_hydra(e: Exception) -> bool:

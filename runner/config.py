@@ -126,6 +126,11 @@ class RuntimeSpec:
 
 
 @dataclass(frozen=True)
+class ParallelSpec:
+    mode: Literal["none", "data"] = "none"  # data: torchrun ranks, each with the whole model and a share of rows
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelSpec
     checkpoint: CheckpointSpec
@@ -142,6 +147,7 @@ class RunConfig:
     map_file: Path | None = None    # mode=check: the map to validate
     resolved: dict[str, Any] = field(default_factory=dict, compare=False)  # for the report
     overrides: tuple[str, ...] = field(default=(), compare=False)  # the command line's, for the manifest
+    parallel: ParallelSpec = ParallelSpec()
 
 
 def compose(overrides: Sequence[str] = ()) -> RunConfig:
@@ -250,6 +256,7 @@ def _typed(c: dict[str, Any]) -> RunConfig:
         map_file=_path(c["map_file"]),
         tokenizer_path=_path(c["tokenizer"]["path"], "tokenizer.path"),
         resolved=c,
+        parallel=ParallelSpec(c.get("parallel", {}).get("mode", "none")),
     )
 
 

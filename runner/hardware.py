@@ -16,6 +16,7 @@ from typing import Literal
 import psutil
 import torch
 
+from runner import distributed
 from runner.config import HardwareSpec
 from runner.errors import HardwareError
 from runner.sizes import format_bytes
@@ -76,7 +77,14 @@ def detect_hardware(spec: HardwareSpec, max_memory: dict[str, int], offload_fold
             names a device the profile lacks.
     """
     gpus = _gpu_budgets(spec)
-    cpu = spec.cpu if spec.cpu is not None else max(psutil.virtual_memory().available - spec.cpu_reserve, 0)
+    # Ranks of one torchrun launch share this node's RAM, and each drives its own GPUs.
+    launch = distributed.current()
+    ranks_here = launch.local_world_size if launch is not None else 1
+    cpu = (spec.cpu if spec.cpu is not None
+           else max(psutil.virtual_memory().available - spec.cpu_reserve, 0) // ranks_here)
+    if launch is not None and not spec.simulated:
+        owned = {f"cuda:{i}" for i in distributed.owned_gpus(launch, torch.cuda.device_count())}
+        gpus = {name: budget for name, budget in gpus.items() if name in owned}
     devices = [Device(name, "gpu", budget, spec.simulated) for name, budget in gpus.items()]
     devices.sort(key=lambda d: d.sort_key)
     devices += [Device("cpu", "cpu", cpu), Device("disk", "disk", _free_disk(offload_folder))]

@@ -93,12 +93,15 @@ def report_document(result: RunResult) -> dict:
     }
 
 
-def write_job_report(result: RunResult, run_dir: Path, job: dict, generation: GenerationStats | None) -> dict[str, Path]:
+def write_job_report(result: RunResult, run_dir: Path, job: dict, generation: GenerationStats | None,
+                     parallel: dict | None = None) -> dict[str, Path]:
     """Write the map and the report, with the job's figures (and the generation's, for task=generate); a measured
     peak above the plan's prediction is also said on screen."""
     report = {**report_document(result), "job": job}
     if generation is not None:
         report["generation"] = generation_document(generation)
+    if parallel is not None:  # data parallel: every rank's share, time and peak, and the tokens/s of them all
+        report["parallel"] = parallel
     for line in memory_warnings(report["devices"]):
         log.warning(line)
     return write_documents(run_dir, {"device_map.json": (device_map_document(result), "device_map"),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -26,12 +26,15 @@ from typing import Any, Protocol
 from runner.config import RunConfig
 from runner.data.rows import Row
 from runner.data.sources import count_rows, read_rows, windows
+from runner import distributed
+from runner.data.shares import Share, ShareOutput, check_fresh, merge
 from runner.data.writer import PREDICTIONS, PredictionsFile, job_settings, start_job
 from runner.engine import Engine
 from runner.errors import DataError, Interrupted, RunnerError
 from runner.infer.batches import length_batches
 from runner.progress import Progress
 from runner.manifest import write_manifest
+from runner.memory import peak_rss
 from runner.report import device_map_document, format_summary, write_job_report
 
 
@@ -101,11 +104,20 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
         ) -> tuple[str, dict[str, Path]]:
     """The text to show, and the files written. ``task_rows(engine, config)`` makes the ``RowTask``
     (``GenerateRows``, ``ScoreRows``, ``EmbedRows``)."""
-    start_job(run_dir, job_settings(config.resolved), resume=config.resume)
-    out = PredictionsFile(run_dir / PREDICTIONS, id_key="custom_id" if config.data.format == "openai" else "id",
-                          resume=config.resume)
-    stats = JobStats(count_rows(config.data), resumed=len(out.done))
-    rows = _check_done(read_rows(config.data, config.task), out.done)
+    id_key = "custom_id" if config.data.format == "openai" else "id"
+    launch = distributed.current() if config.parallel.mode == "data" else None
+    if launch is None:
+        start_job(run_dir, job_settings(config.resolved), resume=config.resume)
+        out: Output = PredictionsFile(run_dir / PREDICTIONS, id_key=id_key, resume=config.resume)
+        share = Share()
+        rows = _check_done(read_rows(config.data, config.task), out.done)
+    else:  # rank 0 records the job; every rank then reads what is done, before any rank writes
+        distributed.agree_or_raise(lambda: (check_fresh(run_dir, resume=config.resume),
+                                            start_job(run_dir, job_settings(config.resolved), resume=config.resume)))
+        out = ShareOutput(run_dir, launch.rank, id_key=id_key)
+        share = Share(launch.rank, launch.world_size)
+        rows = read_rows(config.data, config.task)
+    stats = JobStats(count_rows(config.data) if launch is None else None, resumed=len(out.done))
     chunks = windows(rows, config.data.window)
     first = next(chunks, [])
     if not first and not out.done:
@@ -118,15 +130,21 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
 
     engine = Engine(config, run_dir, before_load=check_first_window)
     task, items, bad = holder["first"]
-    progress = Progress(stats.total, initial=stats.resumed, log_every=config.runtime.log_every)
+    progress = Progress(stats.total, initial=stats.resumed if launch is None else 0,  # other ranks keep quiet
+                        log_every=config.runtime.log_every if launch is None or launch.main else float("inf"))
     start = time.perf_counter()
+    failure: RunnerError | None = None
     try:
         # NaN or Inf in any task's outputs, or a real allocation failing despite the plan: one line each
         with engine.explain_non_finite(), engine.memory_checked():
             for window in chain([first], chunks):
                 if window is not first:
                     items, bad = _prepare(task, window, config, run_dir)
-                _run_window(task, window, items, bad, out, stats, progress, config)
+                _run_window(task, window, items, bad, out, share, stats, progress, config)
+    except RunnerError as e:
+        if launch is None:
+            raise
+        failure = e  # this rank stops; the others finish their shares, and the merge names what is missing
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see __main__): say what is kept and how to go on
         out.flush()
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
@@ -137,14 +155,61 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
         progress.close()
     out.close()
     engine.loaded.timings[config.task.name] = round(time.perf_counter() - start, 4)
-    paths = write_job_report(engine.loaded, run_dir, job_document(stats, config),
-                             engine.stats if config.task.name == "generate" else None)
-    paths |= write_manifest(run_dir, config, checkpoint=engine.loaded.checkpoint.fingerprint(),
-                            hardware=engine.loaded.hardware, tokenizer=engine.tokenizer,
-                            device_map=device_map_document(engine.loaded)["device_map"])
+    if launch is not None:
+        return _finish_share(launch, engine, run_dir, stats, share, failure, config)
+    paths = _write_reports(engine, run_dir, job_document(stats, config), config)
     paths[PREDICTIONS] = out.path
     shown = "\n\n" + format_lines(out.path, config.task.output_key) if config.data.format == "inline" else ""
     return format_summary(engine.loaded) + shown + "\n\n" + format_job(stats, out.path), paths
+
+
+def _write_reports(engine: Engine, run_dir: Path, job: dict[str, Any], config: RunConfig,
+                   parallel: dict[str, Any] | None = None) -> dict[str, Path]:
+    paths = write_job_report(engine.loaded, run_dir, job, engine.stats if config.task.name == "generate" else None,
+                             parallel=parallel)
+    return paths | write_manifest(run_dir, config, checkpoint=engine.loaded.checkpoint.fingerprint(),
+                                  hardware=engine.loaded.hardware, tokenizer=engine.tokenizer,
+                                  device_map=device_map_document(engine.loaded)["device_map"])
+
+
+def _finish_share(launch: distributed.Launch, engine: Engine, run_dir: Path, stats: JobStats, share: Share,
+                  failure: RunnerError | None, config: RunConfig) -> tuple[str, dict[str, Path]]:
+    """Data parallel: every rank's figures gathered on rank 0, which merges the rank files into
+    ``predictions.jsonl`` in input order and writes the report; rows no rank wrote are named."""
+    seconds = engine.loaded.timings[config.task.name]
+    ranks = distributed.gather({
+        "rank": launch.rank, "batches": share.ran, "rows": stats.done, "skipped": stats.skipped, "seconds": seconds,
+        "input_tokens": stats.input_tokens, "output_tokens": stats.output_tokens,
+        "tokens_per_s": round(stats.output_tokens / max(seconds, 1e-9), 2), "peak_rss_bytes": peak_rss(),
+        "error": None if failure is None else f"{failure.stage}: {failure.lines[0]}"})
+    if not launch.main:
+        if failure is not None:
+            raise failure
+        return "", {}
+    id_key = "custom_id" if config.data.format == "openai" else "id"
+    merged = merge(run_dir, (row.id for row in read_rows(config.data, config.task)), id_key)
+    wall = max(r["seconds"] for r in ranks)
+    job = job_document(stats, config)
+    job["rows"] = {"total": merged.lines + len(merged.missing), "done": sum(r["rows"] for r in ranks),
+                   "skipped": sum(r["skipped"] for r in ranks), "resumed": stats.resumed}
+    job["tokens"] = {"input": sum(r["input_tokens"] for r in ranks), "output": sum(r["output_tokens"] for r in ranks)}
+    parallel = {"mode": "data", "world_size": launch.world_size, "seconds": wall,
+                "tokens_per_s": round(job["tokens"]["output"] / max(wall, 1e-9), 2),
+                "missing": [str(i) for i in merged.missing], "ranks": ranks}
+    paths = _write_reports(engine, run_dir, job, config, parallel)
+    paths[PREDICTIONS] = merged.path
+    if failure is not None:
+        raise failure
+    if merged.missing:
+        shown = ", ".join(map(repr, merged.missing[:5])) + (" ..." if len(merged.missing) > 5 else "")
+        stopped = "; ".join(f"rank {r['rank']}: {r['error']}" for r in ranks if r["error"]) or "a rank stopped early"
+        raise DataError(f"{len(merged.missing)} rows have no output line ({shown}): {stopped}; resume=true "
+                        f"hydra.run.dir={run_dir} completes them, with any number of ranks")
+    lines = "\n".join(f"rank {r['rank']}: {r['rows']} rows in {r['batches']} batches, {r['seconds']:.2f} s, "
+                      f"{r['tokens_per_s']:.1f} tokens/s" for r in ranks)
+    shown = "\n\n" + format_lines(merged.path, config.task.output_key) if config.data.format == "inline" else ""
+    return (format_summary(engine.loaded) + shown + f"\n\n{lines}\n{merged.lines} rows from {launch.world_size} "
+            f"ranks, {parallel['tokens_per_s']:.1f} tokens/s -> {merged.path}", paths)
 
 
 def _check_done(rows: Iterator[Row], done: list[Any]) -> Iterator[Row]:
@@ -177,24 +242,42 @@ def _prepare(task: RowTask, window: list[Row], config: RunConfig, run_dir: Path)
     return items, bad
 
 
-def _run_window(task: RowTask, window: list[Row], items: list[Item], bad: list[Row], out: PredictionsFile,
+class Output(Protocol):
+    """Where a job's lines go: ``PredictionsFile`` (one process) or ``ShareOutput`` (a rank's file)."""
+
+    path: Path
+    lines: int
+
+    def todo(self, row: Row) -> bool: ...
+
+    def expect(self, numbers: Iterable[int]) -> None: ...
+
+    def put(self, number: int, line: dict[str, Any]) -> None: ...
+
+    def flush(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def _run_window(task: RowTask, window: list[Row], items: list[Item], bad: list[Row], out: Output, share: Share,
                 stats: JobStats, progress: Progress, config: RunConfig) -> None:
-    resumed = len(out.done)
-    out.expect(row.number for row in window if row.number >= resumed)
+    out.expect(row.number for row in window if out.todo(row))
     for row in bad:
-        if row.number >= resumed:
+        if out.todo(row) and share.writes_bad_rows:
             out.put(row.number, task.error_line(row))
             stats.skipped += 1
-    # One run of the task takes every micro-batch of a column (generation), in length order.
+    # One run of the task takes every micro-batch of a column (generation), in length order. Every rank forms the
+    # same batches; each runs its share of them.
     for batch in length_batches(items, config.runtime.rows_in_flight, length=lambda i: i.tokens, group=lambda i: i.group):
-        todo = [i for i in batch if i.row.number >= resumed]
-        if not todo:
-            continue  # every row already written; a batch with one row to do runs whole, as it first ran
+        todo = [i for i in batch if out.todo(i.row)]
+        if not share.take() or not todo:
+            continue  # another rank's, or every row already written; a batch with one row to do runs whole
         start = time.perf_counter()
         result = task.run(batch)
         seconds = time.perf_counter() - start
+        share.ran += 1
         for item, value in zip(batch, result.results):
-            if item.row.number >= resumed:
+            if out.todo(item.row):
                 out.put(item.row.number, task.line(item.row, value))
         written = out.flush()
         stats.done += len(todo)

@@ -1,0 +1,149 @@
+"""Runs launched by ``torchrun``: which process this is, its process group, and what the processes agree on.
+
+``torchrun`` (or ``srun`` + ``torchrun`` on SLURM) starts one process per rank with ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set. Every rank composes the same
+config; rank 0 decides what must be one value for all (the run folder's name, a check's verdict) and the
+others take it. The group uses gloo for CPU tensors and Python objects, and NCCL for CUDA tensors.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from runner.errors import RunnerError
+
+T = TypeVar("T")
+ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+TIMEOUT = dt.timedelta(hours=2)  # a collective waits this long for a slow rank (a long share, a slow load)
+
+
+class ParallelError(RunnerError):
+    stage = "parallel"
+
+
+@dataclass(frozen=True)
+class Launch:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def launch_from_env(env: Mapping[str, str] = os.environ) -> Launch | None:
+    """This process's place in a torchrun launch; None when not launched by torchrun.
+
+    Raises:
+        ParallelError: some of torchrun's variables are set and others not, or they are not numbers.
+    """
+    present = [k for k in ENV if k in env]
+    if not present:
+        return None
+    missing = [k for k in ENV if k not in env]
+    if missing:
+        raise ParallelError(f"{', '.join(present)} set but not {', '.join(missing)}: a partial torchrun "
+                            "environment; launch with torchrun --nproc-per-node=N -m runner ..., or unset them")
+    try:
+        launch = Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"]))
+    except ValueError:
+        raise ParallelError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be whole numbers "
+                            f"(got {', '.join(env[k] for k in ENV[:4])})") from None
+    if not (0 <= launch.rank < launch.world_size and 0 <= launch.local_rank < launch.local_world_size):
+        raise ParallelError(f"RANK={launch.rank} of WORLD_SIZE={launch.world_size} (LOCAL_RANK="
+                            f"{launch.local_rank} of {launch.local_world_size}) is not a place in the launch")
+    return launch
+
+
+_launch: Launch | None = None
+
+
+def start(launch: Launch) -> None:
+    """Join the process group (once)."""
+    global _launch
+    if _launch is not None:
+        return
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():  # each local rank drives its own GPUs (see owned_gpus)
+        gpus = owned_gpus(launch, torch.cuda.device_count())
+        if gpus:
+            torch.cuda.set_device(gpus[0])
+    dist.init_process_group(backend=backend, timeout=TIMEOUT)
+    _launch = launch
+
+
+def current() -> Launch | None:
+    """The launch this process joined, or None: a single process."""
+    return _launch
+
+
+def stop() -> None:
+    global _launch
+    if _launch is not None and dist.is_initialized():
+        dist.destroy_process_group()
+    _launch = None
+
+
+def owned_gpus(launch: Launch, count: int) -> list[int]:
+    """The GPUs of this node that a local rank drives: an even, contiguous share (one each, when as many)."""
+    per = count // launch.local_world_size
+    return list(range(launch.local_rank * per, (launch.local_rank + 1) * per))
+
+
+def agree(decide: Callable[[], T]) -> T:
+    """Rank 0's ``decide()``, on every rank (a single process just decides)."""
+    if _launch is None:
+        return decide()
+    box = [decide() if _launch.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def agree_or_raise(check: Callable[[], None]) -> None:
+    """Run ``check`` on rank 0; a ``RunnerError`` it raises is raised on every rank, so none is left waiting."""
+    def verdict() -> tuple[str, tuple[str, ...]] | None:
+        try:
+            check()
+        except RunnerError as e:
+            return type(e).__name__, e.lines
+        return None
+
+    found = agree(verdict)
+    if found is not None:
+        raise _error(*found)
+
+
+def gather(value: T) -> list[T] | None:
+    """Every rank's ``value`` on rank 0 (in rank order); None on the other ranks."""
+    if _launch is None:
+        return [value]
+    out: list[Any] | None = [None] * _launch.world_size if _launch.main else None
+    dist.gather_object(value, out, dst=0)
+    return out
+
+
+def all_gather(value: T) -> list[T]:
+    """Every rank's ``value``, on every rank."""
+    if _launch is None:
+        return [value]
+    out: list[Any] = [None] * _launch.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _error(kind: str, lines: tuple[str, ...]) -> RunnerError:
+    """The error rank 0 found, as the same class (so its stage prints the same) on this rank."""
+    classes, todo = {}, [RunnerError]
+    while todo:
+        cls = todo.pop()
+        classes[cls.__name__] = cls
+        todo += cls.__subclasses__()
+    return classes.get(kind, RunnerError)(*lines)
