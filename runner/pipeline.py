@@ -223,7 +223,8 @@ def _plan_or_blame(request: PlanRequest, cfg: RunConfig, folder: Path,
         if runtime.micro_batches > 1 and request.kv_bytes and fits(replace(runtime, micro_batches=1)):
             # one batch fits: the other micro-batches' caches and outputs do not
             kv = sum(request.kv_bytes.values())
-            room = sum(d.budget - reserved(request.reserves, d.name) for d in request.devices if d.kind != "disk")
+            room = sum(max(d.budget - reserved(request.reserves, d.name), 0) for d in request.devices
+                       if d.kind != "disk")
             raise PlanError(f"runtime.micro_batches: {runtime.micro_batches} micro-batches of {runtime.batch_size} "
                             f"rows keep a KV cache of {format_bytes(kv)} ({runtime.rows_in_flight} rows x "
                             f"{runtime.seq_len} tokens), and the devices that compute have {format_bytes(room)} "

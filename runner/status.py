@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from runner.errors import DataError
+from runner.errors import DataError, DiskFull
+from runner.writes import atomic_write
+
+log = logging.getLogger(__name__)
 
 STATUS = "status.json"
 # Keys that do not change what a job computes: a resumed job may differ in them.
@@ -66,9 +70,10 @@ def comparable(resolved: dict[str, Any]) -> dict[str, Any]:
 
 def write_status(run_dir: Path, status: JobStatus) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{STATUS}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(asdict(status), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(run_dir / STATUS)
+    try:
+        atomic_write(run_dir / STATUS, json.dumps(asdict(status), indent=2) + "\n", "hydra.run.dir")
+    except DiskFull as e:  # the job's own writes meet the full disk too, and say so in their one line
+        log.warning("%s not written: %s", STATUS, e.lines[0])
 
 
 def read_status(run_dir: Path) -> JobStatus | None:

@@ -107,6 +107,17 @@ CLI_CASES = {
     "unknown-arch-argument": (("+model.arch.foo=1",), "build",
                               ("model.arch", "cannot build runner.zoo.gpt.GPT", "it takes vocab_size, block_size",
                                "unexpected keyword argument 'foo'")),
+    # absurd batch shapes are blamed on their key, not on a memory budget
+    "batch-size-absurd": (("runtime.batch_size=1e15",), "plan",
+                          ("runtime.batch_size: 1000000000000000 row(s) x ", "TiB for activations, outputs and KV cache",
+                           "lower runtime.batch_size")),
+    "micro-batches-absurd": (("runtime.micro_batches=4096", "runtime.batch_size=100000"), "plan",
+                             ("runtime.micro_batches: 4096 micro-batches of 100000 rows keep a KV cache of ",
+                              "the devices that compute have 0 B for weights and cache after reserves",
+                              "lower runtime.micro_batches")),
+    "max-new-tokens-absurd": (("task.max_new_tokens=1000000000000",), "generate",
+                              ("max_new_tokens: 1000000000000 leaves no room for a prompt within the model's context "
+                               "of 64 tokens; lower it below 64",)),
 }
 
 
