@@ -83,6 +83,9 @@ def _check_launch(config, launch: distributed.Launch | None) -> None:
             f"parallel.mode={config.parallel.mode}: this process was not started by torchrun (RANK, WORLD_SIZE, "
             f"MASTER_ADDR ... are unset); run torchrun --nproc-per-node=N -m runner parallel.mode="
             f"{config.parallel.mode} ..., or set parallel.mode=none")
+    if config.parallel.mode == "pipeline" and config.task.name != "generate":
+        raise distributed.ParallelError(f"parallel.mode=pipeline runs task=generate, not task={config.task.name}; "
+                                        "use parallel.mode=data to share scoring or embedding between ranks")
     if config.parallel.mode == "none" and launch is not None and launch.world_size > 1:
         raise distributed.ParallelError(
             f"parallel.mode=none, but torchrun started {launch.world_size} processes: each would run the whole job "

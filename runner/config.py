@@ -127,7 +127,7 @@ class RuntimeSpec:
 
 @dataclass(frozen=True)
 class ParallelSpec:
-    mode: Literal["none", "data"] = "none"  # data: torchrun ranks, each with the whole model and a share of rows
+    mode: Literal["none", "data", "pipeline"] = "none"  # data: each rank a share of the rows; pipeline: of the layers
 
 
 @dataclass(frozen=True)

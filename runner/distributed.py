@@ -107,18 +107,19 @@ def agree(decide: Callable[[], T]) -> T:
     return box[0]
 
 
-def agree_or_raise(check: Callable[[], None]) -> None:
-    """Run ``check`` on rank 0; a ``RunnerError`` it raises is raised on every rank, so none is left waiting."""
-    def verdict() -> tuple[str, tuple[str, ...]] | None:
+def agree_or_raise(check: Callable[[], T]) -> T:
+    """Rank 0's ``check()``, on every rank; a ``RunnerError`` it raises is raised on every rank, so none is left
+    waiting for the others."""
+    def verdict() -> tuple[bool, Any]:
         try:
-            check()
+            return True, check()
         except RunnerError as e:
-            return type(e).__name__, e.lines
-        return None
+            return False, (type(e).__name__, e.lines)
 
-    found = agree(verdict)
-    if found is not None:
-        raise _error(*found)
+    ok, value = agree(verdict)
+    if not ok:
+        raise _error(*value)
+    return value
 
 
 def gather(value: T) -> list[T] | None:

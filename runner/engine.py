@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from runner import distributed
 from runner.compute import pipeline_stagger
 from runner.config import EmbedTask, GenerateTask, RunConfig, compose
 from runner.errors import GenerateError
@@ -29,6 +30,7 @@ from runner.infer.finite import NonFiniteOutput, explained
 from runner.infer.embed import Encoder, Pooling, embed, encoder
 from runner.infer.generate import Completion, GenerationStats, generate
 from runner.infer.model import CausalLM, causal_lm, context_length
+from runner.infer.pipelined import PipelinedLM
 from runner.infer.prompts import encode_prompts, fit, fit_tokens, plan_inputs
 from runner.infer.sampling import SamplingParams
 from runner.memory import plan_held
@@ -182,7 +184,11 @@ class Engine:
             raise GenerateError(f"texts[{index}]: {e.lines[0]}") from None
 
     def _lm(self) -> CausalLM:
-        return causal_lm(self.model, self.config.model.name)
+        lm = causal_lm(self.model, self.config.model.name)
+        launch = distributed.current()
+        if self.config.parallel.mode != "pipeline" or launch is None or not hasattr(self, "loaded"):
+            return lm
+        return PipelinedLM(self.model, launch, self.loaded.dtype, torch.device(self.loaded.hardware.main_device))
 
     def _encoder(self) -> Encoder:
         return encoder(self.model, self.config.model.name)

@@ -17,9 +17,11 @@ import psutil
 import torch
 from torch import nn
 
+from runner import distributed
 from runner.blocks import ModelLayout, describe_model
 from runner.build import build_skeleton, model_class, no_split_classes, resolve_arch
 from runner.checkpoint import Checkpoint, KeyReport, check_keys, open_checkpoint
+from runner.checkpoint.synthetic import synthetic_checkpoint
 from runner.compute import Compute, compute_plan, kv_where_computed
 from runner.config import RunConfig, RuntimeSpec
 from runner.dispatch import dispatch
@@ -33,6 +35,7 @@ from runner.planner import Plan, PlanRequest, plan_device_map
 from runner.reserves import LOGITS, device_reserves, keeps_kv_cache, kv_bytes
 from runner.room import reserved, room_left
 from runner.sizes import format_bytes
+from runner.stages import PipelineError, keep_stage, layer_costs, split
 from runner.validate import MapCheck, check_map, load_map_file, resolve_pins
 
 log = logging.getLogger(__name__)
@@ -88,6 +91,8 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None) ->
         model_spec = replace(cfg.model, arch=arch)
         model = build_skeleton(model_spec)
     cfg = replace(cfg, model=model_spec)
+    if cfg.parallel.mode == "pipeline":  # this rank's stage only, from here on
+        cfg, model, checkpoint = _pipeline_stage(cfg, model, checkpoint)
     cfg = _within_context(cfg, context_length(model))
     dtype = _compute_dtype(cfg, checkpoint)
     with _timed(timings, "plan"):
@@ -146,6 +151,24 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None) ->
 def prepare(cfg: RunConfig, run_dir: Path) -> RunResult:
     """Every stage up to a dispatched model, ready to run."""
     return load(plan(cfg, run_dir), run_dir)
+
+
+def _pipeline_stage(cfg: RunConfig, model: nn.Module, checkpoint: Checkpoint | None
+                    ) -> tuple[RunConfig, nn.Module, Checkpoint]:
+    """This rank's stage of the model (``runner.stages``), and the checkpoint it reads its part from: synthetic
+    weights are written once, whole, by rank 0, and read by every stage as a local checkpoint."""
+    launch = distributed.current()
+    if launch is None:
+        raise PipelineError("parallel.mode=pipeline: this process was not started by torchrun; run torchrun "
+                            "--nproc-per-node=N -m runner parallel.mode=pipeline ...")
+    if checkpoint is None:
+        folder = distributed.agree_or_raise(lambda: str(synthetic_checkpoint(cfg.checkpoint, cfg.model, model)))
+        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, source="local", path=Path(folder)))
+        checkpoint = open_source(cfg)
+    costs, _, head = layer_costs(model, 1)
+    stages = split(costs, first_extra=0, last_extra=head, ranks=launch.world_size)
+    log.info("Pipeline stages: %s", stages.describe())
+    return cfg, keep_stage(model, stages.parts[launch.rank]), checkpoint
 
 
 def load(planned: Planned, run_dir: Path) -> RunResult:

@@ -57,7 +57,8 @@ CLI_CASES = {
                           ("'placement/balancd'", "Available options", "balanced_low_0", "sequential")),
     "unknown-key-plus": (("+foo=1",), "config", ("foo: unknown key", "expected one of", "task", "tokenizer")),
     # generation settings
-    "temperature-below-zero": (("task.temperature=-0.5",), "config", ("task.temperature: -0.5 is less than the minimum of 0",)),
+    "temperature-below-zero": (("task.temperature=-0.5",), "config",
+                               ("task.temperature: -0.5 is not valid; expected 0 (greedy) or a positive temperature",)),
     "top-p-zero": (("task.top_p=0",), "config", ("task.top_p: 0",)),
     "top-p-above-one": (("task.top_p=1.5",), "config", ("task.top_p: 1.5 is greater than the maximum of 1",)),
     "top-k-below-zero": (("task.top_k=-1",), "config", ("task.top_k: -1 is less than the minimum of 0",)),

@@ -117,8 +117,8 @@ def test_bad_launches_are_one_line(tmp_path, cache):
     typo = subprocess.run([sys.executable, "-m", "runner", "parallel.mode=tensor", f"hydra.run.dir={tmp_path / 'b'}"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert typo.returncode == 2
-    assert typo.stderr.strip() == ("error: config: parallel.mode: 'tensor' is not valid; expected none (one process) "
-                                   "or data (torchrun ranks)")
+    assert typo.stderr.strip() == ("error: config: parallel.mode: 'tensor' is not valid; expected none (one process), "
+                                   "data or pipeline (torchrun ranks)")
     partial = subprocess.run([sys.executable, "-m", "runner", "model=gpt2tiny"], capture_output=True, text=True,
                              env={**env, "RANK": "0", "WORLD_SIZE": "2"}, timeout=120)
     assert partial.returncode == 2

@@ -44,7 +44,8 @@ def check_keys(checkpoint: Checkpoint, model: nn.Module, layout: ModelLayout) ->
     ignored += sorted(f"{key} ({why})" for key, why in checkpoint.ignored.items())
     errors += [_shape_error(k, stored[k].shape, shapes[k])
                for k in ignored if k in layout.ties and k in stored and stored[k].shape != shapes[k]]
-    for key in sorted(k for k in stored if k not in shapes):
+    others = _other_stages(model)  # a pipeline stage loads its own part of the checkpoint
+    for key in sorted(k for k in stored if k not in shapes and not k.startswith(others)):
         close = difflib.get_close_matches(key, list(shapes), n=1, cutoff=0.7)
         hint = f"; the closest model name is {close[0]}" if close else ""
         errors.append(f"unexpected tensor {key} in {stored[key].file.name}: the model has no such parameter{hint}")
@@ -52,6 +53,13 @@ def check_keys(checkpoint: Checkpoint, model: nn.Module, layout: ModelLayout) ->
         more = [f"... and {len(errors) - MAX_LINES} more"] if len(errors) > MAX_LINES else []
         raise CheckpointError(*errors[:MAX_LINES], *more)
     return KeyReport(tuple(ignored))
+
+
+def _other_stages(model: nn.Module) -> tuple[str, ...]:
+    """The name prefixes of the modules another pipeline stage runs (``runner.stages.Skipped``)."""
+    from runner.stages import Skipped
+
+    return tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, Skipped))
 
 
 def _shape_error(name: str, stored: tuple[int, ...], expected: tuple[int, ...]) -> str:

@@ -165,3 +165,25 @@ class PredictionsFile:
             os.truncate(self.path, end)
         log.info("Resuming: %d rows already in %s", len(done), self.path)
         return done
+
+
+class FollowerOutput:
+    """A pipeline rank other than 0: it runs every batch with rank 0, which writes the lines; it writes none."""
+
+    def __init__(self, path: Path, done: list[Any]):
+        self.path, self.done, self.lines = path, done, 0
+
+    def todo(self, row: Any) -> bool:
+        return row.number >= len(self.done)
+
+    def expect(self, numbers: Iterable[int]) -> None:
+        pass
+
+    def put(self, number: int, line: dict[str, Any]) -> None:
+        pass
+
+    def flush(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass

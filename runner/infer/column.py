@@ -43,6 +43,13 @@ class SteppedLM(Protocol):
                       positions: torch.Tensor | None = None, cache: Any = None, logits_to_keep: int = 0) -> Steps: ...
 
 
+@runtime_checkable
+class ColumnLM(Protocol):
+    """A model that runs a column's calls itself (a pipeline stage, ``runner.infer.pipelined``)."""
+
+    def forward_column(self, calls: list[Call]) -> list[torch.Tensor]: ...
+
+
 class Streams(Protocol):
     """What brings streamed blocks in (``runner.offload.Prefetcher``): it can keep each load for K uses."""
 
@@ -68,6 +75,8 @@ def column(lm: Any, calls: list[Call], streams: Streams | None, stagger: int = 0
     work at once. Each micro-batch runs the same computations in the same order whatever the schedule, so the
     outputs are those of running the calls one by one.
     """
+    if isinstance(lm, ColumnLM):
+        return lm.forward_column(calls)
     if len(calls) == 1 or not isinstance(lm, SteppedLM):
         return [lm(c.idx, attention_mask=c.attention_mask, cache=c.cache, logits_to_keep=c.logits_to_keep)
                 for c in calls]

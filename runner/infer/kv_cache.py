@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from runner.errors import GenerateError
 from runner.infer.column import Steps
@@ -87,10 +88,24 @@ class KVCache:
         return sum(layer.nbytes for layer in self._layers.values())
 
 
+@dataclass(frozen=True)
+class StagePart:
+    """The part of a zoo model one pipeline stage runs (``parallel.mode=pipeline``): its layers, and whether it
+    embeds the tokens (the first stage) and makes the logits (the last). A later stage takes the hidden states
+    the stage before it made; an earlier one returns its hidden states instead of logits."""
+
+    layers: range
+    first: bool
+    last: bool
+
+
 class ZooCausalLM:
     """What the zoo's causal LMs share: they keep a cache (the planner reserves it) and make a fresh one per batch."""
 
     keeps_kv_cache = True  # generation keeps every layer's keys and values: the planner reserves them
+    stage: StagePart | None = None  # a pipeline stage's part; None: the whole model
+    width: int  # of the hidden states
+    vocab_size: int
 
     def new_cache(self, capacity: int) -> KVCache:
         """An empty cache for up to ``capacity`` positions; each layer's fills on the device it computes on."""
@@ -98,15 +113,39 @@ class ZooCausalLM:
 
     def forward_steps(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                      logits_to_keep: int = 0) -> Steps:
-        """``forward``, yielding between blocks (``runner.infer.column``): hidden states, then the head."""
-        x = yield from self.hidden_steps(idx, attention_mask, positions, cache, logits_to_keep)
+                      logits_to_keep: int = 0, hidden: torch.Tensor | None = None) -> Steps:
+        """``forward``, yielding between blocks (``runner.infer.column``): hidden states, then the head.
+        ``hidden``: a later pipeline stage's input, the hidden states the stage before it returned."""
+        x = yield from self.hidden_steps(idx, attention_mask, positions, cache, logits_to_keep, hidden)
+        if self.stage is not None and not self.stage.last:
+            return x
         yield
         return self.lm_head(x)
 
     def hidden_steps(self, idx: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor | None,
-                     cache: KVCache | None, keep: int) -> Steps:
+                     cache: KVCache | None, keep: int, hidden: torch.Tensor | None = None) -> Steps:
         raise NotImplementedError
+
+    def own_layers(self, count: int) -> range:
+        """The layers this model runs: all, or its pipeline stage's."""
+        return self.stage.layers if self.stage is not None else range(count)
+
+    def embeds(self) -> bool:
+        return self.stage is None or self.stage.first
+
+    def stage_output(self, x: torch.Tensor, keep: int, norm: nn.Module) -> torch.Tensor:
+        """The last step of ``hidden_steps``: the final norm (of the last ``keep`` positions); a stage before the
+        last hands on every position's hidden states as they are, for the next stage's layers and caches."""
+        if self.stage is not None and not self.stage.last:
+            return x
+        return norm(x[:, -keep:] if keep else x)
+
+    def stage_input(self, idx: torch.Tensor, hidden: torch.Tensor | None, layer: nn.Module) -> torch.Tensor:
+        """A later stage's input: the hidden states received, or (tracing the stage on meta) zeros like them."""
+        if hidden is not None:
+            return hidden
+        like = next(layer.parameters())
+        return torch.zeros(*idx.shape, self.width, dtype=like.dtype, device=like.device)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from runner.data.rows import Row
 from runner.data.sources import count_rows, read_rows, windows
 from runner import distributed
 from runner.data.shares import Share, ShareOutput, check_fresh, merge
-from runner.data.writer import PREDICTIONS, PredictionsFile, job_settings, start_job
+from runner.data.writer import PREDICTIONS, FollowerOutput, PredictionsFile, job_settings, start_job
 from runner.engine import Engine
 from runner.errors import DataError, Interrupted, RunnerError
 from runner.infer.batches import length_batches
@@ -106,11 +106,20 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
     (``GenerateRows``, ``ScoreRows``, ``EmbedRows``)."""
     id_key = "custom_id" if config.data.format == "openai" else "id"
     launch = distributed.current() if config.parallel.mode == "data" else None
+    follows = config.parallel.mode == "pipeline" and not distributed.current().main  # rank 0 writes for all
     if launch is None:
-        start_job(run_dir, job_settings(config.resolved), resume=config.resume)
-        out: Output = PredictionsFile(run_dir / PREDICTIONS, id_key=id_key, resume=config.resume)
+        opened: dict[str, PredictionsFile] = {}
+
+        def open_output() -> list[Any]:
+            start_job(run_dir, job_settings(config.resolved), resume=config.resume)
+            opened["out"] = PredictionsFile(run_dir / PREDICTIONS, id_key=id_key, resume=config.resume)
+            return opened["out"].done
+
+        # A pipeline's ranks run the same batches: the others follow rank 0's rows done, writing nothing.
+        done = distributed.agree_or_raise(open_output) if config.parallel.mode == "pipeline" else open_output()
+        out: Output = FollowerOutput(run_dir / PREDICTIONS, done) if follows else opened["out"]
         share = Share()
-        rows = _check_done(read_rows(config.data, config.task), out.done)
+        rows = _check_done(read_rows(config.data, config.task), done)
     else:  # rank 0 records the job; every rank then reads what is done, before any rank writes
         distributed.agree_or_raise(lambda: (check_fresh(run_dir, resume=config.resume),
                                             start_job(run_dir, job_settings(config.resolved), resume=config.resume)))
@@ -131,7 +140,8 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
     engine = Engine(config, run_dir, before_load=check_first_window)
     task, items, bad = holder["first"]
     progress = Progress(stats.total, initial=stats.resumed if launch is None else 0,  # other ranks keep quiet
-                        log_every=config.runtime.log_every if launch is None or launch.main else float("inf"))
+                        log_every=config.runtime.log_every if (launch is None or launch.main) and not follows
+                        else float("inf"))
     start = time.perf_counter()
     failure: RunnerError | None = None
     try:
@@ -157,6 +167,8 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
     engine.loaded.timings[config.task.name] = round(time.perf_counter() - start, 4)
     if launch is not None:
         return _finish_share(launch, engine, run_dir, stats, share, failure, config)
+    if follows:
+        return "", {}
     paths = _write_reports(engine, run_dir, job_document(stats, config), config)
     paths[PREDICTIONS] = out.path
     shown = "\n\n" + format_lines(out.path, config.task.output_key) if config.data.format == "inline" else ""

@@ -89,6 +89,8 @@ class GPT(ZooCausalLM, nn.Module):
         if bad:
             raise ValueError(f"{', '.join(bad)}: sizes must be positive integers")
         self.block_size = block_size
+        self.width = n_embd  # of the hidden states, which pipeline stages pass on
+        self.vocab_size = vocab_size
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(vocab_size, n_embd),
             wpe=nn.Embedding(block_size, n_embd),
@@ -100,8 +102,8 @@ class GPT(ZooCausalLM, nn.Module):
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
-        return run_steps(self.forward_steps(idx, attention_mask, positions, cache, logits_to_keep))
+                logits_to_keep: int = 0, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        return run_steps(self.forward_steps(idx, attention_mask, positions, cache, logits_to_keep, hidden))
 
     def hidden_states(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       positions: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -112,21 +114,23 @@ class GPT(ZooCausalLM, nn.Module):
         return run_steps(self.hidden_steps(idx, attention_mask, positions, cache, keep))
 
     def hidden_steps(self, idx: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor | None,
-                     cache: KVCache | None, keep: int) -> Steps:
-        """``hidden_states``, yielding after each block."""
+                     cache: KVCache | None, keep: int, hidden: torch.Tensor | None = None) -> Steps:
+        """``hidden_states``, yielding after each block (of this pipeline stage's, when it is one)."""
         s = step(idx, attention_mask, positions, cache)
         if s.start + idx.shape[1] > self.block_size:
             raise ValueError(f"sequence of {s.start + idx.shape[1]} tokens is longer than block_size {self.block_size}")
-        tok = self.transformer.wte(idx)
-        yield
-        x = tok + self.transformer.wpe(s.positions).to(tok.device)  # the two tables may sit on different devices
-        yield
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, s.mask, s.layer_cache(cache, i))
+        layers = self.own_layers(len(self.transformer.h))
+        if self.embeds():
+            tok = self.transformer.wte(idx)
             yield
-        if keep:
-            x = x[:, -keep:]
-        return self.transformer.ln_f(x)
+            x = tok + self.transformer.wpe(s.positions).to(tok.device)  # the two tables may sit on different devices
+            yield
+        else:
+            x = self.stage_input(idx, hidden, self.transformer.h[layers[0]])
+        for i in layers:
+            x = self.transformer.h[i](x, s.mask, s.layer_cache(cache, i))
+            yield
+        return self.stage_output(x, keep, self.transformer.ln_f)
 
     @classmethod
     def checkpoint_names(cls, stored: dict[str, TensorEntry]) -> NameMap:

@@ -138,6 +138,8 @@ class Llama(ZooCausalLM, nn.Module):
             raise ValueError(f"hidden_size {hidden_size} must divide into num_attention_heads {num_attention_heads}, "
                              f"and those into num_key_value_heads {kv_heads}")
         self.block_size = max_position_embeddings
+        self.width = hidden_size  # of the hidden states, which pipeline stages pass on
+        self.vocab_size = vocab_size
         self.model = LlamaModel(vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
                                 kv_heads, rms_norm_eps, rope_theta)
         self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
@@ -146,8 +148,8 @@ class Llama(ZooCausalLM, nn.Module):
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
-        return run_steps(self.forward_steps(idx, attention_mask, positions, cache, logits_to_keep))
+                logits_to_keep: int = 0, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        return run_steps(self.forward_steps(idx, attention_mask, positions, cache, logits_to_keep, hidden))
 
     def hidden_states(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       positions: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -157,19 +159,21 @@ class Llama(ZooCausalLM, nn.Module):
         return run_steps(self.hidden_steps(idx, attention_mask, positions, cache, keep))
 
     def hidden_steps(self, idx: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor | None,
-                     cache: KVCache | None, keep: int) -> Steps:
-        """``hidden_states``, yielding after each block."""
+                     cache: KVCache | None, keep: int, hidden: torch.Tensor | None = None) -> Steps:
+        """``hidden_states``, yielding after each block (of this pipeline stage's, when it is one)."""
         s = step(idx, attention_mask, positions, cache)
-        x = self.model.embed_tokens(idx)
-        yield
+        layers = self.own_layers(len(self.model.layers))
+        if self.embeds():
+            x = self.model.embed_tokens(idx)
+            yield
+        else:
+            x = self.stage_input(idx, hidden, self.model.layers[layers[0]])
         cos, sin = self.model.rotary_emb(x, s.positions)
         yield
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, s.mask, s.layer_cache(cache, i))
+        for i in layers:
+            x = self.model.layers[i](x, cos, sin, s.mask, s.layer_cache(cache, i))
             yield
-        if keep:
-            x = x[:, -keep:]
-        return self.model.norm(x)
+        return self.stage_output(x, keep, self.model.norm)
 
     @staticmethod
     def arch_from_config(config: dict[str, Any]) -> dict[str, Any]:
