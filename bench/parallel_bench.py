@@ -1,0 +1,86 @@
+"""Several processes against one, measured in the same run: data parallel and pipeline parallel via torchrun.
+
+Every process is pinned to one thread (OMP_NUM_THREADS=1), so two ranks use two cores, against one process with
+one thread. Each figure is the job's output tokens over its generation time (loading excluded): for a
+data-parallel job the slowest rank's time, as the job ends when it does.
+
+  python bench/parallel_bench.py                 # both targets
+  python bench/parallel_bench.py --only data     # data parallel: SmolLM2-135M, 64 prompts x 32 tokens
+  python bench/parallel_bench.py --only pipeline --micro-batches 8   # gpt2-large (synthetic), 16 x 16
+
+Targets: data parallel on 2 ranks >= 1.8x one process; pipeline on 2 ranks (>= 4 micro-batches) >= 1.6x.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import ROOT
+
+TARGETS = {"data": 1.8, "pipeline": 1.6}
+TOPICS = ["rivers", "bread", "the moon", "glass", "volcanoes", "bees", "maps", "clocks", "salt", "tides",
+          "bridges", "paper", "owls", "copper", "rain", "chess"]
+
+
+def prompts(n: int) -> list[str]:
+    return [f"Write two sentences about {TOPICS[i % len(TOPICS)]} (note {i})." for i in range(n)]
+
+
+def run(cmd: list[str], run_dir: Path, cache: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RUNNER_CACHE": str(cache)}
+    proc = subprocess.run([*cmd, f"hydra.run.dir={run_dir}"], cwd=ROOT, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def rate(report: dict, task: str = "generate") -> float:
+    """Output tokens per second of generation (the slowest rank's time, for a data-parallel job)."""
+    if "parallel" in report:
+        return report["job"]["tokens"]["output"] / report["parallel"]["seconds"]
+    return report["job"]["tokens"]["output"] / report["timings"][task]
+
+
+def compare(name: str, overrides: list[str], ranks: int, work: Path, cache: Path) -> float:
+    single = run([sys.executable, "-m", "runner", *overrides], work / f"{name}-1", cache)
+    many = run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m",
+                "runner", f"parallel.mode={name}", *overrides], work / f"{name}-{ranks}", cache)
+    same = (work / f"{name}-1" / "predictions.jsonl").read_bytes() == (work / f"{name}-{ranks}" /
+                                                                        "predictions.jsonl").read_bytes()
+    one, both = rate(single), rate(many)
+    ratio = both / one
+    print(f"{name:<9} 1 process {one:8.1f} tok/s   {ranks} ranks {both:8.1f} tok/s   {ratio:.2f}x "
+          f"(target >= {TARGETS[name]}x: {'met' if ratio >= TARGETS[name] else 'MISSED'}); outputs "
+          f"{'byte-identical' if same else 'DIFFER'}")
+    return ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["data", "pipeline"])
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--micro-batches", type=int, default=8, help="pipeline: micro-batches in flight (>= 4)")
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("RUNNER_CACHE", "~/.cache/runner")))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="parallel-bench-") as tmp:
+        work = Path(tmp)
+        if args.only in (None, "data"):
+            data = work / "prompts.jsonl"
+            data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts(64)))
+            compare("data", ["data=jsonl", f"data.path={data}", "task.max_new_tokens=32", "runtime.batch_size=8"], args.ranks, work, args.cache.expanduser())
+        if args.only in (None, "pipeline"):
+            rows = 16
+            batch = max(rows // args.micro_batches, 1)
+            listed = "[" + ",".join(p.replace(",", "") for p in prompts(rows)) + "]"
+            compare("pipeline", ["model=gpt2large", "task.max_new_tokens=16", f"data.prompts={listed}",
+                                 f"runtime.batch_size={batch}", f"runtime.micro_batches={args.micro_batches}"],
+                    args.ranks, work, args.cache.expanduser())
+
+
+if __name__ == "__main__":
+    main()
