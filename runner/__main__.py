@@ -78,7 +78,8 @@ def app(cfg: DictConfig) -> str:
 
 def _check_launch(config, launch: distributed.Launch | None) -> None:
     """``parallel.mode`` and the way the process was started must agree."""
-    if config.parallel.mode != "none" and launch is None:
+    sizing = config.parallel.mode == "pipeline" and config.mode == "plan"  # a cluster planned from here
+    if config.parallel.mode != "none" and launch is None and not sizing:
         raise distributed.ParallelError(
             f"parallel.mode={config.parallel.mode}: this process was not started by torchrun (RANK, WORLD_SIZE, "
             f"MASTER_ADDR ... are unset); run torchrun --nproc-per-node=N -m runner parallel.mode="

@@ -128,6 +128,8 @@ class RuntimeSpec:
 @dataclass(frozen=True)
 class ParallelSpec:
     mode: Literal["none", "data", "pipeline"] = "none"  # data: each rank a share of the rows; pipeline: of the layers
+    nodes: int = 1                       # mode=plan of a pipeline without torchrun: the nodes to size for
+    ranks_per_node: int | None = None    # ... and the ranks on each (None: one per GPU of the profile)
 
 
 @dataclass(frozen=True)
@@ -256,7 +258,7 @@ def _typed(c: dict[str, Any]) -> RunConfig:
         map_file=_path(c["map_file"]),
         tokenizer_path=_path(c["tokenizer"]["path"], "tokenizer.path"),
         resolved=c,
-        parallel=ParallelSpec(c.get("parallel", {}).get("mode", "none")),
+        parallel=ParallelSpec(**c.get("parallel", {})),
     )
 
 

@@ -7,9 +7,10 @@ others take it. The group uses gloo for CPU tensors and Python objects, and NCCL
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -85,6 +86,18 @@ def current() -> Launch | None:
     return _launch
 
 
+@contextlib.contextmanager
+def sized(launch: Launch) -> Iterator[None]:
+    """Plan as rank ``launch.rank`` would, in this one process (``mode=plan`` sizing a cluster): no process
+    group; what the ranks would agree on, this process decides."""
+    global _launch
+    before, _launch = _launch, launch
+    try:
+        yield
+    finally:
+        _launch = before
+
+
 def stop() -> None:
     global _launch
     if _launch is not None and dist.is_initialized():
@@ -100,7 +113,7 @@ def owned_gpus(launch: Launch, count: int) -> list[int]:
 
 def agree(decide: Callable[[], T]) -> T:
     """Rank 0's ``decide()``, on every rank (a single process just decides)."""
-    if _launch is None:
+    if _launch is None or not dist.is_initialized():
         return decide()
     box = [decide() if _launch.main else None]
     dist.broadcast_object_list(box, src=0)

@@ -80,10 +80,11 @@ def detect_hardware(spec: HardwareSpec, max_memory: dict[str, int], offload_fold
     # Ranks of one torchrun launch share this node's RAM, and each drives its own GPUs.
     launch = distributed.current()
     ranks_here = launch.local_world_size if launch is not None else 1
-    cpu = (spec.cpu if spec.cpu is not None
-           else max(psutil.virtual_memory().available - spec.cpu_reserve, 0) // ranks_here)
-    if launch is not None and not spec.simulated:
-        owned = {f"cuda:{i}" for i in distributed.owned_gpus(launch, torch.cuda.device_count())}
+    node_cpu = spec.cpu if spec.cpu is not None else max(psutil.virtual_memory().available - spec.cpu_reserve, 0)
+    cpu = node_cpu // ranks_here
+    if launch is not None:
+        count = len(gpus) if spec.simulated else torch.cuda.device_count()
+        owned = {f"cuda:{i}" for i in distributed.owned_gpus(launch, count)}
         gpus = {name: budget for name, budget in gpus.items() if name in owned}
     devices = [Device(name, "gpu", budget, spec.simulated) for name, budget in gpus.items()]
     devices.sort(key=lambda d: d.sort_key)

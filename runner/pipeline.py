@@ -154,14 +154,14 @@ def prepare(cfg: RunConfig, run_dir: Path) -> RunResult:
 
 
 def _pipeline_stage(cfg: RunConfig, model: nn.Module, checkpoint: Checkpoint | None
-                    ) -> tuple[RunConfig, nn.Module, Checkpoint]:
+                    ) -> tuple[RunConfig, nn.Module, Checkpoint | None]:
     """This rank's stage of the model (``runner.stages``), and the checkpoint it reads its part from: synthetic
     weights are written once, whole, by rank 0, and read by every stage as a local checkpoint."""
     launch = distributed.current()
     if launch is None:
         raise PipelineError("parallel.mode=pipeline: this process was not started by torchrun; run torchrun "
                             "--nproc-per-node=N -m runner parallel.mode=pipeline ...")
-    if checkpoint is None:
+    if checkpoint is None and cfg.mode == "run":  # (a plan reads no weights: a synthetic model's are not written)
         folder = distributed.agree_or_raise(lambda: str(synthetic_checkpoint(cfg.checkpoint, cfg.model, model)))
         cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, source="local", path=Path(folder)))
         checkpoint = open_source(cfg)

@@ -2,6 +2,7 @@
 whose outputs must be the bytes one process writes."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -98,3 +99,24 @@ def test_bad_pipelines_are_one_line_on_every_rank(tmp_path, cache, overrides, li
     errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
     assert errors == [line] * int(nproc.split("=")[1])
     assert RUNNER_FRAME not in proc.stderr
+
+
+def test_plan_sizes_a_pipeline_over_two_nodes(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "runner", "mode=plan", "model=gpt2xl", "hardware=a100_8x80gb",
+                           "parallel.mode=pipeline", "parallel.nodes=2", "runtime.seq_len=256",
+                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    pipeline = json.loads((tmp_path / "plan.json").read_text())["pipeline"]
+    stages = pipeline["stages"]
+    assert [s["rank"] for s in stages] == list(range(16)) and [s["node"] for s in stages] == [0] * 8 + [1] * 8
+    assert [s["layers"] for s in stages][0][0] == 0 and stages[-1]["layers"][1] == 48  # every layer, in order
+    assert all(a["layers"][1] == b["layers"][0] for a, b in zip(stages, stages[1:]))
+    assert all(set(s["loads"]) == {f"cuda:{s['rank'] % 8}", "cpu", "disk"} for s in stages)  # one GPU per rank
+    assert all(s["off_gpu"] == 0 for s in stages)
+    traffic = pipeline["traffic"]
+    assert traffic["hops"] == 15 and traffic["cross_node_hops"] == 1 and traffic["cross_node_logits"] == 8
+    assert traffic["hidden_bytes_per_hop"] == 1600 * 4 and traffic["logits_bytes_per_rank"] == 50257 * 4
+    assert traffic["cross_node_bytes_per_token"] == 1600 * 4 + 8 * 50257 * 4
+    warning, = pipeline["warnings"]
+    assert warning.startswith("parallel.nodes=2: the model's 6.10 GiB fit on one node's GPUs (640.00 GiB)")
+    assert "pipeline: 16 stages over 2 node(s)" in proc.stdout

@@ -3,18 +3,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from runner import distributed
 from runner.config import RunConfig
 from runner.errors import ConfigError
 from runner.explain import compact_map, format_plan
 from runner.infer.prompts import plan_inputs
 from runner.manifest import write_manifest
 from runner.pipeline import open_source, plan
+from runner.tasks import cluster
 from runner.report import format_map, write_plan
 from runner.throughput import format_step, measure_rates, runner_cache, step_cost
 
 
 def run(config: RunConfig, run_dir: Path) -> tuple[str, dict[str, Path]]:
     """The text to show, and ``plan.json``."""
+    if config.parallel.mode == "pipeline" and distributed.current() is None:
+        return cluster.run(config, run_dir)  # sizing a pipeline over nodes that need not be here
     checkpoint = open_source(config)
     tokenizer = None
     if config.runtime.seq_len is None:  # sized like a run of the task would be
