@@ -124,6 +124,7 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
         distributed.agree_or_raise(lambda: (check_fresh(run_dir, resume=config.resume),
                                             start_job(run_dir, job_settings(config.resolved), resume=config.resume)))
         out = ShareOutput(run_dir, launch.rank, id_key=id_key)
+        distributed.agree(lambda: None)  # every rank has read what is done before any rank writes more
         share = Share(launch.rank, launch.world_size)
         rows = read_rows(config.data, config.task)
     stats = JobStats(count_rows(config.data) if launch is None else None, resumed=len(out.done))
