@@ -62,9 +62,9 @@ def test_every_schema_error_is_reported_at_once():
     with pytest.raises(ConfigError) as e:
         compose_config("max_memory.cpu=10GX", "dtype=fp8", "task.max_new_tokens=0", "+bogus=1")
     assert e.value.lines == (
-        "bogus: unknown key; expected one of: checkpoint, data, device_map, dtype, force, hardware, map_file, "
-        "max_memory, "
-        "mode, model, offload, placement, resume, runtime, seed, task, tokenizer, trust",
+        "bogus: unknown key; expected one of: checkpoint, data, device_map, dtype, force, hardware, manifest, "
+        "map_file, max_memory, mode, model, offload, parallel, placement, resume, runtime, seed, task, tokenizer, "
+        "trust",
         "dtype: 'fp8' is not valid; expected one of: auto, float32, float16, bfloat16",
         "max_memory.cpu: '10GX' is not valid; expected a size with a unit, such as 500MB or 10GiB",
         "task.max_new_tokens: 0 is less than the minimum of 1",
