@@ -55,6 +55,15 @@ def test_default_run_answers_with_paris_and_writes_three_valid_files(tmp_path):
     assert kv["cpu"] == 30 * 2 * (longest + 12) * 3 * 64 * 4
     # The table and the outputs reach the screen.
     assert "module" in proc.stdout and "budget" in proc.stdout and "Paris" in proc.stdout
+    # The manifest a replay needs: the real tokenizer and chat template are hashed, the GGUF sampled.
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert schema_errors(manifest, "manifest") == []
+    assert manifest["tokenizer"]["name"] == "gguf" and len(manifest["tokenizer"]["hash"]) == 64
+    assert len(manifest["tokenizer"]["chat_template_hash"]) == 64
+    gguf, = manifest["checkpoint"]["files"]
+    assert gguf["path"].endswith(".gguf") and gguf["hash"].startswith("sampled:")
+    assert manifest["device_map"] == {"": "cpu"} and manifest["seed"] == 0
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "done"
 
 
 def test_synthetic_gpt_run_writes_a_sharded_checkpoint(tmp_path):

@@ -51,10 +51,9 @@ def write_rows(path: Path, n: int) -> Path:
 
 
 @pytest.mark.parametrize("overrides", [
-    ("model=gpt2tiny", "task.max_new_tokens=6", "runtime.batch_size=2"),
     ("model=gpt2tiny", "task.max_new_tokens=6", "task.temperature=0.9", "seed=11", "runtime.batch_size=3"),
-    ("task.max_new_tokens=8",),  # SmolLM2-135M-Instruct, its tokenizer and chat template
-], ids=["gpt2tiny-greedy", "gpt2tiny-sampled", "smollm2-greedy"])
+    ("task.max_new_tokens=8",),  # SmolLM2-135M-Instruct greedy, its tokenizer and chat template
+], ids=["gpt2tiny-sampled", "smollm2-greedy"])
 def test_two_ranks_merge_into_the_bytes_one_process_writes(tmp_path, cache, overrides):
     data = write_rows(tmp_path / "rows.jsonl", 9)
     rows = ("data=jsonl", f"data.path={data}")
@@ -70,8 +69,8 @@ def test_two_ranks_merge_into_the_bytes_one_process_writes(tmp_path, cache, over
     assert report["parallel"]["tokens_per_s"] > 0
 
 
-@pytest.mark.parametrize("resume_ranks", [2, 3])
-def test_a_job_whose_rank_is_killed_resumes_with_any_number_of_ranks(tmp_path, cache, resume_ranks):
+def test_a_job_whose_rank_is_killed_resumes_with_another_number_of_ranks(tmp_path, cache):
+    resume_ranks = 3
     data = write_rows(tmp_path / "rows.jsonl", 160)
     overrides = ("model=gpt2tiny", "task.max_new_tokens=24", "data=jsonl", f"data.path={data}")
     expected = single(tmp_path / "one", cache, *overrides)

@@ -63,11 +63,10 @@ def env_for(cache: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
-    ("model=gpt2tiny", "task.max_new_tokens=8", "runtime.micro_batches=3"),
     ("model=gpt2tiny", "task.max_new_tokens=8", "task.temperature=0.8", "seed=5", "runtime.batch_size=2",
      "runtime.micro_batches=2"),
     ("task.max_new_tokens=10", "runtime.micro_batches=2"),  # SmolLM2-135M-Instruct: tied head, GGUF weights
-], ids=["gpt2tiny-greedy", "gpt2tiny-sampled", "smollm2-greedy"])
+], ids=["gpt2tiny-sampled", "smollm2-greedy"])
 def test_two_stages_give_the_bytes_one_process_writes(tmp_path, cache, overrides):
     prompts = "data.prompts=[The capital of France is,Name a colour.,One two three,Why is the sky blue?,Hi]"
     one = subprocess.run([sys.executable, "-m", "runner", *overrides, prompts, f"hydra.run.dir={tmp_path / 'one'}"],
@@ -102,21 +101,21 @@ def test_bad_pipelines_are_one_line_on_every_rank(tmp_path, cache, overrides, li
 
 
 def test_plan_sizes_a_pipeline_over_two_nodes(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "runner", "mode=plan", "model=gpt2xl", "hardware=a100_8x80gb",
+    proc = subprocess.run([sys.executable, "-m", "runner", "mode=plan", "model=gpt2", "hardware=rtx4090_2x",
                            "parallel.mode=pipeline", "parallel.nodes=2", "runtime.seq_len=256",
                            f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     pipeline = json.loads((tmp_path / "plan.json").read_text())["pipeline"]
     stages = pipeline["stages"]
-    assert [s["rank"] for s in stages] == list(range(16)) and [s["node"] for s in stages] == [0] * 8 + [1] * 8
-    assert [s["layers"] for s in stages][0][0] == 0 and stages[-1]["layers"][1] == 48  # every layer, in order
-    assert all(a["layers"][1] == b["layers"][0] for a, b in zip(stages, stages[1:]))
-    assert all(set(s["loads"]) == {f"cuda:{s['rank'] % 8}", "cpu", "disk"} for s in stages)  # one GPU per rank
-    assert all(s["off_gpu"] == 0 for s in stages)
+    # 12 layers of 7.1 MB; the last stage also computes the 154 MB head, so it takes one layer
+    assert [(s["rank"], s["node"], s["layers"]) for s in stages] == [
+        (0, 0, [0, 3]), (1, 0, [3, 7]), (2, 1, [7, 11]), (3, 1, [11, 12])]
+    assert [set(s["loads"]) for s in stages] == [{"cuda:0", "cpu", "disk"}, {"cuda:1", "cpu", "disk"}] * 2
+    assert all(s["off_gpu"] == 0 for s in stages)  # one GPU per rank holds each stage
     traffic = pipeline["traffic"]
-    assert traffic["hops"] == 15 and traffic["cross_node_hops"] == 1 and traffic["cross_node_logits"] == 8
-    assert traffic["hidden_bytes_per_hop"] == 1600 * 4 and traffic["logits_bytes_per_rank"] == 50257 * 4
-    assert traffic["cross_node_bytes_per_token"] == 1600 * 4 + 8 * 50257 * 4
+    assert traffic["hops"] == 3 and traffic["cross_node_hops"] == 1 and traffic["cross_node_logits"] == 2
+    assert traffic["hidden_bytes_per_hop"] == 768 * 4 and traffic["logits_bytes_per_rank"] == 50257 * 4
+    assert traffic["cross_node_bytes_per_token"] == 768 * 4 + 2 * 50257 * 4
     warning, = pipeline["warnings"]
-    assert warning.startswith("parallel.nodes=2: the model's 6.10 GiB fit on one node's GPUs (640.00 GiB)")
-    assert "pipeline: 16 stages over 2 node(s)" in proc.stdout
+    assert warning.startswith("parallel.nodes=2: the model's 621.94 MiB fit on one node's GPUs (48.00 GiB)")
+    assert "pipeline: 4 stages over 2 node(s)" in proc.stdout
