@@ -135,6 +135,15 @@ def agree_or_raise(check: Callable[[], T]) -> T:
     return value
 
 
+def claimer(job: str) -> Callable[[int], bool] | None:
+    """Work items claimed through the launch's key-value store (torchrun's rendezvous store): ``claim(k)`` is
+    true on the first rank to ask for item k. None outside a launch."""
+    if _launch is None or not dist.is_initialized():
+        return None
+    store = dist.distributed_c10d._get_default_store()
+    return lambda k: store.add(f"runner/{job}/{k}", 1) == 1
+
+
 def gather(value: T) -> list[T] | None:
     """Every rank's ``value`` on rank 0 (in rank order); None on the other ranks."""
     if _launch is None:

@@ -1,8 +1,8 @@
 """A batch job over several processes (``parallel.mode=data``): each rank's share, its own output file, and the
 merge into one ``predictions.jsonl``.
 
-Every rank reads the same rows and forms the same length-sorted batches as a single process would; batch k is
-rank ``k % world_size``'s. A batch thus runs with the same rows, shapes and seeds as in a single process, and
+Every rank reads the same rows and forms the same length-sorted batches as a single process would; each batch
+goes to the first rank to claim it through the launch's shared store, so ranks stay busy to the end. A batch thus runs with the same rows, shapes and seeds as in a single process, and
 its lines are the same bytes. Each rank appends its lines to ``predictions.rank-K.jsonl`` (fsynced batch by
 batch, a torn last line dropped on resume). At the end, rank 0 writes ``predictions.jsonl`` in input order
 from every rank file: byte-identical to a single process's.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,16 +31,21 @@ RANK_FILE = "predictions.rank-{rank}.jsonl"
 
 @dataclass
 class Share:
-    """Which batches are this rank's: batch k (counted over the whole job) is rank ``k % world_size``'s."""
+    """Which batches are this rank's. With ``claim`` (a counter every rank shares), batch k is the first rank's to
+    claim it, so a rank that finishes early takes more; without, batch k (counted over the whole job) is rank
+    ``k % world_size``'s. Either way a batch runs whole, on one rank, as it would in one process."""
 
     rank: int = 0
     world_size: int = 1
+    claim: Callable[[int], bool] | None = None
     batches: int = 0   # batches seen so far
     ran: int = 0       # of those, run here (those with rows not done)
 
     def take(self) -> bool:
         """Whether the next batch is this rank's."""
         k, self.batches = self.batches, self.batches + 1
+        if self.claim is not None:
+            return self.claim(k)
         return k % self.world_size == self.rank
 
     @property

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+import uuid
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
@@ -125,7 +126,8 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
                                             start_job(run_dir, job_settings(config.resolved), resume=config.resume)))
         out = ShareOutput(run_dir, launch.rank, id_key=id_key)
         distributed.agree(lambda: None)  # every rank has read what is done before any rank writes more
-        share = Share(launch.rank, launch.world_size)
+        job = distributed.agree(lambda: uuid.uuid4().hex)  # names this run's claims in the launch's store
+        share = Share(launch.rank, launch.world_size, claim=distributed.claimer(job))
         rows = read_rows(config.data, config.task)
     stats = JobStats(count_rows(config.data) if launch is None else None, resumed=len(out.done))
     chunks = windows(rows, config.data.window)
