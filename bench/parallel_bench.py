@@ -7,6 +7,7 @@ data-parallel job the slowest rank's time, as the job ends when it does.
   python bench/parallel_bench.py                 # both targets
   python bench/parallel_bench.py --only data     # data parallel: SmolLM2-135M, 64 prompts x 32 tokens
   python bench/parallel_bench.py --only pipeline --micro-batches 8   # gpt2-large (synthetic), 16 x 16
+  python bench/parallel_bench.py --only pipeline --checkpoint hf-gpt2  # gpt2-large as transformers wrote it
 
 Targets: data parallel on 2 ranks >= 1.8x one process; pipeline on 2 ranks (>= 4 micro-batches) >= 1.6x.
 """
@@ -29,6 +30,18 @@ TOPICS = ["rivers", "bread", "the moon", "glass", "volcanoes", "bees", "maps", "
 
 def prompts(n: int) -> list[str]:
     return [f"Write two sentences about {TOPICS[i % len(TOPICS)]} (note {i})." for i in range(n)]
+
+
+def tokenizer(work: Path) -> Path:
+    """A small byte-level BPE ``tokenizer.json`` (its ids all lie in GPT-2's vocabulary) for a checkpoint that
+    ships none."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator([" ".join(TOPICS) * 20, *prompts(64)], vocab_size=600, show_progress=False)
+    path = work / "tokenizer.json"
+    tok.save(str(path))
+    return path
 
 
 def run(cmd: list[str], run_dir: Path, cache: Path) -> dict:
@@ -64,7 +77,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["data", "pipeline"])
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--micro-batches", type=int, default=8, help="pipeline: micro-batches in flight (>= 4)")
+    parser.add_argument("--micro-batches", type=int, default=16, help="pipeline: micro-batches in flight (>= 4)")
+    parser.add_argument("--checkpoint", choices=["synthetic", "hf-gpt2"], default="synthetic",
+                        help="pipeline: gpt2-large's synthetic weights, or a checkpoint transformers wrote")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("RUNNER_CACHE", "~/.cache/runner")))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="parallel-bench-") as tmp:
@@ -76,8 +91,12 @@ def main() -> None:
         if args.only in (None, "pipeline"):
             rows = 16
             batch = max(rows // args.micro_batches, 1)
-            listed = "[" + ",".join(p.replace(",", "") for p in prompts(rows)) + "]"
-            compare("pipeline", ["model=gpt2large", "task.max_new_tokens=16", f"data.prompts={listed}",
+            listed = "[" + ",".join(f"Tell me about {TOPICS[i % len(TOPICS)]} number {i}" for i in range(rows)) + "]"
+            weights = []
+            if args.checkpoint == "hf-gpt2":  # as transformers wrote it, with a byte-level BPE for the prompts
+                from hf_checkpoint import ensure, runner_overrides
+                weights = [*runner_overrides("hf-gpt2", ensure("hf-gpt2"))[1:], f"tokenizer.path={tokenizer(work)}"]
+            compare("pipeline", ["model=gpt2large", *weights, "task.max_new_tokens=16", f"data.prompts={listed}",
                                  f"runtime.batch_size={batch}", f"runtime.micro_batches={args.micro_batches}"],
                     args.ranks, work, args.cache.expanduser())
 
