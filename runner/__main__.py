@@ -51,8 +51,8 @@ def app(cfg: DictConfig) -> str:
         _check_launch(config, launch)
         if launch is not None and not launch.main and config.mode != "run":
             return "done"  # a plan or a check is made once, by rank 0
-        if cfg.runtime.get("deterministic", True):  # a replay on the same machine gives the same bytes
-            torch.use_deterministic_algorithms(True, warn_only=True)
+        # A replay on the same machine gives the same bytes (set either way: a sweep's jobs share this process).
+        torch.use_deterministic_algorithms(bool(cfg.runtime.get("deterministic", True)), warn_only=True)
         if config.mode in ("plan", "check"):
             text, paths = plan.run(config, run_dir)
         else:
@@ -84,6 +84,12 @@ def _check_launch(config, launch: distributed.Launch | None) -> None:
             f"parallel.mode={config.parallel.mode}: this process was not started by torchrun (RANK, WORLD_SIZE, "
             f"MASTER_ADDR ... are unset); run torchrun --nproc-per-node=N -m runner parallel.mode="
             f"{config.parallel.mode} ..., or set parallel.mode=none")
+    if sizing and launch is not None:
+        raise distributed.ParallelError("mode=plan with parallel.mode=pipeline plans every rank's stage from one "
+                                        "process: run it without torchrun (parallel.nodes and "
+                                        "parallel.ranks_per_node set the cluster)")
+    if config.parallel.mode == "pipeline" and config.mode == "check":
+        raise distributed.ParallelError("mode=check validates a whole model's map: run it with parallel.mode=none")
     if config.parallel.mode == "pipeline" and config.task.name != "generate":
         raise distributed.ParallelError(f"parallel.mode=pipeline runs task=generate, not task={config.task.name}; "
                                         "use parallel.mode=data to share scoring or embedding between ranks")
@@ -131,27 +137,27 @@ def _run() -> int:
         _print_error(e)
         return 2
     except (HydraException, OmegaConfBaseException) as e:
-        print(f"error: config: {_one_line(str(e) or str(e.__cause__) or type(e).__name__)}", file=sys.stderr)
+        _say(f"error: config: {_one_line(str(e) or str(e.__cause__) or type(e).__name__)}")
         return 2
     except (ValueError, TypeError) as e:  # Hydra's own, for a group given a number or a list: task=1
         if not _raised_by_hydra(e):
             raise
-        print(f"error: config: {_one_line(str(e))}; {GROUP_HINT}", file=sys.stderr)
+        _say(f"error: config: {_one_line(str(e))}; {GROUP_HINT}")
         return 2
     except OSError as e:
         if not _raised_by_hydra(e):
             raise  # from the runner's own code it is a bug: keep the traceback
         key = "hydra.sweep.dir" if any(a in ("-m", "--multirun") for a in sys.argv[1:]) else "hydra.run.dir"
-        print(f"error: config: {key}: cannot make the run folder {e.filename} ({e.strerror or e}); "
-              f"set {key} to a writable folder on a disk", file=sys.stderr)
+        _say(f"error: config: {key}: cannot make the run folder {e.filename} ({e.strerror or e}); "
+             f"set {key} to a writable folder on a disk")
         return 2
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         kept = e.kept if isinstance(e, Interrupted) and e.kept else "nothing kept beyond what the run folder holds"
-        print(f"interrupted: {signal.Signals(signum).name}; {kept}", file=sys.stderr)
+        _say(f"interrupted: {signal.Signals(signum).name}; {kept}")
         return 128 + signum
     if sweeps.finished is not None:  # a sweep: its exit code is the number of jobs that failed
-        return min(sweeps.finished.failed, 125)
+        return min(sweeps.finished.failed, 125) if sweeps.finished.collected else 2
     return 2 if _failed_runs else 0
 
 
@@ -180,7 +186,14 @@ def _terminated(signum: int, frame) -> None:
 
 def _print_error(e: RunnerError) -> None:
     for line in e.lines:
-        print(f"error: {e.stage}: {line}", file=sys.stderr)
+        _say(f"error: {e.stage}: {line}")
+
+
+def _say(line: str) -> None:
+    """One line to stderr in one write: the ranks of a torchrun launch share the stream, and a line written in
+    pieces could interleave with another rank's."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _one_line(message: str) -> str:

@@ -23,6 +23,7 @@ from runner.status import STATUS, read_status
 
 TABLE_CSV, TABLE_MD, PLOT = "sweep.csv", "sweep.md", "sweep.png"
 TIERS = ("gpu", "cpu", "disk")
+RUN_ONLY = ("resume", "force", "runtime.log_every")  # how a job was run, not what it computed: never a column
 
 
 @dataclass
@@ -63,7 +64,8 @@ def collect(sweep_dir: Path) -> SweepTable:
     if not sweep_dir.is_dir():
         raise SweepError(f"{sweep_dir}: no such folder; give the sweep's folder (hydra.sweep.dir, e.g. "
                          "multirun/2026-01-31/12-00-00)")
-    rows = [read_job(status.parent) for status in sorted(sweep_dir.glob(f"*/{STATUS}"))]
+    rows = [read_job(status.parent) for status in sorted(sweep_dir.glob(f"*/{STATUS}"))
+            if ".superseded-" not in status.parent.name]  # a forced resume's old folders: not this sweep's jobs
     if not rows:
         raise SweepError(f"{sweep_dir}: holds no job folders (none has a {STATUS}); give the folder a sweep "
                          "(python -m runner -m ...) wrote")
@@ -79,7 +81,8 @@ def collect(sweep_dir: Path) -> SweepTable:
 def read_job(run_dir: Path) -> JobRow:
     status = read_status(run_dir)
     assert status is not None
-    row = JobRow(run_dir.name, dict(_split(o) for o in status.overrides), status.state, status.reason)
+    overrides = dict(_split(o) for o in status.overrides)
+    row = JobRow(run_dir.name, {k: v for k, v in overrides.items() if k not in RUN_ONLY}, status.state, status.reason)
     if status.state == "running" and not status.in_flight():
         row.status, row.reason = "failed", "stopped without a word (killed, or its machine went down)"
     report, planned = _json(run_dir / "report.json"), _json(run_dir / "plan.json")
@@ -189,7 +192,7 @@ def plot(table: SweepTable, path: Path) -> Path:
                        label=f"{label}: failed")
     kind = "measured" if all(r.measured for r in table.rows if r.status == "done") else "predicted by the plan"
     speed.set(title=f"throughput ({kind}; x at 0 = job failed)", ylabel="tokens/s", ylim=(0, None))
-    if numeric and device is not None:  # the budget itself: a peak above this line broke it
+    if numeric and x_key and x_key.startswith("max_memory."):  # the budget itself: a peak above this line broke it
         budgets = sorted({_number(r.overrides.get(x_key)) for r in table.rows})
         memory.plot(budgets, budgets, "--", color="grey", label="budget")
     memory.set(title=f"peak memory on {device or 'each device'}", ylabel="GiB", ylim=(0, None))

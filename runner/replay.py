@@ -88,7 +88,7 @@ def changed_inputs(recorded: dict[str, Any]) -> list[str]:
     """The checkpoint files and input data that are not what the run read."""
     lines = []
     for f in recorded["checkpoint"]["files"]:
-        path = Path(f["path"])
+        path = Path(recorded["cwd"], f["path"])
         if not path.is_file():
             lines.append(f"checkpoint file {path} is gone")
         elif path.stat().st_size != f["bytes"]:
@@ -108,6 +108,10 @@ def changed_inputs(recorded: dict[str, Any]) -> list[str]:
 def _run(recorded: dict[str, Any], new_dir: Path) -> int:
     """``python -m runner`` on the recorded config, from the folder the run started in."""
     config = {**_escaped(recorded["config"]), "hydra": {"run": {"dir": str(new_dir)}}}
+    if config.get("parallel", {}).get("mode", "none") != "none":  # ranks give one process's bytes: replay as one
+        print(f"warning: replay: the run had parallel.mode={config['parallel']['mode']}; replaying it in one "
+              "process, which writes the same predictions", file=sys.stderr)
+        config["parallel"] = {**config["parallel"], "mode": "none"}
     cwd = recorded["cwd"] if Path(recorded["cwd"]).is_dir() else None
     with tempfile.TemporaryDirectory(prefix="runner-replay-") as folder:
         OmegaConf.save(OmegaConf.create(config), Path(folder) / "replay.yaml")

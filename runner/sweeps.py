@@ -135,6 +135,7 @@ def _set_aside(run_dir: Path) -> None:
 class Finished:
     jobs: int
     failed: int
+    collected: bool = True  # false: the sweep's folder could not be read back (the exit code is then 2)
 
 
 finished: Finished | None = None  # the sweep this process ran, once collected (for the exit code)
@@ -154,6 +155,7 @@ class CollectWhenDone(Callback):
         except RunnerError as e:
             for line in e.lines:
                 print(f"error: {e.stage}: {line}", file=sys.stderr)
+            finished = Finished(len(launched), len(launched), collected=False)
             return
         ours = [row for row in table.rows if row.folder in {p.name for p in launched}] or table.rows
         failed = sum(row.status != "done" for row in ours)

@@ -56,16 +56,21 @@ def write_rows(path: Path, n: int) -> Path:
 ], ids=["gpt2tiny-sampled", "smollm2-greedy"])
 def test_two_ranks_merge_into_the_bytes_one_process_writes(tmp_path, cache, overrides):
     data = write_rows(tmp_path / "rows.jsonl", 9)
-    rows = ("data=jsonl", f"data.path={data}")
+    lines = data.read_text().splitlines()  # ids, r7 three times: the repeats are skipped with an error line
+    data.write_text("".join(json.dumps({**json.loads(line), "id": f"r{min(i, 7)}"}) + "\n"
+                            for i, line in enumerate(lines + [lines[0]])))
+    rows = ("data=jsonl", f"data.path={data}", "data.id_field=id", "data.on_error=skip")
     expected = single(tmp_path / "one", cache, *overrides, *rows)
     proc = ranks(2, tmp_path / "two", cache, *overrides, *rows)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "two" / "predictions.jsonl").read_bytes() == expected
     report = json.loads((tmp_path / "two" / "report.json").read_text())
     shares = report["parallel"]["ranks"]
-    assert [r["rank"] for r in shares] == [0, 1] and sum(r["rows"] for r in shares) == 9
+    assert [r["rank"] for r in shares] == [0, 1] and sum(r["rows"] for r in shares) == 8
+    assert sum(r["skipped"] for r in shares) == 2  # r7 three times: the second and third are skipped
     assert all(r["peak_rss_bytes"] > 0 and r["error"] is None for r in shares)  # (a rank may claim every batch)
-    assert report["parallel"]["missing"] == [] and report["job"]["rows"]["done"] == 9
+    assert report["parallel"]["missing"] == [] and report["job"]["rows"]["done"] == 8
+    assert b'"error"' in expected  # the skipped rows' lines are in the merge, in their places
     assert report["parallel"]["tokens_per_s"] > 0
 
 

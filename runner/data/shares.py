@@ -7,7 +7,7 @@ its lines are the same bytes. Each rank appends its lines to ``predictions.rank-
 batch, a torn last line dropped on resume). At the end, rank 0 writes ``predictions.jsonl`` in input order
 from every rank file: byte-identical to a single process's.
 
-Resuming skips the ids already in any rank file (or in a ``predictions.jsonl`` written before), whatever rank
+Resuming skips the rows already in any rank file (or in a ``predictions.jsonl`` written before), whatever rank
 wrote them and however many ranks there were: a batch with one row to do runs whole, as it first ran, and
 only its rows not done are written.
 """
@@ -58,18 +58,21 @@ def rank_files(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob(RANK_FILE.format(rank="*")), key=lambda p: int(p.name.split(".")[1][5:]))
 
 
-def read_lines(path: Path, id_key: str, *, repair: bool = False) -> Iterator[tuple[Any, bytes]]:
-    """``(id, line)`` of each complete line; a torn last line (no newline) is skipped, or cut off with ``repair``."""
+def read_lines(path: Path, *, repair: bool = False) -> Iterator[tuple[int, bytes]]:
+    """``(row number, output line)`` of each complete line. A rank file's lines are ``<row number>\t<line>`` (ids
+    need not be unique or hashable: a skipped row's may be anything); a ``predictions.jsonl`` holds the first rows
+    in order. A torn last line (no newline) is skipped, or cut off with ``repair``."""
+    ranked = path.name != PREDICTIONS
     end = 0
     with path.open("rb") as f:
-        for n, raw in enumerate(f, start=1):
+        for n, raw in enumerate(f):
             if not raw.endswith(b"\n"):
                 break
-            try:
-                yield json.loads(raw)[id_key], raw
-            except (ValueError, KeyError, TypeError):
-                raise DataError(f"{path} line {n}: not a line this job wrote (no JSON object with {id_key!r}); "
-                                "it was changed by hand: fix or remove the line, or start a new run folder") from None
+            number, tab, line = raw.partition(b"\t") if ranked else (str(n).encode(), b"\t", raw)
+            if not tab or not number.isdigit():
+                raise DataError(f"{path} line {n + 1}: not a line this job wrote (<row number><tab><output line>); "
+                                "it was changed by hand: fix or remove the line, or start a new run folder")
+            yield int(number), line
             end += len(raw)
     if repair and path.stat().st_size > end:
         log.warning("%s: dropping a torn last line (%d bytes), cut short when the job stopped", path,
@@ -77,31 +80,31 @@ def read_lines(path: Path, id_key: str, *, repair: bool = False) -> Iterator[tup
         os.truncate(path, end)
 
 
-def done_ids(run_dir: Path, id_key: str) -> set[Any]:
-    """The ids with an output line in any rank file, or in a ``predictions.jsonl`` written before."""
-    files = rank_files(run_dir) + ([run_dir / PREDICTIONS] if (run_dir / PREDICTIONS).is_file() else [])
-    return {i for path in files for i, _ in read_lines(path, id_key)}
+def _outputs(run_dir: Path) -> list[Path]:
+    """Every file holding this job's lines: the rank files, and a ``predictions.jsonl`` written before."""
+    return rank_files(run_dir) + ([run_dir / PREDICTIONS] if (run_dir / PREDICTIONS).is_file() else [])
+
+
+def done_rows(run_dir: Path) -> set[int]:
+    """The row numbers with an output line in any rank file, or in a ``predictions.jsonl`` written before."""
+    return {number for path in _outputs(run_dir) for number, _ in read_lines(path)}
 
 
 class RankFile:
-    """This rank's output lines, appended and fsynced as each batch finishes (order is the merge's job)."""
+    """This rank's output lines, each after its row number, appended and fsynced as each batch finishes (order is
+    the merge's job)."""
 
-    def __init__(self, run_dir: Path, rank: int, *, id_key: str, done: set[Any]):
+    def __init__(self, run_dir: Path, rank: int):
         self.path = run_dir / RANK_FILE.format(rank=rank)
-        self.id_key = id_key
-        self.done = done
         if self.path.exists():
-            for _ in read_lines(self.path, id_key, repair=True):
+            for _ in read_lines(self.path, repair=True):
                 pass
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._pending: list[str] = []
         self.lines = 0  # lines this run appended
 
-    def todo(self, row_id: Any) -> bool:
-        return row_id not in self.done
-
-    def put(self, line: dict[str, Any]) -> None:
-        self._pending.append(json.dumps(line, ensure_ascii=False) + "\n")
+    def put(self, number: int, line: dict[str, Any]) -> None:
+        self._pending.append(f"{number}\t{json.dumps(line, ensure_ascii=False)}\n")
 
     def flush(self) -> int:
         if not self._pending:
@@ -126,36 +129,37 @@ class Merged:
     missing: list[Any] = field(default_factory=list)  # ids of input rows no rank file holds
 
 
-def merge(run_dir: Path, ids: Iterable[Any], id_key: str) -> Merged:
-    """``predictions.jsonl`` from every rank file, in input order (``ids``); written whole or not at all.
-
-    With rows missing (a rank died), what exists is still merged, and the missing ids are returned.
-    """
-    lines: dict[Any, bytes] = {}
-    for path in rank_files(run_dir) + ([run_dir / PREDICTIONS] if (run_dir / PREDICTIONS).is_file() else []):
-        for i, raw in read_lines(path, id_key):
-            lines.setdefault(i, raw)
+def merge(run_dir: Path, ids: Iterable[Any]) -> Merged:
+    """``predictions.jsonl`` from every rank file, in input order (``ids``: each row's id, in order); written
+    whole or not at all. With rows missing (a rank died), what exists is still merged, and their ids returned."""
+    lines: dict[int, bytes] = {}
+    for path in _outputs(run_dir):
+        for number, line in read_lines(path):
+            lines.setdefault(number, line)
     out, missing, count = run_dir / PREDICTIONS, [], 0
     tmp = out.with_name(f".{PREDICTIONS}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        for i in ids:
-            if i in lines:
-                f.write(lines[i])
-                count += 1
-            else:
-                missing.append(i)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(out)
+    try:
+        with tmp.open("wb") as f:
+            for number, i in enumerate(ids):
+                if number in lines:
+                    f.write(lines[number])
+                    count += 1
+                else:
+                    missing.append(i)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return Merged(out, count, missing)
 
 
 class ShareOutput:
     """A rank's side of the job's output, shaped as ``PredictionsFile`` is: rows to do, lines put and flushed."""
 
-    def __init__(self, run_dir: Path, rank: int, *, id_key: str):
-        self.done = done_ids(run_dir, id_key)  # read by every rank before any writes: the same set everywhere
-        self.file = RankFile(run_dir, rank, id_key=id_key, done=self.done)
+    def __init__(self, run_dir: Path, rank: int):
+        self.done = done_rows(run_dir)  # read by every rank before any writes: the same set everywhere
+        self.file = RankFile(run_dir, rank)
         self.path = self.file.path
 
     @property
@@ -163,13 +167,13 @@ class ShareOutput:
         return self.file.lines
 
     def todo(self, row: Any) -> bool:
-        return row.id not in self.done
+        return row.number not in self.done
 
     def expect(self, numbers: Iterable[int]) -> None:
         pass  # a rank's lines go out as they finish: the merge puts them in input order
 
     def put(self, number: int, line: dict[str, Any]) -> None:
-        self.file.put(line)
+        self.file.put(number, line)
 
     def flush(self) -> int:
         return self.file.flush()

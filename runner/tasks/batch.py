@@ -28,7 +28,7 @@ from runner.config import RunConfig
 from runner.data.rows import Row
 from runner.data.sources import count_rows, read_rows, windows
 from runner import distributed
-from runner.data.shares import Share, ShareOutput, check_fresh, merge
+from runner.data.shares import Share, ShareOutput, check_fresh, merge, rank_files
 from runner.data.writer import PREDICTIONS, FollowerOutput, PredictionsFile, job_settings, start_job
 from runner.engine import Engine
 from runner.errors import DataError, Interrupted, RunnerError
@@ -107,11 +107,16 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
     (``GenerateRows``, ``ScoreRows``, ``EmbedRows``)."""
     id_key = "custom_id" if config.data.format == "openai" else "id"
     launch = distributed.current() if config.parallel.mode == "data" else None
-    follows = config.parallel.mode == "pipeline" and not distributed.current().main  # rank 0 writes for all
+    ranks = distributed.current() if config.parallel.mode != "none" else None  # this process's launch, if any
+    follows = config.parallel.mode == "pipeline" and ranks is not None and not ranks.main  # rank 0 writes for all
     if launch is None:
         opened: dict[str, PredictionsFile] = {}
 
         def open_output() -> list[Any]:
+            if rank_files(run_dir):
+                raise DataError(f"{run_dir}: holds a data-parallel job's {rank_files(run_dir)[0].name}; resume it "
+                                "with torchrun ... parallel.mode=data resume=true (any number of ranks), or pick a "
+                                "new run folder (hydra.run.dir=...)")
             start_job(run_dir, job_settings(config.resolved), resume=config.resume)
             opened["out"] = PredictionsFile(run_dir / PREDICTIONS, id_key=id_key, resume=config.resume)
             return opened["out"].done
@@ -124,7 +129,7 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
     else:  # rank 0 records the job; every rank then reads what is done, before any rank writes
         distributed.agree_or_raise(lambda: (check_fresh(run_dir, resume=config.resume),
                                             start_job(run_dir, job_settings(config.resolved), resume=config.resume)))
-        out = ShareOutput(run_dir, launch.rank, id_key=id_key)
+        out = ShareOutput(run_dir, launch.rank)
         distributed.agree(lambda: None)  # every rank has read what is done before any rank writes more
         job = distributed.agree(lambda: uuid.uuid4().hex)  # names this run's claims in the launch's store
         share = Share(launch.rank, launch.world_size, claim=distributed.claimer(job))
@@ -140,7 +145,7 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
         task = task_rows(engine, config)
         holder["first"] = (task, *_prepare(task, first, config, run_dir))
 
-    engine = Engine(config, run_dir, before_load=check_first_window)
+    engine = _engine_on_every_rank(ranks, lambda: Engine(config, run_dir, before_load=check_first_window))
     task, items, bad = holder["first"]
     progress = Progress(stats.total, initial=stats.resumed if launch is None else 0,  # other ranks keep quiet
                         log_every=config.runtime.log_every if (launch is None or launch.main) and not follows
@@ -178,6 +183,26 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
     return format_summary(engine.loaded) + shown + "\n\n" + format_job(stats, out.path), paths
 
 
+def _engine_on_every_rank(ranks: distributed.Launch | None, make: Callable[[], Engine]) -> Engine:
+    """The engine; under torchrun, a rank that cannot make its own (a plan that does not fit its share, a load that
+    fails) stops every rank, rather than leaving the others waiting for it."""
+    if ranks is None:
+        return make()
+    engine, problem = None, None
+    try:
+        engine = make()
+    except RunnerError as e:
+        problem = e
+    found = distributed.all_gather(None if problem is None else f"{problem.stage}: {problem.lines[0]}")
+    if problem is not None:
+        raise problem
+    rank, line = next((r, f) for r, f in enumerate(found) if f is not None) if any(found) else (None, None)
+    if line is not None:
+        raise distributed.ParallelError(f"rank {rank} stopped ({line}); every rank stops with it")
+    assert engine is not None
+    return engine
+
+
 def _write_reports(engine: Engine, run_dir: Path, job: dict[str, Any], config: RunConfig,
                    parallel: dict[str, Any] | None = None) -> dict[str, Path]:
     paths = write_job_report(engine.loaded, run_dir, job, engine.stats if config.task.name == "generate" else None,
@@ -201,8 +226,7 @@ def _finish_share(launch: distributed.Launch, engine: Engine, run_dir: Path, sta
         if failure is not None:
             raise failure
         return "", {}
-    id_key = "custom_id" if config.data.format == "openai" else "id"
-    merged = merge(run_dir, (row.id for row in read_rows(config.data, config.task)), id_key)
+    merged = merge(run_dir, (row.id for row in read_rows(config.data, config.task)))
     wall = max(r["seconds"] for r in ranks)
     job = job_document(stats, config)
     job["rows"] = {"total": merged.lines + len(merged.missing), "done": sum(r["rows"] for r in ranks),
