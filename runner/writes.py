@@ -36,7 +36,10 @@ def atomic_write(path: Path, text: str, key: str) -> Path:
     tmp = temp_path(path)
     data = text.encode("utf-8")
     try:
-        tmp.write_bytes(data)
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the name: a power cut leaves the old file or the new, not an empty one
         tmp.replace(path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)

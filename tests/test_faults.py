@@ -262,10 +262,10 @@ def test_full_disk_mid_append_keeps_whole_lines(tmp_path, monkeypatch):
 
 
 def test_atomic_write_on_a_full_disk_leaves_neither_file(tmp_path, monkeypatch):
-    def full(self, data):
+    def full(fd):  # the bytes were taken, and the disk cannot hold them when they are flushed to it
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_bytes", full)
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(DiskFull, match=r"^hydra.run.dir: .* is full: writing report.json needs 12 B, "):
         atomic_write(tmp_path / "report.json", '{"ok": true}', "hydra.run.dir")
     assert os.listdir(tmp_path) == []

@@ -23,6 +23,7 @@ from typing import Any
 
 from runner.data.writer import PREDICTIONS
 from runner.errors import DataError
+from runner.writes import disk_full, is_disk_full, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +112,17 @@ class RankFile:
             return 0
         data, count = "".join(self._pending).encode("utf-8"), len(self._pending)
         self._pending.clear()
-        while data:
-            data = data[os.write(self._fd, data):]
-        os.fsync(self._fd)
+        before, needed = os.fstat(self._fd).st_size, len(data)
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+            os.fsync(self._fd)
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            os.truncate(self.path, before)  # no cut-short line: resume finds whole lines only
+            raise disk_full("hydra.run.dir", self.path.parent, f"appending {count} line(s) to {self.path.name} "
+                            f"({self.lines} written this run; resume=true goes on after them)", needed) from e
         self.lines += count
         return count
 
@@ -137,7 +146,7 @@ def merge(run_dir: Path, ids: Iterable[Any]) -> Merged:
         for number, line in read_lines(path):
             lines.setdefault(number, line)
     out, missing, count = run_dir / PREDICTIONS, [], 0
-    tmp = out.with_name(f".{PREDICTIONS}.{os.getpid()}.tmp")
+    tmp = temp_path(out)
     try:
         with tmp.open("wb") as f:
             for number, i in enumerate(ids):
@@ -149,6 +158,11 @@ def merge(run_dir: Path, ids: Iterable[Any]) -> Merged:
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(out)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full("hydra.run.dir", run_dir, f"merging the rank files into {PREDICTIONS}",
+                            sum(len(line) for line in lines.values())) from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return Merged(out, count, missing)
