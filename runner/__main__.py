@@ -18,7 +18,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from runner.config import CONF_DIR, GROUP_HINT, load_config
@@ -43,7 +43,7 @@ def app(cfg: DictConfig) -> str:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     launch = distributed.current()
-    status = JobStatus("running", comparable(_resolved(cfg)), list(hydra_cfg.overrides.task))
+    status = JobStatus("running", comparable(sweeps.resolved_config(cfg)), list(hydra_cfg.overrides.task))
     write_status = _write_status if launch is None or launch.main else lambda *_: None  # rank 0 speaks for all
     write_status(run_dir, status)
     try:
@@ -97,13 +97,6 @@ def _check_launch(config, launch: distributed.Launch | None) -> None:
         raise distributed.ParallelError(
             f"parallel.mode=none, but torchrun started {launch.world_size} processes: each would run the whole job "
             "into the same folder; set parallel.mode=data to share the rows between them")
-
-
-def _resolved(cfg: DictConfig) -> dict:
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException:  # a bad interpolation: load_config says which, in one line
-        return OmegaConf.to_container(cfg, resolve=False)
 
 
 def main() -> int:

@@ -20,9 +20,11 @@ from typing import Any
 from runner.errors import RunnerError, SweepError
 from runner.sizes import format_bytes, parse_size
 from runner.status import STATUS, read_status
+from runner.writes import atomic_write, temp_path
 
 TABLE_CSV, TABLE_MD, PLOT = "sweep.csv", "sweep.md", "sweep.png"
 TIERS = ("gpu", "cpu", "disk")
+KEY = "hydra.sweep.dir"  # the setting that picks the folder the table is written to
 RUN_ONLY = ("resume", "force", "runtime.log_every")  # how a job was run, not what it computed: never a column
 
 
@@ -73,7 +75,7 @@ def collect(sweep_dir: Path) -> SweepTable:
     swept = [k for k in keys if len({row.overrides.get(k) for row in rows}) > 1]
     fixed = {k: rows[0].overrides[k] for k in keys if k not in swept and k in rows[0].overrides}
     table = SweepTable(sweep_dir, rows, swept, fixed)
-    table.paths = [_write(sweep_dir / TABLE_CSV, to_csv(table)), _write(sweep_dir / TABLE_MD, to_markdown(table)),
+    table.paths = [atomic_write(sweep_dir / TABLE_CSV, to_csv(table), KEY), atomic_write(sweep_dir / TABLE_MD, to_markdown(table), KEY),
                    plot(table, sweep_dir / PLOT)]
     return table
 
@@ -205,7 +207,7 @@ def plot(table: SweepTable, path: Path) -> Path:
     fixed = ", ".join(f"{k}={v}" for k, v in table.fixed.items())
     fig.suptitle(f"sweep {table.folder.name}" + (f"  ({fixed})" if fixed else ""), fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
     fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     tmp.replace(path)
@@ -248,13 +250,6 @@ def _json(path: Path) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     except (OSError, ValueError):
         return None  # a file cut short by a crash: the row shows what the status says
-
-
-def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:

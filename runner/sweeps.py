@@ -20,6 +20,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from runner.errors import RunnerError, SweepError
 from runner.status import changed_keys, comparable, read_status, short
@@ -55,12 +56,17 @@ def sweep_job(job_cfg: DictConfig, overrides: list[str]) -> SweepJob:
     task_cfg = job_cfg.copy()
     with open_dict(task_cfg):
         del task_cfg["hydra"]
-    try:
-        resolved = OmegaConf.to_container(task_cfg, resolve=True)
-    except Exception:  # a bad interpolation: the job itself says which, in one line
-        resolved = OmegaConf.to_container(task_cfg, resolve=False)
-    return SweepJob(tuple(overrides), run_dir, comparable(resolved), bool(task_cfg.get("resume")),
+    return SweepJob(tuple(overrides), run_dir, comparable(resolved_config(task_cfg)), bool(task_cfg.get("resume")),
                     bool(task_cfg.get("force")))
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config with its interpolations resolved; as written where one cannot be (a bad interpolation, which
+    loading the config then reports in one line)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:
+        return OmegaConf.to_container(cfg, resolve=False)
 
 
 def jobs_to_run(jobs: list[SweepJob], sweep_dir: Path, sweep_overrides: list[str] = ()) -> list[SweepJob]:
