@@ -52,7 +52,9 @@ def app(cfg: DictConfig) -> str:
         if launch is not None and not launch.main and config.mode != "run":
             return "done"  # a plan or a check is made once, by rank 0
         # A replay on the same machine gives the same bytes (set either way: a sweep's jobs share this process).
-        torch.use_deterministic_algorithms(bool(cfg.runtime.get("deterministic", True)), warn_only=True)
+        # A plan computes nothing, and the switch's first use imports torch's compiler stack (2 s).
+        if config.mode == "run":
+            torch.use_deterministic_algorithms(bool(cfg.runtime.get("deterministic", True)), warn_only=True)
         if config.mode in ("plan", "check"):
             text, paths = plan.run(config, run_dir)
         else:

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from runner.config import ModelSpec
@@ -37,11 +38,17 @@ def meta_parameters() -> Iterator[None]:
         if param is not None and param.device.type != "meta":
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
 
+    # Under torch's deterministic mode every fresh allocation is filled (NaN), which would touch each
+    # transient CPU tensor's pages: gigabytes of RSS and a minute for a 100B skeleton. Nothing read here is
+    # uninitialised (parameters go to meta, buffers are computed), so the fill is off while building.
+    filled = torch.utils.deterministic.fill_uninitialized_memory
     nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
+        torch.utils.deterministic.fill_uninitialized_memory = filled
 
 
 # Modules a config may name as ``_target_`` (nested ones included) without the user's say: what a constructor

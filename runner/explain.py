@@ -8,7 +8,7 @@ from runner.pipeline import Planned
 from runner.blocks import ModelLayout
 from runner.room import room_left
 from runner.sizes import format_bytes
-from runner.validate import covers
+from runner.validate import ancestors
 
 # Nominal speeds for the offload-cost estimate; stated in the notice, so a reader can rescale.
 DISK_GBPS = 2.0    # a PCIe 4.0 NVMe drive, sequential reads
@@ -16,16 +16,23 @@ PCIE_GBPS = 25.0   # PCIe 4.0 x16 with pinned memory
 
 
 def compact_map(block_devices: dict[str, str], layout: ModelLayout) -> dict[str, str]:
-    """The shortest map with the same meaning: a module whose blocks all share a device stands for them."""
+    """The shortest map with the same meaning: a module whose blocks all share a device stands for them.
+
+    Linear in the blocks: each block adds its device to every module above it (a 100B model has thousands)."""
     order = {b.name: i for i, b in enumerate(layout.blocks)}
+    devices_under: dict[str, set[str]] = {}
+    first: dict[str, int] = {}
+    for name, device in block_devices.items():
+        for module in ancestors(name):
+            devices_under.setdefault(module, set()).add(device)
+            first[module] = min(first.get(module, order[name]), order[name])
     chosen: dict[str, str] = {}
     for module in sorted(layout.modules | set(block_devices), key=lambda m: (m.count(".") + bool(m), m)):
-        if any(covers(c, module) for c in chosen):
+        if any(a in chosen for a in ancestors(module)):
             continue
-        under = {device for name, device in block_devices.items() if covers(module, name)}
+        under = devices_under.get(module, set())
         if len(under) == 1:
-            chosen[module] = under.pop()
-    first = {m: min(order[b] for b in block_devices if covers(m, b)) for m in chosen}
+            chosen[module] = next(iter(under))
     return dict(sorted(chosen.items(), key=lambda kv: first[kv[0]]))
 
 

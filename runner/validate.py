@@ -64,7 +64,7 @@ def check_map(device_map: dict[str, str], layout: ModelLayout, hardware: Hardwar
     errors = _name_errors(device_map, layout, hardware)
     slot_device: dict[str, str] = {}
     for slot in layout.tensor_bytes:
-        key = next((k for k in _ancestors(slot) if k in device_map), None)  # the most specific key covers it
+        key = next((k for k in ancestors(slot) if k in device_map), None)  # the most specific key covers it
         if key is not None:
             slot_device[slot] = device_map[key]
 
@@ -147,7 +147,7 @@ def _name_errors(device_map: dict[str, str], layout: ModelLayout, hardware: Hard
             errors.append(f"device_map.{_shown(key)}: device {device!r} is not in hardware={hardware.name}; "
                           f"expected one of {', '.join(hardware.names)}")
     for key in sorted(device_map):
-        for outer in _ancestors(key)[1:]:
+        for outer in ancestors(key)[1:]:
             if outer in device_map:
                 errors.append(f"device_map: {_shown(outer)} and {_shown(key)} overlap; map each module once")
     return errors
@@ -159,7 +159,7 @@ def _shown(key: str) -> str:
     return key if key and key.isprintable() else repr(key)
 
 
-def _ancestors(name: str) -> list[str]:
+def ancestors(name: str) -> list[str]:
     """``a.b.c`` -> ``[a.b.c, a.b, a, ""]``: every map key that could cover it, most specific first."""
     parts = name.split(".") if name else []
     return [".".join(parts[:i]) for i in range(len(parts), -1, -1)]
