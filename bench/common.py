@@ -59,8 +59,8 @@ def compose_config(*overrides: str):
 
 def synthetic_folder(*overrides: str) -> Path:
     """The folder of the runner's synthetic checkpoint for ``overrides``, written by the runner if not cached."""
-    from runner.build import build_skeleton
-    from runner.checkpoint.synthetic import synthetic_checkpoint
+    from runner.load.build import build_skeleton
+    from runner.load.checkpoint.synthetic import synthetic_checkpoint
     cfg = compose_config(*overrides)
     return Path(synthetic_checkpoint(cfg.checkpoint, cfg.model, build_skeleton(cfg.model)))
 

@@ -15,7 +15,7 @@ The checkpoint is a transformers-written GPT-2 XL (``GPT2LMHeadModel`` with its 
 2. **host-to-device GB/s of the prefetcher** (the CPU blocks' pinned copies, moved on its copy stream) against
    one plain pinned ``copy_`` of the same number of bytes.
 3. **``torch.cuda.max_memory_allocated`` against the plan's predicted peak** on ``cuda:0``.
-4. **the plan's predicted decode tokens/s** (``runner.throughput``) against the measured one.
+4. **the plan's predicted decode tokens/s** (``runner.plan.throughput``) against the measured one.
 5. The pipeline over GPU stages (micro-batches staggered by a stage) needs two GPUs: not measured on one.
 
 ``--smoke`` runs the same code on a tiny GPT-2 on the CPU (no CUDA figures), to check the script itself.
@@ -85,11 +85,11 @@ def sync() -> None:
 
 
 def runner_side(folder: Path, arch: dict, ids: list[list[int]], cuda: bool, micro_batches: int) -> dict:
-    from runner.engine import Engine
+    from runner.infer.engine import Engine
     from runner.infer.generate import GenerationStats, Request, generate
     from runner.infer.sampling import SamplingParams
-    from runner.report import report_document
-    from runner.throughput import measure_rates, runner_cache, step_cost
+    from runner.run.report import report_document
+    from runner.plan.throughput import measure_rates, runner_cache, step_cost
 
     pins = [f"+device_map.{k}={v}" for k, v in split(arch, "cuda:0" if cuda else "cpu").items() if v == "cpu"]
     overrides = ["model=gpt2xl", *(f"model.arch.{k}={v}" for k, v in _zoo_arch(arch).items()), "checkpoint=local",

@@ -67,8 +67,8 @@ def runner_side(texts: list[str], batch_size: int, run_dir: Path):
 
     from runner.infer.batches import length_batches
     from runner.infer.embed import embed, encoder
-    from runner.pipeline import prepare
-    from runner.tokenizer import tokenizer_for
+    from runner.plan.planned import prepare
+    from runner.infer.tokenizer import tokenizer_for
 
     start = time.perf_counter()
     result = prepare(compose_config("model=minilm", "hardware=cpu", "dtype=float32", f"runtime.batch_size={batch_size}",

@@ -224,7 +224,7 @@ def divergences(name: str, outputs: Outputs, runner: Outputs, hf_top: dict, zoo_
 
 def part_generate(args) -> dict[str, Any]:
     from runner import Engine, SamplingParams
-    from runner.tokenizer import apply_chat_template
+    from runner.infer.tokenizer import apply_chat_template
     prompts = PROMPTS[:args.prompts]
     t0 = time.perf_counter()
     engine = Engine.from_overrides(SMOL)

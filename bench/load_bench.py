@@ -16,7 +16,7 @@ under ``--cache`` (else ``RUNNER_CACHE``, else ``~/.cache/runner``):
 
 All sides load on the CPU, then run one forward on a fixed ``[1, 128]`` batch:
 
-- ``runner``: ``runner.pipeline.prepare`` (``hardware=cpu``, the checkpoint as above), then the forward;
+- ``runner``: ``runner.plan.planned.prepare`` (``hardware=cpu``, the checkpoint as above), then the forward;
 - ``runner-bf16``: the same with ``dtype=bfloat16``, from the same fp32 checkpoint;
 - ``torch``: the class built on the CPU (``GPT(**arch)``, or transformers' class from ``config.json``),
   ``load_state_dict`` of every shard's ``safetensors.torch.load_file``;
@@ -144,13 +144,13 @@ def child(side: str, kind: str, folder: Path) -> None:
     cfg = None
     side, *patches = side.split("+")
     if side.startswith("runner"):
-        from runner.pipeline import prepare
+        from runner.plan.planned import prepare
         if "pread" in patches:
             import functools
 
-            import runner.checkpoint.files
+            import runner.load.checkpoint.files
             from safetensors import safe_open
-            runner.checkpoint.files.safe_open = functools.partial(safe_open, backend="pread")
+            runner.load.checkpoint.files.safe_open = functools.partial(safe_open, backend="pread")
         dtype = ["dtype=bfloat16"] if side == "runner-bf16" else ["dtype=float32"]
         cfg = compose_config(*runner_overrides(kind, folder), *dtype, f"runtime.seq_len={SEQ}")
     child_imports(side, kind)

@@ -15,7 +15,7 @@
 
 Both sides run on the CPU with a 1 GiB CPU budget and the rest on disk, on a fixed ``[4, 128]`` batch:
 
-- ``runner``: ``runner.pipeline.prepare`` with ``hardware=cpu max_memory.cpu=1GiB runtime.batch_size=4
+- ``runner``: ``runner.plan.planned.prepare`` with ``hardware=cpu max_memory.cpu=1GiB runtime.batch_size=4
   runtime.seq_len=128 offload.folder=<dir>`` (its planner places the blocks; disk blocks are read
   straight from the checkpoint's shards, a few aligned spans per block into reused buffers, from the page
   cache when the bytes are there and with ``O_DIRECT`` otherwise (``offload.direct_io``), prefetched
@@ -120,9 +120,9 @@ class ReadStats:
         self.readers: list[Any] = []  # each Prefetcher's SpanReader in this process
 
     def install(self) -> None:
-        from runner.checkpoint.files import SafetensorsCheckpoint
-        from runner.checkpoint.reads import SpanReader
-        from runner.offload import Prefetcher
+        from runner.load.checkpoint.files import SafetensorsCheckpoint
+        from runner.load.checkpoint.reads import SpanReader
+        from runner.load.offload import Prefetcher
         stats, uncached, spans = self, SafetensorsCheckpoint.read_uncached, SpanReader.read
         init, before = Prefetcher.__init__, Prefetcher.before
 
@@ -230,7 +230,7 @@ def child_side(side: str, kind: str, work: Path, folder: Path) -> None:
     extra: dict[str, Any] = {}
     stats = None
     if side.startswith("runner"):
-        from runner.pipeline import prepare
+        from runner.plan.planned import prepare
         stats = ReadStats()
         stats.install()
         cfg = compose_config(*runner_overrides(kind, folder, side), f"max_memory.cpu={CPU_BUDGET}",
@@ -355,7 +355,7 @@ def child_compare(kind: str, work: Path, folder: Path, rounds: int, buffered: bo
     quiet()
     import torch
     torch.set_num_threads(os.cpu_count() or 1)
-    from runner.pipeline import prepare
+    from runner.plan.planned import prepare
     overrides = runner_overrides(kind, folder)
     tokens = _tokens(vocab_size(kind, folder))
     timings = {}
@@ -431,7 +431,7 @@ def slug(side: str) -> str:
 
 
 def _size(text: str) -> int:
-    from runner.sizes import parse_size
+    from runner.config.sizes import parse_size
     return parse_size(text)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Our planner against Accelerate's ``infer_auto_device_map``, at equal budgets, in one process.
 
-Every model is built once on meta. Our side runs what ``runner.pipeline.plan`` runs from a
+Every model is built once on meta. Our side runs what ``runner.plan.planned.plan`` runs from a
 meta model to a device map (``describe_model`` + ``forward_order`` + ``plan_device_map``),
 with no runtime reserves and no KV cache, so each device's budget is exactly the number
 Accelerate gets in ``max_memory``. Accelerate's side is one ``infer_auto_device_map`` call.
@@ -94,7 +94,7 @@ def zoo(name: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         from omegaconf import OmegaConf
 
-        from runner.build import build_skeleton
+        from runner.load.build import build_skeleton
         from runner.config import ModelSpec
         conf = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"), resolve=True)
         return build_skeleton(ModelSpec(conf["name"], dict(conf["arch"]), tuple(conf["no_split_module_classes"])))
@@ -113,13 +113,13 @@ def tinyllama() -> nn.Module:
 
 
 def uneven() -> nn.Module:
-    from runner.build import meta_parameters
+    from runner.load.build import meta_parameters
     with meta_parameters():
         return UnevenLM().eval()
 
 
 def seq100b() -> nn.Module:
-    from runner.build import build_skeleton
+    from runner.load.build import build_skeleton
     from runner.config import ModelSpec
     return build_skeleton(ModelSpec("seq100b", {"_target_": "runner.zoo.stack.LinearStack", "n_layers": 1000,
                                                 "width": 10000}, ()))
@@ -146,10 +146,10 @@ BY_NAME = {c.name: c for c in CASES}
 
 def plan_ours(model: nn.Module, case: Case, strategy: str) -> tuple[dict[str, str], Any, str, float]:
     """(device map, layout in forward order, where the order came from, seconds of plan_device_map alone)."""
-    from runner.blocks import describe_model
-    from runner.hardware import Device
-    from runner.order import forward_order
-    from runner.planner import PlanRequest, plan_device_map
+    from runner.plan.blocks import describe_model
+    from runner.plan.hardware import Device
+    from runner.plan.order import forward_order
+    from runner.plan.planner import PlanRequest, plan_device_map
 
     layout = describe_model(model, case.no_split, DTYPE)
     trace = forward_order(model, layout)
@@ -195,7 +195,7 @@ class Score:
 
 
 def score(model: nn.Module, layout, device_map: dict[str, str]) -> Score:
-    from runner.blocks import tensor_nbytes
+    from runner.plan.blocks import tensor_nbytes
 
     loads: dict[str, int] = {}
     for name, p in model.named_parameters():  # a tied tensor once, at its first name
@@ -241,8 +241,8 @@ def child(case_name: str, side: str) -> None:
     if side == "accelerate":
         from accelerate.utils import infer_auto_device_map  # noqa: F401 -- imported before the measurement
     else:
-        import runner.order  # noqa: F401
-        import runner.planner  # noqa: F401
+        import runner.plan.order  # noqa: F401
+        import runner.plan.planner  # noqa: F401
     model = case.build()
     rss_before = _status_kib("VmRSS")
     peak_before = _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -13,7 +13,7 @@ cores). Prompts are random token ids; generation is greedy, with no end-of-seque
    the rest on disk read straight from the checkpoint. Tokens/s end to end, the load included. Target: >= 2x.
 2. **Sequences in flight** (``--table``; short prompts and few new tokens, so the sweep fits in minutes): the runner
    at the same 1 GiB for weights with 16 x K sequences in flight (``runtime.batch_size=16
-   runtime.micro_batches=K``), decode tokens/s next to the plan's prediction (``runner.throughput``) and the
+   runtime.micro_batches=K``), decode tokens/s next to the plan's prediction (``runner.plan.throughput``) and the
    resource it says bounds the step, and the peak RSS against 1 GiB + KV cache + 2 blocks + 0.6 GB.
 3. **Offload against all-resident** at 128 sequences in flight (the table's K=8 row against the runner with
    every weight in RAM). Target: >= 0.8x.
@@ -47,7 +47,7 @@ def prompts(n: int, length: int, vocab: int = 50257) -> list[list[int]]:
 
 
 def peak_rss() -> int:
-    from runner.memory import peak_rss as peak
+    from runner.load.memory import peak_rss as peak
 
     return peak()
 
@@ -61,10 +61,10 @@ def runner_side(args: dict) -> dict:
     from common import compose_config
     from runner.infer.generate import GenerationStats, Request, generate
     from runner.infer.sampling import SamplingParams
-    from runner.memory import reset_peak_rss
-    from runner.pipeline import plan, prepare
-    from runner.room import reserved
-    from runner.throughput import measure_rates, runner_cache, step_cost
+    from runner.load.memory import reset_peak_rss
+    from runner.plan.planned import plan, prepare
+    from runner.plan.room import reserved
+    from runner.plan.throughput import measure_rates, runner_cache, step_cost
 
     torch.set_num_threads(args["threads"])
     ids = prompts(args["rows"], args["prompt_tokens"])

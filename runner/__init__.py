@@ -6,7 +6,7 @@ each prompt gets back. They are imported on first use, so ``import runner`` stay
 
 __version__ = "0.1.0"
 
-_API = {"Engine": "runner.engine", "SamplingParams": "runner.infer.sampling", "Completion": "runner.infer.generate"}
+_API = {"Engine": "runner.infer.engine", "SamplingParams": "runner.infer.sampling", "Completion": "runner.infer.generate"}
 __all__ = ["Completion", "Engine", "SamplingParams", "__version__"]
 
 

@@ -7,6 +7,7 @@ escapes is a bug and keeps its traceback.
 from __future__ import annotations
 
 import signal
+import sys
 
 
 class RunnerError(Exception):
@@ -17,6 +18,17 @@ class RunnerError(Exception):
     def __init__(self, *lines: str):
         self.lines = tuple(lines) or ("unknown error",)
         super().__init__("\n".join(self.lines))
+
+    def said(self) -> list[str]:
+        """The lines as the command line prints them: ``error: <stage>: <line>``."""
+        return [f"error: {self.stage}: {line}" for line in self.lines]
+
+
+def say(*lines: str) -> None:
+    """Lines to stderr in one write: the ranks of a torchrun launch share the stream, and a line written in pieces
+    could interleave with another rank's."""
+    sys.stderr.write("".join(line + "\n" for line in lines))
+    sys.stderr.flush()
 
 
 class ConfigError(RunnerError):
@@ -86,6 +98,21 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
         self.kept = kept  # what survives, and how to go on; empty: nothing beyond what the run folder holds
         super().__init__(kept)
+
+    @classmethod
+    def raise_for(cls, signum: int, frame: object = None) -> None:
+        """A signal handler: SIGTERM (a scheduler's stop) ends the run as Ctrl-C does, in one line."""
+        raise cls(signum)
+
+    @staticmethod
+    def signum_of(e: KeyboardInterrupt) -> int:
+        return e.signum if isinstance(e, Interrupted) else signal.SIGINT
+
+    @staticmethod
+    def line(e: KeyboardInterrupt) -> str:
+        """What the command line says when a run is stopped: the signal, and what is kept."""
+        kept = e.kept if isinstance(e, Interrupted) and e.kept else "nothing kept beyond what the run folder holds"
+        return f"interrupted: {signal.Signals(Interrupted.signum_of(e)).name}; {kept}"
 
 
 class SweepError(RunnerError):

@@ -69,7 +69,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def generate_run(cfg: RunConfig, run_dir: Path):
     """Load an engine for ``cfg`` and complete the config's prompts: (engine, completions)."""
-    from runner.engine import Engine
+    from runner.infer.engine import Engine
 
     engine = Engine(cfg, run_dir)
     return engine, engine.generate(cfg.data.prompts)

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.blocks import ModelLayout, describe_model
-from runner.build import build_skeleton
+from runner.plan.blocks import ModelLayout, describe_model
+from runner.load.build import build_skeleton
 from runner.config import ModelSpec
 from runner.errors import MapError
-from runner.hardware import Device, Hardware
-from runner.validate import check_map
+from runner.plan.hardware import Device, Hardware
+from runner.plan.validate import check_map
 
 TINY = ("model=gpt2tiny", "task.max_new_tokens=2")
 TINY_ARCH = {"_target_": "runner.zoo.gpt.GPT", "vocab_size": 256, "block_size": 64,

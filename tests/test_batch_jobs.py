@@ -16,10 +16,10 @@ import torch
 
 from conftest import compose_config
 from runner.errors import DataError
-from runner.schema import schema_errors
-from runner.tasks import batch
-from runner.tasks.generate import GenerateRows
-from runner.tasks.score import ScoreRows
+from runner.config.schema import schema_errors
+from runner.run import batch
+from runner.run.generate import GenerateRows
+from runner.run.score import ScoreRows
 
 TINY = ("model=gpt2tiny", "model.arch.n_layer=2", "hardware=cpu", "task.max_new_tokens=4")
 
@@ -280,7 +280,7 @@ def test_embed_job_on_minilm_from_the_command_line_equals_sentence_transformers(
 
 
 def test_the_engine_scores_and_embeds_in_input_order_whatever_the_batching(tmp_path):
-    from runner.engine import Engine
+    from runner.infer.engine import Engine
 
     texts = ["ab" * (1 + (i * 5) % 9) for i in range(7)]
     engine = Engine(compose_config(*TINY[:3], "task=embed", "task.pooling=last", "runtime.batch_size=3"), tmp_path)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from runner.blocks import describe_model
-from runner.build import build_skeleton
-from runner.checkpoint import check_keys
-from runner.checkpoint.files import INDEX_NAME, Checkpoint, open_safetensors
-from runner.checkpoint.synthetic import synthetic_checkpoint
+from runner.plan.blocks import describe_model
+from runner.load.build import build_skeleton
+from runner.load.checkpoint import check_keys
+from runner.load.checkpoint.files import INDEX_NAME, Checkpoint, open_safetensors
+from runner.load.checkpoint.synthetic import synthetic_checkpoint
 from runner.config import CheckpointSpec, ModelSpec
 from runner.errors import CheckpointError
 from runner.zoo.gpt import GPT
@@ -216,7 +216,7 @@ def test_synthetic_checkpoint_is_reused_not_rewritten(tmp_path, monkeypatch):
     def no_write(*args):
         raise AssertionError("rewrote a cached synthetic checkpoint")
 
-    monkeypatch.setattr("runner.checkpoint.synthetic._write", no_write)
+    monkeypatch.setattr("runner.load.checkpoint.synthetic._write", no_write)
     assert synthetic_checkpoint(synthetic_spec(tmp_path), TINY, model) == folder
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == mtimes
 

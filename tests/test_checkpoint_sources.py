@@ -20,14 +20,14 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import compose_config, generate_run, write_byte_tokenizer
-from runner.checkpoint import check_keys
-from runner.checkpoint.files import INDEX_NAME, open_local, open_safetensors
-from runner.checkpoint.hub import open_hub, weight_files
-from runner.checkpoint.names import RenamedCheckpoint
-from runner.checkpoint.pickled import PICKLE_INDEX_NAME, PickleCheckpoint
+from runner.load.checkpoint import check_keys
+from runner.load.checkpoint.files import INDEX_NAME, open_local, open_safetensors
+from runner.load.checkpoint.hub import open_hub, weight_files
+from runner.load.checkpoint.names import RenamedCheckpoint
+from runner.load.checkpoint.pickled import PICKLE_INDEX_NAME, PickleCheckpoint
 from runner.config import CheckpointSpec
 from runner.errors import CheckpointError
-from runner.pipeline import prepare
+from runner.plan.planned import prepare
 from runner.zoo.gpt import GPT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,8 +78,8 @@ def raised(fn, *args, **kwargs) -> tuple[str, ...]:
 
 
 def tiny_layout():
-    from runner.blocks import describe_model
-    from runner.build import build_skeleton
+    from runner.plan.blocks import describe_model
+    from runner.load.build import build_skeleton
     from runner.config import ModelSpec
     spec = ModelSpec("gpt2tiny", {"_target_": "runner.zoo.gpt.GPT", **ARCH}, ("Block",))
     model = build_skeleton(spec)
@@ -166,7 +166,7 @@ def test_allow_pickle_loads_it_and_reports_the_object_as_ignored(tmp_path, caplo
     file = tmp_path / "custom.bin"
     tensors = state_dict()
     torch.save({**tensors, "training_note": Marker()}, file)
-    with caplog.at_level(logging.WARNING, logger="runner.checkpoint.pickled"):
+    with caplog.at_level(logging.WARNING, logger="runner.load.checkpoint.pickled"):
         checkpoint = open_local(file, allow_pickle=True)
     assert any("allow_pickle=true" in r.getMessage() and "Marker" in r.getMessage() for r in caplog.records)
     assert set(checkpoint.entries) == set(tensors)  # the object is no weight...
@@ -208,7 +208,7 @@ def test_truncated_bin_is_a_checkpoint_error_naming_it(tmp_path, keep):
 def test_legacy_format_bin_loads_without_mmap(tmp_path, caplog):
     tensors = state_dict()
     torch.save(tensors, tmp_path / "old.bin", _use_new_zipfile_serialization=False)
-    with caplog.at_level(logging.WARNING, logger="runner.checkpoint.pickled"):
+    with caplog.at_level(logging.WARNING, logger="runner.load.checkpoint.pickled"):
         checkpoint = open_local(tmp_path / "old.bin")
     assert "legacy" in caplog.text
     assert torch.equal(checkpoint.read("transformer.wpe.weight"), tensors["transformer.wpe.weight"])

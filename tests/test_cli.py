@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.schema import schema_errors
+from runner.config.schema import schema_errors
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import CONF_DIR, compose_config
 from runner.errors import ConfigError
-from runner.schema import schema_errors
+from runner.config.schema import schema_errors
 
 GROUPS = {group.name: sorted(p.stem for p in group.glob("*.yaml")) for group in Path(CONF_DIR).iterdir()
           if group.is_dir() and group.name != "hydra"}  # conf/hydra holds Hydra's own options (the sweeper)

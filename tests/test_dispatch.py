@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import compose_config, generate_run
-from runner.build import build_skeleton
-from runner.build import import_target
-from runner.pipeline import prepare
+from runner.load.build import build_skeleton
+from runner.load.build import import_target
+from runner.plan.planned import prepare
 
 STRATEGIES = ["sequential", "balanced", "balanced_low_0", "auto"]
 # gpt2tiny with 6 blocks: wte (+ tied head) 16 KiB, wpe 4 KiB, each Block 13120 B, ln_f 128 B.

@@ -14,8 +14,8 @@ from conftest import compose_config
 from runner.config import ModelSpec
 from runner.errors import EmbedError
 from runner.infer.embed import TransformersEncoder, embed, encoder, right_pad
-from runner.pipeline import prepare
-from runner.tokenizer import tokenizer_for
+from runner.plan.planned import prepare
+from runner.infer.tokenizer import tokenizer_for
 from test_generate import GPT2, LLAMA, save_gpt2, save_llama
 
 transformers = pytest.importorskip("transformers")

@@ -21,13 +21,13 @@ import pytest
 import torch
 
 from conftest import compose_config
-from runner.checkpoint.synthetic import synthetic_checkpoint
+from runner.load.checkpoint.synthetic import synthetic_checkpoint
 from runner.data.writer import PredictionsFile
 from runner.errors import DiskFull, OutOfMemory
-from runner.hardware import Device, Hardware
-from runner.memory import plan_held
-from runner.writes import atomic_write, reclaim
-from runner.build import build_skeleton
+from runner.plan.hardware import Device, Hardware
+from runner.load.memory import plan_held
+from runner.data.writes import atomic_write, reclaim
+from runner.load.build import build_skeleton
 
 LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d ")  # Hydra's log format; anything else on the console is ours
 # A synthetic GPT of about 300 MB in 20 MB shards: seconds to write, so a signal lands mid-write.
@@ -222,7 +222,7 @@ def test_full_run_folder_cli(tmp_path, runner_cache):
 
 
 def test_full_disk_in_synthetic_write_leaves_nothing(tmp_path, monkeypatch):
-    import runner.checkpoint.synthetic as synthetic
+    import runner.load.checkpoint.synthetic as synthetic
 
     def full(tensors, path, metadata=None):
         Path(path).write_bytes(b"\0" * 100)  # part of a shard reached the disk

@@ -27,15 +27,15 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import save_file
 from torch import nn
 
-from runner.blocks import Block, describe_model
-from runner.checkpoint import gguf as gguf_reader
-from runner.checkpoint.files import INDEX_NAME, open_safetensors, safetensors_header
+from runner.plan.blocks import Block, describe_model
+from runner.load.checkpoint import gguf as gguf_reader
+from runner.load.checkpoint.files import INDEX_NAME, open_safetensors, safetensors_header
 from runner.config import compose
 from runner.errors import CheckpointError, ConfigError, MapError, PlanError, RunnerError
-from runner.hardware import Device, Hardware
-from runner.planner import PlanRequest, plan_device_map
-from runner.sizes import LARGEST, UNITS, parse_size
-from runner.validate import check_map, load_map_file, resolve_pins
+from runner.plan.hardware import Device, Hardware
+from runner.plan.planner import PlanRequest, plan_device_map
+from runner.config.sizes import LARGEST, UNITS, parse_size
+from runner.plan.validate import check_map, load_map_file, resolve_pins
 from test_planner_properties import check_sound
 
 COUNTS: Counter[str] = Counter()  # cases run per target, for bench/fuzz.py

@@ -9,11 +9,11 @@ import torch
 
 from conftest import compose_config, generate_run, write_byte_tokenizer
 from runner.config import ModelSpec
-from runner.engine import Engine
+from runner.infer.engine import Engine
 from runner.errors import GenerateError
 from runner.infer.generate import GenerationStats, Request, generate
 from runner.infer.sampling import SamplingParams
-from runner.pipeline import prepare
+from runner.plan.planned import prepare
 
 transformers = pytest.importorskip("transformers")
 

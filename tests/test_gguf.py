@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from runner.checkpoint.gguf import open_gguf
+from runner.load.checkpoint.gguf import open_gguf
 from runner.errors import CheckpointError
 
 HEADS, KV_HEADS, HIDDEN, FFN, LAYERS = 4, 2, 32, 64, 1

@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import compose_config, write_byte_tokenizer
-from runner.checkpoint.files import SafetensorsCheckpoint, TensorEntry
+from runner.load.checkpoint.files import SafetensorsCheckpoint, TensorEntry
 from runner.errors import CheckpointError
 from runner.infer.generate import Request, generate
 from runner.infer.sampling import SamplingParams
-from runner.pipeline import prepare
+from runner.plan.planned import prepare
 from runner.zoo.gpt import GPT
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -35,7 +35,7 @@ def test_the_wheel_carries_configs_and_schemas_and_runs_anywhere(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "RUNNER_CACHE": str(tmp_path / "cache")}
-    where = subprocess.run([str(python), "-c", "import runner.resources as r; print(r.CONF_DIR, r.SCHEMA_DIR)"],
+    where = subprocess.run([str(python), "-c", "import runner.config.resources as r; print(r.CONF_DIR, r.SCHEMA_DIR)"],
                            cwd=elsewhere, capture_output=True, text=True, env=env, timeout=120)
     conf, schemas = where.stdout.split()
     assert conf.startswith(str(venv)) and conf.endswith("runner/conf"), where.stdout + where.stderr

@@ -9,7 +9,7 @@ from conftest import compose_config
 from runner.errors import ConfigError, PlanError
 from runner.infer.generate import GenerationStats, Request, generate
 from runner.infer.sampling import SamplingParams
-from runner.pipeline import prepare
+from runner.plan.planned import prepare
 
 # gpt2tiny with 6 blocks (about 100 kB in fp32) and the KV cache of 8 rows on a CPU of 250 kB: the attention blocks
 # stream in from disk every forward.
@@ -116,8 +116,8 @@ def test_a_transformers_model_runs_its_micro_batches_one_after_another(tmp_path)
 
 
 def test_the_predicted_step_counts_each_resource_once_per_step_for_every_row(tmp_path):
-    from runner.pipeline import plan
-    from runner.throughput import Rates, step_cost
+    from runner.plan.planned import plan
+    from runner.plan.throughput import Rates, step_cost
 
     planned = plan(compose_config(*DISKY, "runtime.batch_size=2", "runtime.micro_batches=4"), tmp_path)
     layout, devices = planned.layout, planned.check.block_devices
@@ -139,7 +139,7 @@ def test_the_predicted_step_counts_each_resource_once_per_step_for_every_row(tmp
 def test_mode_plan_shows_the_predicted_throughput(tmp_path):
     import json
 
-    from runner.tasks.plan import run as run_plan
+    from runner.run.plan import run as run_plan
 
     config = compose_config(*DISKY, "mode=plan", "runtime.batch_size=2", "runtime.micro_batches=4")
     text, paths = run_plan(config, tmp_path)
@@ -171,8 +171,8 @@ def test_the_pipeline_schedule_starts_each_micro_batch_stagger_blocks_after_the_
 
 
 def test_the_stagger_is_the_longest_gpu_stage_and_none_with_streamed_blocks():
-    from runner.blocks import Block
-    from runner.compute import Compute, pipeline_stagger
+    from runner.plan.blocks import Block
+    from runner.plan.compute import Compute, pipeline_stagger
 
     blocks = tuple(Block(f"b{i}", "Block", 10, (f"b{i}.w",)) for i in range(6))
     where = ["cuda:0", "cuda:0", "cuda:0", "cuda:1", "cuda:1", "cpu"]
@@ -185,7 +185,7 @@ def test_the_stagger_is_the_longest_gpu_stage_and_none_with_streamed_blocks():
 
 @pytest.mark.parametrize("hardware", ["sim_2gpu", "sim_4gpu"])
 def test_micro_batches_run_as_a_pipeline_over_simulated_gpus_with_the_same_tokens(tmp_path, hardware):
-    from runner.compute import pipeline_stagger
+    from runner.plan.compute import pipeline_stagger
 
     result = prepare(compose_config("model=gpt2tiny", "model.arch.n_layer=4", f"hardware={hardware}",
                                     "placement=balanced", "runtime.seq_len=24", "runtime.batch_size=2",

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import compose_config, write_byte_tokenizer
-from runner.engine import Engine
+from runner.infer.engine import Engine
 from runner.errors import GenerateError
 from runner.zoo.gpt import GPT
 
@@ -66,7 +66,7 @@ def test_a_job_over_nan_weights_ends_in_one_line_and_exit_2(tmp_path):
 
 def test_check_finite_names_each_bad_tensor_before_anything_runs(tmp_path):
     from runner.errors import CheckpointError
-    from runner.pipeline import prepare
+    from runner.plan.planned import prepare
 
     path = checkpoint(tmp_path / "ckpt", float("nan"))
     with pytest.raises(CheckpointError) as e:

@@ -9,8 +9,8 @@ import torch
 
 from conftest import compose_config, evict_page_cache
 from runner.errors import CheckpointError, DiskFull, OffloadError
-from runner.conversions import MANIFEST
-from runner.pipeline import prepare
+from runner.load.conversions import MANIFEST
+from runner.plan.planned import prepare
 
 TOKENS = torch.tensor([[72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]])
 # gpt2tiny with 6 blocks (about 100 kB in fp32, 50 kB in bf16) on a CPU of 60 kB: some blocks go to disk.
@@ -151,8 +151,8 @@ def test_a_full_disk_is_one_clear_error(tmp_path):
 
 
 def test_cpu_blocks_compute_where_fewer_bytes_move():
-    from runner.blocks import Block
-    from runner.compute import compute_plan
+    from runner.plan.blocks import Block
+    from runner.plan.compute import compute_plan
 
     blocks = (Block("emb", "Embedding", 4000, ("emb.weight",)), Block("small", "Block", 1000, ("small.w",)),
               Block("big", "Block", 50000, ("big.w",)), Block("far", "Block", 100, ("far.w",)),
@@ -198,8 +198,8 @@ def test_a_streamed_cpu_block_gives_the_same_output(tmp_path):
 
 
 def test_a_cpu_block_whose_kv_cache_does_not_fit_the_gpu_computes_on_the_cpu():
-    from runner.blocks import Block
-    from runner.compute import compute_plan
+    from runner.plan.blocks import Block
+    from runner.plan.compute import compute_plan
 
     blocks = tuple(Block(f"h{i}", "Block", 1000, (f"h{i}.w",)) for i in range(3))
     devices = dict.fromkeys(("h0", "h1", "h2"), "cpu")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from runner.build import build_skeleton
+from runner.load.build import build_skeleton
 from runner.config import ModelSpec
-from runner.stages import PipelineError, Skipped, keep_stage, layer_costs, split
+from runner.plan.split import PipelineError, Skipped, keep_stage, layer_costs, split
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 RUNNER_FRAME = f'File "{Path(__file__).resolve().parent.parent / "runner"}'

@@ -10,9 +10,9 @@ import pytest
 
 from conftest import compose_config
 from runner.errors import MapError
-from runner.explain import explanation, notices, plan_document
-from runner.pipeline import plan
-from runner.schema import schema_errors
+from runner.plan.explain import explanation, notices, plan_document
+from runner.plan.planned import plan
+from runner.config.schema import schema_errors
 
 
 def test_plan_mode_allocates_no_weights_and_explains_itself(tmp_path, runner_cache):
@@ -88,7 +88,7 @@ def test_seq100b_plans_on_five_gpus_in_under_600mb(tmp_path):
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent (pytest, gigabytes by now).
     code = ("from pathlib import Path\n"
             "from conftest import compose_config\n"
-            "from runner.pipeline import plan\n"
+            "from runner.plan.planned import plan\n"
             f"p = plan(compose_config('model=seq100b', 'hardware=a100_8x80gb', 'mode=plan'), Path('{tmp_path}'))\n"
             "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]\n"
             "print(hwm, len(set(p.check.block_devices.values())))\n")
@@ -111,7 +111,7 @@ def test_kv_cache_is_reserved_only_for_models_that_keep_one():
 
     from torch import nn
 
-    from runner.reserves import keeps_kv_cache
+    from runner.plan.reserves import keeps_kv_cache
     from runner.zoo.gpt import GPT
     from runner.zoo.llama import Llama
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runner.blocks import Block, describe_model
-from runner.build import build_skeleton
+from runner.plan.blocks import Block, describe_model
+from runner.load.build import build_skeleton
 from runner.config import ModelSpec
 from runner.errors import PlanError
-from runner.hardware import Device
-from runner.planner import PlanRequest, plan_device_map
+from runner.plan.hardware import Device
+from runner.plan.planner import PlanRequest, plan_device_map
 
 DISK = 10**12
 

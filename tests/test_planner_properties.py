@@ -12,10 +12,10 @@ from dataclasses import replace
 import pytest
 from hypothesis import Phase, example, given, seed, settings, strategies as st
 
-from runner.blocks import Block
+from runner.plan.blocks import Block
 from runner.errors import PlanError
-from runner.hardware import Device
-from runner.planner import Plan, PlanRequest, plan_device_map
+from runner.plan.hardware import Device
+from runner.plan.planner import Plan, PlanRequest, plan_device_map
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 FILLS = STRATEGIES[1:]

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import evict_page_cache
-from runner.checkpoint.files import open_safetensors
-from runner.checkpoint.reads import ALIGN, MERGE_GAP, Located, Span, SpanReader, aligned_buffer, plan_reads
+from runner.load.checkpoint.files import open_safetensors
+from runner.load.checkpoint.reads import ALIGN, MERGE_GAP, Located, Span, SpanReader, aligned_buffer, plan_reads
 
 F32 = torch.float32
 
@@ -114,7 +114,7 @@ def test_a_truncated_file_is_a_short_read_and_a_bad_buffer_is_refused(checkpoint
 def test_renamed_and_transposed_tensors_are_read_in_place(tmp_path):
     """Under a name map, renames and transposed (Conv1D) weights are located in the inner checkpoint: a transposed
     weight is read into the buffer as stored and handed out as a view of it, never copied."""
-    from runner.checkpoint.names import NameMap, RenamedCheckpoint, Source
+    from runner.load.checkpoint.names import NameMap, RenamedCheckpoint, Source
 
     w, b = torch.randn(4, 6), torch.randn(6)
     save_file({"t.w": w, "t.b": b}, str(tmp_path / "m.safetensors"))
@@ -134,7 +134,7 @@ def test_renamed_and_transposed_tensors_are_read_in_place(tmp_path):
 
 def test_a_span_is_read_in_chunks_and_an_error_names_the_file_cut_short(checkpoint, monkeypatch):
     """One call moves at most ~2 GiB on Linux: spans are read in chunks (tiny ones here) until complete."""
-    import runner.checkpoint.reads as reads_module
+    import runner.load.checkpoint.reads as reads_module
 
     ckpt, expected = checkpoint
     monkeypatch.setattr(reads_module, "CHUNK", ALIGN)

@@ -1,4 +1,4 @@
-"""Run folders replay exactly: ``manifest.json`` and ``python -m runner.replay``, through the real CLI."""
+"""Run folders replay exactly: ``manifest.json`` and ``python -m runner.lab.replay``, through the real CLI."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.schema import schema_errors
+from runner.config.schema import schema_errors
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ def run(run_dir: Path, cache: Path, *overrides: str) -> None:
 
 def replay(run_dir: Path, cache: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "RUNNER_CACHE": str(cache)}
-    return subprocess.run([sys.executable, "-m", "runner.replay", str(run_dir), *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "runner.lab.replay", str(run_dir), *args], capture_output=True,
                           text=True, env=env, timeout=300)
 
 
@@ -69,7 +69,7 @@ def test_a_sampled_job_over_a_data_file_replays_byte_identical_from_another_fold
                            f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    again = subprocess.run([sys.executable, "-m", "runner.replay", str(tmp_path / "run"), "--into",
+    again = subprocess.run([sys.executable, "-m", "runner.lab.replay", str(tmp_path / "run"), "--into",
                             str(tmp_path / "again")], cwd=work, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "byte-identical" in again.stdout

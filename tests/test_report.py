@@ -12,10 +12,10 @@ import torch
 
 from conftest import compose_config
 from runner.infer.generate import GenerationStats
-from runner.pipeline import plan, prepare
-from runner.report import format_map, format_summary, write_documents, write_job_report, write_plan
-from runner.tasks.batch import JobStats, job_document
-from runner.schema import schema_errors
+from runner.plan.planned import plan, prepare
+from runner.run.report import format_map, format_summary, write_documents, write_job_report, write_plan
+from runner.run.job import JobStats, job_document
+from runner.config.schema import schema_errors
 
 SIX = ("model=gpt2tiny", "model.arch.n_layer=6", "hardware=sim_2gpu", "placement=balanced", "max_memory.cpu=1GiB",
        "max_memory.disk=10GB", "+device_map.transformer.ln_f=cpu")
@@ -135,7 +135,7 @@ def test_a_document_that_breaks_its_schema_is_not_written(tmp_path):
 
 def test_a_measured_peak_above_the_prediction_is_a_warning(tmp_path):
     """Memory outside the plan shows: the report and the screen say which device, and both figures."""
-    from runner.report import memory_warnings, report_document
+    from runner.run.report import memory_warnings, report_document
 
     result = prepare(compose_config("model=gpt2tiny", "hardware=cpu"), tmp_path)
     assert not [w for w in report_document(result)["warnings"] if "measured peak" in w]

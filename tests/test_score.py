@@ -13,8 +13,8 @@ from runner.config import ModelSpec
 from runner.errors import ScoreError
 from runner.infer.model import causal_lm
 from runner.infer.score import ScoreRequest, pair_request, score, text_request
-from runner.pipeline import prepare
-from runner.tokenizer import HFTokenizer
+from runner.plan.planned import prepare
+from runner.infer.tokenizer import HFTokenizer
 from test_generate import GPT2, LLAMA, save_gpt2, save_llama
 
 transformers = pytest.importorskip("transformers")
@@ -201,7 +201,7 @@ def test_what_has_nothing_to_score_is_one_line_error(merging_tokenizer, tmp_path
 def test_smollm2_scores_equal_transformers_llama(tmp_path):
     """The default model, its GGUF tokenizer, real text: transformers' LlamaForCausalLM built from the runner's tensors
     (``test_generate`` checks the GGUF's own transformers load against the runner's)."""
-    from runner.tokenizer import tokenizer_for
+    from runner.infer.tokenizer import tokenizer_for
 
     result = prepare(compose_config("hardware=cpu"), tmp_path)
     tokenizer = tokenizer_for(result.checkpoint, None, None, synthetic=False)

@@ -1,6 +1,6 @@
 import pytest
 
-from runner.sizes import format_bytes, parse_size
+from runner.config.sizes import format_bytes, parse_size
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -42,10 +42,10 @@ def test_a_cap_above_what_the_machine_has_is_warned_about_naming_both_figures(tm
     import psutil
 
     from conftest import compose_config
-    from runner.hardware import detect_hardware
+    from runner.plan.hardware import detect_hardware
 
     cfg = compose_config("hardware=cpu", "max_memory.cpu=1000TiB")
-    with caplog.at_level("WARNING", logger="runner.hardware"):
+    with caplog.at_level("WARNING", logger="runner.plan.hardware"):
         hardware = detect_hardware(cfg.hardware, cfg.placement.max_memory, tmp_path)
     assert hardware.get("cpu").budget == 1000 * 2**40  # honoured: the user may know better
     ram = format_bytes(psutil.virtual_memory().total)

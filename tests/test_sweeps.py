@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.status import read_status
+from runner.lab.status import read_status
 
 pytestmark = pytest.mark.slow
 
@@ -75,11 +75,11 @@ def test_a_sweep_records_each_job_collects_a_table_and_plot_and_exits_with_its_f
 def test_collect_reads_a_sweep_folder_again(tmp_path, cache):
     sweep(tmp_path / "sweep", cache, "max_memory.cpu=1GiB,1KB")
     (tmp_path / "sweep" / "sweep.csv").unlink()
-    proc = subprocess.run([sys.executable, "-m", "runner.collect", str(tmp_path / "sweep")], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "runner.lab.collect", str(tmp_path / "sweep")], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert set(rows(tmp_path / "sweep")) == {"1GiB", "1KB"}
-    missing = subprocess.run([sys.executable, "-m", "runner.collect", str(tmp_path / "nowhere")],
+    missing = subprocess.run([sys.executable, "-m", "runner.lab.collect", str(tmp_path / "nowhere")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2
     assert missing.stderr.strip() == (f"error: sweep: {tmp_path / 'nowhere'}: no such folder; give the sweep's "

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from runner.checkpoint.gguf import open_gguf
+from runner.load.checkpoint.gguf import open_gguf
 from runner.errors import BuildError, CheckpointError
-from runner.tokenizer import (BPETokenizer, ByteTokenizer, HFTokenizer, Tokenizer, apply_chat_template,
+from runner.infer.tokenizer import (BPETokenizer, ByteTokenizer, HFTokenizer, Tokenizer, apply_chat_template,
                               tokenizer_for)
 
 transformers = pytest.importorskip("transformers")

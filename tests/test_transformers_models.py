@@ -9,7 +9,7 @@ import torch
 
 from conftest import compose_config
 from runner.config import ModelSpec
-from runner.pipeline import prepare
+from runner.plan.planned import prepare
 
 transformers = pytest.importorskip("transformers")
 

@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import compose_config
-from runner.build import build_skeleton
-from runner.checkpoint.base import shard_path
+from runner.load.build import build_skeleton
+from runner.load.checkpoint.base import shard_path
 from runner.config import _path
 from runner.errors import BuildError, CheckpointError, ConfigError
-from runner.pipeline import plan
+from runner.plan.planned import plan
 
 MARKER_CODE = "import pathlib; pathlib.Path({marker!r}).write_text('ran')\n"
 

@@ -1,5 +1,5 @@
 """Hydra's basic sweeper, made to resume: before the first job starts, every job of the sweep is composed and its
-folder read; with ``resume=true``, jobs done with the same config are not launched again (see ``runner.sweeps``).
+folder read; with ``resume=true``, jobs done with the same config are not launched again (see ``runner.lab.sweeps``).
 
 Hydra finds sweepers only in the ``hydra_plugins`` namespace, hence this thin module outside ``runner``.
 """
@@ -22,7 +22,7 @@ class ResumingSweeper(BasicSweeper):
         return [overrides for overrides in super().get_job_batch() if tuple(overrides) in self._launch]
 
     def _jobs_to_launch(self) -> set[tuple[str, ...]]:
-        from runner.sweeps import jobs_to_run, sweep_job
+        from runner.lab.sweeps import jobs_to_run, sweep_job
 
         assert self.overrides is not None and self.hydra_context is not None and self.config is not None
         loader = self.hydra_context.config_loader

@@ -23,7 +23,7 @@ from typing import Any
 
 from runner.data.writer import PREDICTIONS
 from runner.errors import DataError
-from runner.writes import disk_full, is_disk_full, temp_path
+from runner.data.writes import disk_full, is_disk_full, temp_path
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import DataError
-from runner.writes import atomic_write, disk_full, is_disk_full
-from runner.status import changed_keys, short
+from runner.data.writes import atomic_write, disk_full, is_disk_full
+from runner.lab.status import changed_keys, short
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ class ColumnLM(Protocol):
 
 
 class Streams(Protocol):
-    """What brings streamed blocks in (``runner.offload.Prefetcher``): it can keep each load for K uses."""
+    """What brings streamed blocks in (``runner.load.offload.Prefetcher``): it can keep each load for K uses."""
 
     def shared_by(self, micro_batches: int) -> AbstractContextManager[None]: ...
 

@@ -21,7 +21,7 @@ from runner.infer.column import Call, Streams, column
 from runner.infer.finite import check_rows
 from runner.infer.model import Cache, CausalLM
 from runner.infer.sampling import SamplingParams, choose, request_generator
-from runner.tokenizer import Tokenizer
+from runner.infer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from runner.distributed import Launch
+from runner.run.launch import Launch
 from runner.infer.column import Call
 from runner.infer.kv_cache import KVCache, ZooCausalLM
 

@@ -5,11 +5,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Literal
 
-from runner.checkpoint import Checkpoint
+from runner.load.checkpoint import Checkpoint
 from runner.config import GenerateTask, RunConfig
 from runner.errors import GenerateError
 from runner.infer.generate import Request
-from runner.tokenizer import Tokenizer, apply_chat_template, tokenizer_for
+from runner.infer.tokenizer import Tokenizer, apply_chat_template, tokenizer_for
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str], chat: bool) -> list[Request]:

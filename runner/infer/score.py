@@ -19,7 +19,7 @@ import torch
 from runner.errors import ScoreError
 from runner.infer.finite import check_rows
 from runner.infer.model import CausalLM
-from runner.tokenizer import Tokenizer
+from runner.infer.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

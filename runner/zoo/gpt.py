@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from runner.checkpoint.files import TensorEntry
+from runner.load.checkpoint.files import TensorEntry
 from runner.infer.column import Steps, run_steps
 from runner.infer.kv_cache import KVCache, LayerCache, ZooCausalLM, attend, step
-from runner.checkpoint.names import NameMap, Source
+from runner.load.checkpoint.names import NameMap, Source
 from runner.errors import CheckpointError
 
 

@@ -1,0 +1,117 @@
+"""Stage 5: stream the weights to their devices and hook the blocks so the model runs across them.
+
+Each tensor is read from the checkpoint once, cast to the compute dtype, and assigned
+straight to its final device: no full state dict, no second copy. Tied tensors are
+loaded once and every slot that shares them is pointed at the same tensor.
+
+Hooks sit on block boundaries only. A block's pre-forward hook moves its inputs to the
+device it computes on; blocks planned on disk are streamed in before they run and
+dropped right after (see ``runner.load.offload``).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from runner.plan.blocks import Block, get_slot, set_slot
+from runner.load.checkpoint import Checkpoint
+from runner.plan.hardware import Hardware
+from runner.load.memory import MemoryLedger
+from runner.load.offload import DiskBlock, LoadPlan, Prefetcher, streamed_blocks
+
+log = logging.getLogger(__name__)
+
+
+def torch_device(name: str, hardware: Hardware) -> torch.device:
+    """The torch device behind a logical one: simulated GPUs are backed by the CPU."""
+    if name.startswith("cuda:") and not hardware.get(name).simulated:
+        return torch.device(name)
+    return torch.device("cpu")
+
+
+def dispatch(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger, *, offload_folder: Path,
+             prefetch: int = 1, direct_io: bool = True) -> Prefetcher:
+    """Load every resident block of ``plan.model`` onto its device, prepare streamed blocks, and install the hooks;
+    the prefetcher that streams blocks in (``Prefetcher.shared_by`` lets micro-batches share each load).
+
+    Disk blocks that need converting are written to ``offload_folder``. Streamed blocks are read ``prefetch`` ahead
+    of the one running, with ``O_DIRECT`` when ``direct_io`` and their bytes are not in the page cache already.
+    """
+    model, layout, hardware = plan.model, plan.layout, plan.hardware
+    main = hardware.main_device
+    streamed = streamed_blocks(plan, checkpoint, ledger, folder=offload_folder, device=torch_device(main, hardware))
+    prefetcher = Prefetcher(streamed, prefetch, ledger, main, direct_io)
+    by_name = {d.name: d for d in streamed}
+    resident = [s for b in layout.blocks if b.name not in by_name for s in b.tensors
+                if s not in layout.ties and s not in layout.non_persistent]
+    checkpoint.read_ahead(resident)  # page the resident weights in while this thread works
+    for block in layout.blocks:
+        target = torch_device(plan.compute[block.name].device, hardware)
+        if block.name not in by_name:
+            _load_block(plan, block, checkpoint, ledger, target)
+        _install_hooks(model.get_submodule(block.name), target, by_name.get(block.name), prefetcher)
+    for alias, owner in layout.ties.items():  # the owner is loaded by now, wherever it lives
+        set_slot(model, alias, get_slot(model, owner))
+    return prefetcher
+
+
+def _load_block(plan: LoadPlan, block: Block, checkpoint: Checkpoint, ledger: MemoryLedger,
+                device: torch.device) -> None:
+    """The block's tensors onto ``device``, counted against the device its weights are stored on."""
+    layout, stored = plan.layout, plan.check.block_devices[block.name]
+    for slot in block.tensors:
+        if slot in layout.ties:
+            continue
+        if slot in layout.non_persistent:  # built for real on the CPU by the builder
+            tensor = get_slot(plan.model, slot).to(device)
+        else:
+            entry = checkpoint.entries[slot]
+            cast = entry.dtype.is_floating_point and entry.dtype != plan.dtype
+            # A tensor that is cast or copied to a GPU is read into a private buffer, not through the file's
+            # memory map, whose pages would otherwise stay counted in RSS next to the result.
+            read = checkpoint.read_uncached if cast or device.type == "cuda" else checkpoint.read
+            tensor = cast_and_move(read(slot), plan.dtype, device)
+        ledger.allocate(stored, layout.tensor_bytes[slot], slot)
+        set_slot(plan.model, slot, tensor)
+
+
+def cast_and_move(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Cast floating tensors to the compute dtype and move: one copy at most, never an fp32 detour. A cast copies
+    anyway, so its result is contiguous: a transposed view (a Conv1D weight) becomes a plain ``[out, in]`` weight,
+    which CPU kernels in half precision run an order of magnitude faster."""
+    if tensor.is_floating_point() and tensor.dtype != dtype:
+        # Cast on the smaller side of the move, so no transient copy is bigger than the result.
+        if dtype.itemsize < tensor.dtype.itemsize:
+            return tensor.to(dtype, memory_format=torch.contiguous_format).to(device)
+        return tensor.to(device).to(dtype, memory_format=torch.contiguous_format)
+    return tensor.to(device)
+
+
+def _install_hooks(module: nn.Module, device: torch.device, disk: DiskBlock | None, prefetcher: Prefetcher) -> None:
+    """One hook pair per block: move the inputs to where it computes; stream a disk block in and out."""
+    def pre_forward(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if disk is not None:
+            prefetcher.before(disk)
+        return _to(args, device), _to(kwargs, device)
+
+    module.register_forward_pre_hook(pre_forward, with_kwargs=True)
+    if disk is not None:
+        module.register_forward_hook(lambda *_: prefetcher.after(disk))
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """Activations (tensors, and lists, tuples and dicts of them) moved to ``device``. Anything else passes as it
+    is: a KV cache object above all, whose tensors stay where each block computes (``runner.infer.kv_cache``)."""
+    if isinstance(value, torch.Tensor):
+        # non_blocking only towards CUDA: a GPU -> CPU copy would return before the data is there.
+        return value.to(device, non_blocking=device.type == "cuda") if value.device != device else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+

@@ -1,0 +1,254 @@
+"""Planning, top to bottom: build on meta -> read checkpoint headers -> plan -> validate. Allocates no weight memory.
+
+Takes a typed ``RunConfig`` and a run folder; knows nothing of Hydra. Each stage lives in its own module; this
+one orders and times them. Loading the weights is ``runner.load.loaded``; the ``Engine`` (``runner.infer.engine``)
+does both, and is the way in for everything that runs a model.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from runner.config import RunConfig, RuntimeSpec
+from runner.config.sizes import format_bytes
+from runner.errors import CheckpointError, ConfigError, OffloadError, PlanError
+from runner.infer.model import context_length
+from runner.load.build import build_skeleton, model_class, no_split_classes, resolve_arch
+from runner.load.checkpoint import Checkpoint, KeyReport, check_keys, open_checkpoint
+from runner.load.checkpoint.synthetic import synthetic_checkpoint
+from runner.plan.blocks import ModelLayout, describe_model
+from runner.plan.compute import Compute, compute_plan, kv_where_computed
+from runner.plan.hardware import Hardware, detect_hardware, offload_folder_problem
+from runner.plan.order import ForwardTrace, forward_order
+from runner.plan.planner import Plan, PlanRequest, plan_device_map
+from runner.plan.reserves import LOGITS, device_reserves, keeps_kv_cache, kv_bytes
+from runner.plan.room import reserved, room_left
+from runner.plan.split import PipelineError, keep_stage, layer_costs, split
+from runner.plan.validate import MapCheck, check_map, load_map_file, resolve_pins
+from runner.run import launch as distributed
+from runner.run.launch import Launch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Planned:
+    """Everything known before a weight is read: the model on meta, the hardware, the plan and its check."""
+
+    config: RunConfig
+    model: nn.Module
+    dtype: torch.dtype
+    hardware: Hardware
+    layout: ModelLayout
+    trace: ForwardTrace
+    request: PlanRequest
+    plan: Plan
+    check: MapCheck
+    compute: dict[str, Compute]        # where each block runs, and why
+    checkpoint: Checkpoint | None
+    keys: KeyReport | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+def open_source(cfg: RunConfig) -> Checkpoint | None:
+    """The checkpoint's headers, no tensor read; None for synthetic weights, which are written after the map is
+    validated, when we know they are needed."""
+    if cfg.checkpoint.source == "synthetic":
+        return None
+    return open_checkpoint(cfg.checkpoint, cfg.model, model_class(cfg.model))
+
+def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None, launch: Launch | None = None
+         ) -> Planned:
+    """Build on meta, read checkpoint headers (if any), plan and validate. Allocates no weight memory.
+
+    ``checkpoint``: headers already opened with ``open_source`` (else they are opened here). ``launch``: this
+    rank's place under torchrun, or the rank a cluster is sized for: its stage, its GPUs, its share of RAM.
+    """
+    timings: dict[str, float] = {}
+    if checkpoint is None:
+        with timed(timings, "checkpoint"):
+            checkpoint = open_source(cfg)
+    with timed(timings, "build"):
+        arch = resolve_arch(cfg.model, checkpoint.config() if checkpoint else None, cfg.checkpoint.source)
+        model_spec = replace(cfg.model, arch=arch)
+        model = build_skeleton(model_spec)
+    cfg = replace(cfg, model=model_spec)
+    if cfg.parallel.mode == "pipeline":  # this rank's stage only, from here on
+        cfg, model, checkpoint = _pipeline_stage(cfg, model, checkpoint, launch)
+    cfg = _within_context(cfg, context_length(model))
+    dtype = _compute_dtype(cfg, checkpoint)
+    with timed(timings, "plan"):
+        cfg = replace(cfg, model=replace(cfg.model, no_split_module_classes=no_split_classes(cfg.model, model)))
+        layout = describe_model(model, cfg.model.no_split_module_classes, dtype)
+        trace = forward_order(model, layout)
+        layout = layout.in_order(trace.order)
+        hardware = detect_hardware(cfg.hardware, cfg.placement.max_memory, offload_folder(cfg, run_dir), launch)
+        pins = resolve_pins(cfg.placement.device_map, layout, hardware)
+
+        def request_for(shape: RuntimeSpec) -> PlanRequest:
+            return PlanRequest(
+                blocks=layout.blocks, devices=hardware.devices, strategy=cfg.placement.strategy,
+                main_device=hardware.main_device, pins=pins,
+                reserves=device_reserves(hardware, trace, shape, dtype.itemsize, cfg.hardware.cuda_context_reserve,
+                                         logits=LOGITS[cfg.task.name]),
+                # Only generation keeps keys and values between forwards; scoring and embedding run one forward.
+                kv_bytes=kv_bytes(model, layout, trace, cfg.model.no_split_module_classes, shape, dtype.itemsize)
+                if cfg.task.name == "generate" and keeps_kv_cache(model) else {},
+                allow_disk=cfg.placement.allow_disk, prefetch=cfg.placement.prefetch)
+
+        request = request_for(cfg.runtime)
+        activation_bytes = {name: n * dtype.itemsize for name, n in trace.input_elems.items()}
+        if cfg.mode == "check":  # the map comes from a file, to be validated as it is
+            assert cfg.map_file is not None  # load_config requires it in this mode
+            check = check_map(load_map_file(cfg.map_file), layout, hardware, request.reserves, activation_bytes,
+                              request.kv_bytes, request.prefetch)
+            the_plan = Plan(check.block_devices, _weights_per_device(layout, check.block_devices, hardware),
+                            check.reserves, "check")
+        else:
+            log.info("Planning %s over %s with strategy %s", cfg.model.name, ", ".join(hardware.names),
+                     cfg.placement.strategy)
+            the_plan = _plan_or_blame(request, cfg, offload_folder(cfg, run_dir), request_for)
+    with timed(timings, "validate"):
+        check = check_map(the_plan.device_map, layout, hardware, the_plan.reserves, activation_bytes)
+        if cfg.mode != "check" and len(pins) == len(layout.blocks):  # the strategy had nothing left to place
+            check = replace(check, warnings=(*check.warnings, f"placement.strategy: {cfg.placement.strategy} was not "
+                                             "used: device_map pins every block, so the map is the one given"))
+        for warning in check.warnings:
+            log.warning(warning)
+        keys = check_keys(checkpoint, model, layout) if checkpoint else None
+        main = hardware.main_device
+        room = room_left(hardware.get(main), check.loads[main], the_plan.reserves)
+        # Generation's forwards are its decode steps: one token per sequence in flight, every micro-batch sharing
+        # each block's copy. Scoring and embedding run whole sequences.
+        tokens = (cfg.runtime.rows_in_flight if cfg.task.name == "generate"
+                  else cfg.runtime.batch_size * cfg.runtime.seq_len)
+        compute = compute_plan(layout.blocks, check.block_devices, main, activation_bytes, tokens, room,
+                               cfg.placement.prefetch, dtype.itemsize, request.kv_bytes)
+        the_plan = replace(the_plan, reserves=kv_where_computed(the_plan.reserves, compute, check.block_devices,
+                                                                request.kv_bytes))
+    return Planned(cfg, model, dtype, hardware, layout, trace, request, the_plan, check, compute, checkpoint, keys,
+                   timings)
+
+def _pipeline_stage(cfg: RunConfig, model: nn.Module, checkpoint: Checkpoint | None, launch: Launch | None
+                    ) -> tuple[RunConfig, nn.Module, Checkpoint | None]:
+    """This rank's stage of the model (``runner.plan.split``), and the checkpoint it reads its part from: synthetic
+    weights are written once, whole, by rank 0, and read by every stage as a local checkpoint."""
+    if launch is None:
+        raise PipelineError("parallel.mode=pipeline: this process was not started by torchrun; run torchrun "
+                            "--nproc-per-node=N -m runner parallel.mode=pipeline ...")
+    if checkpoint is None and cfg.mode == "run":  # (a plan reads no weights: a synthetic model's are not written)
+        folder = distributed.agree_or_raise(lambda: str(synthetic_checkpoint(cfg.checkpoint, cfg.model, model)))
+        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, source="local", path=Path(folder)))
+        checkpoint = open_source(cfg)
+    costs, _, head = layer_costs(model, 1)
+    stages = split(costs, first_extra=0, last_extra=head, ranks=launch.world_size)
+    log.info("Pipeline stages: %s", stages.describe())
+    return cfg, keep_stage(model, stages.parts[launch.rank]), checkpoint
+
+def _weights_per_device(layout: ModelLayout, block_devices: dict[str, str], hardware: Hardware) -> dict[str, int]:
+    loads = dict.fromkeys(hardware.names, 0)
+    for block in layout.blocks:
+        loads[block_devices[block.name]] += block.nbytes
+    return loads
+
+def _within_context(cfg: RunConfig, context: int | None) -> RunConfig:
+    """No sequence outgrows the model's context, so neither does the cache planned for it. Unset (rows from a
+    file, not read ahead), the length is the model's context: any row that fits the model fits the plan."""
+    if cfg.runtime.seq_len is None:
+        if context is None:
+            raise ConfigError(f"runtime.seq_len: {cfg.model.name} does not say how long a sequence it takes; "
+                              "set runtime.seq_len to the longest row plus new tokens")
+        log.info("runtime.seq_len: planning for the model's context of %d tokens (set runtime.seq_len to the "
+                 "longest row plus new tokens to plan for less)", context)
+        return replace(cfg, runtime=replace(cfg.runtime, seq_len=context))
+    if context is None or cfg.runtime.seq_len <= context:
+        return cfg
+    log.info("runtime.seq_len %d is past the model's context of %d tokens: planning for %d",
+             cfg.runtime.seq_len, context, context)
+    return replace(cfg, runtime=replace(cfg.runtime, seq_len=context))
+
+def offload_folder(cfg: RunConfig, run_dir: Path) -> Path:
+    return cfg.placement.offload_folder or run_dir / "offload"
+
+def _plan_or_blame(request: PlanRequest, cfg: RunConfig, folder: Path,
+                   request_for: Callable[[RuntimeSpec], PlanRequest]) -> Plan:
+    """The plan. When there is none, and the culprit is a setting the planner cannot see, that setting is named:
+    a batch shape whose activations and KV caches take the room the weights would fit in, micro-batches whose KV
+    caches do, or an unusable offload folder that took the disk away."""
+    try:
+        return plan_device_map(request)
+    except PlanError as e:
+        runtime = cfg.runtime
+
+        def fits(shape: RuntimeSpec) -> bool:
+            try:
+                plan_device_map(request_for(shape))
+            except PlanError:
+                return False
+            return True
+
+        if runtime.micro_batches > 1 and request.kv_bytes and fits(replace(runtime, micro_batches=1)):
+            # one batch fits: the other micro-batches' caches and outputs do not
+            kv = sum(request.kv_bytes.values())
+            room = sum(max(d.budget - reserved(request.reserves, d.name), 0) for d in request.devices
+                       if d.kind != "disk")
+            raise PlanError(f"runtime.micro_batches: {runtime.micro_batches} micro-batches of {runtime.batch_size} "
+                            f"rows keep a KV cache of {format_bytes(kv)} ({runtime.rows_in_flight} rows x "
+                            f"{runtime.seq_len} tokens), and the devices that compute have {format_bytes(room)} "
+                            "for weights and cache after reserves; lower runtime.micro_batches, or raise "
+                            "max_memory") from None
+        blame = _shape_to_blame(request, runtime, fits)
+        if blame:
+            raise PlanError(blame) from None
+        problem = None if "disk" in cfg.placement.max_memory else offload_folder_problem(folder)
+        if problem and request.allow_disk:
+            raise OffloadError(f"offload.folder: {folder} {problem}, so nothing can be offloaded to disk, and the "
+                               "model does not fit in memory; point offload.folder at a writable folder on a disk"
+                               ) from None
+        raise e
+
+def _shape_to_blame(request: PlanRequest, runtime: RuntimeSpec, fits: Callable[[RuntimeSpec], bool]) -> str | None:
+    """Why the batch shape, not a budget, is what does not fit: the weights fit with one row of one token, and the
+    key whose value is too big for the room (batch_size, seq_len, or both); None when the weights alone do not."""
+    assert runtime.seq_len is not None  # derived before planning
+    if not fits(replace(runtime, batch_size=1, micro_batches=1, seq_len=1)):
+        return None
+    if runtime.rows_in_flight > 1 and fits(replace(runtime, batch_size=1, micro_batches=1)):
+        key = "runtime.batch_size" if runtime.batch_size > 1 else "runtime.micro_batches"
+        fix = f"lower {key}"
+    elif runtime.seq_len > 1 and fits(replace(runtime, seq_len=1)):
+        key, fix = "runtime.seq_len", "lower runtime.seq_len (null: the longest row plus new tokens)"
+    else:
+        key, fix = "runtime.batch_size, runtime.seq_len", "lower both"
+    compute = [d for d in request.devices if d.kind != "disk"]
+    main = request.main_device
+    shape = sum(v for k, v in request.reserves.get(main, {}).items() if k != "cuda_context")
+    shape += sum(request.kv_bytes.values())
+    return (f"{key}: {runtime.rows_in_flight} row(s) x {runtime.seq_len} tokens need {format_bytes(shape)} for "
+            f"activations, outputs and KV cache beside the weights, and the devices that compute have "
+            f"{format_bytes(sum(d.budget for d in compute))} in all; {fix}")
+
+def _compute_dtype(cfg: RunConfig, checkpoint: Checkpoint | None) -> torch.dtype:
+    """``dtype: auto`` is the checkpoint's own (a synthetic one's is in its spec)."""
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    dtype = checkpoint.dtype if checkpoint else getattr(torch, cfg.checkpoint.dtype)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise CheckpointError(f"dtype: auto would compute in the checkpoint's {str(dtype).removeprefix('torch.')}, "
+                              "which the runner does not run; set dtype=float32, float16 or bfloat16")
+    return dtype
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:  # a stage may run in two parts (checkpoint headers, then weights): add them up
+        timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - start, 4)
+

@@ -1,0 +1,377 @@
+"""A batch job: every row of the data through the task, its output line written as soon as it may be.
+
+The recipe, top to bottom:
+
+1. record the job in the run folder (or check that the job being resumed had the same settings);
+2. open ``predictions.jsonl``: on resume, its complete lines are the rows already done;
+3. plan the model, and check the first window of rows against the plan before any weight is read;
+4. load, then for each window of rows: tokenize and check every row (a bad one ends the run, or is
+   written with an ``error``), sort by length into batches, run each batch that holds a row not yet
+   done, and append the lines that are ready, in input order, fsynced;
+5. write the report: rows, tokens, throughput, latency, peak memory against the plan.
+
+The task (generate, score, embed) is a ``RowTask``: how to prepare one row and run one batch.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import time
+import uuid
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any, Protocol
+
+from runner.config import RunConfig
+from runner.data.rows import Row
+from runner.data.sources import count_rows, read_rows, windows
+from runner.run import launch as distributed
+from runner.data.shares import Share, ShareOutput, check_fresh, merge, rank_files
+from runner.data.writer import PREDICTIONS, FollowerOutput, PredictionsFile, job_settings, start_job
+from runner.infer.engine import Engine
+from runner.errors import DataError, Interrupted, RunnerError
+from runner.infer.batches import length_batches
+from runner.data.progress import Progress
+from runner.lab.manifest import write_manifest
+from runner.load.memory import peak_rss
+from runner.run.report import device_map_document, format_summary, write_job_report
+
+
+@dataclass
+class Item:
+    """A row ready to run: its tokenized request, its length, and the batch group it belongs to."""
+
+    row: Row
+    request: Any
+    tokens: int
+    group: Hashable = None  # rows of different groups (sampling settings) never share a batch
+
+
+@dataclass
+class Batch:
+    """What running one batch gave: a result per item, in order, and its token counts and times."""
+
+    results: list[Any]
+    input_tokens: int
+    output_tokens: int = 0
+    first_token_s: float | None = None  # generation: the prefill, until every row has its first token
+    decode_s: float = 0.0
+
+
+class RowTask(Protocol):
+    """What a task does with rows."""
+
+    def prepare(self, row: Row) -> Item:
+        """Tokenize and check one row. Raises ``RunnerError`` (its first line says what is wrong)."""
+        ...
+
+    def run(self, items: list[Item]) -> Batch: ...
+
+    def line(self, row: Row, result: Any) -> dict[str, Any]:
+        """The output line of a row that ran."""
+        ...
+
+    def error_line(self, row: Row) -> dict[str, Any]:
+        """The output line of a row skipped for ``row.error``."""
+        ...
+
+
+@dataclass
+class JobStats:
+    total: int | None
+    resumed: int = 0
+    done: int = 0
+    skipped: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    compute_s: float = 0.0
+    decode_s: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    first_tokens: list[float] = field(default_factory=list)
+
+    def add(self, batch: Batch, seconds: float) -> None:
+        self.input_tokens += batch.input_tokens
+        self.output_tokens += batch.output_tokens
+        self.compute_s += seconds
+        self.decode_s += batch.decode_s
+        self.latencies.append(seconds)
+        if batch.first_token_s is not None:
+            self.first_tokens.append(batch.first_token_s)
+
+
+def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig], RowTask],
+        ranks: distributed.Launch | None = None) -> tuple[str, dict[str, Path]]:
+    """The text to show, and the files written. ``task_rows(engine, config)`` makes the ``RowTask``
+    (``GenerateRows``, ``ScoreRows``, ``EmbedRows``); ``ranks``: this process's place under torchrun."""
+    id_key = "custom_id" if config.data.format == "openai" else "id"
+    launch = ranks if config.parallel.mode == "data" else None  # this rank's share of the rows
+    follows = config.parallel.mode == "pipeline" and ranks is not None and not ranks.main  # rank 0 writes for all
+    if launch is None:
+        opened: dict[str, PredictionsFile] = {}
+
+        def open_output() -> list[Any]:
+            if rank_files(run_dir):
+                raise DataError(f"{run_dir}: holds a data-parallel job's {rank_files(run_dir)[0].name}; resume it "
+                                "with torchrun ... parallel.mode=data resume=true (any number of ranks), or pick a "
+                                "new run folder (hydra.run.dir=...)")
+            start_job(run_dir, job_settings(config.resolved), resume=config.resume)
+            opened["out"] = PredictionsFile(run_dir / PREDICTIONS, id_key=id_key, resume=config.resume)
+            return opened["out"].done
+
+        # A pipeline's ranks run the same batches: the others follow rank 0's rows done, writing nothing.
+        done = distributed.agree_or_raise(open_output) if config.parallel.mode == "pipeline" else open_output()
+        out: Output = FollowerOutput(run_dir / PREDICTIONS, done) if follows else opened["out"]
+        share = Share()
+        rows = _check_done(read_rows(config.data, config.task), done)
+    else:  # rank 0 records the job; every rank then reads what is done, before any rank writes
+        distributed.agree_or_raise(lambda: (check_fresh(run_dir, resume=config.resume),
+                                            start_job(run_dir, job_settings(config.resolved), resume=config.resume)))
+        out = ShareOutput(run_dir, launch.rank)
+        distributed.agree(lambda: None)  # every rank has read what is done before any rank writes more
+        job = distributed.agree(lambda: uuid.uuid4().hex)  # names this run's claims in the launch's store
+        share = Share(launch.rank, launch.world_size, claim=distributed.claimer(job))
+        rows = read_rows(config.data, config.task)
+    stats = JobStats(count_rows(config.data) if launch is None else None, resumed=len(out.done))
+    chunks = windows(rows, config.data.window)
+    first = next(chunks, [])
+    if not first and not out.done:
+        raise DataError(f"data.path: {config.data.path} holds no rows; give it one row per line")
+    holder: dict[str, tuple[RowTask, list[Item], list[Row]]] = {}
+
+    def check_first_window(engine: Engine) -> None:  # a bad first row fails before any weight is read
+        task = task_rows(engine, config)
+        holder["first"] = (task, *_prepare(task, first, config, run_dir))
+
+    engine = _engine_on_every_rank(ranks, lambda: Engine(config, run_dir, launch=ranks, before_load=check_first_window))
+    task, items, bad = holder["first"]
+    progress = Progress(stats.total, initial=stats.resumed if launch is None else 0,  # other ranks keep quiet
+                        log_every=config.runtime.log_every if (launch is None or launch.main) and not follows
+                        else float("inf"))
+    start = time.perf_counter()
+    failure: RunnerError | None = None
+    try:
+        # NaN or Inf in any task's outputs, or a real allocation failing despite the plan: one line each
+        with engine.explain_non_finite(), engine.memory_checked():
+            for window in chain([first], chunks):
+                if window is not first:
+                    items, bad = _prepare(task, window, config, run_dir)
+                _run_window(task, window, items, bad, out, share, stats, progress, config)
+    except RunnerError as e:
+        if launch is None:
+            raise
+        failure = e  # this rank stops; the others finish their shares, and the merge names what is missing
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see __main__): say what is kept and how to go on
+        out.flush()
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        raise Interrupted(signum, f"{out.lines} rows are in {out.path}; "
+                                  f"resume=true hydra.run.dir={run_dir} continues the job") from None
+    finally:  # what finished is on disk whatever stops the job
+        out.flush()
+        progress.close()
+    out.close()
+    engine.loaded.timings[config.task.name] = round(time.perf_counter() - start, 4)
+    if launch is not None:
+        return _finish_share(launch, engine, run_dir, stats, share, failure, config)
+    if follows:
+        return "", {}
+    paths = _write_reports(engine, run_dir, job_document(stats, config), config)
+    paths[PREDICTIONS] = out.path
+    shown = "\n\n" + format_lines(out.path, config.task.output_key) if config.data.format == "inline" else ""
+    return format_summary(engine.loaded) + shown + "\n\n" + format_job(stats, out.path), paths
+
+
+def _engine_on_every_rank(ranks: distributed.Launch | None, make: Callable[[], Engine]) -> Engine:
+    """The engine; under torchrun, a rank that cannot make its own (a plan that does not fit its share, a load that
+    fails) stops every rank, rather than leaving the others waiting for it."""
+    if ranks is None:
+        return make()
+    engine, problem = None, None
+    try:
+        engine = make()
+    except RunnerError as e:
+        problem = e
+    found = distributed.all_gather(None if problem is None else f"{problem.stage}: {problem.lines[0]}")
+    if problem is not None:
+        raise problem
+    rank, line = next((r, f) for r, f in enumerate(found) if f is not None) if any(found) else (None, None)
+    if line is not None:
+        raise distributed.ParallelError(f"rank {rank} stopped ({line}); every rank stops with it")
+    assert engine is not None
+    return engine
+
+
+def _write_reports(engine: Engine, run_dir: Path, job: dict[str, Any], config: RunConfig,
+                   parallel: dict[str, Any] | None = None) -> dict[str, Path]:
+    paths = write_job_report(engine.loaded, run_dir, job, engine.stats if config.task.name == "generate" else None,
+                             parallel=parallel)
+    return paths | write_manifest(run_dir, config, checkpoint=engine.loaded.checkpoint.fingerprint(),
+                                  hardware=engine.loaded.hardware, tokenizer=engine.tokenizer,
+                                  device_map=device_map_document(engine.loaded)["device_map"])
+
+
+def _finish_share(launch: distributed.Launch, engine: Engine, run_dir: Path, stats: JobStats, share: Share,
+                  failure: RunnerError | None, config: RunConfig) -> tuple[str, dict[str, Path]]:
+    """Data parallel: every rank's figures gathered on rank 0, which merges the rank files into
+    ``predictions.jsonl`` in input order and writes the report; rows no rank wrote are named."""
+    seconds = engine.loaded.timings[config.task.name]
+    ranks = distributed.gather({
+        "rank": launch.rank, "batches": share.ran, "rows": stats.done, "skipped": stats.skipped, "seconds": seconds,
+        "input_tokens": stats.input_tokens, "output_tokens": stats.output_tokens,
+        "tokens_per_s": round(stats.output_tokens / max(seconds, 1e-9), 2), "peak_rss_bytes": peak_rss(),
+        "error": None if failure is None else f"{failure.stage}: {failure.lines[0]}"})
+    if not launch.main:
+        if failure is not None:
+            raise failure
+        return "", {}
+    merged = merge(run_dir, (row.id for row in read_rows(config.data, config.task)))
+    wall = max(r["seconds"] for r in ranks)
+    job = job_document(stats, config)
+    job["rows"] = {"total": merged.lines + len(merged.missing), "done": sum(r["rows"] for r in ranks),
+                   "skipped": sum(r["skipped"] for r in ranks), "resumed": stats.resumed}
+    job["tokens"] = {"input": sum(r["input_tokens"] for r in ranks), "output": sum(r["output_tokens"] for r in ranks)}
+    parallel = {"mode": "data", "world_size": launch.world_size, "seconds": wall,
+                "tokens_per_s": round(job["tokens"]["output"] / max(wall, 1e-9), 2),
+                "missing": [str(i) for i in merged.missing], "ranks": ranks}
+    paths = _write_reports(engine, run_dir, job, config, parallel)
+    paths[PREDICTIONS] = merged.path
+    if failure is not None:
+        raise failure
+    if merged.missing:
+        shown = ", ".join(map(repr, merged.missing[:5])) + (" ..." if len(merged.missing) > 5 else "")
+        stopped = "; ".join(f"rank {r['rank']}: {r['error']}" for r in ranks if r["error"]) or "a rank stopped early"
+        raise DataError(f"{len(merged.missing)} rows have no output line ({shown}): {stopped}; resume=true "
+                        f"hydra.run.dir={run_dir} completes them, with any number of ranks")
+    lines = "\n".join(f"rank {r['rank']}: {r['rows']} rows in {r['batches']} batches, {r['seconds']:.2f} s, "
+                      f"{r['tokens_per_s']:.1f} tokens/s" for r in ranks)
+    shown = "\n\n" + format_lines(merged.path, config.task.output_key) if config.data.format == "inline" else ""
+    return (format_summary(engine.loaded) + shown + f"\n\n{lines}\n{merged.lines} rows from {launch.world_size} "
+            f"ranks, {parallel['tokens_per_s']:.1f} tokens/s -> {merged.path}", paths)
+
+
+def _check_done(rows: Iterator[Row], done: list[Any]) -> Iterator[Row]:
+    """The rows, after checking that the ones already written are the same rows (same ids, same order)."""
+    for row in rows:
+        if row.number < len(done) and row.id != done[row.number]:
+            raise DataError(f"resume: {row.where} has id {row.id!r} but output line {row.number + 1} is for "
+                            f"{done[row.number]!r}: the input changed since the job started; restore it, or "
+                            "start a new run folder")
+        yield row
+    # (a shorter input than the output is caught by the writer: nothing more to write)
+
+
+def _prepare(task: RowTask, window: list[Row], config: RunConfig, run_dir: Path) -> tuple[list[Item], list[Row]]:
+    """The window's rows ready to run, and the bad ones; with ``on_error: fail``, the first bad row ends the run."""
+    items, bad = [], []
+    for row in window:
+        if row.error is None:
+            try:
+                items.append(task.prepare(row))
+                continue
+            except RunnerError as e:
+                row.failed(e.lines[0])
+        if config.data.on_error == "fail":
+            fix = ("fix it" if config.data.format == "inline" else
+                   f"fix the row and resume (resume=true hydra.run.dir={run_dir} keeps the rows done)")
+            raise DataError(f"{row.where}: {row.error}; {fix}, or set data.on_error=skip to write it with an error "
+                            "and go on")
+        bad.append(row)
+    return items, bad
+
+
+class Output(Protocol):
+    """Where a job's lines go: ``PredictionsFile`` (one process) or ``ShareOutput`` (a rank's file)."""
+
+    path: Path
+    lines: int
+
+    def todo(self, row: Row) -> bool: ...
+
+    def expect(self, numbers: Iterable[int]) -> None: ...
+
+    def put(self, number: int, line: dict[str, Any]) -> None: ...
+
+    def flush(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def _run_window(task: RowTask, window: list[Row], items: list[Item], bad: list[Row], out: Output, share: Share,
+                stats: JobStats, progress: Progress, config: RunConfig) -> None:
+    out.expect(row.number for row in window if out.todo(row))
+    for row in bad:
+        if out.todo(row) and share.writes_bad_rows:
+            out.put(row.number, task.error_line(row))
+            stats.skipped += 1
+    # One run of the task takes every micro-batch of a column (generation), in length order. Every rank forms the
+    # same batches; each runs its share of them.
+    for batch in length_batches(items, config.runtime.rows_in_flight, length=lambda i: i.tokens, group=lambda i: i.group):
+        todo = [i for i in batch if out.todo(i.row)]
+        if not share.take() or not todo:
+            continue  # another rank's, or every row already written; a batch with one row to do runs whole
+        start = time.perf_counter()
+        result = task.run(batch)
+        seconds = time.perf_counter() - start
+        share.ran += 1
+        for item, value in zip(batch, result.results):
+            if out.todo(item.row):
+                out.put(item.row.number, task.line(item.row, value))
+        written = out.flush()
+        stats.done += len(todo)
+        stats.add(result, seconds)
+        progress.update(written, tokens=result.input_tokens + result.output_tokens)
+    progress.update(out.flush())
+
+
+def job_document(stats: JobStats, config: RunConfig) -> dict[str, Any]:
+    """The report's ``job`` section."""
+    prefill_s = stats.compute_s - stats.decode_s
+    decoded = stats.output_tokens - (stats.done if stats.output_tokens else 0)  # each row's first token is prefill's
+    return {
+        "task": config.task.name,
+        "input": str(config.data.path) if config.data.path else "inline",
+        "format": config.data.format,
+        "rows": {"total": stats.total, "done": stats.done, "skipped": stats.skipped, "resumed": stats.resumed},
+        "tokens": {"input": stats.input_tokens, "output": stats.output_tokens},
+        "tokens_per_s": {"prefill": _rate(stats.input_tokens, prefill_s), "decode": _rate(decoded, stats.decode_s)},
+        "batch_latency_s": _percentiles(stats.latencies),
+        "time_to_first_token_s": _percentiles(stats.first_tokens),
+    }
+
+
+def format_job(stats: JobStats, path: Path) -> str:
+    skipped = f", {stats.skipped} skipped" if stats.skipped else ""
+    resumed = f", {stats.resumed} already done" if stats.resumed else ""
+    return f"{stats.done} rows{skipped}{resumed} -> {path}"
+
+
+def format_lines(path: Path, key: str, limit: int = 20) -> str:
+    """The first output lines, one short line each: what a small inline job shows on screen."""
+    shown = []
+    with path.open(encoding="utf-8") as f:
+        for text, _ in zip(f, range(limit)):
+            line = json.loads(text)
+            value = line.get(key)
+            if value is None:
+                result = f"error: {line.get('error')}"
+            elif key == "completion":
+                result = repr(value["text"])
+            elif key == "score":
+                result = f"logprob {value['logprob']:.4f} over {value['tokens']} tokens, perplexity {value['perplexity']:.3f}"
+            else:
+                result = f"{len(value)} dims [{', '.join(f'{x:.4f}' for x in value[:3])}, ...]"
+            shown.append(f"[{line['id']}] {result}")
+    return "\n".join(shown)
+
+
+def _rate(tokens: int, seconds: float) -> float | None:
+    return round(tokens / seconds, 2) if seconds > 0 and tokens else None
+
+
+def _percentiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731 -- nearest rank
+    return {"p50": round(pick(0.5), 4), "p95": round(pick(0.95), 4)}
