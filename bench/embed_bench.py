@@ -6,7 +6,7 @@ All on the CPU, fp32, in one process, ``torch.set_num_threads`` = the cores this
 (most 5-30 words, a tail past 100; every one under the model's 256-token limit, so neither side truncates), in
 batches of 32 (``--batch-size``):
 
-- ``runner``: ``prepare(model=minilm hardware=cpu)`` once, then per timed run: the checkpoint's tokenizer
+- ``runner``: ``Engine(model=minilm hardware=cpu).loaded`` once, then per timed run: the checkpoint's tokenizer
   (``tokenizer_for``) encodes every sentence with its special tokens; ``length_batches`` sorts them by token length
   (ties in input order) and cuts batches, as the runner's batch job does; each batch is embedded with
   ``embed(encoder(model), batch, pooling="mean", normalize=True, pad_id=...)`` and its rows put back in input order;
@@ -67,12 +67,12 @@ def runner_side(texts: list[str], batch_size: int, run_dir: Path):
 
     from runner.infer.batches import length_batches
     from runner.infer.embed import embed, encoder
-    from runner.plan.planned import prepare
+    from runner.infer.engine import Engine
     from runner.infer.tokenizer import tokenizer_for
 
     start = time.perf_counter()
-    result = prepare(compose_config("model=minilm", "hardware=cpu", "dtype=float32", f"runtime.batch_size={batch_size}",
-                                    f"runtime.seq_len={MAX_TOKENS}"), run_dir)
+    result = Engine(compose_config("model=minilm", "hardware=cpu", "dtype=float32", f"runtime.batch_size={batch_size}",
+                                    f"runtime.seq_len={MAX_TOKENS}"), run_dir).loaded
     tokenizer = tokenizer_for(result.checkpoint, None, result.config.model.arch["config"]["vocab_size"], False)
     enc = encoder(result.model, "minilm")
     load_s = time.perf_counter() - start
@@ -147,7 +147,7 @@ def main() -> int:
         print(f"all-MiniLM-L6-v2, {len(texts)} sentences ({longest} tokens at most), batch {args.batch_size}, "
               f"{args.threads} threads; torch {torch.__version__}, transformers {package_version('transformers')}, "
               f"sentence-transformers {package_version('sentence-transformers')}")
-        print(f"load: runner {ours_load:.2f} s (prepare), sentence-transformers {st_load:.2f} s")
+        print(f"load: runner {ours_load:.2f} s (Engine), sentence-transformers {st_load:.2f} s")
         from runner.infer.batches import length_batches
         by_chars = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # encode's order: characters, longest first
         st_batches = [by_chars[f:f + args.batch_size] for f in range(0, len(texts), args.batch_size)]

@@ -16,7 +16,7 @@ under ``--cache`` (else ``RUNNER_CACHE``, else ``~/.cache/runner``):
 
 All sides load on the CPU, then run one forward on a fixed ``[1, 128]`` batch:
 
-- ``runner``: ``runner.plan.planned.prepare`` (``hardware=cpu``, the checkpoint as above), then the forward;
+- ``runner``: ``runner.infer.engine.Engine`` (``hardware=cpu``, the checkpoint as above), then the forward;
 - ``runner-bf16``: the same with ``dtype=bfloat16``, from the same fp32 checkpoint;
 - ``torch``: the class built on the CPU (``GPT(**arch)``, or transformers' class from ``config.json``),
   ``load_state_dict`` of every shard's ``safetensors.torch.load_file``;
@@ -144,7 +144,7 @@ def child(side: str, kind: str, folder: Path) -> None:
     cfg = None
     side, *patches = side.split("+")
     if side.startswith("runner"):
-        from runner.plan.planned import prepare
+        from runner.infer.engine import Engine
         if "pread" in patches:
             import functools
 
@@ -171,7 +171,7 @@ def child(side: str, kind: str, folder: Path) -> None:
         threading.Thread(target=_will_need, args=(shards,), daemon=True).start()
     if cfg is not None:
         with tempfile.TemporaryDirectory(prefix="load-bench-") as run_dir:  # nothing is offloaded: it stays empty
-            result = prepare(cfg, Path(run_dir))
+            result = Engine(cfg, Path(run_dir)).loaded
         model = result.model
         extra["planned"] = result.layout.total_bytes
         extra["timings"] = dict(result.timings)

@@ -15,7 +15,7 @@
 
 Both sides run on the CPU with a 1 GiB CPU budget and the rest on disk, on a fixed ``[4, 128]`` batch:
 
-- ``runner``: ``runner.plan.planned.prepare`` with ``hardware=cpu max_memory.cpu=1GiB runtime.batch_size=4
+- ``runner``: ``runner.infer.engine.Engine`` with ``hardware=cpu max_memory.cpu=1GiB runtime.batch_size=4
   runtime.seq_len=128 offload.folder=<dir>`` (its planner places the blocks; disk blocks are read
   straight from the checkpoint's shards, a few aligned spans per block into reused buffers, from the page
   cache when the bytes are there and with ``O_DIRECT`` otherwise (``offload.direct_io``), prefetched
@@ -230,7 +230,7 @@ def child_side(side: str, kind: str, work: Path, folder: Path) -> None:
     extra: dict[str, Any] = {}
     stats = None
     if side.startswith("runner"):
-        from runner.plan.planned import prepare
+        from runner.infer.engine import Engine
         stats = ReadStats()
         stats.install()
         cfg = compose_config(*runner_overrides(kind, folder, side), f"max_memory.cpu={CPU_BUDGET}",
@@ -262,7 +262,7 @@ def child_side(side: str, kind: str, work: Path, folder: Path) -> None:
             t0 = time.perf_counter()
             if side.startswith("runner"):
                 extra["offload_state"] = folder_state(offload)  # what the runner writes there: nothing, for fp32
-                result = prepare(cfg, work / f"{slug(side)}-run")
+                result = Engine(cfg, work / f"{slug(side)}-run").loaded
                 extra["offload_written_load"] = bytes_written(extra["offload_state"], folder_state(offload))
                 model = result.model
                 devices = result.check.block_devices
@@ -355,12 +355,12 @@ def child_compare(kind: str, work: Path, folder: Path, rounds: int, buffered: bo
     quiet()
     import torch
     torch.set_num_threads(os.cpu_count() or 1)
-    from runner.plan.planned import prepare
+    from runner.infer.engine import Engine
     overrides = runner_overrides(kind, folder)
     tokens = _tokens(vocab_size(kind, folder))
     timings = {}
     t0 = time.perf_counter()
-    resident = prepare(compose_config(*overrides, "max_memory.cpu=16GiB"), work / "resident-run")
+    resident = Engine(compose_config(*overrides, "max_memory.cpu=16GiB"), work / "resident-run").loaded
     timings["resident load"] = time.perf_counter() - t0
     assert set(resident.check.block_devices.values()) == {"cpu"}, resident.check.block_devices
     arch = {k: v for k, v in resident.config.model.arch.items() if k != "_target_"}  # resolved from config.json too
@@ -371,17 +371,17 @@ def child_compare(kind: str, work: Path, folder: Path, rounds: int, buffered: bo
     offload_folder = work / "runner-offload"
     before = folder_state(offload_folder)
     t0 = time.perf_counter()
-    offload = prepare(compose_config(*overrides, f"max_memory.cpu={CPU_BUDGET}", f"offload.folder={offload_folder}"),
-                      work / "runner-run")
+    offload = Engine(compose_config(*overrides, f"max_memory.cpu={CPU_BUDGET}", f"offload.folder={offload_folder}"),
+                      work / "runner-run").loaded
     timings["disk-map load"] = time.perf_counter() - t0
     written = {"load": bytes_written(before, folder_state(offload_folder))}
     models = {"resident": resident.model, "plain": plain, "plain, runner's tensors": shared,
               "disk map (warm)": offload.model}
     if buffered:
         t0 = time.perf_counter()
-        through_cache = prepare(compose_config(*overrides, f"max_memory.cpu={CPU_BUDGET}",
+        through_cache = Engine(compose_config(*overrides, f"max_memory.cpu={CPU_BUDGET}",
                                                f"offload.folder={offload_folder}", *BUFFERED),
-                                work / "runner-run")
+                                work / "runner-run").loaded
         timings["buffered disk-map load"] = time.perf_counter() - t0
         models["disk map (warm, buffered)"] = through_cache.model
     threads = torch.get_num_threads()

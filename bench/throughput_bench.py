@@ -62,7 +62,8 @@ def runner_side(args: dict) -> dict:
     from runner.infer.generate import GenerationStats, Request, generate
     from runner.infer.sampling import SamplingParams
     from runner.load.memory import reset_peak_rss
-    from runner.plan.planned import plan, prepare
+    from runner.infer.engine import Engine
+    from runner.plan.planned import plan
     from runner.plan.room import reserved
     from runner.plan.throughput import measure_rates, runner_cache, step_cost
 
@@ -79,7 +80,7 @@ def runner_side(args: dict) -> dict:
         roomy = plan(compose_config(*shape, "max_memory.cpu=16GiB"), Path(args["work"]))
         cap = f"max_memory.cpu={WEIGHTS_BUDGET + reserved(roomy.plan.reserves, 'cpu')}B"
     reset_peak_rss()
-    loaded_run = prepare(compose_config(*shape, cap), Path(args["work"]))  # token ids in: no tokenizer needed
+    loaded_run = Engine(compose_config(*shape, cap), Path(args["work"])).loaded  # token ids in: no tokenizer needed
     loaded = time.perf_counter() - start
     requests = [Request(i, "", tuple(p)) for i, p in enumerate(ids)]
     stats = GenerationStats()

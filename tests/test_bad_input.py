@@ -1,17 +1,18 @@
 """Bad input ends in one ``error: <stage>: ...`` line per problem and exit code 2, never a traceback.
 
-The CLI cases run ``python -m runner`` for real; a map the planner can never produce
-(uncovered, overlapping, tied weights apart, over budget) is checked in-process.
+The cases run what ``python -m runner`` runs (Hydra's composition, the job's status, the recipe) in this process,
+and one of them through the real command line for the exit code and stderr; a map the planner can never produce
+(uncovered, overlapping, tied weights apart, over budget) is checked against the validator directly.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import json
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import run_in_process
 
 from runner.plan.blocks import ModelLayout, describe_model
 from runner.load.build import build_skeleton
@@ -25,23 +26,14 @@ TINY_ARCH = {"_target_": "runner.zoo.gpt.GPT", "vocab_size": 256, "block_size": 
              "n_layer": 2, "n_head": 2, "n_embd": 16}
 
 
-@pytest.fixture(scope="session")
-def cli_cache(tmp_path_factory) -> Path:
-    """One RUNNER_CACHE for every CLI run, so synthetic checkpoints are written once."""
-    return tmp_path_factory.mktemp("bad-input-cache")
-
-
-def run_cli(run_dir: Path, cache: Path, *overrides: str) -> str:
-    """Run the CLI on bad input; check the contract every failure shares; return its one stderr line."""
-    env = {**os.environ, "RUNNER_CACHE": str(cache)}
-    proc = subprocess.run([sys.executable, "-m", "runner", *overrides, f"hydra.run.dir={run_dir}"],
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+def error_line(run_dir: Path, *overrides: str) -> str:
+    """Run the job on bad input; check the contract every failure shares; return its one error line."""
+    outcome, lines = run_in_process(run_dir, *overrides)
+    assert len(lines) == 1, lines
     assert lines[0].startswith("error: "), lines[0]
     assert not (run_dir / "report.json").exists()
+    if outcome is not None:  # the folder says the job failed, and why
+        assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
     return lines[0]
 
 
@@ -52,7 +44,7 @@ def assert_line(line: str, stage: str, *substrings: str) -> None:
 
 
 # (overrides, stage, substrings the one error line must contain)
-CLI_CASES = {
+CASES = {
     "group-option-typo": (("placement=balancd",), "config",
                           ("'placement/balancd'", "Available options", "balanced_low_0", "sequential")),
     "unknown-key-plus": (("+foo=1",), "config", ("foo: unknown key", "expected one of", "task", "tokenizer")),
@@ -122,18 +114,26 @@ CLI_CASES = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", CLI_CASES.values(), ids=CLI_CASES.keys())
-def test_cli_bad_input(case, tmp_path, cli_cache):
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_bad_input(case, tmp_path):
     overrides, stage, substrings = case
-    line = run_cli(tmp_path / "run", cli_cache, *TINY, *overrides)
+    line = error_line(tmp_path / "run", *TINY, *overrides)
     assert_line(line, stage, *substrings)
 
 
-@pytest.mark.slow
-def test_cli_local_checkpoint_missing(tmp_path, cli_cache):
+def test_the_command_line_prints_the_line_alone_and_exits_2(cli, tmp_path):
+    """The contract itself, through a real process: one line on stderr, exit 2, no traceback, no report."""
+    for n, bad in enumerate(("placement=balancd", "task.temperature=-0.5", "task.max_new_tokens=64")):
+        proc = cli(*TINY, bad, f"hydra.run.dir={tmp_path / str(n)}")
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stdout + proc.stderr
+        assert proc.stderr.strip().splitlines() == [error_line(tmp_path / f"again-{n}", *TINY, bad)]
+        assert not (tmp_path / str(n) / "report.json").exists()
+
+
+def test_local_checkpoint_missing(tmp_path):
     missing = tmp_path / "missing.safetensors"
-    line = run_cli(tmp_path / "run", cli_cache, *TINY, "checkpoint=local", f"checkpoint.path={missing}")
+    line = error_line(tmp_path / "run", *TINY, "checkpoint=local", f"checkpoint.path={missing}")
     assert_line(line, "checkpoint", f"checkpoint.path: {missing} does not exist",
                 "point it at a .safetensors file")
 

@@ -27,7 +27,7 @@ from runner.load.checkpoint.names import RenamedCheckpoint
 from runner.load.checkpoint.pickled import PICKLE_INDEX_NAME, PickleCheckpoint
 from runner.config import CheckpointSpec
 from runner.errors import CheckpointError
-from runner.plan.planned import prepare
+from runner.infer.engine import Engine
 from runner.zoo.gpt import GPT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,9 +254,9 @@ def test_run_with_allow_pickle_reports_the_custom_object(tmp_path):
     file = tmp_path / "custom.bin"
     torch.save({**state_dict(), "training_note": Marker()}, file)
     with pytest.raises(CheckpointError):
-        prepare(compose_config(*TINY, "checkpoint=local", f"checkpoint.path={file}"), tmp_path / "refused")
-    result = prepare(compose_config(*TINY, "checkpoint=local", f"checkpoint.path={file}",
-                                    "checkpoint.allow_pickle=true"), tmp_path / "allowed")
+        Engine(compose_config(*TINY, "checkpoint=local", f"checkpoint.path={file}"), tmp_path / "refused").loaded
+    result = Engine(compose_config(*TINY, "checkpoint=local", f"checkpoint.path={file}",
+                                    "checkpoint.allow_pickle=true"), tmp_path / "allowed").loaded
     assert any(k.startswith("training_note (") for k in result.keys.ignored)
 
 

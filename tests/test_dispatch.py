@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from conftest import compose_config, generate_run
 from runner.load.build import build_skeleton
 from runner.load.build import import_target
-from runner.plan.planned import prepare
+from runner.infer.engine import Engine
 
 STRATEGIES = ["sequential", "balanced", "balanced_low_0", "auto"]
 # gpt2tiny with 6 blocks: wte (+ tied head) 16 KiB, wpe 4 KiB, each Block 13120 B, ln_f 128 B.
@@ -36,7 +36,7 @@ def reference_model(cfg, dtype=torch.float32) -> torch.nn.Module:
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_tight_budgets_span_every_tier_and_match_the_reference(strategy, tmp_path):
     cfg = compose_config(*SIX, *TIGHT, f"placement={strategy}")
-    result = prepare(cfg, tmp_path)
+    result = Engine(cfg, tmp_path).loaded
     assert set(result.check.block_devices.values()) == {"cuda:0", "cuda:1", "cpu", "disk"}
     with torch.inference_mode():
         logits = result.model(TOKENS)
@@ -59,7 +59,7 @@ def test_greedy_tokens_equal_the_all_cpu_run(strategy, tmp_path):
 
 def test_disk_blocks_hold_only_the_read_ahead_between_forwards_and_stream_within_the_reserve(tmp_path):
     cfg = compose_config(*SIX, *TIGHT, "placement=sequential")
-    result = prepare(cfg, tmp_path)
+    result = Engine(cfg, tmp_path).loaded
     on_disk = [name for name, device in result.check.block_devices.items() if device == "disk"]
     assert on_disk
     for name in on_disk:
@@ -81,7 +81,7 @@ def test_disk_blocks_hold_only_the_read_ahead_between_forwards_and_stream_within
 
 def test_bfloat16_from_an_fp32_checkpoint_casts_per_tensor_and_converts_disk_blocks(tmp_path):
     cfg = compose_config(*SIX, *TIGHT, "dtype=bfloat16", "placement=sequential", f"offload.folder={tmp_path / 'off'}")
-    result = prepare(cfg, tmp_path)
+    result = Engine(cfg, tmp_path).loaded
     assert result.dtype == torch.bfloat16
     assert {p.dtype for name, p in result.model.named_parameters() if not p.is_meta} == {torch.bfloat16}
     converted = sorted(f.name for f in (tmp_path / "off").glob("*.safetensors"))
@@ -92,7 +92,7 @@ def test_bfloat16_from_an_fp32_checkpoint_casts_per_tensor_and_converts_disk_blo
 
 
 def test_tied_head_is_one_tensor_on_one_device(tmp_path):
-    result = prepare(compose_config("model=gpt2tiny", "hardware=sim_2gpu", "placement=balanced"), tmp_path)
+    result = Engine(compose_config("model=gpt2tiny", "hardware=sim_2gpu", "placement=balanced"), tmp_path).loaded
     assert result.model.lm_head.weight is result.model.transformer.wte.weight
     assert not result.model.lm_head.weight.is_meta
     devices = result.check.block_devices
@@ -102,7 +102,7 @@ def test_tied_head_is_one_tensor_on_one_device(tmp_path):
 def test_simulated_gpu_budgets_are_enforced_by_the_ledger(tmp_path):
     from runner.errors import SimulatedOutOfMemory
 
-    result = prepare(compose_config("model=gpt2tiny", "hardware=sim_2gpu"), tmp_path)
+    result = Engine(compose_config("model=gpt2tiny", "hardware=sim_2gpu"), tmp_path).loaded
     free = result.hardware.get("cuda:0").budget - result.ledger.current["cuda:0"]
     with pytest.raises(SimulatedOutOfMemory, match=r"cuda:0 \(simulated\) is out of memory"):
         result.ledger.allocate("cuda:0", free + 1, "a test tensor")

@@ -14,7 +14,7 @@ from conftest import compose_config
 from runner.config import ModelSpec
 from runner.errors import EmbedError
 from runner.infer.embed import TransformersEncoder, embed, encoder, right_pad
-from runner.plan.planned import prepare
+from runner.infer.engine import Engine
 from runner.infer.tokenizer import tokenizer_for
 from test_generate import GPT2, LLAMA, save_gpt2, save_llama
 
@@ -47,7 +47,7 @@ def minilm_folder() -> Path:
 def minilm(tmp_path_factory):
     """all-MiniLM-L6-v2 planned, loaded and dispatched by the runner, with its own tokenizer."""
     minilm_folder()
-    result = prepare(compose_config("model=minilm", "hardware=cpu"), tmp_path_factory.mktemp("minilm"))
+    result = Engine(compose_config("model=minilm", "hardware=cpu"), tmp_path_factory.mktemp("minilm")).loaded
     tokenizer = tokenizer_for(result.checkpoint, None, result.config.model.arch["config"]["vocab_size"], False)
     return result, tokenizer
 
@@ -90,8 +90,8 @@ def reference_states(base, sequences: list[list[int]]) -> list[torch.Tensor]:
 def test_zoo_hidden_states_under_right_padding_equal_transformers(tmp_path, arch):
     reference = (save_gpt2 if arch == "gpt2" else save_llama)(tmp_path / "ckpt")
     base = reference.transformer if arch == "gpt2" else reference.model
-    result = prepare(compose_config(*(GPT2 if arch == "gpt2" else LLAMA), f"checkpoint.path={tmp_path / 'ckpt'}"),
-                     tmp_path / "run")
+    result = Engine(compose_config(*(GPT2 if arch == "gpt2" else LLAMA), f"checkpoint.path={tmp_path / 'ckpt'}"),
+                     tmp_path / "run").loaded
     enc = encoder(result.model, arch)
     assert enc is result.model  # the zoo model is its own encoder
     ids, mask = right_pad(SEQUENCES, pad_id=0)
@@ -120,7 +120,7 @@ def test_a_transformers_causal_lm_embeds_through_its_base_model(tmp_path):
     arch = {"_target_": "transformers.GPT2LMHeadModel",
             "config": {"_target_": "transformers.GPT2Config", "n_layer": 2, "n_head": 2, "n_embd": 32,
                        "vocab_size": 300, "n_positions": 128}}
-    result = prepare(replace(cfg, model=ModelSpec("hf-gpt2", arch, ())), tmp_path / "run")
+    result = Engine(replace(cfg, model=ModelSpec("hf-gpt2", arch, ())), tmp_path / "run").loaded
     assert set(result.check.block_devices.values()) == {"cuda:0", "cuda:1"}
     enc = encoder(result.model, "hf-gpt2")
     assert isinstance(enc, TransformersEncoder) and enc.model is result.model.transformer
@@ -130,8 +130,8 @@ def test_a_transformers_causal_lm_embeds_through_its_base_model(tmp_path):
 
 
 def test_a_model_with_no_hidden_states_cannot_embed_and_says_what_fits(tmp_path):
-    result = prepare(compose_config("model=seq100b", "model.arch.n_layers=2", "model.arch.width=8", "hardware=cpu"),
-                     tmp_path / "run")
+    result = Engine(compose_config("model=seq100b", "model.arch.n_layers=2", "model.arch.width=8", "hardware=cpu"),
+                     tmp_path / "run").loaded
     with pytest.raises(EmbedError) as e:
         encoder(result.model, "seq100b")
     assert e.value.stage == "embed" and len(e.value.lines) == 1 and "\n" not in str(e.value)
@@ -140,7 +140,7 @@ def test_a_model_with_no_hidden_states_cannot_embed_and_says_what_fits(tmp_path)
 
 
 def test_batches_it_cannot_embed_are_one_line_errors(tmp_path):
-    result = prepare(compose_config("model=gpt2tiny", "hardware=cpu"), tmp_path / "run")  # a 64-token context
+    result = Engine(compose_config("model=gpt2tiny", "hardware=cpu"), tmp_path / "run").loaded  # a 64-token context
     enc = encoder(result.model, "gpt2tiny")
     cases = {"no sequences": [], "sequence 1 of the batch has no tokens": [[1, 2], []],
              "sequence 2 of the batch has 65 tokens, past the model's context of 64; truncate it to 64 tokens":

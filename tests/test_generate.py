@@ -13,7 +13,6 @@ from runner.infer.engine import Engine
 from runner.errors import GenerateError
 from runner.infer.generate import GenerationStats, Request, generate
 from runner.infer.sampling import SamplingParams
-from runner.plan.planned import prepare
 
 transformers = pytest.importorskip("transformers")
 
@@ -69,7 +68,7 @@ def test_logits_with_a_cache_equal_logits_without(tmp_path, arch, where):
         disk = "+device_map.transformer.h.2=disk"
     if where != "cpu":
         overrides += ["hardware=sim_2gpu", "placement=balanced", disk]
-    result = prepare(compose_config(*overrides), tmp_path / "run")
+    result = Engine(compose_config(*overrides), tmp_path / "run").loaded
     if where != "cpu":
         assert set(result.check.block_devices.values()) >= {"cuda:0", "cuda:1", "disk"}
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -80,7 +79,7 @@ def test_logits_with_a_cache_equal_logits_without(tmp_path, arch, where):
 
 def test_left_padding_changes_no_logit(tmp_path):
     save_llama(tmp_path / "ckpt")
-    result = prepare(compose_config(*LLAMA, f"checkpoint.path={tmp_path / 'ckpt'}"), tmp_path / "run")
+    result = Engine(compose_config(*LLAMA, f"checkpoint.path={tmp_path / 'ckpt'}"), tmp_path / "run").loaded
     long, short = torch.randint(0, 256, (1, 12)), torch.randint(0, 256, (1, 5))
     ids = torch.cat([long, torch.cat([torch.zeros(1, 7, dtype=torch.long), short], 1)])
     mask = torch.cat([torch.ones(1, 12), torch.cat([torch.zeros(1, 7), torch.ones(1, 5)], 1)]).long()
@@ -270,8 +269,8 @@ def test_smollm2_greedy_tokens_equal_transformers_generate(tmp_path):
 
 def test_hooks_move_activations_but_leave_the_cache_where_each_block_wrote_it(tmp_path):
     """On a sim_2gpu + disk map every block's hook runs, yet each layer's cache is written in place, step after step."""
-    result = prepare(compose_config("model=gpt2tiny", "model.arch.n_layer=4", "hardware=sim_2gpu",
-                                    "placement=balanced", "+device_map.transformer.h.2=disk"), tmp_path)
+    result = Engine(compose_config("model=gpt2tiny", "model.arch.n_layer=4", "hardware=sim_2gpu",
+                                    "placement=balanced", "+device_map.transformer.h.2=disk"), tmp_path).loaded
     cache = result.model.new_cache(16)
     with torch.inference_mode():
         result.model(torch.tensor([[1, 2, 3]]), cache=cache)

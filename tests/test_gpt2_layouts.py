@@ -20,7 +20,7 @@ from runner.load.checkpoint.files import SafetensorsCheckpoint, TensorEntry
 from runner.errors import CheckpointError
 from runner.infer.generate import Request, generate
 from runner.infer.sampling import SamplingParams
-from runner.plan.planned import prepare
+from runner.infer.engine import Engine
 from runner.zoo.gpt import GPT
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -35,9 +35,9 @@ def arch_overrides(**arch: int) -> list[str]:
 
 
 def load(path: Path, run_dir: Path, **arch: int):
-    """``prepare`` of a local checkpoint, all on the CPU."""
+    """A local checkpoint as the Engine loads it, all on the CPU."""
     cfg = compose_config(*arch_overrides(**arch), "checkpoint=local", f"checkpoint.path={path}", "hardware=cpu")
-    return prepare(cfg, run_dir)
+    return Engine(cfg, run_dir).loaded
 
 
 def zoo_model(seed: int = 0, **arch: int) -> GPT:
@@ -319,6 +319,6 @@ def test_conv1d_weights_are_views_of_the_file_in_fp32_and_plain_weights_once_cas
     assert torch.equal(weight, hf.transformer.h[0].mlp.c_fc.weight.t())
     cfg = compose_config(*arch_overrides(**SMALL), "checkpoint=local", f"checkpoint.path={folder}", "hardware=cpu",
                          "dtype=bfloat16")
-    cast = prepare(cfg, tmp_path / "bf16").model.transformer.h[0].mlp.c_fc.weight
+    cast = Engine(cfg, tmp_path / "bf16").loaded.model.transformer.h[0].mlp.c_fc.weight
     assert cast.dtype == torch.bfloat16 and cast.is_contiguous()
     assert torch.equal(cast, hf.transformer.h[0].mlp.c_fc.weight.t().to(torch.bfloat16))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -25,10 +26,15 @@ def test_the_wheel_carries_configs_and_schemas_and_runs_anywhere(tmp_path):
             "hydra_plugins/runner_sweeper/resuming_sweeper.py"} <= names
     assert not any(n.startswith(("tests/", "conf/", "schemas/")) for n in names)
 
-    # The venv sees torch and the rest from this machine's site-packages; runner itself comes from the wheel.
+    # A fresh venv that sees this test environment's packages (torch and the rest, through a .pth file: a venv's
+    # --system-site-packages would see the base interpreter's, not this environment's); runner comes from the wheel.
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python, script = venv / "bin" / "python", venv / "bin" / "runner"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    ours = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    (Path(site) / "test-environment.pth").write_text("".join(f"{p}\n" for p in ours))
     installed = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
                                capture_output=True, text=True, timeout=300)
     assert installed.returncode == 0, installed.stderr

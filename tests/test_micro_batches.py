@@ -9,7 +9,7 @@ from conftest import compose_config
 from runner.errors import ConfigError, PlanError
 from runner.infer.generate import GenerationStats, Request, generate
 from runner.infer.sampling import SamplingParams
-from runner.plan.planned import prepare
+from runner.infer.engine import Engine
 
 # gpt2tiny with 6 blocks (about 100 kB in fp32) and the KV cache of 8 rows on a CPU of 250 kB: the attention blocks
 # stream in from disk every forward.
@@ -39,8 +39,8 @@ def run(result, batch_size: int, micro_batches: int, params: SamplingParams) -> 
 
 @pytest.fixture(scope="module")
 def disky(tmp_path_factory):
-    result = prepare(compose_config(*DISKY, "runtime.micro_batches=4", "runtime.batch_size=2"),
-                     tmp_path_factory.mktemp("mb"))
+    result = Engine(compose_config(*DISKY, "runtime.micro_batches=4", "runtime.batch_size=2"),
+                     tmp_path_factory.mktemp("mb")).loaded
     assert "disk" in result.check.block_devices.values()
     return result
 
@@ -76,16 +76,16 @@ def test_a_column_that_raises_drops_every_block_it_held(disky):
 
 
 def test_the_kv_cache_of_every_micro_batch_is_planned(tmp_path):
-    one = prepare(compose_config(*DISKY[:-1], "max_memory.cpu=1GB", "runtime.batch_size=2"), tmp_path / "a")
-    four = prepare(compose_config(*DISKY[:-1], "max_memory.cpu=1GB", "runtime.batch_size=2",
-                                  "runtime.micro_batches=4"), tmp_path / "b")
+    one = Engine(compose_config(*DISKY[:-1], "max_memory.cpu=1GB", "runtime.batch_size=2"), tmp_path / "a").loaded
+    four = Engine(compose_config(*DISKY[:-1], "max_memory.cpu=1GB", "runtime.batch_size=2",
+                                  "runtime.micro_batches=4"), tmp_path / "b").loaded
     kv = lambda r: sum(r.request.kv_bytes.values())
     assert kv(four) == 4 * kv(one) > 0
 
 
 def test_micro_batches_whose_kv_cache_cannot_fit_is_one_line_naming_the_key(tmp_path):
     with pytest.raises(PlanError) as e:
-        prepare(compose_config(*DISKY, "runtime.batch_size=2", "runtime.micro_batches=512"), tmp_path)
+        Engine(compose_config(*DISKY, "runtime.batch_size=2", "runtime.micro_batches=512"), tmp_path).loaded
     (line,) = e.value.lines
     assert line.startswith("runtime.micro_batches: 512 micro-batches of 2 rows keep a KV cache of ")
     assert "lower runtime.micro_batches" in line
@@ -187,9 +187,9 @@ def test_the_stagger_is_the_longest_gpu_stage_and_none_with_streamed_blocks():
 def test_micro_batches_run_as_a_pipeline_over_simulated_gpus_with_the_same_tokens(tmp_path, hardware):
     from runner.plan.compute import pipeline_stagger
 
-    result = prepare(compose_config("model=gpt2tiny", "model.arch.n_layer=4", f"hardware={hardware}",
+    result = Engine(compose_config("model=gpt2tiny", "model.arch.n_layer=4", f"hardware={hardware}",
                                     "placement=balanced", "runtime.seq_len=24", "runtime.batch_size=2",
-                                    "runtime.micro_batches=4"), tmp_path)
+                                    "runtime.micro_batches=4"), tmp_path).loaded
     stagger = pipeline_stagger(result.layout.blocks, result.compute)
     assert stagger >= 2 and {"cuda:0", "cuda:1"} <= set(result.check.block_devices.values())
     entered: list[str] = []

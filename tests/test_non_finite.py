@@ -66,16 +66,16 @@ def test_a_job_over_nan_weights_ends_in_one_line_and_exit_2(tmp_path):
 
 def test_check_finite_names_each_bad_tensor_before_anything_runs(tmp_path):
     from runner.errors import CheckpointError
-    from runner.plan.planned import prepare
+    from runner.infer.engine import Engine
 
     path = checkpoint(tmp_path / "ckpt", float("nan"))
     with pytest.raises(CheckpointError) as e:
-        prepare(compose_config(*OVERRIDES, f"checkpoint.path={path}", "checkpoint.check_finite=true"),
-                tmp_path / "run")
+        Engine(compose_config(*OVERRIDES, f"checkpoint.path={path}", "checkpoint.check_finite=true"),
+                tmp_path / "run").loaded
     assert list(e.value.lines) == [
         f"{path}/model.safetensors: tensor transformer.h.1.mlp.c_fc.weight holds 1 NaN or Inf value(s) of 4096; "
         "the checkpoint is corrupt: re-download or re-export it"]
     good = checkpoint(tmp_path / "good", None)
-    result = prepare(compose_config(*OVERRIDES, f"checkpoint.path={good}", "checkpoint.check_finite=true"),
-                     tmp_path / "run2")
+    result = Engine(compose_config(*OVERRIDES, f"checkpoint.path={good}", "checkpoint.check_finite=true"),
+                     tmp_path / "run2").loaded
     assert "check_finite" in result.timings

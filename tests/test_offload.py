@@ -10,7 +10,7 @@ import torch
 from conftest import compose_config, evict_page_cache
 from runner.errors import CheckpointError, DiskFull, OffloadError
 from runner.load.conversions import MANIFEST
-from runner.plan.planned import prepare
+from runner.infer.engine import Engine
 
 TOKENS = torch.tensor([[72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]])
 # gpt2tiny with 6 blocks (about 100 kB in fp32, 50 kB in bf16) on a CPU of 60 kB: some blocks go to disk.
@@ -26,7 +26,7 @@ def converted(root: Path) -> Path:
 def logits(*overrides: str, tmp_path) -> tuple[torch.Tensor, object]:
     half = any(o.startswith("dtype=") and o != "dtype=float32" for o in overrides)
     cap = "max_memory.cpu=30000B" if half else "max_memory.cpu=60000B"
-    result = prepare(compose_config(*DISKY, cap, *overrides), tmp_path)
+    result = Engine(compose_config(*DISKY, cap, *overrides), tmp_path).loaded
     assert "disk" in result.check.block_devices.values()
     with torch.inference_mode():
         return result.model(TOKENS), result
@@ -34,7 +34,7 @@ def logits(*overrides: str, tmp_path) -> tuple[torch.Tensor, object]:
 
 @pytest.mark.parametrize("depth", [0, 1, 2])
 def test_prefetch_depths_give_identical_outputs(depth, tmp_path):
-    resident = prepare(compose_config("model=gpt2tiny", "model.arch.n_layer=6", "hardware=cpu"), tmp_path / "all")
+    resident = Engine(compose_config("model=gpt2tiny", "model.arch.n_layer=6", "hardware=cpu"), tmp_path / "all").loaded
     with torch.inference_mode():
         expected = resident.model(TOKENS)
     out, result = logits(f"offload.prefetch={depth}", tmp_path=tmp_path / f"d{depth}")
@@ -74,8 +74,8 @@ def test_converted_weights_are_written_once_and_reused(tmp_path):
     assert {f: f.stat().st_mtime_ns for f in files} == stamps  # reused, not rewritten
     assert torch.equal(first, second)
     # A smaller budget puts more blocks on disk: those already converted are reused, only the others written.
-    third = prepare(compose_config(*DISKY, "max_memory.cpu=20000B", "dtype=bfloat16", f"offload.folder={folder}"),
-                    tmp_path / "c")
+    third = Engine(compose_config(*DISKY, "max_memory.cpu=20000B", "dtype=bfloat16", f"offload.folder={folder}"),
+                    tmp_path / "c").loaded
     more = sorted(converted(folder).glob("*.safetensors"))
     assert len(more) > len(files) and {f: f.stat().st_mtime_ns for f in files} == stamps
     with torch.inference_mode():
@@ -182,9 +182,9 @@ def test_cpu_blocks_compute_where_fewer_bytes_move():
 
 def test_a_streamed_cpu_block_gives_the_same_output(tmp_path):
     overrides = ["model=gpt2tiny", "hardware=sim_2gpu", "runtime.batch_size=64", "+device_map.transformer.h.1=cpu"]
-    result = prepare(compose_config(*overrides), tmp_path / "s")
+    result = Engine(compose_config(*overrides), tmp_path / "s").loaded
     assert result.compute["transformer.h.1"].streamed  # 13 kB of weights against 64 x 256 tokens of activations
-    reference = prepare(compose_config("model=gpt2tiny", "hardware=cpu"), tmp_path / "r")
+    reference = Engine(compose_config("model=gpt2tiny", "hardware=cpu"), tmp_path / "r").loaded
     with torch.inference_mode():
         assert torch.equal(result.model(TOKENS), reference.model(TOKENS))
     assert all(p.is_meta for p in result.model.transformer.h[1].parameters())  # dropped after the forward
@@ -214,8 +214,8 @@ def test_disk_blocks_are_read_into_reused_buffers(tmp_path):
     """No allocation per forward: every disk block's weights land in one of depth + 1 reused buffers when they
     come from the device (bytes in the page cache would be mapped in place instead)."""
     # bfloat16 from fp32: disk blocks come from the offload folder, whose pages nothing else maps or reads ahead.
-    result = prepare(compose_config(*DISKY, "max_memory.cpu=30000B", "dtype=bfloat16", "offload.prefetch=1",
-                                    f"offload.folder={tmp_path / 'off'}"), tmp_path)
+    result = Engine(compose_config(*DISKY, "max_memory.cpu=30000B", "dtype=bfloat16", "offload.prefetch=1",
+                                    f"offload.folder={tmp_path / 'off'}"), tmp_path).loaded
     evict_page_cache(tmp_path.glob("off/*/*.safetensors"))
     storages = []
     for name, device in result.check.block_devices.items():
@@ -231,8 +231,8 @@ def test_disk_blocks_are_read_into_reused_buffers(tmp_path):
 
 def test_a_checkpoint_cut_short_under_a_running_model_is_one_clear_error(tmp_path):
     # Its own synthetic checkpoint, not the session's shared one, since this one gets cut short.
-    result = prepare(compose_config(*DISKY, "max_memory.cpu=60000B", "offload.prefetch=0",
-                                    f"checkpoint.cache_dir={tmp_path / 'cache'}"), tmp_path)
+    result = Engine(compose_config(*DISKY, "max_memory.cpu=60000B", "offload.prefetch=0",
+                                    f"checkpoint.cache_dir={tmp_path / 'cache'}"), tmp_path).loaded
     disk = next(b for b in result.layout.blocks if result.check.block_devices[b.name] == "disk")
     shard = result.checkpoint.entries[disk.tensors[0]].file
     # Replaced by a shorter file mid-run (resident weights keep mapping the old one, so nothing else breaks).
@@ -252,12 +252,12 @@ def test_a_lone_disk_block_is_not_read_twice_by_the_wrap_around(tmp_path):
     resident = [f"+device_map.transformer.{m}=cuda:0" for m in ("wte", "wpe", "ln_f", *(f"h.{i}" for i in range(5)))]
     overrides = ["model=gpt2tiny", "model.arch.n_layer=6", "hardware=sim_2gpu", "runtime.seq_len=1",
                  "offload.prefetch=1", "+device_map.transformer.h.5=disk", *resident]
-    planned = prepare(compose_config(*overrides), tmp_path / "probe")
+    planned = Engine(compose_config(*overrides), tmp_path / "probe").loaded
     h5 = next(b for b in planned.layout.blocks if b.name == "transformer.h.5")
     # Room for one copy, and for the block's KV cache, which lives where it computes.
     assert planned.plan.reserves["cuda:0"]["offload_staging"] == h5.nbytes + planned.request.kv_bytes[h5.name]
     need = planned.check.loads["cuda:0"] + sum(planned.plan.reserves["cuda:0"].values())
-    tight = prepare(compose_config(*overrides, f"+max_memory.0={need}B"), tmp_path / "tight")
+    tight = Engine(compose_config(*overrides, f"+max_memory.0={need}B"), tmp_path / "tight").loaded
     with torch.inference_mode():
         for _ in range(2):
             tight.model(TOKENS)
@@ -275,7 +275,7 @@ def test_an_offload_folder_with_no_storage_is_named_when_the_plan_needs_disk(tmp
 
 def test_an_offload_folder_inside_the_checkpoint_folder_is_refused(tmp_path):
     """Converted blocks beside the user's weights would be read as the checkpoint's own by the next run."""
-    resident = prepare(compose_config("model=gpt2tiny", "model.arch.n_layer=6", "hardware=cpu"), tmp_path / "all")
+    resident = Engine(compose_config("model=gpt2tiny", "model.arch.n_layer=6", "hardware=cpu"), tmp_path / "all").loaded
     home = resident.checkpoint.files[0].parent
     with pytest.raises(OffloadError) as e:
         logits("dtype=bfloat16", f"offload.folder={home / 'off'}", tmp_path=tmp_path / "run")

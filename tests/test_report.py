@@ -12,7 +12,8 @@ import torch
 
 from conftest import compose_config
 from runner.infer.generate import GenerationStats
-from runner.plan.planned import plan, prepare
+from runner.infer.engine import Engine
+from runner.plan.planned import plan
 from runner.run.report import format_map, format_summary, write_documents, write_job_report, write_plan
 from runner.run.job import JobStats, job_document
 from runner.config.schema import schema_errors
@@ -27,7 +28,7 @@ BUDGETS = {"cuda:0": 4 * 2**30, "cuda:1": 4 * 2**30, "cpu": 2**30, "disk": 10**1
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory, runner_cache):
-    return prepare(compose_config(*SIX), tmp_path_factory.mktemp("run"))
+    return Engine(compose_config(*SIX), tmp_path_factory.mktemp("run")).loaded
 
 
 def test_format_map_folds_numbered_siblings_on_one_device(loaded):
@@ -137,7 +138,7 @@ def test_a_measured_peak_above_the_prediction_is_a_warning(tmp_path):
     """Memory outside the plan shows: the report and the screen say which device, and both figures."""
     from runner.run.report import memory_warnings, report_document
 
-    result = prepare(compose_config("model=gpt2tiny", "hardware=cpu"), tmp_path)
+    result = Engine(compose_config("model=gpt2tiny", "hardware=cpu"), tmp_path).loaded
     assert not [w for w in report_document(result)["warnings"] if "measured peak" in w]
     held = torch.ones(int(1.5 * result.baseline_rss) // 4)  # touched: resident, and nowhere in the plan
     (line,) = [w for w in report_document(result)["warnings"] if "measured peak" in w]

@@ -13,7 +13,7 @@ from runner.config import ModelSpec
 from runner.errors import ScoreError
 from runner.infer.model import causal_lm
 from runner.infer.score import ScoreRequest, pair_request, score, text_request
-from runner.plan.planned import prepare
+from runner.infer.engine import Engine
 from runner.infer.tokenizer import HFTokenizer
 from test_generate import GPT2, LLAMA, save_gpt2, save_llama
 
@@ -37,7 +37,7 @@ class Loaded:
         cfg = compose_config(*(LLAMA if arch == "llama" else GPT2), f"checkpoint.path={folder / 'ckpt'}")
         if arch == "hf-gpt2":  # transformers' own class as the target: TransformersLM
             cfg = replace(cfg, model=ModelSpec("hf-gpt2", HF_GPT2, ()))
-        self.result = prepare(cfg, folder / "run")
+        self.result = Engine(cfg, folder / "run").loaded
         self.lm = causal_lm(self.result.model, arch)
         self.tokenizer = HFTokenizer(folder / "ckpt" / "tokenizer.json")
 
@@ -203,7 +203,7 @@ def test_smollm2_scores_equal_transformers_llama(tmp_path):
     (``test_generate`` checks the GGUF's own transformers load against the runner's)."""
     from runner.infer.tokenizer import tokenizer_for
 
-    result = prepare(compose_config("hardware=cpu"), tmp_path)
+    result = Engine(compose_config("hardware=cpu"), tmp_path).loaded
     tokenizer = tokenizer_for(result.checkpoint, None, None, synthetic=False)
     arch = {k: v for k, v in result.config.model.arch.items() if k != "_target_"}
     reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**arch)).eval()

@@ -9,7 +9,7 @@ import torch
 
 from conftest import compose_config
 from runner.config import ModelSpec
-from runner.plan.planned import prepare
+from runner.infer.engine import Engine
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,8 +30,8 @@ def save_llama(tmp_path, tie: bool, theta: float = 10000.0):
 @pytest.mark.parametrize("tie", [False, True])
 def test_zoo_llama_reads_config_json_and_matches_transformers(tmp_path, tie):
     reference, folder = save_llama(tmp_path, tie)
-    result = prepare(compose_config("model=llama", "checkpoint=local", f"checkpoint.path={folder}", "hardware=cpu"),
-                     tmp_path / "run")
+    result = Engine(compose_config("model=llama", "checkpoint=local", f"checkpoint.path={folder}", "hardware=cpu"),
+                     tmp_path / "run").loaded
     arch = result.config.model.arch
     assert (arch["hidden_size"], arch["num_key_value_heads"], arch["tie_word_embeddings"]) == (64, 2, tie)
     assert (result.model.lm_head.weight is result.model.model.embed_tokens.weight) == tie
@@ -43,8 +43,8 @@ def test_zoo_llama_reads_config_json_and_matches_transformers(tmp_path, tie):
 def test_rope_theta_is_read_wherever_config_json_keeps_it(tmp_path):
     """transformers 5 writes rope_theta under rope_parameters; older versions at the top. Either way it is read."""
     reference, folder = save_llama(tmp_path, tie=False, theta=500000.0)
-    result = prepare(compose_config("model=llama", "checkpoint=local", f"checkpoint.path={folder}", "hardware=cpu"),
-                     tmp_path / "run")
+    result = Engine(compose_config("model=llama", "checkpoint=local", f"checkpoint.path={folder}", "hardware=cpu"),
+                     tmp_path / "run").loaded
     assert result.config.model.arch["rope_theta"] == 500000.0
     with torch.inference_mode():
         torch.testing.assert_close(result.model(TOKENS), reference(TOKENS).logits, rtol=1e-4, atol=1e-5)
@@ -52,9 +52,9 @@ def test_rope_theta_is_read_wherever_config_json_keeps_it(tmp_path):
 
 def test_zoo_llama_split_over_simulated_gpus_matches(tmp_path):
     reference, folder = save_llama(tmp_path, tie=False)
-    result = prepare(compose_config("model=llama", "checkpoint=local", f"checkpoint.path={folder}",
+    result = Engine(compose_config("model=llama", "checkpoint=local", f"checkpoint.path={folder}",
                                     "hardware=sim_2gpu", "placement=balanced", "+device_map.model.layers.1=disk"),
-                     tmp_path / "run")
+                     tmp_path / "run").loaded
     assert set(result.check.block_devices.values()) == {"cuda:0", "cuda:1", "disk"}
     with torch.inference_mode():
         torch.testing.assert_close(result.model(TOKENS), reference(TOKENS).logits, rtol=1e-4, atol=1e-5)
@@ -72,7 +72,7 @@ def test_a_transformers_class_as_target(tmp_path):
             "config": {"_target_": "transformers.GPT2Config", "n_layer": 2, "n_head": 2, "n_embd": 32,
                        "vocab_size": 300, "n_positions": 64}}
     cfg = replace(cfg, model=ModelSpec("hf-gpt2", arch, ()))
-    result = prepare(cfg, tmp_path / "run")
+    result = Engine(cfg, tmp_path / "run").loaded
     assert result.config.model.no_split_module_classes == tuple(reference._no_split_modules)  # from the class
     assert {b.class_name for b in result.layout.blocks} >= {"GPT2Block"}
     assert result.model.lm_head.weight is result.model.transformer.wte.weight  # its own tie, kept

@@ -9,6 +9,7 @@ run, and what a test or a notebook can call with a ``RunConfig`` of its own.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,8 +46,18 @@ def deterministic(on: bool) -> Iterator[None]:
     """torch's deterministic algorithms, where it has them, for the job alone: a replay on the same machine gives
     the same bytes, and a later job of the same process (a sweep) starts from torch's own setting."""
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(on, warn_only=True)
+    _set_deterministic(on, warn_only=True)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        _set_deterministic(*before)
+
+
+def _set_deterministic(on: bool, warn_only: bool) -> None:
+    # torch.use_deterministic_algorithms also imports the compiler's config to set its flag there: 2 s and 80 MB
+    # (sympy) per process. The runner compiles nothing, so the eager switch alone is set unless the compiler is
+    # already loaded (by a caller of the Python API that compiles).
+    if "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(on, warn_only=warn_only)
+    else:
+        torch._C._set_deterministic_algorithms(on, warn_only=warn_only)
