@@ -73,12 +73,15 @@ def verdict(value: float | None, target: float | None) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", choices=[c.name for c in CASES], default=[c.name for c in CASES])
+    parser.add_argument("--json", type=Path, help="also write each case's raw figures here")
     args = parser.parse_args()
+    raw = {}
     print(f"{'case':<9} {'figure':<14} {'value':>10} {'target':>10}  verdict")
     missed = []
     for case in (c for c in CASES if c.name in args.cases):
         with tempfile.TemporaryDirectory(prefix=f"cli-bench-{case.name}-") as tmp:
             r = run(case, Path(tmp))
+        raw[case.name] = r
         if r["code"]:
             print(f"{case.name:<9} exit code {r['code']}: {r['error']}")
             missed.append(case.name)
@@ -93,6 +96,8 @@ def main() -> int:
                   f"{'-' if target is None else fmt.format(target):>10}  {v}")
         stages = ", ".join(f"{k} {v:.2f}" for k, v in r["timings"].items())
         print(f"{'':<9} stages (s): {stages}")
+    if args.json:
+        args.json.write_text(json.dumps(raw, indent=1))
     print(f"\nall targets met: {'no (' + ', '.join(missed) + ')' if missed else 'yes'}; "
           f"load average {os.getloadavg()[0]:.2f}")
     return 0

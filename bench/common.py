@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks in this folder (``plan_bench``, ``load_bench``, ``offload_bench``).
+"""Helpers shared by the benchmarks in this folder (``plan_bench``, ``load_bench``, ``offload_bench``, ...).
 
 A bench script puts this folder on ``sys.path`` and imports from here; importing it puts this checkout's
 root first on ``sys.path`` too, so ``runner`` is this checkout's, whatever an installed one points at.
@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,108 @@ def dd_rate(files: list[Path]) -> tuple[float | None, str]:
         total += int(match.group(1))
         seconds += float(match.group(2).replace(",", "."))
     return total / seconds / GB, f"{total / GB:.2f} GB in {seconds:.2f} s"
+
+
+# -- memory groups (cgroup v1) ----------------------------------------------------------------------------------------
+
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+RUNTIME_ALLOWANCE = 600 * 10**6  # the issues' "+ 0.6 GB" of runtime (interpreter, libraries, allocator) over a budget
+
+
+@dataclass(frozen=True)
+class GroupUsage:
+    """What a memory group's counters said when its child was done."""
+    limit: int      # memory.limit_in_bytes, as the kernel rounded it (to pages)
+    max_usage: int  # memory.max_usage_in_bytes: the peak of anonymous memory *and page cache* charged to the group
+    failcnt: int    # memory.failcnt: how often the limit was hit (each time the kernel reclaimed page cache, or killed)
+    oom_kills: int  # oom_kill in memory.oom_control: processes the kernel killed because reclaim was not enough
+
+    def describe(self) -> str:
+        return (f"cgroup limit {self.limit / GB:.2f} GB, peak usage {self.max_usage / GB:.2f} GB (page cache "
+                f"included), limit hit {self.failcnt} times" + (f", {self.oom_kills} OOM-KILLED" if self.oom_kills else ""))
+
+
+class MemoryGroup:
+    """A fresh cgroup v1 memory group for one child process, so that an offload figure is taken where the model
+    truly does not fit: the group's limit counts the page cache, so a side cannot keep its offloaded weights in
+    free RAM as cached file pages (without it Accelerate's ``.dat`` files never leave the cache).
+
+    ``with MemoryGroup("throughput-runner", limit) as group: subprocess.run(group.wrap(cmd))``, then
+    ``group.usage`` (None if no group could be made) and ``group.warning`` (why not, for the bench to print).
+    The group is made inside this process's own memory group (so any limit above still applies) and removed on
+    exit, once its child has ended. The child joins it before ``exec``: a tiny ``sh`` writes its own pid into
+    ``cgroup.procs`` and then becomes the command, so everything the command allocates is charged.
+    """
+
+    def __init__(self, label: str, limit: int):
+        self.label, self.limit = label, limit
+        self.path: Path | None = None
+        self.usage: GroupUsage | None = None
+        self.warning = ""
+
+    def __enter__(self) -> "MemoryGroup":
+        try:
+            self.path = _own_memory_group() / f"bench-{os.getpid()}-{self.label}"
+            self.path.mkdir()
+            (self.path / "memory.limit_in_bytes").write_text(str(self.limit))
+        except OSError as e:
+            self._remove()
+            self.path = None
+            self.warning = (f"WARNING: no memory cgroup for {self.label} ({e.strerror or e}; needs root and cgroup v1 "
+                            f"at {CGROUP_V1}): it ran with no memory limit, so its offload figure does not count")
+        return self
+
+    def wrap(self, cmd: list[str]) -> list[str]:
+        """``cmd`` started inside the group (unchanged when there is none)."""
+        if self.path is None:
+            return list(cmd)
+        return ["sh", "-c", f'echo $$ > "{self.path}/cgroup.procs" && exec "$@"', "sh", *cmd]
+
+    def __exit__(self, *exc: object) -> None:
+        if self.path is not None:
+            counters = (int(_read(self.path / f"memory.{name}") or 0)
+                        for name in ("limit_in_bytes", "max_usage_in_bytes", "failcnt"))
+            oom = dict(line.split() for line in (_read(self.path / "memory.oom_control") or "").splitlines())
+            self.usage = GroupUsage(*counters, oom_kills=int(oom.get("oom_kill", 0)))
+            self._remove()
+
+    def describe(self) -> str:
+        """One line for a report: the counters, or the warning."""
+        return self.usage.describe() if self.usage else self.warning
+
+    def record(self) -> dict[str, Any]:
+        """The same for a bench's ``--json``: the counters, or ``{"warning": ...}``."""
+        return vars(self.usage) if self.usage else {"warning": self.warning}
+
+    def _remove(self) -> None:
+        """rmdir once the child's tasks are gone; the page cache still charged to the group moves to the parent."""
+        if self.path is None or not self.path.exists():
+            return
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:  # EBUSY while the child is still exiting
+                time.sleep(0.1)
+        print(f"WARNING: could not remove the memory cgroup {self.path}", file=sys.stderr)
+
+
+def _own_memory_group() -> Path:
+    """This process's memory cgroup folder (the v1 hierarchy's root when it cannot tell)."""
+    if not (CGROUP_V1 / "cgroup.procs").exists():
+        raise FileNotFoundError(2, "no cgroup v1 memory hierarchy")
+    for line in (_read(Path("/proc/self/cgroup")) or "").splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(",") and (CGROUP_V1 / path.lstrip("/")).is_dir():
+            return CGROUP_V1 / path.lstrip("/")
+    return CGROUP_V1
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
 
 
 # -- formatting -------------------------------------------------------------------------------------------------------

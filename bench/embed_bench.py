@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import os
 import pstats
 import random
@@ -71,8 +72,9 @@ def runner_side(texts: list[str], batch_size: int, run_dir: Path):
     from runner.infer.tokenizer import tokenizer_for
 
     start = time.perf_counter()
-    result = Engine(compose_config("model=minilm", "hardware=cpu", "dtype=float32", f"runtime.batch_size={batch_size}",
-                                    f"runtime.seq_len={MAX_TOKENS}"), run_dir).loaded
+    # task=embed: the engine refuses to load an encoder for the default task, generate
+    result = Engine(compose_config("model=minilm", "task=embed", "hardware=cpu", "dtype=float32",
+                                    f"runtime.batch_size={batch_size}", f"runtime.seq_len={MAX_TOKENS}"), run_dir).loaded
     tokenizer = tokenizer_for(result.checkpoint, None, result.config.model.arch["config"]["vocab_size"], False)
     enc = encoder(result.model, "minilm")
     load_s = time.perf_counter() - start
@@ -125,6 +127,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch threads for both sides (default: the cores this process may use)")
     parser.add_argument("--profile", action="store_true", help="cProfile one runner run, top 25 by cumulative time")
+    parser.add_argument("--json", type=Path, help="also write the raw figures here")
     args = parser.parse_args()
     quiet()
     import torch
@@ -176,6 +179,9 @@ def main() -> int:
     ratio = rates["runner"] / rates["sentence-transformers"]
     print(f"[{'PASS' if ratio >= TARGET else 'MISS'}] runner / sentence-transformers = {ratio:.3f}x "
           f"(target >= {TARGET:.1f}x)")
+    if args.json:
+        args.json.write_text(json.dumps({"sentences": len(texts), "times": times, "rates": rates, "ratio": ratio,
+                                         "min_cosine": float(cosine.min())}, indent=1))
     return 0
 
 

@@ -59,7 +59,7 @@ def rate(report: dict, task: str = "generate") -> float:
     return report["job"]["tokens"]["output"] / report["timings"][task]
 
 
-def compare(name: str, overrides: list[str], ranks: int, work: Path, cache: Path) -> float:
+def compare(name: str, overrides: list[str], ranks: int, work: Path, cache: Path) -> dict:
     single = run([sys.executable, "-m", "runner", *overrides], work / f"{name}-1", cache)
     many = run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m",
                 "runner", f"parallel.mode={name}", *overrides], work / f"{name}-{ranks}", cache)
@@ -70,7 +70,7 @@ def compare(name: str, overrides: list[str], ranks: int, work: Path, cache: Path
     print(f"{name:<9} 1 process {one:8.1f} tok/s   {ranks} ranks {both:8.1f} tok/s   {ratio:.2f}x "
           f"(target >= {TARGETS[name]}x: {'met' if ratio >= TARGETS[name] else 'MISSED'}); outputs "
           f"{'byte-identical' if same else 'DIFFER'}")
-    return ratio
+    return {"one": one, "many": both, "ratio": ratio, "identical": same, "ranks": ranks}
 
 
 def main() -> None:
@@ -81,13 +81,19 @@ def main() -> None:
     parser.add_argument("--checkpoint", choices=["synthetic", "hf-gpt2"], default="synthetic",
                         help="pipeline: gpt2-large's synthetic weights, or a checkpoint transformers wrote")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("RUNNER_CACHE", "~/.cache/runner")))
+    parser.add_argument("--quick", action="store_true",
+                        help="bench/all.py's size: data 32 prompts x 16 tokens, pipeline 8 new tokens")
+    parser.add_argument("--json", type=Path, help="also write each job's figures here")
     args = parser.parse_args()
+    prompts_n, data_tokens, pipe_tokens = (32, 16, 8) if args.quick else (64, 32, 16)
+    raw = {}
     with tempfile.TemporaryDirectory(prefix="parallel-bench-") as tmp:
         work = Path(tmp)
         if args.only in (None, "data"):
             data = work / "prompts.jsonl"
-            data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts(64)))
-            compare("data", ["data=jsonl", f"data.path={data}", "task.max_new_tokens=32", "runtime.batch_size=8"], args.ranks, work, args.cache.expanduser())
+            data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts(prompts_n)))
+            raw["data"] = compare("data", ["data=jsonl", f"data.path={data}", f"task.max_new_tokens={data_tokens}",
+                                           "runtime.batch_size=8"], args.ranks, work, args.cache.expanduser())
         if args.only in (None, "pipeline"):
             rows = 16
             batch = max(rows // args.micro_batches, 1)
@@ -96,9 +102,12 @@ def main() -> None:
             if args.checkpoint == "hf-gpt2":  # as transformers wrote it, with a byte-level BPE for the prompts
                 from hf_checkpoint import ensure, runner_overrides
                 weights = [*runner_overrides("hf-gpt2", ensure("hf-gpt2"))[1:], f"tokenizer.path={tokenizer(work)}"]
-            compare("pipeline", ["model=gpt2large", *weights, "task.max_new_tokens=16", f"data.prompts={listed}",
-                                 f"runtime.batch_size={batch}", f"runtime.micro_batches={args.micro_batches}"],
-                    args.ranks, work, args.cache.expanduser())
+            raw["pipeline"] = compare("pipeline", ["model=gpt2large", *weights, f"task.max_new_tokens={pipe_tokens}",
+                                                   f"data.prompts={listed}", f"runtime.batch_size={batch}",
+                                                   f"runtime.micro_batches={args.micro_batches}"],
+                                      args.ranks, work, args.cache.expanduser())
+    if args.json:
+        args.json.write_text(json.dumps(raw, indent=1))
 
 
 if __name__ == "__main__":

@@ -298,6 +298,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per side (the median is reported)")
     parser.add_argument("--no-rss", action="store_true", help="skip the per-side subprocesses that measure RSS")
     parser.add_argument("--maps", action="store_true", help="also print the balanced maps")
+    parser.add_argument("--json", type=Path, help="also write each case's bytes off GPU and on disk, both sides")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "SIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -398,6 +399,13 @@ def main() -> int:
     strict = "n/a" if verdict_strict is None else ("yes" if verdict_strict else "no")
     print(f"\nnever more bytes off GPU than Accelerate: {'yes' if verdict_never_more and not failed else 'no'}; "
           f"strictly fewer on the uneven case: {strict}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "cases": {case.name: {side: {"off_gpu": r[side]["score"].off_gpu, "on_disk": r[side]["score"].on_disk,
+                                         "hops": r[side]["score"].hops, "time": r[side]["time"]}
+                                  for side in ("auto", "accelerate")} | {"strict": case.strict}
+                      for case, r, _, _ in rows},
+            "failed": failed}, indent=1))
     print(f"(bench wall time {time.perf_counter() - started:.0f}s)")
     return 0
 

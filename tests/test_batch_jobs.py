@@ -17,7 +17,7 @@ import torch
 from conftest import compose_config
 from runner.errors import DataError
 from runner.config.schema import schema_errors
-from runner.run import batch
+from runner.run import job
 from runner.run.generate import GenerateRows
 from runner.run.score import ScoreRows
 
@@ -34,7 +34,7 @@ def read_lines(run_dir: Path) -> list[dict]:
 
 
 def run_job(run_dir: Path, *overrides: str):
-    return batch.run(compose_config(*TINY, *overrides), run_dir, GenerateRows)
+    return job.run(compose_config(*TINY, *overrides), run_dir, GenerateRows)
 
 
 def cli(run_dir: Path, *overrides: str, **kwargs) -> subprocess.CompletedProcess:
@@ -241,7 +241,7 @@ def test_score_job_writes_log_likelihoods_per_token_and_in_total(tmp_path):
     rows = [{"text": "ab" * (2 + i)} for i in range(5)] + [{"prompt": "abab", "continuation": "ab", "k": 1}]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
     run = tmp_path / "run"
-    batch.run(compose_config(*TINY[:3], "task=score", "task.per_token=true", "data=jsonl", f"data.path={data}",
+    job.run(compose_config(*TINY[:3], "task=score", "task.per_token=true", "data=jsonl", f"data.path={data}",
                              "runtime.batch_size=4"), run, ScoreRows)
     lines = read_lines(run)
     assert all(schema_errors(line, "prediction.score") == [] for line in lines)

@@ -47,7 +47,7 @@ def minilm_folder() -> Path:
 def minilm(tmp_path_factory):
     """all-MiniLM-L6-v2 planned, loaded and dispatched by the runner, with its own tokenizer."""
     minilm_folder()
-    result = Engine(compose_config("model=minilm", "hardware=cpu"), tmp_path_factory.mktemp("minilm")).loaded
+    result = Engine(compose_config("model=minilm", "hardware=cpu", "task=embed"), tmp_path_factory.mktemp("minilm")).loaded
     tokenizer = tokenizer_for(result.checkpoint, None, result.config.model.arch["config"]["vocab_size"], False)
     return result, tokenizer
 
@@ -130,10 +130,9 @@ def test_a_transformers_causal_lm_embeds_through_its_base_model(tmp_path):
 
 
 def test_a_model_with_no_hidden_states_cannot_embed_and_says_what_fits(tmp_path):
-    result = Engine(compose_config("model=seq100b", "model.arch.n_layers=2", "model.arch.width=8", "hardware=cpu"),
-                     tmp_path / "run").loaded
-    with pytest.raises(EmbedError) as e:
-        encoder(result.model, "seq100b")
+    with pytest.raises(EmbedError) as e:  # before any weight is read
+        Engine(compose_config("model=seq100b", "model.arch.n_layers=2", "model.arch.width=8", "hardware=cpu",
+                              "task=embed"), tmp_path / "run")
     assert e.value.stage == "embed" and len(e.value.lines) == 1 and "\n" not in str(e.value)
     assert str(e.value) == ("model: seq100b (LinearStack) gives no hidden states to embed; an embedding task needs a "
                             "zoo GPT-2 or Llama, or a transformers encoder or causal LM (e.g. model=minilm)")

@@ -30,17 +30,17 @@ from runner.errors import GenerateError
 from runner.infer.batches import length_batches
 from runner.infer.finite import NonFiniteOutput, explained
 from runner.infer.embed import Encoder, Pooling, embed, encoder
-from runner.infer.generate import Completion, GenerationStats, generate
+from runner.infer.generate import Completion, GenerationStats, Request, generate
 from runner.infer.model import CausalLM, causal_lm, context_length
 from runner.infer.pipelined import PipelinedLM
 from runner.infer.prompts import encode_prompts, fit, fit_tokens, plan_inputs
 from runner.infer.sampling import SamplingParams
 from runner.load.memory import plan_held
-from runner.infer.score import Score, pair_request, score, text_request
+from runner.infer.score import Score, ScoreRequest, pair_request, score, text_request
 from runner.load.offload import Prefetcher
 from runner.load.loaded import Loaded, load
 from runner.plan.planned import Planned, open_source, plan
-from runner.infer.tokenizer import Tokenizer
+from runner.infer.tokenizer import Tokenizer, tokenizer_for
 
 
 class Engine:
@@ -57,7 +57,6 @@ class Engine:
             a model that cannot run the config's task (an encoder asked to generate) among them.
     """
 
-    tokenizer: Tokenizer  # the checkpoint's own (or bytes, for synthetic weights)
     model: torch.nn.Module  # the dispatched model
     loaded: Loaded     # the plan, its check, the ledger and the timings of every stage
     config: RunConfig     # as planned: runtime.seq_len derived
@@ -68,9 +67,8 @@ class Engine:
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="runner-"))
         self.launch = launch
         self.stats = GenerationStats()
-        planned, tokenizer = Engine.plan(config, self.run_dir, launch)
-        assert tokenizer is not None  # asked for
-        self.tokenizer = tokenizer
+        planned, self._tokenizer = Engine.plan(config, self.run_dir, launch, tokenizer=False)
+        self._headers = planned.checkpoint
         self.config = planned.config
         self.model = planned.model
         (self._encoder if isinstance(config.task, EmbedTask) else self._lm)()  # the wrong model fails before loading
@@ -99,6 +97,17 @@ class Engine:
         planned = plan(config, run_dir, checkpoint, launch)
         planned.timings["checkpoint"] = round(planned.timings.get("checkpoint", 0.0) + opened, 4)
         return planned, words
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The checkpoint's own (or bytes, for synthetic weights), read when first needed: when it sizes
+        ``runtime.seq_len`` from inline prompts, when a batch job checks its first rows (both before any weight
+        is read), or on the first text given. A job given token ids needs none."""
+        if self._tokenizer is None:
+            self._tokenizer = tokenizer_for(self._headers, self.config.tokenizer_path,
+                                            self.config.model.arch.get("vocab_size"),
+                                            synthetic=self.config.checkpoint.source == "synthetic")
+        return self._tokenizer
 
     @classmethod
     def from_overrides(cls, overrides: Sequence[str] = (), run_dir: Path | None = None) -> Engine:
@@ -160,11 +169,8 @@ class Engine:
         requests = encode_prompts(self.tokenizer, prompts, task.chat if chat is None else chat)
         requests = fit(requests, params.max_new_tokens, context=self.context, seq_len=self.seq_len,
                        truncate=task.truncate if truncate is None else truncate)
-        runtime = self.config.runtime
         with self.explain_non_finite(), self.memory_checked():
-            return generate(self.lm, self.tokenizer, requests, params, batch_size=runtime.batch_size,
-                            micro_batches=runtime.micro_batches, seed=self.config.seed, stats=self.stats,
-                            streams=self.streams, stagger=self.stagger)
+            return self.complete(requests, params)
 
     def score(self, texts: Sequence[str | tuple[str, str]]) -> list[Score]:
         """The log-likelihood of each text, or of each ``(prompt, continuation)`` pair's continuation given its
@@ -173,11 +179,10 @@ class Engine:
                     text_request(self.tokenizer, i, t) for i, t in enumerate(_listed(texts, "texts"))]
         for r in requests:
             self._check_fits(r.index, r.tokens)
-        lm, out = self.lm, {}
+        out = {}
         with self.explain_non_finite(), self.memory_checked():
             for batch in length_batches(requests, self.config.runtime.batch_size, length=lambda r: len(r.tokens)):
-                for r, s in zip(batch, score(lm, batch, pad_id=self.tokenizer.pad_id or 0)):
-                    out[r.index] = s
+                out.update(zip((r.index for r in batch), self.score_batch(batch)))
         return [out[r.index] for r in requests]
 
     def embed(self, texts: Sequence[str], *, pooling: Pooling | None = None,
@@ -192,16 +197,40 @@ class Engine:
         with self.explain_non_finite(), self.memory_checked():
             for batch in length_batches(list(range(len(tokens))), self.config.runtime.batch_size,
                                         length=lambda i: len(tokens[i])):
-                pooled = embed(self.encoder, [tokens[i] for i in batch], pooling=pooling or task.pooling,
-                               normalize=task.normalize if normalize is None else normalize,
-                               pad_id=self.tokenizer.pad_id or 0)
+                pooled = self.embed_batch([tokens[i] for i in batch], pooling=pooling or task.pooling,
+                                          normalize=task.normalize if normalize is None else normalize)
                 vectors.update(zip(batch, pooled))
         return torch.stack([vectors[i] for i in range(len(tokens))])
+
+    # The batch-level primitives: token ids in, results out, one per request in order. ``generate``, ``score`` and
+    # ``embed`` above turn texts into requests first; a batch job's rows (``runner.run``) are turned into requests
+    # by its row task. Both run the model through these alone.
+
+    def complete(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
+        """Generation: each request's completion (micro-batched, streamed blocks shared across the column)."""
+        runtime = self.config.runtime
+        return generate(self.lm, self.tokenizer, requests, params, batch_size=runtime.batch_size,
+                        micro_batches=runtime.micro_batches, seed=self.config.seed, stats=self.stats,
+                        streams=self.streams, stagger=self.stagger)
+
+    def score_batch(self, requests: list[ScoreRequest]) -> list[Score]:
+        """Scoring: one forward over the batch, each request's log-likelihood."""
+        return score(self.lm, requests, pad_id=self.tokenizer.pad_id or 0)
+
+    def embed_batch(self, tokens: list[Sequence[int]], *, pooling: Pooling, normalize: bool) -> torch.Tensor:
+        """Embedding: one forward over the batch, ``[len(tokens), hidden]`` pooled vectors."""
+        return embed(self.encoder, tokens, pooling=pooling, normalize=normalize, pad_id=self.tokenizer.pad_id or 0)
+
+    def fit(self, tokens: tuple[int, ...], max_new_tokens: int = 0, truncate: Literal["left"] | None = None
+            ) -> tuple[int, ...]:
+        """A request's tokens checked against the model's context and the planned length (cut on the left with
+        ``truncate="left"``), leaving room for ``max_new_tokens``."""
+        return fit_tokens(tokens, max_new_tokens, context=self.context, seq_len=self.seq_len, truncate=truncate)
 
     def _check_fits(self, index: int, tokens: tuple[int, ...]) -> None:
         """A text to score or embed fits the model's context and the planned length."""
         try:
-            fit_tokens(tokens, 0, context=self.context, seq_len=self.seq_len, truncate=None)
+            self.fit(tokens)
         except GenerateError as e:
             raise GenerateError(f"texts[{index}]: {e.lines[0]}") from None
 

@@ -5,29 +5,31 @@ The recipe:
 1. read the manifest;
 2. warn about every difference in the runner, package versions and hardware since the run;
 3. refuse when the checkpoint's files or the input data changed (``--force`` replays anyway);
-4. run ``python -m runner`` on the recorded resolved config, from the folder the run started in;
+4. run the recorded resolved config through the same recipe as ``python -m runner`` (``runner.run.recipe``),
+   in this process, from the folder the run started in;
 5. say whether the new ``predictions.jsonl`` is byte-identical to the old one (exit 0), or where it differs (1).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
-import subprocess
 import sys
-import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 import runner
+from runner.config import load_config
 from runner.data.writer import PREDICTIONS
-from runner.errors import RunnerError
+from runner.errors import RunnerError, say
+from runner.lab import status
 from runner.lab.manifest import MANIFEST, data_hash_of, detected_hardware, file_hash, git_commit, versions
 from runner.lab.status import changed_keys, short
+from runner.run.recipe import run
 
 
 class ReplayError(RunnerError):
@@ -106,27 +108,35 @@ def changed_inputs(recorded: dict[str, Any]) -> list[str]:
 
 
 def _run(recorded: dict[str, Any], new_dir: Path) -> int:
-    """``python -m runner`` on the recorded config, from the folder the run started in."""
-    config = {**_escaped(recorded["config"]), "hydra": {"run": {"dir": str(new_dir)}}}
+    """The recorded config through the recipe, in this process, from the folder the run started in (its relative
+    paths are read from there). The recorded values are final: nothing in them is interpolated again."""
+    config = dict(recorded["config"])
     if config.get("parallel", {}).get("mode", "none") != "none":  # ranks give one process's bytes: replay as one
         print(f"warning: replay: the run had parallel.mode={config['parallel']['mode']}; replaying it in one "
               "process, which writes the same predictions", file=sys.stderr)
         config["parallel"] = {**config["parallel"], "mode": "none"}
-    cwd = recorded["cwd"] if Path(recorded["cwd"]).is_dir() else None
-    with tempfile.TemporaryDirectory(prefix="runner-replay-") as folder:
-        OmegaConf.save(OmegaConf.create(config), Path(folder) / "replay.yaml")
-        print(f"replay: running into {new_dir}", file=sys.stderr)
-        return subprocess.run([sys.executable, "-m", "runner", "--config-dir", folder, "--config-name", "replay"],
-                              cwd=cwd, env=os.environ.copy()).returncode
+    print(f"replay: running into {new_dir}", file=sys.stderr)
+    new_dir.mkdir(parents=True, exist_ok=True)
+    with _working_folder(Path(recorded["cwd"])):
+        outcome = status.recorded(new_dir, config, list(recorded["overrides"]),
+                                  lambda: run(load_config(config, recorded["overrides"]), new_dir))
+    if outcome.error:
+        say(*outcome.error.said())
+        return 2
+    print(outcome.text)
+    return 0
 
 
-def _escaped(value: Any) -> Any:
-    """Recorded values are final: a ``${`` in one (a prompt's text) must not be read as an interpolation."""
-    if isinstance(value, dict):
-        return {k: _escaped(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_escaped(v) for v in value]
-    return value.replace("${", "\\${") if isinstance(value, str) else value
+@contextlib.contextmanager
+def _working_folder(folder: Path) -> Iterator[None]:
+    """The run's own working folder while it replays, where it still exists."""
+    before = Path.cwd()
+    if folder.is_dir():
+        os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 def _first_difference(old: Path, new: Path) -> int:

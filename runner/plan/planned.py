@@ -32,7 +32,7 @@ from runner.plan.reserves import LOGITS, device_reserves, keeps_kv_cache, kv_byt
 from runner.plan.room import reserved, room_left
 from runner.plan.split import PipelineError, keep_stage, layer_costs, split
 from runner.plan.validate import MapCheck, check_map, load_map_file, resolve_pins
-from runner.run import launch as distributed
+from runner.run import launch as collective
 from runner.run.launch import Launch
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def _pipeline_stage(cfg: RunConfig, model: nn.Module, checkpoint: Checkpoint | N
         raise PipelineError("parallel.mode=pipeline: this process was not started by torchrun; run torchrun "
                             "--nproc-per-node=N -m runner parallel.mode=pipeline ...")
     if checkpoint is None and cfg.mode == "run":  # (a plan reads no weights: a synthetic model's are not written)
-        folder = distributed.agree_or_raise(lambda: str(synthetic_checkpoint(cfg.checkpoint, cfg.model, model)))
+        folder = collective.agree_or_raise(lambda: str(synthetic_checkpoint(cfg.checkpoint, cfg.model, model)))
         cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, source="local", path=Path(folder)))
         checkpoint = open_source(cfg)
     costs, _, head = layer_costs(model, 1)

@@ -7,8 +7,7 @@ from runner.config import EmbedTask, RunConfig
 from runner.data.rows import Row
 from runner.infer.engine import Engine
 from runner.errors import GenerateError
-from runner.infer.embed import embed
-from runner.infer.prompts import fit_tokens, token_ids
+from runner.infer.prompts import token_ids
 from runner.run.job import Batch, Item
 
 
@@ -28,12 +27,12 @@ class EmbedRows:
         else:
             assert row.text is not None
             tokens = tuple(self.engine.tokenizer.encode(row.text, add_special_tokens=True))
-        fit_tokens(tokens, 0, context=self.engine.context, seq_len=self.engine.seq_len, truncate=None)
+        self.engine.fit(tokens)
         return Item(row, tokens, len(tokens))
 
     def run(self, items: list[Item]) -> Batch:
-        vectors = embed(self.engine.encoder, [i.request for i in items], pooling=self.task.pooling,
-                        normalize=self.task.normalize, pad_id=self.engine.tokenizer.pad_id or 0)
+        vectors = self.engine.embed_batch([i.request for i in items], pooling=self.task.pooling,
+                                          normalize=self.task.normalize)
         return Batch(vectors.tolist(), sum(i.tokens for i in items))
 
     def line(self, row: Row, result: list[float]) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from runner.config import GenerateTask, RunConfig
 from runner.data import openai
 from runner.data.rows import Row
 from runner.infer.engine import Engine, sampling_params
-from runner.infer.generate import Completion, Request, generate
-from runner.infer.prompts import check_new_tokens, encode_prompt, fit_tokens, token_ids
+from runner.infer.generate import Completion, Request
+from runner.infer.prompts import check_new_tokens, encode_prompt, token_ids
 from runner.run.job import Batch, Item
 
 
@@ -37,18 +37,13 @@ class GenerateRows:
         else:
             assert row.text is not None
             tokens = encode_prompt(tokenizer, row.text, chat=self.task.chat and row.endpoint != "completions")
-        tokens = fit_tokens(tokens, params.max_new_tokens, context=self.engine.context, seq_len=self.engine.seq_len,
-                            truncate=self.task.truncate)
+        tokens = self.engine.fit(tokens, params.max_new_tokens, self.task.truncate)
         return Item(row, Request(row.number, row.text or "", tokens), len(tokens), group=params)
 
     def run(self, items: list[Item]) -> Batch:
         stats = self.engine.stats
         prefill, decode = stats.prefill_s, stats.decode_s
-        runtime = self.engine.config.runtime
-        completions = generate(self.engine.lm, self.engine.tokenizer, [i.request for i in items], items[0].group,
-                               batch_size=runtime.batch_size, micro_batches=runtime.micro_batches,
-                               seed=self.engine.config.seed, stats=stats, streams=self.engine.streams,
-                               stagger=self.engine.stagger)
+        completions = self.engine.complete([i.request for i in items], items[0].group)
         return Batch(completions, sum(i.tokens for i in items), sum(len(c.output_tokens) for c in completions),
                      first_token_s=stats.prefill_s - prefill, decode_s=stats.decode_s - decode)
 

@@ -27,7 +27,8 @@ from typing import Any, Protocol
 from runner.config import RunConfig
 from runner.data.rows import Row
 from runner.data.sources import count_rows, read_rows, windows
-from runner.run import launch as distributed
+from runner.run import launch as collective
+from runner.run.launch import Launch, ParallelError
 from runner.data.shares import Share, ShareOutput, check_fresh, merge, rank_files
 from runner.data.writer import PREDICTIONS, FollowerOutput, PredictionsFile, job_settings, start_job
 from runner.infer.engine import Engine
@@ -102,7 +103,7 @@ class JobStats:
 
 
 def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig], RowTask],
-        ranks: distributed.Launch | None = None) -> tuple[str, dict[str, Path]]:
+        ranks: Launch | None = None) -> tuple[str, dict[str, Path]]:
     """The text to show, and the files written. ``task_rows(engine, config)`` makes the ``RowTask``
     (``GenerateRows``, ``ScoreRows``, ``EmbedRows``); ``ranks``: this process's place under torchrun."""
     id_key = "custom_id" if config.data.format == "openai" else "id"
@@ -121,17 +122,17 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
             return opened["out"].done
 
         # A pipeline's ranks run the same batches: the others follow rank 0's rows done, writing nothing.
-        done = distributed.agree_or_raise(open_output) if config.parallel.mode == "pipeline" else open_output()
+        done = collective.agree_or_raise(open_output) if config.parallel.mode == "pipeline" else open_output()
         out: Output = FollowerOutput(run_dir / PREDICTIONS, done) if follows else opened["out"]
         share = Share()
         rows = _check_done(read_rows(config.data, config.task), done)
     else:  # rank 0 records the job; every rank then reads what is done, before any rank writes
-        distributed.agree_or_raise(lambda: (check_fresh(run_dir, resume=config.resume),
+        collective.agree_or_raise(lambda: (check_fresh(run_dir, resume=config.resume),
                                             start_job(run_dir, job_settings(config.resolved), resume=config.resume)))
         out = ShareOutput(run_dir, launch.rank)
-        distributed.agree(lambda: None)  # every rank has read what is done before any rank writes more
-        job = distributed.agree(lambda: uuid.uuid4().hex)  # names this run's claims in the launch's store
-        share = Share(launch.rank, launch.world_size, claim=distributed.claimer(job))
+        collective.agree(lambda: None)  # every rank has read what is done before any rank writes more
+        job = collective.agree(lambda: uuid.uuid4().hex)  # names this run's claims in the launch's store
+        share = Share(launch.rank, launch.world_size, claim=collective.claimer(job))
         rows = read_rows(config.data, config.task)
     stats = JobStats(count_rows(config.data) if launch is None else None, resumed=len(out.done))
     chunks = windows(rows, config.data.window)
@@ -141,6 +142,7 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
     holder: dict[str, tuple[RowTask, list[Item], list[Row]]] = {}
 
     def check_first_window(engine: Engine) -> None:  # a bad first row fails before any weight is read
+        engine.tokenizer  # noqa: B018 -- read now: a checkpoint without one fails before its weights are
         task = task_rows(engine, config)
         holder["first"] = (task, *_prepare(task, first, config, run_dir))
 
@@ -182,7 +184,7 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
     return format_summary(engine.loaded) + shown + "\n\n" + format_job(stats, out.path), paths
 
 
-def _engine_on_every_rank(ranks: distributed.Launch | None, make: Callable[[], Engine]) -> Engine:
+def _engine_on_every_rank(ranks: Launch | None, make: Callable[[], Engine]) -> Engine:
     """The engine; under torchrun, a rank that cannot make its own (a plan that does not fit its share, a load that
     fails) stops every rank, rather than leaving the others waiting for it."""
     if ranks is None:
@@ -192,12 +194,12 @@ def _engine_on_every_rank(ranks: distributed.Launch | None, make: Callable[[], E
         engine = make()
     except RunnerError as e:
         problem = e
-    found = distributed.all_gather(None if problem is None else f"{problem.stage}: {problem.lines[0]}")
+    found = collective.all_gather(None if problem is None else f"{problem.stage}: {problem.lines[0]}")
     if problem is not None:
         raise problem
     rank, line = next((r, f) for r, f in enumerate(found) if f is not None) if any(found) else (None, None)
     if line is not None:
-        raise distributed.ParallelError(f"rank {rank} stopped ({line}); every rank stops with it")
+        raise ParallelError(f"rank {rank} stopped ({line}); every rank stops with it")
     assert engine is not None
     return engine
 
@@ -211,12 +213,12 @@ def _write_reports(engine: Engine, run_dir: Path, job: dict[str, Any], config: R
                                   device_map=device_map_document(engine.loaded)["device_map"])
 
 
-def _finish_share(launch: distributed.Launch, engine: Engine, run_dir: Path, stats: JobStats, share: Share,
+def _finish_share(launch: Launch, engine: Engine, run_dir: Path, stats: JobStats, share: Share,
                   failure: RunnerError | None, config: RunConfig) -> tuple[str, dict[str, Path]]:
     """Data parallel: every rank's figures gathered on rank 0, which merges the rank files into
     ``predictions.jsonl`` in input order and writes the report; rows no rank wrote are named."""
     seconds = engine.loaded.timings[config.task.name]
-    ranks = distributed.gather({
+    ranks = collective.gather({
         "rank": launch.rank, "batches": share.ran, "rows": stats.done, "skipped": stats.skipped, "seconds": seconds,
         "input_tokens": stats.input_tokens, "output_tokens": stats.output_tokens,
         "tokens_per_s": round(stats.output_tokens / max(seconds, 1e-9), 2), "peak_rss_bytes": peak_rss(),

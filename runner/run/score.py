@@ -7,8 +7,8 @@ from runner.config import RunConfig, ScoreTask
 from runner.data.rows import Row
 from runner.infer.engine import Engine
 from runner.errors import GenerateError
-from runner.infer.prompts import fit_tokens, token_ids
-from runner.infer.score import Score, ScoreRequest, pair_request, score, text_request
+from runner.infer.prompts import token_ids
+from runner.infer.score import Score, ScoreRequest, pair_request, text_request
 from runner.run.job import Batch, Item
 
 
@@ -33,11 +33,11 @@ class ScoreRows:
         else:
             assert row.text is not None
             request = text_request(tokenizer, row.number, row.text)
-        fit_tokens(request.tokens, 0, context=self.engine.context, seq_len=self.engine.seq_len, truncate=None)
+        self.engine.fit(request.tokens)
         return Item(row, request, len(request.tokens))
 
     def run(self, items: list[Item]) -> Batch:
-        scores = score(self.engine.lm, [i.request for i in items], pad_id=self.engine.tokenizer.pad_id or 0)
+        scores = self.engine.score_batch([i.request for i in items])
         return Batch(scores, sum(i.tokens for i in items))
 
     def line(self, row: Row, result: Score) -> dict[str, Any]:
