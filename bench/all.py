@@ -7,7 +7,7 @@ reads the figures back from that JSON and prints one table: benchmark | target |
 ratio is against the reference the bench measured in the same run (other jobs share this machine, so a figure
 from another run means little). A bench that fails, times out or lacks a package gets rows that say so, and the
 pass goes on. ``--only plan cli`` runs some; ``--logs DIR`` keeps each bench's full output (default: a
-temporary folder, printed). Not benchmarks, so not run: ``cuda_check.py`` (needs a GPU), ``fuzz.py``,
+temporary folder, printed); ``--read --logs DIR`` prints the table again from what a pass left there. Not benchmarks, so not run: ``cuda_check.py`` (needs a GPU), ``fuzz.py``,
 ``hf_checkpoint.py``, ``generate_prompts.py``, ``common.py``.
 
 The quick sizes: see ``BENCHES``. A quick figure is noisier than a full one (one round, fewer tokens) and
@@ -137,13 +137,22 @@ def offload_figure(value: float, target: float, text: str, *sides: dict[str, Any
     return Figure(f"{text} ({note})", None) if note else at_most(value, target, text)
 
 
+def side_failed(runner: dict[str, Any], accelerate: dict[str, Any]) -> Figure:
+    """A comparison one side did not finish. A side the kernel killed in its memory cgroup does not fit the
+    budget plus the runtime: that is a finding, not a bench failure, so it is left unjudged and said plainly."""
+    for name, side in (("runner", runner), ("Accelerate", accelerate)):
+        group = side.get("cgroup", {})
+        if group.get("oom_kills"):
+            return Figure(f"{name} OOM-killed in its {group['limit'] / GB:.2f} GB memory cgroup: no ratio", None)
+    return Figure(f"FAILED: {(runner.get('error') or accelerate.get('error'))[:200]}", False)
+
+
 def read_offload(raw: dict[str, Any]) -> dict[str, Figure]:
     sides, compare = raw["hf-gpt2"]["sides"], raw["hf-gpt2"]["compare"]
     r, a = sides.get("runner", {}), sides.get("accelerate", {})
     out: dict[str, Figure] = {}
     if "error" in r or "error" in a:
-        why = Figure(f"failed: {r.get('error') or a.get('error')}", False)
-        out["load <= 0.25x Accelerate"] = out["evicted forward <= 0.7x Accelerate"] = why
+        out["load <= 0.25x Accelerate"] = out["evicted forward <= 0.7x Accelerate"] = side_failed(r, a)
     else:
         load = r["load"] / a["load"]
         walls = [statistics.median(f["wall"] for f in side["forwards"] if f["kind"] == "evicted") for side in (r, a)]
@@ -176,8 +185,7 @@ def read_throughput(raw: dict[str, Any]) -> dict[str, Figure]:
         text = f"{x:.2f}x ({r['tokens_per_s']:.2f} vs {a['tokens_per_s']:.2f} tok/s{limit})"
         out[target] = Figure(text, None) if note else at_least(x, 2.0, text)
     else:
-        out[target] = Figure(f"failed: {(r.get('error') or a.get('error') or '?').strip().splitlines()[-1][:200]}",
-                             False)
+        out[target] = side_failed(r, a)
     off, res = raw.get("k8", {}), raw.get("resident128", {})
     if "decode_tokens_per_s" in off and "decode_tokens_per_s" in res:
         x = off["decode_tokens_per_s"] / res["decode_tokens_per_s"]
@@ -285,24 +293,28 @@ def missing(bench: Bench) -> str | None:
     return "peer not installed: " + ", ".join(peers) if peers else "not installed: " + ", ".join(absent)
 
 
-def run_bench(bench: Bench, full: bool, logs: Path) -> tuple[dict[str, Figure], float]:
+def run_bench(bench: Bench, full: bool, logs: Path, rerun: bool = True) -> tuple[dict[str, Figure], float]:
     """Run one bench as a subprocess (its output to ``logs/<name>.log``); its targets' figures and its seconds.
-    Whatever goes wrong becomes the figure of every target it has, so the pass goes on."""
+    Whatever goes wrong becomes the figure of every target it has, so the pass goes on. ``rerun=False`` reads
+    what an earlier pass left in ``logs`` instead."""
     why = missing(bench)
     if why:
         return {t: Figure(why, None) for t in bench.targets}, 0.0
     out, log = logs / f"{bench.name}.json", logs / f"{bench.name}.log"
     cmd = [sys.executable, str(HERE / f"{bench.name}.py"), *(() if full else bench.quick), "--json", str(out)]
     start = time.perf_counter()
-    print(f"[{time.strftime('%H:%M:%S')}] {bench.name} {' '.join(cmd[2:])}", flush=True)
-    try:
-        with open(log, "w") as sink:
-            code = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, timeout=bench.timeout_s).returncode
-    except subprocess.TimeoutExpired:
-        return failed(bench, f"timed out after {bench.timeout_s} s"), time.perf_counter() - start
+    code = 0
+    if rerun:
+        out.unlink(missing_ok=True)  # a JSON left by an earlier pass must not stand in for this one's
+        print(f"[{time.strftime('%H:%M:%S')}] {bench.name} {' '.join(cmd[2:])}", flush=True)
+        try:
+            with open(log, "w") as sink:
+                code = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, timeout=bench.timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            return failed(bench, f"timed out after {bench.timeout_s} s"), time.perf_counter() - start
     seconds = time.perf_counter() - start
     if code or not out.exists():
-        return failed(bench, f"exit code {code}: {last_line(log)}"), seconds
+        return failed(bench, f"exit code {code}: {last_line(log)}" if log.exists() else "no log"), seconds
     try:
         figures = bench.read(json.loads(out.read_text()))
     except (KeyError, TypeError, ValueError, ZeroDivisionError, IndexError) as e:  # a bench's JSON changed shape
@@ -335,7 +347,10 @@ def main() -> int:
                         help=f"run only these ({', '.join(BY_NAME)})")
     parser.add_argument("--full", action="store_true", help="each bench at its own default (full) size")
     parser.add_argument("--logs", type=Path, help="keep each bench's output and JSON here (default: a temp folder)")
+    parser.add_argument("--read", action="store_true", help="run nothing: print the table from --logs' JSON")
     args = parser.parse_args()
+    if args.read and not args.logs:
+        parser.error("--read needs --logs DIR, the folder of an earlier pass")
     # one cache for every bench, so the checkpoints are written once (the benches' own defaults differ)
     os.environ.setdefault("RUNNER_CACHE", str(Path("~/.cache/runner").expanduser()))
     logs = args.logs or Path(tempfile.mkdtemp(prefix="bench-all-"))
@@ -344,7 +359,7 @@ def main() -> int:
           flush=True)
     start, rows, took = time.perf_counter(), [], []
     for bench in (BY_NAME[n] for n in args.only) if args.only else BENCHES:
-        figures, seconds = run_bench(bench, args.full, logs)
+        figures, seconds = run_bench(bench, args.full, logs, rerun=not args.read)
         rows += [Row(bench.name, t, figures.get(t, Figure("not measured in this run", None))) for t in bench.targets]
         took.append(f"{bench.name} {seconds:.0f} s")
     print("\n" + table(rows))

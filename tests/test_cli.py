@@ -1,26 +1,25 @@
-"""``python -m runner`` for real, as a user runs it: the embedded default, and the design's own example."""
+"""``python -m runner`` as a user runs it: the embedded default through the real command line, and the design's
+own examples through the same recipe in this process."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+import logging
 from pathlib import Path
 
 import pytest
 
+from conftest import run_in_process
 from runner.config.schema import schema_errors
 
-pytestmark = pytest.mark.slow
+
+def run_job(run_dir: Path, *overrides: str):
+    outcome, errors = run_in_process(run_dir, *overrides)
+    assert errors == [], errors
+    return outcome
 
 
-def run_cli(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runner", *overrides, f"hydra.run.dir={run_dir}"],
-                          capture_output=True, text=True, env=dict(os.environ), timeout=300)
-
-
-def test_default_run_answers_with_paris_and_writes_three_valid_files(tmp_path):
-    proc = run_cli(tmp_path)
+def test_default_run_answers_with_paris_and_writes_three_valid_files(cli, tmp_path):
+    proc = cli(f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     device_map = json.loads((tmp_path / "device_map.json").read_text())
@@ -67,8 +66,7 @@ def test_default_run_answers_with_paris_and_writes_three_valid_files(tmp_path):
 
 
 def test_synthetic_gpt_run_writes_a_sharded_checkpoint(tmp_path):
-    proc = run_cli(tmp_path, "model=gpt2mini", "task.max_new_tokens=4")
-    assert proc.returncode == 0, proc.stderr
+    run_job(tmp_path, "model=gpt2mini", "task.max_new_tokens=4")
     report = json.loads((tmp_path / "report.json").read_text())
     files = [Path(f["path"]) for f in report["checkpoint"]["files"]]
     assert (files[0].parent / "model.safetensors.index.json").exists()
@@ -76,19 +74,18 @@ def test_synthetic_gpt_run_writes_a_sharded_checkpoint(tmp_path):
     assert all(p["completion"]["completion_tokens"] == 4 for p in predictions)
 
 
-def test_second_run_reuses_the_synthetic_checkpoint(tmp_path):
-    first = run_cli(tmp_path / "a", "model=gpt2tiny", "task.max_new_tokens=2")
-    second = run_cli(tmp_path / "b", "model=gpt2tiny", "task.max_new_tokens=2")
-    assert first.returncode == second.returncode == 0
-    assert "Reusing synthetic checkpoint" in second.stdout
+def test_second_run_reuses_the_synthetic_checkpoint(tmp_path, caplog):
+    run_job(tmp_path / "a", "model=gpt2tiny", "model.arch.n_layer=3", "task.max_new_tokens=2")
+    with caplog.at_level(logging.INFO):
+        run_job(tmp_path / "b", "model=gpt2tiny", "model.arch.n_layer=3", "task.max_new_tokens=2")
+    assert "Reusing synthetic checkpoint" in caplog.text
     outputs = [json.loads((tmp_path / d / "predictions.jsonl").read_text().splitlines()[0]) for d in "ab"]
     assert outputs[0]["completion"] == outputs[1]["completion"]
 
 
 def test_simulated_two_gpu_map_and_partial_pins(tmp_path):
-    proc = run_cli(tmp_path, "model=gpt2tiny", "hardware=sim_2gpu", "placement=sequential", "task.max_new_tokens=2",
-                   "+device_map.transformer.h.1=cuda:1", "+device_map.transformer.ln_f=disk")
-    assert proc.returncode == 0, proc.stderr
+    run_job(tmp_path, "model=gpt2tiny", "hardware=sim_2gpu", "placement=sequential", "task.max_new_tokens=2",
+            "+device_map.transformer.h.1=cuda:1", "+device_map.transformer.ln_f=disk")
     blocks = {b["name"]: b["device"] for b in json.loads((tmp_path / "device_map.json").read_text())["blocks"]}
     assert blocks == {"transformer.wte": "cuda:0", "transformer.wpe": "cuda:0", "transformer.h.0": "cuda:0",
                       "transformer.h.1": "cuda:1", "transformer.ln_f": "disk", "lm_head": "cuda:0"}
@@ -102,12 +99,12 @@ def test_simulated_two_gpu_map_and_partial_pins(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["proc", "file"])
-def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path, where):
+def test_a_run_folder_that_cannot_be_made_is_one_line(cli, tmp_path, where):
     """Hydra makes the run folder before the runner starts: its error is still one line, exit 2."""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     folder = Path("/proc/runner-run") if where == "proc" else blocker
-    proc = run_cli(folder, "model=gpt2tiny", "hardware=cpu")
+    proc = cli("model=gpt2tiny", "hardware=cpu", f"hydra.run.dir={folder}")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"error: config: hydra.run.dir: cannot make the run folder {folder} "
