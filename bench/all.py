@@ -12,8 +12,10 @@ temporary folder, printed); ``--read --logs DIR`` prints the table again from wh
 
 The quick sizes: see ``BENCHES``. A quick figure is noisier than a full one (one round, fewer tokens) and
 says whether a change broke a target, not by how much it holds. One quick pass on this project's 2 shared cores
-took ~33 minutes (2026-12-06, another engineer's tests running beside it; the offload and throughput benches
-are most of it), plus ~30 s once to write the transformers checkpoint.
+took 882 s, under 15 minutes (2026-12-06, load average 3-5 from another engineer's tests: score 203 s, offload 218 s,
+throughput 158 s with Accelerate OOM-killed early, parallel 112 s, generate 97 s, the rest under a minute each),
+plus ~30 s once to write the transformers checkpoint. If Accelerate ran to the end in its cgroup, throughput
+would take ~4 minutes more.
 The exit code is 0 whatever the verdict, 2 on bad arguments.
 """
 from __future__ import annotations
@@ -355,7 +357,8 @@ def main() -> int:
     os.environ.setdefault("RUNNER_CACHE", str(Path("~/.cache/runner").expanduser()))
     logs = args.logs or Path(tempfile.mkdtemp(prefix="bench-all-"))
     logs.mkdir(parents=True, exist_ok=True)
-    print(f"{'full' if args.full else 'quick'} pass; RUNNER_CACHE={os.environ['RUNNER_CACHE']}; logs in {logs}",
+    print(f"figures read from {logs}" if args.read else
+          f"{'full' if args.full else 'quick'} pass; RUNNER_CACHE={os.environ['RUNNER_CACHE']}; logs in {logs}",
           flush=True)
     start, rows, took = time.perf_counter(), [], []
     for bench in (BY_NAME[n] for n in args.only) if args.only else BENCHES:
@@ -365,8 +368,9 @@ def main() -> int:
     print("\n" + table(rows))
     met = sum(r.figure.met is True for r in rows)
     print(f"\n{met} of {len(rows)} targets met, {sum(r.figure.met is False for r in rows)} not met, "
-          f"{sum(r.figure.met is None for r in rows)} not judged; took {time.perf_counter() - start:.0f} s "
-          f"({', '.join(took)}); load average {os.getloadavg()[0]:.2f}")
+          f"{sum(r.figure.met is None for r in rows)} not judged"
+          + ("" if args.read else f"; took {time.perf_counter() - start:.0f} s ({', '.join(took)}); load average "
+                                  f"{os.getloadavg()[0]:.2f}"))
     return 0
 
 
