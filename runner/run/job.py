@@ -102,66 +102,79 @@ class JobStats:
             self.first_tokens.append(batch.first_token_s)
 
 
+@dataclass(frozen=True)
+class Role:
+    """This process's part in the job: the only process, a data-parallel rank (a share of the rows, into its own
+    rank file), or a pipeline stage (every stage runs every batch; rank 0 writes for all)."""
+
+    mode: str                # parallel.mode
+    ranks: Launch | None     # this process's place under torchrun
+
+    @property
+    def shares_rows(self) -> bool:
+        return self.mode == "data" and self.ranks is not None
+
+    @property
+    def follows(self) -> bool:
+        """A pipeline stage other than rank 0: it runs the batches, and writes nothing."""
+        return self.mode == "pipeline" and self.ranks is not None and not self.ranks.main
+
+    @property
+    def speaks(self) -> bool:
+        """Whether progress goes to the screen from here."""
+        return (self.ranks is None or self.ranks.main) and not self.follows
+
+
+@dataclass
+class Lines:
+    """Where this process's output lines go, the rows it reads, and its share of the batches."""
+
+    out: Output
+    rows: Iterator[Row]
+    share: Share
+
+
+class FirstWindow:
+    """The job's first window of rows, prepared (tokenized and checked) once the plan is made and before any
+    weight is read: the ``Engine``'s ``before_load``. A bad first row fails the job before the load."""
+
+    def __init__(self, rows: list[Row], task_rows: Callable[[Engine, RunConfig], RowTask], config: RunConfig,
+                 run_dir: Path):
+        self.rows, self._task_rows, self._config, self._run_dir = rows, task_rows, config, run_dir
+
+    def __call__(self, engine: Engine) -> None:
+        engine.tokenizer  # noqa: B018 -- read now: a checkpoint without one fails before its weights are
+        self.task = self._task_rows(engine, self._config)
+        self.items, self.bad = _prepare(self.task, self.rows, self._config, self._run_dir)
+
+
 def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig], RowTask],
         ranks: Launch | None = None) -> tuple[str, dict[str, Path]]:
     """The text to show, and the files written. ``task_rows(engine, config)`` makes the ``RowTask``
     (``GenerateRows``, ``ScoreRows``, ``EmbedRows``); ``ranks``: this process's place under torchrun."""
-    id_key = "custom_id" if config.data.format == "openai" else "id"
-    launch = ranks if config.parallel.mode == "data" else None  # this rank's share of the rows
-    follows = config.parallel.mode == "pipeline" and ranks is not None and not ranks.main  # rank 0 writes for all
-    if launch is None:
-        opened: dict[str, PredictionsFile] = {}
-
-        def open_output() -> list[Any]:
-            if rank_files(run_dir):
-                raise DataError(f"{run_dir}: holds a data-parallel job's {rank_files(run_dir)[0].name}; resume it "
-                                "with torchrun ... parallel.mode=data resume=true (any number of ranks), or pick a "
-                                "new run folder (hydra.run.dir=...)")
-            start_job(run_dir, job_settings(config.resolved), resume=config.resume)
-            opened["out"] = PredictionsFile(run_dir / PREDICTIONS, id_key=id_key, resume=config.resume)
-            return opened["out"].done
-
-        # A pipeline's ranks run the same batches: the others follow rank 0's rows done, writing nothing.
-        done = collective.agree_or_raise(open_output) if config.parallel.mode == "pipeline" else open_output()
-        out: Output = FollowerOutput(run_dir / PREDICTIONS, done) if follows else opened["out"]
-        share = Share()
-        rows = _check_done(read_rows(config.data, config.task), done)
-    else:  # rank 0 records the job; every rank then reads what is done, before any rank writes
-        collective.agree_or_raise(lambda: (check_fresh(run_dir, resume=config.resume),
-                                            start_job(run_dir, job_settings(config.resolved), resume=config.resume)))
-        out = ShareOutput(run_dir, launch.rank)
-        collective.agree(lambda: None)  # every rank has read what is done before any rank writes more
-        job = collective.agree(lambda: uuid.uuid4().hex)  # names this run's claims in the launch's store
-        share = Share(launch.rank, launch.world_size, claim=collective.claimer(job))
-        rows = read_rows(config.data, config.task)
-    stats = JobStats(count_rows(config.data) if launch is None else None, resumed=len(out.done))
-    chunks = windows(rows, config.data.window)
-    first = next(chunks, [])
-    if not first and not out.done:
+    role = Role(config.parallel.mode, ranks)
+    lines = _rank_lines(config, run_dir, ranks) if role.shares_rows else _job_lines(config, run_dir, role)
+    out = lines.out
+    stats = JobStats(None if role.shares_rows else count_rows(config.data), resumed=len(out.done))
+    chunks = windows(lines.rows, config.data.window)
+    first = FirstWindow(next(chunks, []), task_rows, config, run_dir)
+    if not first.rows and not out.done:
         raise DataError(f"data.path: {config.data.path} holds no rows; give it one row per line")
-    holder: dict[str, tuple[RowTask, list[Item], list[Row]]] = {}
-
-    def check_first_window(engine: Engine) -> None:  # a bad first row fails before any weight is read
-        engine.tokenizer  # noqa: B018 -- read now: a checkpoint without one fails before its weights are
-        task = task_rows(engine, config)
-        holder["first"] = (task, *_prepare(task, first, config, run_dir))
-
-    engine = _engine_on_every_rank(ranks, lambda: Engine(config, run_dir, launch=ranks, before_load=check_first_window))
-    task, items, bad = holder["first"]
-    progress = Progress(stats.total, initial=stats.resumed if launch is None else 0,  # other ranks keep quiet
-                        log_every=config.runtime.log_every if (launch is None or launch.main) and not follows
-                        else float("inf"))
+    engine = _engine_on_every_rank(ranks, lambda: Engine(config, run_dir, launch=ranks, before_load=first))
+    task, items, bad = first.task, first.items, first.bad
+    progress = Progress(stats.total, initial=0 if role.shares_rows else stats.resumed,  # other ranks keep quiet
+                        log_every=config.runtime.log_every if role.speaks else float("inf"))
     start = time.perf_counter()
     failure: RunnerError | None = None
     try:
         # NaN or Inf in any task's outputs, or a real allocation failing despite the plan: one line each
         with engine.explain_non_finite(), engine.memory_checked():
-            for window in chain([first], chunks):
-                if window is not first:
+            for window in chain([first.rows], chunks):
+                if window is not first.rows:
                     items, bad = _prepare(task, window, config, run_dir)
-                _run_window(task, window, items, bad, out, share, stats, progress, config)
+                _run_window(task, window, items, bad, out, lines.share, stats, progress, config)
     except RunnerError as e:
-        if launch is None:
+        if not role.shares_rows:
             raise
         failure = e  # this rank stops; the others finish their shares, and the merge names what is missing
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see __main__): say what is kept and how to go on
@@ -174,14 +187,54 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
         progress.close()
     out.close()
     engine.loaded.timings[config.task.name] = round(time.perf_counter() - start, 4)
-    if launch is not None:
-        return _finish_share(launch, engine, run_dir, stats, share, failure, config)
-    if follows:
+    if role.shares_rows:
+        assert ranks is not None
+        return _finish_share(ranks, engine, run_dir, stats, lines.share, failure, config)
+    if role.follows:
         return "", {}
     paths = _write_reports(engine, run_dir, job_document(stats, config), config)
     paths[PREDICTIONS] = out.path
     shown = "\n\n" + format_lines(out.path, config.task.output_key) if config.data.format == "inline" else ""
     return format_summary(engine.loaded) + shown + "\n\n" + format_job(stats, out.path), paths
+
+
+def _job_lines(config: RunConfig, run_dir: Path, role: Role) -> Lines:
+    """One ``predictions.jsonl``: the job recorded (or checked, on resume), the rows already done read back.
+    A pipeline's stages run the same batches: every stage follows rank 0's rows done, and only rank 0 writes."""
+    id_key = "custom_id" if config.data.format == "openai" else "id"
+
+    def open_output() -> PredictionsFile:
+        if rank_files(run_dir):
+            raise DataError(f"{run_dir}: holds a data-parallel job's {rank_files(run_dir)[0].name}; resume it with "
+                            "torchrun ... parallel.mode=data resume=true (any number of ranks), or pick a new run "
+                            "folder (hydra.run.dir=...)")
+        start_job(run_dir, job_settings(config.resolved), resume=config.resume)
+        return PredictionsFile(run_dir / PREDICTIONS, id_key=id_key, resume=config.resume)
+
+    if config.parallel.mode != "pipeline":
+        out: Output = open_output()
+    else:
+        opened: list[PredictionsFile] = []  # rank 0's own file; the other stages get its rows done
+
+        def opened_on_rank_0() -> list[Any]:
+            opened.append(open_output())
+            return opened[0].done
+
+        done = collective.agree_or_raise(opened_on_rank_0)
+        out = FollowerOutput(run_dir / PREDICTIONS, done) if role.follows else opened[0]
+    return Lines(out, _check_done(read_rows(config.data, config.task), out.done), Share())
+
+
+def _rank_lines(config: RunConfig, run_dir: Path, ranks: Launch) -> Lines:
+    """Data parallel: rank 0 records the job; every rank then reads what any rank has done (its rank file)
+    before any rank writes more, and claims batches through the launch's store."""
+    collective.agree_or_raise(lambda: (check_fresh(run_dir, resume=config.resume),
+                                       start_job(run_dir, job_settings(config.resolved), resume=config.resume)))
+    out = ShareOutput(run_dir, ranks.rank)
+    collective.agree(lambda: None)  # every rank has read what is done before any rank writes more
+    job = collective.agree(lambda: uuid.uuid4().hex)  # names this run's claims in the launch's store
+    return Lines(out, read_rows(config.data, config.task),
+                 Share(ranks.rank, ranks.world_size, claim=collective.claimer(job)))
 
 
 def _engine_on_every_rank(ranks: Launch | None, make: Callable[[], Engine]) -> Engine:
@@ -287,6 +340,7 @@ class Output(Protocol):
 
     path: Path
     lines: int
+    done: Any  # the rows already written: their ids in order (one file), or their numbers (a rank's share)
 
     def todo(self, row: Row) -> bool: ...
 
