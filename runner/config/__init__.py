@@ -9,7 +9,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -76,6 +76,7 @@ class GenerateTask:
     truncate: Literal["left"] | None = None  # left: drop a too-long prompt's oldest tokens; None: an error
     name: Literal["generate"] = "generate"
     output_key: str = "completion"         # the field of an output line that holds the result
+    decodes: ClassVar[bool] = True         # token by token over a KV cache kept between forwards
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class ScoreTask:
     per_token: bool = False                # also write each scored token's log-probability
     name: Literal["score"] = "score"
     output_key: str = "score"
+    decodes: ClassVar[bool] = False        # one forward over each whole sequence
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class EmbedTask:
     normalize: bool = True
     name: Literal["embed"] = "embed"
     output_key: str = "embedding"
+    decodes: ClassVar[bool] = False
 
 
 Task = GenerateTask | ScoreTask | EmbedTask
@@ -109,7 +112,7 @@ class DataSpec:
     on_error: Literal["fail", "skip"] = "fail"
 
     def text_field(self, task: Task) -> str:
-        return self.field or ("prompt" if task.name == "generate" else "text")
+        return self.field or ("prompt" if task.decodes else "text")
 
 
 @dataclass(frozen=True)

@@ -56,12 +56,14 @@ class Planned:
     keys: KeyReport | None
     timings: dict[str, float] = field(default_factory=dict)
 
+
 def open_source(cfg: RunConfig) -> Checkpoint | None:
     """The checkpoint's headers, no tensor read; None for synthetic weights, which are written after the map is
     validated, when we know they are needed."""
     if cfg.checkpoint.source == "synthetic":
         return None
     return open_checkpoint(cfg.checkpoint, cfg.model, model_class(cfg.model))
+
 
 def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None, launch: Launch | None = None
          ) -> Planned:
@@ -99,7 +101,7 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None, la
                                          logits=LOGITS[cfg.task.name]),
                 # Only generation keeps keys and values between forwards; scoring and embedding run one forward.
                 kv_bytes=kv_bytes(model, layout, trace, cfg.model.no_split_module_classes, shape, dtype.itemsize)
-                if cfg.task.name == "generate" and keeps_kv_cache(model) else {},
+                if cfg.task.decodes and keeps_kv_cache(model) else {},
                 allow_disk=cfg.placement.allow_disk, prefetch=cfg.placement.prefetch)
 
         request = request_for(cfg.runtime)
@@ -126,14 +128,14 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None, la
         room = room_left(hardware.get(main), check.loads[main], the_plan.reserves)
         # Generation's forwards are its decode steps: one token per sequence in flight, every micro-batch sharing
         # each block's copy. Scoring and embedding run whole sequences.
-        tokens = (cfg.runtime.rows_in_flight if cfg.task.name == "generate"
-                  else cfg.runtime.batch_size * cfg.runtime.seq_len)
+        tokens = cfg.runtime.rows_in_flight if cfg.task.decodes else cfg.runtime.batch_size * cfg.runtime.seq_len
         compute = compute_plan(layout.blocks, check.block_devices, main, activation_bytes, tokens, room,
                                cfg.placement.prefetch, dtype.itemsize, request.kv_bytes)
         the_plan = replace(the_plan, reserves=kv_where_computed(the_plan.reserves, compute, check.block_devices,
                                                                 request.kv_bytes))
     return Planned(cfg, model, dtype, hardware, layout, trace, request, the_plan, check, compute, checkpoint, keys,
                    timings)
+
 
 def _pipeline_stage(cfg: RunConfig, model: nn.Module, checkpoint: Checkpoint | None, launch: Launch | None
                     ) -> tuple[RunConfig, nn.Module, Checkpoint | None]:
@@ -151,11 +153,13 @@ def _pipeline_stage(cfg: RunConfig, model: nn.Module, checkpoint: Checkpoint | N
     log.info("Pipeline stages: %s", stages.describe())
     return cfg, keep_stage(model, stages.parts[launch.rank]), checkpoint
 
+
 def _weights_per_device(layout: ModelLayout, block_devices: dict[str, str], hardware: Hardware) -> dict[str, int]:
     loads = dict.fromkeys(hardware.names, 0)
     for block in layout.blocks:
         loads[block_devices[block.name]] += block.nbytes
     return loads
+
 
 def _within_context(cfg: RunConfig, context: int | None) -> RunConfig:
     """No sequence outgrows the model's context, so neither does the cache planned for it. Unset (rows from a
@@ -173,8 +177,10 @@ def _within_context(cfg: RunConfig, context: int | None) -> RunConfig:
              cfg.runtime.seq_len, context, context)
     return replace(cfg, runtime=replace(cfg.runtime, seq_len=context))
 
+
 def offload_folder(cfg: RunConfig, run_dir: Path) -> Path:
     return cfg.placement.offload_folder or run_dir / "offload"
+
 
 def _plan_or_blame(request: PlanRequest, cfg: RunConfig, folder: Path,
                    request_for: Callable[[RuntimeSpec], PlanRequest]) -> Plan:
@@ -213,6 +219,7 @@ def _plan_or_blame(request: PlanRequest, cfg: RunConfig, folder: Path,
                                ) from None
         raise e
 
+
 def _shape_to_blame(request: PlanRequest, runtime: RuntimeSpec, fits: Callable[[RuntimeSpec], bool]) -> str | None:
     """Why the batch shape, not a budget, is what does not fit: the weights fit with one row of one token, and the
     key whose value is too big for the room (batch_size, seq_len, or both); None when the weights alone do not."""
@@ -234,6 +241,7 @@ def _shape_to_blame(request: PlanRequest, runtime: RuntimeSpec, fits: Callable[[
             f"activations, outputs and KV cache beside the weights, and the devices that compute have "
             f"{format_bytes(sum(d.budget for d in compute))} in all; {fix}")
 
+
 def _compute_dtype(cfg: RunConfig, checkpoint: Checkpoint | None) -> torch.dtype:
     """``dtype: auto`` is the checkpoint's own (a synthetic one's is in its spec)."""
     if cfg.dtype != "auto":
@@ -243,6 +251,7 @@ def _compute_dtype(cfg: RunConfig, checkpoint: Checkpoint | None) -> torch.dtype
         raise CheckpointError(f"dtype: auto would compute in the checkpoint's {str(dtype).removeprefix('torch.')}, "
                               "which the runner does not run; set dtype=float32, float16 or bfloat16")
     return dtype
+
 
 @contextlib.contextmanager
 def timed(timings: dict[str, float], stage: str) -> Iterator[None]:

@@ -259,7 +259,7 @@ def _engine_on_every_rank(ranks: Launch | None, make: Callable[[], Engine]) -> E
 
 def _write_reports(engine: Engine, run_dir: Path, job: dict[str, Any], config: RunConfig,
                    parallel: dict[str, Any] | None = None) -> dict[str, Path]:
-    paths = write_job_report(engine.loaded, run_dir, job, engine.stats if config.task.name == "generate" else None,
+    paths = write_job_report(engine.loaded, run_dir, job, engine.stats if config.task.decodes else None,
                              parallel=parallel)
     return paths | write_manifest(run_dir, config, checkpoint=engine.loaded.checkpoint.fingerprint(),
                                   hardware=engine.loaded.hardware, tokenizer=engine.tokenizer,
