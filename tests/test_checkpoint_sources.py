@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -464,17 +463,16 @@ def test_incomplete_snapshot_is_one_line(tmp_path, monkeypatch):
 
 # --- the CLI ---------------------------------------------------------------------------------------------------
 
-def run_cli(run_dir: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache / "unused")}  # set before any import
-    return subprocess.run([sys.executable, "-m", "runner", *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                          check=False, capture_output=True, text=True, env=env, timeout=300)
+def run_cli(cli, run_dir: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """A real process: huggingface_hub reads HF_HUB_OFFLINE when imported, so it is set before Python starts."""
+    env = {**cli.env, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache / "unused")}
+    return cli(*overrides, f"hydra.run.dir={run_dir}", env=env, timeout=300)
 
 
-@pytest.mark.slow
-def test_cli_runs_from_the_hub_cache_and_records_the_commit(tmp_path):
+def test_cli_runs_from_the_hub_cache_and_records_the_commit(tmp_path, cli):
     cache = tmp_path / "hf-cache"
     hub_cache(cache, REPO, tiny_repo_files(), listing_only=DECOYS)
-    done = run_cli(tmp_path / "run", cache, *TINY, "checkpoint=hub", f"checkpoint.repo_id={REPO}",
+    done = run_cli(cli, tmp_path / "run", cache, *TINY, "checkpoint=hub", f"checkpoint.repo_id={REPO}",
                    f"checkpoint.cache_dir={cache}")
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "run" / "report.json").read_text())
@@ -482,7 +480,7 @@ def test_cli_runs_from_the_hub_cache_and_records_the_commit(tmp_path):
     assert [Path(f["path"]).name for f in report["checkpoint"]["files"]] == \
            ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
 
-    missing = run_cli(tmp_path / "run2", cache, *TINY, "checkpoint=hub", "checkpoint.repo_id=tiny-org/absent",
+    missing = run_cli(cli, tmp_path / "run2", cache, *TINY, "checkpoint=hub", "checkpoint.repo_id=tiny-org/absent",
                       f"checkpoint.cache_dir={cache}")
     assert missing.returncode == 2
     lines = missing.stderr.strip().splitlines()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_in_process
 from runner.load.build import build_skeleton
 from runner.config import ModelSpec
 from runner.plan.split import PipelineError, Skipped, keep_stage, layer_costs, split
@@ -67,11 +68,11 @@ def env_for(cache: Path) -> dict[str, str]:
      "runtime.micro_batches=2"),
     ("task.max_new_tokens=10", "runtime.micro_batches=2"),  # SmolLM2-135M-Instruct: tied head, GGUF weights
 ], ids=["gpt2tiny-sampled", "smollm2-greedy"])
-def test_two_stages_give_the_bytes_one_process_writes(tmp_path, cache, overrides):
+def test_two_stages_give_the_bytes_one_process_writes(tmp_path, cache, overrides, monkeypatch):
     prompts = "data.prompts=[The capital of France is,Name a colour.,One two three,Why is the sky blue?,Hi]"
-    one = subprocess.run([sys.executable, "-m", "runner", *overrides, prompts, f"hydra.run.dir={tmp_path / 'one'}"],
-                         capture_output=True, text=True, env=env_for(cache), timeout=600)
-    assert one.returncode == 0, one.stderr
+    monkeypatch.setenv("RUNNER_CACHE", str(cache))  # the one-process reference runs here, from the ranks' cache
+    one, errors = run_in_process(tmp_path / "one", *overrides, prompts)
+    assert one is not None and not one.error, errors
     two = subprocess.run([*TORCHRUN, "--nproc-per-node=2", "-m", "runner", "parallel.mode=pipeline", *overrides,
                           prompts, f"hydra.run.dir={tmp_path / 'two'}"],
                          capture_output=True, text=True, env=env_for(cache), timeout=600)
@@ -101,10 +102,9 @@ def test_bad_pipelines_are_one_line_on_every_rank(tmp_path, cache, overrides, li
 
 
 def test_plan_sizes_a_pipeline_over_two_nodes(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "runner", "mode=plan", "model=gpt2", "hardware=rtx4090_2x",
-                           "parallel.mode=pipeline", "parallel.nodes=2", "runtime.seq_len=256",
-                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    outcome, errors = run_in_process(tmp_path, "mode=plan", "model=gpt2", "hardware=rtx4090_2x",
+                                     "parallel.mode=pipeline", "parallel.nodes=2", "runtime.seq_len=256")
+    assert outcome is not None and not outcome.error, errors
     pipeline = json.loads((tmp_path / "plan.json").read_text())["pipeline"]
     stages = pipeline["stages"]
     # 12 layers of 7.1 MB; the last stage also computes the 154 MB head, so it takes one layer
@@ -118,4 +118,4 @@ def test_plan_sizes_a_pipeline_over_two_nodes(tmp_path):
     assert traffic["cross_node_bytes_per_token"] == 768 * 4 + 2 * 50257 * 4
     warning, = pipeline["warnings"]
     assert warning.startswith("parallel.nodes=2: the model's 621.94 MiB fit on one node's GPUs (48.00 GiB)")
-    assert "pipeline: 4 stages over 2 node(s)" in proc.stdout
+    assert "pipeline: 4 stages over 2 node(s)" in outcome.text  # what the command line prints

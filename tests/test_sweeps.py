@@ -1,24 +1,22 @@
 """Sweeps through the real CLI: status on disk, resume, collection (table and plot), and the launchers labs use.
 
-Every sweep is ``python -m runner -m ...`` in a subprocess, on gpt2tiny (a synthetic 46 KiB model), with one
-budget that cannot hold it, so each sweep has a failed job to record, collect and resume.
+Every sweep is ``python -m runner -m ...`` in a subprocess (Hydra's multirun is the point), on gpt2tiny (a synthetic
+46 KiB model), with one budget that cannot hold it, so each sweep has a failed job to record, collect and resume.
+Collecting a folder again, and a single run's status, go in-process.
 """
 from __future__ import annotations
 
 import csv
-import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import run_in_process
+from runner.lab import collect
 from runner.lab.status import read_status
-
-pytestmark = pytest.mark.slow
 
 TINY = ("model=gpt2tiny", "task.max_new_tokens=2")
 BUDGETS = "max_memory.cpu=1GiB,2GiB,3GiB,1KB"  # 1KB holds no block: that job fails
@@ -30,12 +28,12 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("sweep-cache")
 
 
-def sweep(sweep_dir: Path, cache: Path, *overrides: str, wait: bool = True):
-    cmd = [sys.executable, "-m", "runner", "-m", *TINY, BUDGETS, f"hydra.sweep.dir={sweep_dir}", *overrides]
-    env = {**os.environ, "RUNNER_CACHE": str(cache)}
+def sweep(cli, sweep_dir: Path, cache: Path, *overrides: str, wait: bool = True):
+    args = ("-m", *TINY, BUDGETS, f"hydra.sweep.dir={sweep_dir}", *overrides)
+    env = {**cli.env, "RUNNER_CACHE": str(cache)}
     if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        return cli.start(*args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return cli(*args, env=env, timeout=300)
 
 
 def rows(sweep_dir: Path) -> dict[str, dict[str, str]]:
@@ -47,8 +45,8 @@ def files_of(folder: Path) -> dict[str, tuple[int, bytes]]:
     return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir() if p.is_file()}
 
 
-def test_a_sweep_records_each_job_collects_a_table_and_plot_and_exits_with_its_failures(tmp_path, cache):
-    proc = sweep(tmp_path / "sweep", cache)
+def test_a_sweep_records_each_job_collects_a_table_and_plot_and_exits_with_its_failures(tmp_path, cache, cli):
+    proc = sweep(cli, tmp_path / "sweep", cache)
     assert proc.returncode == 1, proc.stderr  # one job failed
     assert "Traceback" not in proc.stderr
     assert "sweep: 3 of 4 jobs done, 1 failed; wrote sweep.csv, sweep.md, sweep.png" in proc.stdout
@@ -72,39 +70,34 @@ def test_a_sweep_records_each_job_collects_a_table_and_plot_and_exits_with_its_f
     assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_collect_reads_a_sweep_folder_again(tmp_path, cache):
-    sweep(tmp_path / "sweep", cache, "max_memory.cpu=1GiB,1KB")
+def test_collect_reads_a_sweep_folder_again(tmp_path, cache, cli):
+    sweep(cli, tmp_path / "sweep", cache, "max_memory.cpu=1GiB,1KB")
     (tmp_path / "sweep" / "sweep.csv").unlink()
-    proc = subprocess.run([sys.executable, "-m", "runner.lab.collect", str(tmp_path / "sweep")], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert collect.main([str(tmp_path / "sweep")]) == 0  # python -m runner.lab.collect, in-process
     assert set(rows(tmp_path / "sweep")) == {"1GiB", "1KB"}
-    missing = subprocess.run([sys.executable, "-m", "runner.lab.collect", str(tmp_path / "nowhere")],
-                             capture_output=True, text=True, timeout=120)
+    missing = cli(str(tmp_path / "nowhere"), module="runner.lab.collect", timeout=120)
     assert missing.returncode == 2
     assert missing.stderr.strip() == (f"error: sweep: {tmp_path / 'nowhere'}: no such folder; give the sweep's "
                                       "folder (hydra.sweep.dir, e.g. multirun/2026-01-31/12-00-00)")
 
 
-def test_a_killed_sweep_resumes_only_its_missing_jobs_and_leaves_finished_ones_untouched(tmp_path, cache):
+def test_a_killed_sweep_resumes_only_its_missing_jobs_and_leaves_finished_ones_untouched(tmp_path, cache, cli):
     sweep_dir = tmp_path / "sweep"
-    proc = sweep(sweep_dir, cache, wait=False)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:  # kill it, as a crash would, once two jobs are done
-        done = [b for b, f in FOLDERS.items() if (s := _status(sweep_dir / f)) and s.state == "done"]
-        if len(done) >= 2:
-            break
+    proc = sweep(cli, sweep_dir, cache, wait=False)
+    # kill it, as a crash would, once two jobs are done; the sweep must still be going then
+    while len(done := [b for b, f in FOLDERS.items() if (s := _status(sweep_dir / f)) and s.state == "done"]) < 2:
+        assert proc.poll() is None, f"the sweep ended (exit {proc.returncode}) before two jobs were done"
         time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = {b: files_of(sweep_dir / FOLDERS[b]) for b in done}
     assert 2 <= len(finished) < 4
 
-    again = sweep(sweep_dir, cache)
+    again = sweep(cli, sweep_dir, cache)
     assert again.returncode == 2  # resume was not asked for: the folder is refused, not overwritten
     assert "already holds" in again.stderr and "pass resume=true" in again.stderr
 
-    resumed = sweep(sweep_dir, cache, "resume=true")
+    resumed = sweep(cli, sweep_dir, cache, "resume=true")
     assert resumed.returncode == 1, resumed.stderr  # the impossible budget fails again
     assert f"resume: {len(finished)} of 4 jobs done and skipped; {4 - len(finished)} to run" in resumed.stdout
     for budget, files in finished.items():
@@ -114,17 +107,17 @@ def test_a_killed_sweep_resumes_only_its_missing_jobs_and_leaves_finished_ones_u
     assert set(rows(sweep_dir)) == set(FOLDERS)
 
 
-def test_a_resumed_sweep_whose_config_changed_is_refused_unless_forced(tmp_path, cache):
+def test_a_resumed_sweep_whose_config_changed_is_refused_unless_forced(tmp_path, cache, cli):
     sweep_dir = tmp_path / "sweep"
-    sweep(sweep_dir, cache, "max_memory.cpu=1GiB,2GiB")
+    sweep(cli, sweep_dir, cache, "max_memory.cpu=1GiB,2GiB")
     other_cache = tmp_path / "other-cache"  # the synthetic cache follows RUNNER_CACHE: the config differs
-    refused = sweep(sweep_dir, other_cache, "max_memory.cpu=1GiB,2GiB", "resume=true")
+    refused = sweep(cli, sweep_dir, other_cache, "max_memory.cpu=1GiB,2GiB", "resume=true")
     assert refused.returncode == 2
     line, = refused.stderr.strip().splitlines()[-1:]
     assert line.startswith("error: sweep: resume: 2 of the recorded jobs ran with another config (")
     assert f"{FOLDERS['1GiB']}: checkpoint.cache_dir was \"{cache}/synthetic\"" in line
     assert "pass force=true" in line
-    forced = sweep(sweep_dir, other_cache, "max_memory.cpu=1GiB,2GiB", "resume=true", "force=true")
+    forced = sweep(cli, sweep_dir, other_cache, "max_memory.cpu=1GiB,2GiB", "resume=true", "force=true")
     assert forced.returncode == 0, forced.stderr
     kept = sweep_dir / f"{FOLDERS['1GiB']}.superseded-1"
     assert read_status(kept).config["offload"]["folder"] == f"{cache}/offload"
@@ -134,8 +127,8 @@ def test_a_resumed_sweep_whose_config_changed_is_refused_unless_forced(tmp_path,
 @pytest.mark.parametrize("launcher", [("hydra/launcher=joblib", "hydra.launcher.n_jobs=2"),
                                       ("hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5")],
                          ids=["joblib", "submitit_local"])
-def test_process_launchers_record_statuses_and_collect(tmp_path, cache, launcher):
-    proc = sweep(tmp_path / "sweep", cache, *launcher)
+def test_process_launchers_record_statuses_and_collect(tmp_path, cache, cli, launcher):
+    proc = sweep(cli, tmp_path / "sweep", cache, *launcher)
     assert proc.returncode == 1, proc.stderr
     table = rows(tmp_path / "sweep")
     assert {b: r["status"] for b, r in table.items()} == {"1GiB": "done", "2GiB": "done", "3GiB": "done",
@@ -143,14 +136,12 @@ def test_process_launchers_record_statuses_and_collect(tmp_path, cache, launcher
     assert "fits no device" in table["1KB"]["reason"]
 
 
-def test_a_failed_run_says_so_in_its_folder_even_over_an_earlier_success(tmp_path, cache):
-    env = {**os.environ, "RUNNER_CACHE": str(cache)}
-    run = [sys.executable, "-m", "runner", *TINY, f"hydra.run.dir={tmp_path / 'run'}"]
-    assert subprocess.run(run, capture_output=True, env=env, timeout=300).returncode == 0
+def test_a_failed_run_says_so_in_its_folder_even_over_an_earlier_success(tmp_path):
+    done, errors = run_in_process(tmp_path / "run", *TINY)
+    assert done is not None and not done.error, errors  # exit 0
     assert read_status(tmp_path / "run").state == "done"
-    failed = subprocess.run([*run, "max_memory.cpu=1KB", "resume=true"], capture_output=True, text=True, env=env,
-                            timeout=300)
-    assert failed.returncode == 2
+    failed, errors = run_in_process(tmp_path / "run", *TINY, "max_memory.cpu=1KB", "resume=true")
+    assert failed is not None and failed.error and errors  # exit 2
     status = read_status(tmp_path / "run")
     assert status.state == "failed" and status.reason.startswith("plan: block transformer.h.0")
     assert (tmp_path / "run" / "report.json").exists()  # the earlier run's, now beside a status that says failed

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import compose_config
+from conftest import compose_config, run_in_process
 from runner.load.build import build_skeleton
 from runner.load.checkpoint.base import shard_path
 from runner.config import _path
@@ -23,33 +22,36 @@ from runner.plan.planned import plan
 MARKER_CODE = "import pathlib; pathlib.Path({marker!r}).write_text('ran')\n"
 
 
-def cli(cwd: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runner", "mode=plan", "model=gpt2tiny", *overrides,
-                           f"hydra.run.dir={cwd / 'run'}"], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+def plan_in(cwd: Path, *overrides: str) -> list[str]:
+    """The error lines of ``python -m runner mode=plan model=gpt2tiny <overrides>`` started in ``cwd``."""
+    outcome, lines = run_in_process(cwd / "run", "mode=plan", "model=gpt2tiny", *overrides)
+    assert outcome is None or outcome.error, "the plan was made"  # the command line would exit 2
+    return lines
 
 
 def test_a_nested_target_outside_the_allowed_modules_is_refused_before_it_runs(tmp_path):
     marker = tmp_path / "touched"
-    proc = cli(tmp_path, "+model.arch.x._target_=subprocess.Popen", f"+model.arch.x.args=[touch,{marker}]")
-    assert proc.returncode == 2 and not marker.exists()
-    assert proc.stderr.strip().splitlines() == [
+    lines = plan_in(tmp_path, "+model.arch.x._target_=subprocess.Popen", f"+model.arch.x.args=[touch,{marker}]")
+    assert not marker.exists()
+    assert lines == [
         "error: build: model.arch.x._target_: subprocess.Popen is outside the modules a config may build from "
         "(runner.zoo, torch.nn, transformers); if you trust it, add its module to trust.allow_targets "
         "(e.g. 'trust.allow_targets=[subprocess]')"]
 
 
-def test_a_module_in_the_working_folder_is_not_imported_unless_trusted(tmp_path):
+def test_a_module_in_the_working_folder_is_not_imported_unless_trusted(tmp_path, monkeypatch):
     marker = tmp_path / "imported"
     (tmp_path / "labmodel.py").write_text(MARKER_CODE.format(marker=str(marker)) + "class Model: pass\n")
-    proc = cli(tmp_path, "model.arch._target_=labmodel.Model")
-    assert proc.returncode == 2 and not marker.exists()
-    assert "labmodel.Model is outside the modules a config may build from" in proc.stderr
-    trusted = cli(tmp_path, "model.arch._target_=labmodel.Model", "trust.allow_targets=[labmodel]",
-                  env={"PYTHONPATH": str(tmp_path)})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # importable, as the working folder is to python -m runner
+    refused = plan_in(tmp_path, "model.arch._target_=labmodel.Model")
+    assert not marker.exists() and "labmodel" not in sys.modules
+    assert len(refused) == 1 and "labmodel.Model is outside the modules a config may build from" in refused[0]
+    trusted = plan_in(tmp_path, "model.arch._target_=labmodel.Model", "trust.allow_targets=[labmodel]")
+    sys.modules.pop("labmodel", None)  # this process goes on
     assert marker.exists()  # the user vouched for it: imported, then refused as no nn.Module
-    assert trusted.stderr.strip() == ("error: build: model.arch._target_: labmodel.Model is not an nn.Module class; "
-                                      "expected a model class such as runner.zoo.gpt.GPT")
+    assert trusted == ["error: build: model.arch._target_: labmodel.Model is not an nn.Module class; "
+                       "expected a model class such as runner.zoo.gpt.GPT"]
 
 
 def test_a_trusted_module_that_raises_on_import_is_one_line(tmp_path, monkeypatch):
