@@ -52,6 +52,8 @@ CASES = {
     "temperature-below-zero": (("task.temperature=-0.5",), "config",
                                ("task.temperature: -0.5 is not valid; expected 0 (greedy) or a positive temperature",)),
     "top-p-zero": (("task.top_p=0",), "config", ("task.top_p: 0",)),
+    "log-every-nan": (("runtime.log_every=nan",), "config",
+                      ("runtime.log_every: nan is not valid; expected seconds between progress lines",)),
     "top-p-above-one": (("task.top_p=1.5",), "config", ("task.top_p: 1.5 is greater than the maximum of 1",)),
     "top-k-below-zero": (("task.top_k=-1",), "config", ("task.top_k: -1 is less than the minimum of 0",)),
     "max-new-tokens-zero": (("task.max_new_tokens=0",), "config", ("task.max_new_tokens: 0 is less than the minimum of 1",)),

@@ -395,9 +395,7 @@ VERDICTS: dict[str, tuple[list[str], list[str]]] = {  # key: (taken, refused)
     "runtime.batch_size": (WHOLE, ["0", "-1", "null", *NOT_WHOLE]),
     "runtime.seq_len": (["null", *WHOLE], ["0", "-1", *NOT_WHOLE]),
     "runtime.micro_batches": (["1", "2", "7"], ["0", "-1", str(10**400), "null", *NOT_WHOLE]),
-    # (log_every=nan is taken today, and left out: whether it should be is for the schema to say)
-    "runtime.log_every": (["1", "0.5", "1.5", "7", "1e-320"],
-                          ["0", "-1", str(10**400), *(v for v in NOT_FRACTIONS if v != "nan")]),
+    "runtime.log_every": (["1", "0.5", "1.5", "7", "1e-320"], ["0", "-1", str(10**400), *NOT_FRACTIONS]),
     "task.max_new_tokens": (WHOLE, ["0", "-1", "null", *NOT_WHOLE]),
     "task.top_k": (["0", *WHOLE], ["-1", "null", *NOT_WHOLE]),
     "task.temperature": (["0", "1e-320", "0.5", "1", "1.5", "7"], ["-1", str(10**400), "9" * 400, *NOT_FRACTIONS]),

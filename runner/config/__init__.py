@@ -5,6 +5,7 @@ Nothing past this module touches omegaconf; the pipeline takes a ``RunConfig``.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -206,6 +207,9 @@ def load_config(cfg: DictConfig | dict[str, Any], overrides: Sequence[str] = ())
         errors.append(f"runtime.micro_batches: micro-batches share streamed blocks across decode steps of "
                       f"task=generate; task={plain['task']['name']} runs one forward per batch, so raise "
                       "runtime.batch_size instead")
+    if not errors and not math.isfinite(plain["runtime"]["log_every"]):  # NaN passes every bound of the schema
+        errors.append(f"runtime.log_every: {plain['runtime']['log_every']} is not valid; expected seconds between "
+                      "progress lines, above 0 and up to 1e9")
     if not errors and plain["mode"] == "check" and not plain["map_file"]:
         errors.append("map_file: mode=check needs the map to check, e.g. map_file=outputs/.../device_map.json")
     if errors:
