@@ -15,7 +15,7 @@ from runner.infer.generate import GenerationStats
 from runner.infer.engine import Engine
 from runner.plan.planned import plan
 from runner.run.report import format_map, format_summary, write_documents, write_job_report, write_plan
-from runner.run.job import JobStats, job_document
+from runner.run.job_stats import JobStats, job_document
 from runner.config.schema import schema_errors
 
 SIX = ("model=gpt2tiny", "model.arch.n_layer=6", "hardware=sim_2gpu", "placement=balanced", "max_memory.cpu=1GiB",

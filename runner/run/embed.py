@@ -8,7 +8,7 @@ from runner.data.rows import Row
 from runner.infer.engine import Engine
 from runner.errors import GenerateError
 from runner.infer.prompts import token_ids
-from runner.run.job import Batch, Item
+from runner.run.rows import Batch, Item
 
 
 class EmbedRows:

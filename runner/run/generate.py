@@ -12,7 +12,7 @@ from runner.data.rows import Row
 from runner.infer.engine import Engine, sampling_params
 from runner.infer.generate import Completion, Request
 from runner.infer.prompts import check_new_tokens, encode_prompt, token_ids
-from runner.run.job import Batch, Item
+from runner.run.rows import Batch, Item
 
 
 class GenerateRows:

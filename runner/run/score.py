@@ -9,7 +9,7 @@ from runner.infer.engine import Engine
 from runner.errors import GenerateError
 from runner.infer.prompts import token_ids
 from runner.infer.score import Score, ScoreRequest, pair_request, text_request
-from runner.run.job import Batch, Item
+from runner.run.rows import Batch, Item
 
 
 class ScoreRows:
