@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_in_process
+from conftest import compose_config, run_in_process
 
 from runner.plan.blocks import ModelLayout, describe_model
 from runner.load.build import build_skeleton
@@ -197,3 +197,12 @@ def test_map_exceeds_a_budget(layout):
     assert block_bytes == 13120  # 12.81 KiB, 12120 B over a 1000 B budget
     assert line == ("device_map: cuda:0 holds 12.81 KiB but its budget is 1000 B (11.84 KiB over); "
                     "move blocks off it or raise it (+max_memory.0=<size>)")
+
+
+def test_the_recipe_returns_bad_input_as_a_failed_outcome(tmp_path):
+    """From Python, ``run`` gives the bad input back as its outcome, as the command line prints it."""
+    from runner.run.recipe import run
+
+    outcome = run(compose_config(*TINY[:1], "task.max_new_tokens=64"), tmp_path)
+    assert outcome.state == "failed" and outcome.paths == {}
+    assert outcome.error.said() == [error_line(tmp_path / "cli", *TINY[:1], "task.max_new_tokens=64")]

@@ -76,8 +76,9 @@ class Outcome:
 
 def recorded(run_dir: Path, resolved: dict[str, Any], overrides: list[str], job: Callable[[], Outcome], *,
              writes: bool = True) -> Outcome:
-    """``job()``, its state in ``status.json`` as it starts and as it ends; a ``RunnerError`` it raises is a
-    failed outcome. ``writes=False``: another process (rank 0) speaks for this job."""
+    """``job()``, its state in ``status.json`` as it starts and as it ends; a ``RunnerError`` it raises (a config
+    that does not load, before the recipe runs) is a failed outcome. ``writes=False``: another process (rank 0)
+    speaks for this job."""
     status = JobStatus("running", comparable(resolved), overrides)
     write = write_status if writes else (lambda *_: None)
     write(run_dir, status)

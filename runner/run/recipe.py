@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from runner.config import RunConfig
+from runner.errors import RunnerError
 from runner.lab.status import Outcome
 from runner.run import job, plan
 from runner.run.embed import EmbedRows
@@ -27,18 +28,18 @@ ROW_TASKS = {"generate": GenerateRows, "score": ScoreRows, "embed": EmbedRows}  
 
 
 def run(config: RunConfig, run_dir: Path, launch: Launch | None = None) -> Outcome:
-    """Run one job into ``run_dir``.
-
-    Raises:
-        RunnerError: bad input at any stage (``runner.lab.status.recorded`` turns it into a failed outcome).
-    """
-    check_launch(config, launch)
-    if config.mode in ("plan", "check"):
-        if launch is not None and not launch.main:
-            return Outcome()  # a plan or a check is made once, by rank 0
-        return Outcome(*plan.run(config, run_dir))
-    with deterministic(config.runtime.deterministic):
-        return Outcome(*job.run(config, run_dir, ROW_TASKS[config.task.name], launch))
+    """Run one job into ``run_dir``: the text to show and the files written, or the bad input that stopped it
+    (``Outcome.error``, one line per problem). An interrupt, or a bug, is raised."""
+    try:
+        check_launch(config, launch)
+        if config.mode in ("plan", "check"):
+            if launch is not None and not launch.main:
+                return Outcome()  # a plan or a check is made once, by rank 0
+            return Outcome(*plan.run(config, run_dir))
+        with deterministic(config.runtime.deterministic):
+            return Outcome(*job.run(config, run_dir, ROW_TASKS[config.task.name], launch))
+    except RunnerError as e:
+        return Outcome(error=e)
 
 
 @contextlib.contextmanager
