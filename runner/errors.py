@@ -135,4 +135,4 @@ class OutOfMemory(RunnerError):
 
 def interrupted(e: KeyboardInterrupt, kept: str) -> Interrupted:
     """The same signal (SIGINT for a plain Ctrl-C), now saying what is kept."""
-    return Interrupted(e.signum if isinstance(e, Interrupted) else signal.SIGINT, kept)
+    return Interrupted(Interrupted.signum_of(e), kept)

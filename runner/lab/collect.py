@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.errors import RunnerError, SweepError
+from runner.errors import RunnerError, SweepError, say
 from runner.config.sizes import format_bytes, parse_size
 from runner.lab.status import STATUS, read_status
 from runner.data.writes import atomic_write, temp_path
@@ -259,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         table = collect(args.folder)
     except RunnerError as e:
-        for line in e.lines:
-            print(f"error: {e.stage}: {line}", file=sys.stderr)
+        say(*e.said())
         return 2
     print(to_markdown(table))
     print(f"Wrote {', '.join(p.name for p in table.paths)} to {args.folder}")

@@ -153,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = replay(args.folder, into=args.into, force=args.force)
     except RunnerError as e:
-        for line in e.lines:
-            print(f"error: {e.stage}: {line}", file=sys.stderr)
+        say(*e.said())
         return 2
     if result.returncode != 0:
         print(f"replay: the run failed (exit {result.returncode}); see above", file=sys.stderr)

@@ -87,8 +87,7 @@ def recorded(run_dir: Path, resolved: dict[str, Any], overrides: list[str], job:
     except RunnerError as e:
         outcome = Outcome(error=e)
     except KeyboardInterrupt as e:
-        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        write(run_dir, status.finished("failed", f"interrupted: {signal.Signals(signum).name}"))
+        write(run_dir, status.finished("failed", f"interrupted: {signal.Signals(Interrupted.signum_of(e)).name}"))
         raise
     except BaseException as e:  # a bug: the folder says so, and the traceback stays
         write(run_dir, status.finished("failed", f"bug: {type(e).__name__}: {e}"))

@@ -12,7 +12,6 @@ import hashlib
 import logging
 import re
 import shutil
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from runner.errors import RunnerError, SweepError
+from runner.errors import RunnerError, SweepError, say
 from runner.lab.status import Outcome, changed_keys, comparable, read_status, short
 
 log = logging.getLogger(__name__)
@@ -169,8 +168,7 @@ class CollectWhenDone(Callback):
         try:
             table = collect(sweep_dir)
         except RunnerError as e:
-            for line in e.lines:
-                print(f"error: {e.stage}: {line}", file=sys.stderr)
+            say(*e.said())
             finished = Finished(len(launched), len(launched), collected=False)
             return
         ours = [row for row in table.rows if row.folder in {p.name for p in launched}] or table.rows

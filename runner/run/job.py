@@ -14,7 +14,6 @@ The task (generate, score, embed) is a ``RowTask`` (``runner.run.rows``): how to
 """
 from __future__ import annotations
 
-import signal
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -31,7 +30,7 @@ from runner.run.launch import Launch, ParallelError
 from runner.data.shares import Share, ShareOutput, check_fresh, merge, rank_files
 from runner.data.writer import PREDICTIONS, FollowerOutput, PredictionsFile, job_settings, start_job
 from runner.infer.engine import Engine
-from runner.errors import DataError, Interrupted, RunnerError
+from runner.errors import DataError, RunnerError, interrupted
 from runner.infer.batches import length_batches
 from runner.data.progress import Progress
 from runner.lab.manifest import write_manifest
@@ -118,9 +117,8 @@ def run(config: RunConfig, run_dir: Path, task_rows: Callable[[Engine, RunConfig
         failure = e  # this rank stops; the others finish their shares, and the merge names what is missing
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see __main__): say what is kept and how to go on
         out.flush()
-        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        raise Interrupted(signum, f"{out.lines} rows are in {out.path}; "
-                                  f"resume=true hydra.run.dir={run_dir} continues the job") from None
+        raise interrupted(e, f"{out.lines} rows are in {out.path}; "
+                             f"resume=true hydra.run.dir={run_dir} continues the job") from None
     finally:  # what finished is on disk whatever stops the job
         out.flush()
         progress.close()
