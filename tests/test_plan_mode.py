@@ -113,7 +113,7 @@ def test_kv_cache_is_reserved_only_for_models_that_keep_one():
 
     from runner.plan.reserves import keeps_kv_cache
     from runner.zoo.gpt import GPT
-    from runner.zoo.llama import Llama
+    from runner.zoo.families import Llama
 
     assert keeps_kv_cache(GPT(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=4))  # generation caches
     assert keeps_kv_cache(Llama(vocab_size=8, hidden_size=4, intermediate_size=8, num_hidden_layers=1,

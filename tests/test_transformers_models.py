@@ -45,7 +45,7 @@ def test_rope_theta_is_read_wherever_config_json_keeps_it(tmp_path):
     reference, folder = save_llama(tmp_path, tie=False, theta=500000.0)
     result = Engine(compose_config("model=llama", "checkpoint=local", f"checkpoint.path={folder}", "hardware=cpu"),
                      tmp_path / "run").loaded
-    assert result.config.model.arch["rope_theta"] == 500000.0
+    assert result.model.shape.ropes[0].theta == 500000.0
     with torch.inference_mode():
         torch.testing.assert_close(result.model(TOKENS), reference(TOKENS).logits, rtol=1e-4, atol=1e-5)
 

@@ -8,7 +8,7 @@ every row of a batch shares one write position; padding is masked out of attenti
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -120,6 +120,10 @@ class ZooCausalLM:
         if self.stage is not None and not self.stage.last:
             return x
         yield
+        return self.logits(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head over final hidden states (a family may cap them, as Gemma 2 does)."""
         return self.lm_head(x)
 
     def hidden_steps(self, idx: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor | None,
@@ -155,9 +159,25 @@ class Step:
     start: int                    # positions already cached
     positions: torch.Tensor       # [batch or 1, tokens]
     mask: torch.Tensor | None     # from ``step_mask``; None: plain causal
+    tokens: int = 0               # new this step
+    windowed: dict[int, torch.Tensor | None] = field(default_factory=dict)  # masks by window, made once per forward
 
     def layer_cache(self, cache: KVCache | None, index: int) -> LayerCache | None:
         return cache.layer(index) if cache is not None else None
+
+    def mask_for(self, window: int | None) -> torch.Tensor | None:
+        """The mask of a layer that attends to its last ``window`` positions only (None: all of them), as Hugging
+        Face counts them: a query sees a key when ``query - key < window``, on the cache's own positions."""
+        total = self.start + self.tokens
+        if window is None or total <= window:
+            return self.mask
+        if window not in self.windowed:
+            device = self.mask.device if self.mask is not None else self.positions.device
+            query = torch.arange(self.start, total, device=device)[:, None]
+            key = torch.arange(total, device=device)[None, :]
+            within = ((key <= query) & (key > query - window))[None, None]
+            self.windowed[window] = within if self.mask is None else self.mask & within
+        return self.windowed[window]
 
 
 def step(idx: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor | None,
@@ -167,7 +187,7 @@ def step(idx: torch.Tensor, attention_mask: torch.Tensor | None, positions: torc
     tokens = idx.shape[1]
     if positions is None:
         positions = step_positions(attention_mask, start, tokens, idx.device)
-    return Step(start, positions, step_mask(attention_mask, start, tokens))
+    return Step(start, positions, step_mask(attention_mask, start, tokens), tokens)
 
 
 def step_positions(attention_mask: torch.Tensor | None, start: int, tokens: int, device: torch.device) -> torch.Tensor:
@@ -197,14 +217,34 @@ def step_mask(attention_mask: torch.Tensor | None, start: int, tokens: int) -> t
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache | None,
-           mask: torch.Tensor | None) -> torch.Tensor:
+           mask: torch.Tensor | None, scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention of ``q [B, H, T, D]`` over the cached and new keys (grouped-query when
-    there are fewer key heads). ``mask`` from ``step_mask``; None means causal."""
+    there are fewer key heads). ``mask`` from ``Step.mask_for``; None means causal. ``scale``: None is
+    1/sqrt(D). ``softcap``: scores pass through ``softcap * tanh(scores / softcap)`` before the softmax (Gemma 2),
+    which the fused kernel cannot do."""
     if cache is not None:
         k, v = cache.append(k, v)
+    if softcap is not None:
+        return _capped_attention(q, k, v, mask, scale, softcap)
     gqa = k.shape[1] != q.shape[1]
     if mask is not None:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.device),
-                                                                enable_gqa=gqa)
+                                                                enable_gqa=gqa, scale=scale)
     # Without a mask, T > 1 only happens on a fresh sequence (k is as long as q): plain causal.
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa,
+                                                            scale=scale)
+
+
+def _capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      scale: float | None, softcap: float) -> torch.Tensor:
+    """Attention with soft-capped scores, written out; the softmax in fp32, as Hugging Face's eager path does."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    T, S = q.shape[2], k.shape[2]
+    if mask is None:  # a fresh sequence (causal) or one new token (sees everything)
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask.to(q.device), float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
