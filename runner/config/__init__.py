@@ -33,6 +33,16 @@ class ModelSpec:
     no_split_module_classes: tuple[str, ...]
     arch_from_checkpoint: bool = False  # the rest of the arguments come from the checkpoint's own config
     trusted_targets: tuple[str, ...] = ()  # modules the user allows ``_target_`` from, beyond the defaults
+    auto: bool = False                 # model=auto: the class comes from the checkpoint's config (runner.load.architecture)
+    fast_path: bool = True             # model=auto: a zoo family where there is one; False: transformers' class always
+    chosen_from: str | None = None     # model=auto, once chosen: the config file the choice was read from
+
+    @property
+    def path(self) -> str:
+        """Which implementation runs: the zoo's fast path, transformers' own class, or another the config names."""
+        target = self.arch.get("_target_", "")
+        return "zoo" if target.startswith("runner.zoo.") else "transformers" if target.startswith("transformers.") \
+            else "custom"
 
 
 @dataclass(frozen=True)
@@ -251,7 +261,8 @@ def _typed(c: dict[str, Any]) -> RunConfig:
     model = c["model"]
     return RunConfig(
         model=ModelSpec(model["name"], dict(model["arch"]), tuple(model["no_split_module_classes"]),
-                        model.get("arch_from_checkpoint", False), tuple(c["trust"]["allow_targets"])),
+                        model.get("arch_from_checkpoint", False), tuple(c["trust"]["allow_targets"]),
+                        auto=model.get("auto", False), fast_path=model.get("fast_path", True)),
         checkpoint=checkpoint,
         hardware=hardware,
         placement=placement,

@@ -89,7 +89,7 @@ class Engine:
                 a plan for a set length needs none, and a checkpoint without one can still be planned.
         """
         start = time.perf_counter()
-        checkpoint = open_source(config)
+        config, checkpoint = open_source(config)
         opened = time.perf_counter() - start
         words = None
         if tokenizer or config.runtime.seq_len is None:

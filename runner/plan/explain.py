@@ -153,6 +153,7 @@ def notices(planned: Planned) -> list[str]:
 def plan_document(planned: Planned) -> dict:
     return {
         "model": planned.config.model.name,
+        "model_path": planned.config.model.path,
         "strategy": planned.plan.strategy,
         "dtype": str(planned.dtype).removeprefix("torch."),
         "hardware": planned.hardware.name,
@@ -175,9 +176,18 @@ def plan_document(planned: Planned) -> dict:
     }
 
 
+def model_line(planned: Planned) -> str:
+    """Which implementation runs the model, and where its architecture was read (``model=auto``)."""
+    spec = planned.config.model
+    path = {"zoo": "the zoo's fast path", "transformers": "transformers' own class"}.get(spec.path, "the class the "
+                                                                                         "config names")
+    read = f", read from {spec.chosen_from}" if spec.chosen_from else ""
+    return f"model: {spec.name} on {path} ({spec.arch['_target_']}){read}"
+
+
 def format_plan(planned: Planned) -> str:
     rows = device_rows(planned)
-    lines = [f"{'device':<8} {'blocks':>6} {'weights':>12} {'reserves':>12} {'budget':>12} {'free':>12}  reserved for"]
+    lines = [model_line(planned), "", f"{'device':<8} {'blocks':>6} {'weights':>12} {'reserves':>12} {'budget':>12} {'free':>12}  reserved for"]
     for r in rows:
         name = r["name"] + ("*" if r["simulated"] else "")
         why = ", ".join(f"{k} {format_bytes(v)}" for k, v in r["reserves"].items())

@@ -21,7 +21,8 @@ from runner.config.sizes import format_bytes
 from runner.errors import CheckpointError, ConfigError, OffloadError, PlanError
 from runner.infer.model import context_length
 from runner.load.build import build_skeleton, model_class, no_split_classes, resolve_arch
-from runner.load.checkpoint import Checkpoint, KeyReport, check_keys, open_checkpoint
+from runner.load.architecture import choose_model
+from runner.load.checkpoint import Checkpoint, KeyReport, check_keys, open_stored, seen_as
 from runner.load.checkpoint.synthetic import synthetic_checkpoint
 from runner.plan.blocks import ModelLayout, describe_model
 from runner.plan.compute import Compute, compute_plan, kv_where_computed
@@ -57,12 +58,18 @@ class Planned:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def open_source(cfg: RunConfig) -> Checkpoint | None:
-    """The checkpoint's headers, no tensor read; None for synthetic weights, which are written after the map is
-    validated, when we know they are needed."""
+def open_source(cfg: RunConfig) -> tuple[RunConfig, Checkpoint | None]:
+    """The checkpoint's headers under the model's names, no tensor read, and the config with its model made
+    concrete (``model=auto``: the class the checkpoint's own config names). None for synthetic weights, which are
+    written after the map is validated, when we know they are needed."""
     if cfg.checkpoint.source == "synthetic":
-        return None
-    return open_checkpoint(cfg.checkpoint, cfg.model, model_class(cfg.model))
+        if cfg.model.auto:
+            raise ConfigError("model=auto: synthetic weights carry no config to read the architecture from; "
+                              "pick a model config (model=gpt2tiny, model=seq100b, ...) or a real checkpoint")
+        return cfg, None
+    stored = open_stored(cfg.checkpoint)
+    model = choose_model(cfg.model, stored) if cfg.model.auto else cfg.model
+    return replace(cfg, model=model), seen_as(stored, model_class(model))
 
 
 def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None, launch: Launch | None = None
@@ -75,7 +82,7 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None, la
     timings: dict[str, float] = {}
     if checkpoint is None:
         with timed(timings, "checkpoint"):
-            checkpoint = open_source(cfg)
+            cfg, checkpoint = open_source(cfg)
     with timed(timings, "build"):
         arch = resolve_arch(cfg.model, checkpoint.config() if checkpoint else None, cfg.checkpoint.source)
         model_spec = replace(cfg.model, arch=arch)
@@ -123,7 +130,7 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None, la
                                              "used: device_map pins every block, so the map is the one given"))
         for warning in check.warnings:
             log.warning(warning)
-        keys = check_keys(checkpoint, model, layout) if checkpoint else None
+        keys = _keys_of(cfg, checkpoint, model, layout) if checkpoint else None
         main = hardware.main_device
         room = room_left(hardware.get(main), check.loads[main], the_plan.reserves)
         # Generation's forwards are its decode steps: one token per sequence in flight, every micro-batch sharing
@@ -137,6 +144,17 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None, la
                    timings)
 
 
+def _keys_of(cfg: RunConfig, checkpoint: Checkpoint, model: nn.Module, layout: ModelLayout) -> KeyReport:
+    """The key check; where ``model=auto`` chose the class, a mismatch says the config may not be these weights'."""
+    try:
+        return check_keys(checkpoint, model, layout)
+    except CheckpointError as e:
+        if cfg.model.chosen_from is None:
+            raise
+        raise CheckpointError(f"{cfg.model.chosen_from} (model_type {cfg.model.name!r}) does not describe these "
+                              "weights; the config and the weights disagree:", *e.lines) from e
+
+
 def _pipeline_stage(cfg: RunConfig, model: nn.Module, checkpoint: Checkpoint | None, launch: Launch | None
                     ) -> tuple[RunConfig, nn.Module, Checkpoint | None]:
     """This rank's stage of the model (``runner.plan.split``), and the checkpoint it reads its part from: synthetic
@@ -147,7 +165,7 @@ def _pipeline_stage(cfg: RunConfig, model: nn.Module, checkpoint: Checkpoint | N
     if checkpoint is None and cfg.mode == "run":  # (a plan reads no weights: a synthetic model's are not written)
         folder = collective.agree_or_raise(lambda: str(synthetic_checkpoint(cfg.checkpoint, cfg.model, model)))
         cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, source="local", path=Path(folder)))
-        checkpoint = open_source(cfg)
+        cfg, checkpoint = open_source(cfg)
     costs, _, head = layer_costs(model, 1)
     stages = split(costs, first_extra=0, last_extra=head, ranks=launch.world_size)
     log.info("Pipeline stages: %s", stages.describe())

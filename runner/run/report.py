@@ -80,7 +80,8 @@ def report_document(result: Loaded) -> dict:
     return {
         "runner_version": runner.__version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": cfg.model.name, "target": cfg.model.arch["_target_"], "bytes": result.layout.total_bytes,
+        "model": {"name": cfg.model.name, "target": cfg.model.arch["_target_"], "path": cfg.model.path,
+                  "config": cfg.model.chosen_from, "bytes": result.layout.total_bytes,
                   "blocks": len(result.layout.blocks)},
         "dtype": str(result.dtype).removeprefix("torch."),
         "strategy": result.plan.strategy,

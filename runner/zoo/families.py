@@ -72,8 +72,8 @@ def _attention(config: Config, **switches: Any) -> AttentionShape:
                     and heads else 0)
     bias = bool(config.get("attention_bias", False))
     return AttentionShape(hidden=hidden, heads=heads, kv_heads=_get(config, "num_key_value_heads", default=heads),
-                          head_dim=head_dim, qkv_bias=bias, out_bias=bias,
-                          norm_eps=float(_get(config, "rms_norm_eps", default=1e-6)), **switches)
+                          head_dim=head_dim, norm_eps=float(_get(config, "rms_norm_eps", default=1e-6)),
+                          **{"qkv_bias": bias, "out_bias": bias, **switches})
 
 
 def _activation(config: Config) -> str:

@@ -213,8 +213,13 @@ class SparseMoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(x.dtype)
         out = torch.zeros_like(flat)
-        # Only the experts some token chose run, each over its own tokens (one sync to list them).
-        for e in torch.unique(chosen).tolist():
+        # Only the experts some token chose run, each over its own tokens (one sync to list them); tracing on meta,
+        # where nothing is chosen, every expert runs once so the trace sees them all.
+        used = range(self.shape.experts) if flat.is_meta else torch.unique(chosen).tolist()
+        for e in used:
+            if flat.is_meta:
+                out = out + self.experts[e](flat)
+                continue
             tokens, slot = torch.where(chosen == e)
             out.index_add_(0, tokens, self.experts[e](flat[tokens]) * weights[tokens, slot, None])
         if self.shape.shared_intermediate:

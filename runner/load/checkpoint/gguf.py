@@ -75,6 +75,7 @@ class GGUFCheckpoint(Checkpoint):
         """The architecture, in Hugging Face ``LlamaConfig`` names."""
         tokens = self._reader.fields.get("tokenizer.ggml.tokens")
         return {
+            "model_type": "llama",
             "vocab_size": self._count("llama.vocab_size", len(tokens.data) if tokens is not None else None),
             "hidden_size": self._count("llama.embedding_length"),
             "intermediate_size": self._count("llama.feed_forward_length"),
