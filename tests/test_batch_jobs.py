@@ -208,7 +208,7 @@ def test_openai_batch_round_trip_on_the_default_chat_model(tmp_path, caplog):
     short = lines[1]["response"]["body"]
     assert short["usage"]["completion_tokens"] == 2 and short["choices"][0]["finish_reason"] == "length"
     plain = lines[2]["response"]["body"]
-    assert plain["object"] == "text_completion" and plain["model"] == "smollm2_135m"
+    assert plain["object"] == "text_completion" and plain["model"] == "SmolLM2-135M-Instruct.Q4_1"
     assert plain["usage"]["completion_tokens"] == 3 and plain["choices"][0]["text"].strip()
     assert lines[3]["response"] is None and "url: '/v1/embeddings' is not served" in lines[3]["error"]["message"]
 

@@ -32,7 +32,8 @@ def test_default_run_answers_with_paris_and_writes_three_valid_files(cli, tmp_pa
     assert predictions[0]["id"] == 0 and predictions[0]["prompt"] == "What is the capital of France?"
     assert predictions[0]["completion"]["text"] == "The capital of France is Paris."
     assert predictions[0]["completion"]["finish_reason"] == "stop"  # at <|im_end|>
-    assert report["model"]["name"] == "smollm2_135m" and report["strategy"] == "auto"
+    assert report["model"]["name"] == "SmolLM2-135M-Instruct.Q4_1" and report["strategy"] == "auto"
+    assert (report["model"]["path"], report["model"]["target"]) == ("zoo", "runner.zoo.families.Llama")
     assert report["checkpoint"]["source"] == "gguf"
     assert Path(report["checkpoint"]["files"][0]["path"]).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert {"build", "plan", "validate", "checkpoint", "load", "generate"} <= set(report["timings"])

@@ -98,7 +98,8 @@ def test_logits_match_transformers_on_a_left_padded_batch(family, tmp_path):
     model_type, folder, reference = family
     engine = Engine(compose_config("checkpoint=local", f"checkpoint.path={folder}", "hardware=cpu", "dtype=float32"),
                     tmp_path / "run")
-    assert engine.config.model.path == "zoo" and engine.config.model.name == model_type
+    assert engine.config.model.path == "zoo" and engine.config.model.name == folder.name
+    assert type(engine.loaded.model).model_types[0] == model_type
     rows, mask = left_padded(PROMPTS)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
@@ -117,7 +118,7 @@ def test_greedy_completions_match_transformers_generate(family, tmp_path):
     assert errors == [] and outcome is not None
     lines = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert (report["model"]["path"], report["model"]["name"]) == ("zoo", model_type)
+    assert (report["model"]["path"], report["model"]["name"]) == ("zoo", folder.name)
     assert report["model"]["config"] == str(folder / "config.json")
     ours = [line["completion"]["text"] for line in lines]
     assert [line["completion"]["completion_tokens"] for line in lines] == [16] * len(PROMPTS)

@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
@@ -29,6 +30,7 @@ from torch import nn
 
 from runner.plan.blocks import Block, describe_model
 from runner.load.checkpoint import gguf as gguf_reader
+from runner.load.checkpoint.base import Checkpoint
 from runner.load.checkpoint.files import INDEX_NAME, open_safetensors, safetensors_header
 from runner.config import compose
 from runner.errors import CheckpointError, ConfigError, MapError, PlanError, RunnerError
@@ -602,3 +604,63 @@ def test_map_file_reader(content):
             return
     assert isinstance(device_map, dict) and all(isinstance(v, str) for v in device_map.values())
 
+
+# ---------------------------------------------------------------- config.json under model=auto
+
+class ConfigOnly(Checkpoint):
+    """A checkpoint that is only its config.json, as ``model=auto`` reads it before anything is built."""
+
+    def __init__(self, config):
+        self._config, self.files, self.entries, self.ignored = config, [Path("/fuzz/model.safetensors")], {}, {}
+        self.source, self.revision = "local", None
+
+    def read(self, key):
+        raise KeyError(key)
+
+    def config(self):
+        return self._config
+
+
+BASE_CONFIGS = {
+    "qwen3_moe": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=64, hidden_size=16,
+                      intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                      max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
+    "gemma3_text": dict(model_type="gemma3_text", vocab_size=64, hidden_size=16, intermediate_size=32,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+                        sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                        query_pre_attn_scalar=4, max_position_embeddings=64),
+}
+config_values = (meta_values | st.integers(-2**40, 2**40) | st.dictionaries(st.sampled_from(["_target_", "rope_type",
+                 "rope_theta", "factor", "full_attention"]), st.text(max_size=4) | st.integers(-2, 9), max_size=2)
+                 | st.lists(st.sampled_from(["sliding_attention", "full_attention", 3]), max_size=4))
+CONFIG_KEYS = sorted({k for c in BASE_CONFIGS.values() for k in c} | {"auto_map", "quantization_config", "mlp_only_layers",
+                      "decoder_sparse_step", "rms_norm_eps", "attn_logit_softcapping", "partial_rotary_factor",
+                      "tie_word_embeddings", "clip_qkv", "norm_topk_prob"})
+
+
+@settings(parent=budget(60))
+@given(st.sampled_from(sorted(BASE_CONFIGS)), st.dictionaries(st.sampled_from(CONFIG_KEYS), config_values, max_size=4))
+# escapes: a string sliding_window reached the mask as a TypeError mid-run; a float()-able list gave TypeError
+@example("gemma3_text", {"sliding_window": "wide"})
+@example("qwen3_moe", {"rms_norm_eps": [1]})
+@example("gemma3_text", {"query_pre_attn_scalar": 0})
+@example("gemma3_text", {"architectures": 1, "model_type": None})
+@example("qwen3_moe", {"num_hidden_layers": 2048, "num_experts": 4096})
+def test_config_json_from_random_values_builds_or_is_one_line(family, changes):
+    """Whatever a config.json holds, model=auto gives a model built on meta or one ``RunnerError`` line."""
+    COUNTS["config.json: random values"] += 1
+    from runner.config import ModelSpec
+    from runner.load.architecture import choose_model
+    from runner.load.build import build_skeleton, resolve_arch
+
+    config = {**BASE_CONFIGS[family], **changes}
+    spec = ModelSpec("auto", {}, (), auto=True)
+    try:
+        chosen = choose_model(spec, ConfigOnly(config))
+        chosen = replace(chosen, arch=resolve_arch(chosen, config, "local"))
+        if chosen.path == "zoo":  # transformers' classes are its own to validate
+            build_skeleton(chosen)
+    except RunnerError as e:
+        one_line_error(e)
+        assert len(e.lines) == 1

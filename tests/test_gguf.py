@@ -116,7 +116,7 @@ def test_tensors_come_back_under_hugging_face_names_and_shapes(written):
     assert dtypes["model.layers.0.self_attn.v_proj.weight"] == torch.float16
     assert dtypes["model.layers.0.self_attn.q_proj.weight"] == torch.float32  # Q8_0 dequantizes to float32
     assert checkpoint.dtype == torch.float32  # the embedding's
-    assert checkpoint.ignored == {"rope_freqs.weight": "no counterpart in the Llama model"}
+    assert checkpoint.ignored == {"rope_freqs.weight": "read into the config's rope_scaling"}  # all ones: none
     assert checkpoint.fingerprint() == {"source": "gguf", "revision": None,
                                         "files": [{"path": str(path), "bytes": path.stat().st_size}]}
 
@@ -149,7 +149,7 @@ def test_q8_0_dequantizes_within_a_quantization_step_and_q_is_unpermuted(written
 
 def test_config_is_the_llama_architecture_in_hugging_face_names(written):
     assert open_gguf(written[0]).config() == {
-        "vocab_size": len(TOKENS), "hidden_size": HIDDEN, "intermediate_size": FFN, "num_hidden_layers": LAYERS,
+        "model_type": "llama", "vocab_size": len(TOKENS), "hidden_size": HIDDEN, "intermediate_size": FFN, "num_hidden_layers": LAYERS,
         "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "rms_norm_eps": pytest.approx(1e-5),
         "rope_theta": 50000.0, "max_position_embeddings": 128, "tie_word_embeddings": False,
     }
@@ -187,5 +187,5 @@ def test_a_missing_file_or_another_architecture_is_refused(tmp_path):
     writer = gguf.GGUFWriter(str(path), "gpt2")
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     save(writer)
-    with pytest.raises(CheckpointError, match=r"gpt2\.gguf: a GGUF of architecture 'gpt2'; the runner reads Llama"):
+    with pytest.raises(CheckpointError, match=r"gpt2\.gguf: a GGUF of architecture 'gpt2'; the runner reads GGUF architectures llama, qwen2, "):
         open_gguf(path)

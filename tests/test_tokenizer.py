@@ -273,7 +273,7 @@ def test_named_templates_without_default_are_an_error(tmp_path):
     assert "no 'default'" in _one_line(e)
 
 
-@pytest.mark.parametrize("change, shown", [({"ggml.model": "llama"}, "'llama'"), ({"ggml.pre": "qwen2"}, "'qwen2'")])
+@pytest.mark.parametrize("change, shown", [({"ggml.model": "llama"}, "'llama'"), ({"ggml.pre": "deepseek-llm"}, "'deepseek-llm'")])
 def test_unsupported_gguf_tokenizer_is_one_line(change, shown):
     with pytest.raises(CheckpointError) as e:
         tokenizer_for(StandIn(fields={**_tiny_gguf_fields(), **change}), None, None, synthetic=False)

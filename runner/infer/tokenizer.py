@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,7 +19,7 @@ import jinja2
 import tokenizers
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 from runner.load.checkpoint.base import one_line
 from runner.errors import BuildError, CheckpointError
@@ -30,6 +31,25 @@ _WHAT_PATH_TAKES = "a folder holding tokenizer.json, or a tokenizer.json file"
 # (llama.cpp's groups); any other split is refused rather than approximated.
 _GPT2_SPLIT = {"default", "gpt-2", "gpt2"}
 _DIGITS_THEN_GPT2_SPLIT = {"smollm", "starcoder", "refact"}
+
+
+@dataclass(frozen=True)
+class _Split:
+    """A pre-tokenizer as its ``tokenizer.json`` has it: a ``Split`` on ``regex``, then ByteLevel with no regex."""
+
+    regex: str
+    nfc: bool = False            # Qwen's tokenizer.json normalizes to NFC first
+    ignore_merges: bool = False  # Llama 3's BPE takes a whole word that is in the vocabulary as it is
+
+
+# Llama 3's and Qwen2's splits differ in digits: up to three together, or one by one.
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3 = _Split(_CONTRACTIONS + r"\p{N}{1,3}" + _REST, ignore_merges=True)
+_QWEN2 = _Split(_CONTRACTIONS + r"\p{N}" + _REST, nfc=True)
+_REGEX_SPLIT = {"llama-bpe": _LLAMA3, "llama3": _LLAMA3, "llama-v3": _LLAMA3, "qwen2": _QWEN2,
+                "deepseek-r1-qwen": _QWEN2}
+_PRE_RULES = sorted(_GPT2_SPLIT | _DIGITS_THEN_GPT2_SPLIT | set(_REGEX_SPLIT))
 
 
 class Tokenizer(Protocol):
@@ -135,16 +155,24 @@ class BPETokenizer(_Backed):
         if model != "gpt2":
             raise CheckpointError(f"tokenizer.path: the GGUF's tokenizer model {model!r} is not supported (only "
                                   f"byte-level BPE, 'gpt2'); set tokenizer.path to {_WHAT_PATH_TAKES} of this model")
-        if pre not in _GPT2_SPLIT | _DIGITS_THEN_GPT2_SPLIT:
-            raise CheckpointError(f"tokenizer.path: the GGUF's pre-tokenizer {pre!r} is not supported (only "
-                                  f"{', '.join(sorted(_GPT2_SPLIT | _DIGITS_THEN_GPT2_SPLIT))}); "
-                                  f"set tokenizer.path to {_WHAT_PATH_TAKES} of this model")
+        if pre not in _PRE_RULES:
+            raise CheckpointError(f"tokenizer.path: the GGUF's pre-tokenizer {str(pre)[:40]!r} is not supported "
+                                  f"(only {', '.join(_PRE_RULES)}); set tokenizer.path to {_WHAT_PATH_TAKES} of "
+                                  "this model")
         tokens: list[str] = fields["ggml.tokens"]
         merges = [tuple(m.split(" ", 1)) for m in fields["ggml.merges"]]
-        tok = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=False))
-        split = [pre_tokenizers.ByteLevel(add_prefix_space=False)]
-        if pre in _DIGITS_THEN_GPT2_SPLIT:
-            split.insert(0, pre_tokenizers.Digits(individual_digits=True))
+        rule = _REGEX_SPLIT.get(pre)
+        tok = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges,
+                                              ignore_merges=rule is not None and rule.ignore_merges))
+        if rule is not None:
+            if rule.nfc:
+                tok.normalizer = normalizers.NFC()
+            split = [pre_tokenizers.Split(Regex(rule.regex), behavior="isolated", invert=False),
+                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        else:
+            split = [pre_tokenizers.ByteLevel(add_prefix_space=False)]
+            if pre in _DIGITS_THEN_GPT2_SPLIT:
+                split.insert(0, pre_tokenizers.Digits(individual_digits=True))
         tok.pre_tokenizer = pre_tokenizers.Sequence(split)
         tok.decoder = decoders.ByteLevel()
         kinds = fields.get("ggml.token_type", [])

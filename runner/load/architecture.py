@@ -14,8 +14,8 @@ from typing import Any
 
 from runner.config import ModelSpec
 from runner.errors import BuildError
-from runner.load.checkpoint.base import CONFIG_NAME, Checkpoint
-from runner.zoo.decoder import Decoder
+from runner.load.checkpoint.base import CONFIG_NAME, Checkpoint, one_line
+from runner.zoo.decoder import Decoder, check_shape
 from runner.zoo.families import FAMILIES, NotInZoo, family_for
 
 log = logging.getLogger(__name__)
@@ -27,14 +27,15 @@ LIMITS = {"num_hidden_layers": 2048, "n_layer": 2048, "num_layers": 2048, "hidde
           "num_attention_heads": 1 << 12, "n_head": 1 << 12, "num_key_value_heads": 1 << 12, "head_dim": 1 << 12,
           "num_experts": 1 << 12, "num_local_experts": 1 << 12, "num_experts_per_tok": 1 << 12,
           "max_position_embeddings": 1 << 24, "n_positions": 1 << 24}
+MODULES = 1 << 16  # layers x experts: DeepSeek-V3 has 61 x 256
 
 
 def zoo_families() -> str:
     return ", ".join(t for f in FAMILIES for t in f.model_types)
 
 
-def choose_model(spec: ModelSpec, checkpoint: Checkpoint) -> ModelSpec:
-    """The concrete model ``model=auto`` stands for: a zoo family, else transformers' class for the config.
+def choose_model(spec: ModelSpec, checkpoint: Checkpoint, name: str) -> ModelSpec:
+    """The concrete model ``model=auto`` stands for, called ``name``: a zoo family, else transformers' class.
 
     Raises:
         BuildError: one line naming the config file: no config, code it asks to run, quantized weights, a size
@@ -51,18 +52,19 @@ def choose_model(spec: ModelSpec, checkpoint: Checkpoint) -> ModelSpec:
     family = family_for(model_type) if spec.fast_path and isinstance(model_type, str) else None
     if family is not None:
         try:
-            family.shape_of(Decoder.arch_from_config(config))
+            check_shape(family.shape_of(Decoder.arch_from_config(config)))
         except NotInZoo as e:
             log.info("%s: the zoo's %s does not implement %s; running transformers' own class", where,
                      family.__name__, e)
             family = None
-        except (ValueError, KeyError) as e:
-            raise BuildError(f"{where}: {e} (model_type {model_type!r}); fix the config or re-download it") from e
+        except (ValueError, TypeError, KeyError, ArithmeticError) as e:  # reading the config: each is about it
+            raise BuildError(f"{where}: {one_line(e)} (model_type {model_type!r}); fix the config or re-download "
+                             "it") from e
     if family is not None:
         target = f"{family.__module__}.{family.__name__}"
         log.info("model=auto: %s from %s runs on the zoo's fast path (%s)", model_type, where, target)
-        return replace(spec, name=model_type, arch={"_target_": target}, arch_from_checkpoint=True, chosen_from=where)
-    return replace(spec, name=str(model_type), arch=transformers_arch(config, where), arch_from_checkpoint=False,
+        return replace(spec, name=name, arch={"_target_": target}, arch_from_checkpoint=True, chosen_from=where)
+    return replace(spec, name=name, arch=transformers_arch(config, where), arch_from_checkpoint=False,
                    chosen_from=where)
 
 
@@ -102,6 +104,11 @@ def check_config(config: Any, where: str) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
             raise BuildError(f"{where}: {key} is {str(value)[:40]}; expected a whole number from 1 to {limit}")
+    layers = _first(config, "num_hidden_layers", "n_layer", "num_layers") or 1
+    experts = _first(config, "num_local_experts", "num_experts") or 1
+    if layers * experts > MODULES:
+        raise BuildError(f"{where}: {layers} layers of {experts} experts is past the {MODULES} expert blocks any "
+                         "released model has; fix or re-download the config")
     hidden, heads = _first(config, "hidden_size", "n_embd"), _first(config, "num_attention_heads", "n_head")
     kv_heads = config.get("num_key_value_heads")
     if hidden and heads and config.get("head_dim") is None and hidden % heads:
@@ -135,6 +142,7 @@ def transformers_arch(config: dict[str, Any], where: str) -> dict[str, Any]:
         BuildError: transformers is not installed, or knows neither the architecture nor the model type.
     """
     architectures = config.get("architectures") or []
+    architectures = architectures if isinstance(architectures, list) else [architectures]
     model_type = config.get("model_type")
     unknown = (f"{where}: architectures {architectures} (model_type {model_type!r}) is neither a zoo family "
                f"({zoo_families()}) nor a class transformers has")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runner.config import RunConfig, RuntimeSpec
+from runner.config import CheckpointSpec, RunConfig, RuntimeSpec
 from runner.config.sizes import format_bytes
 from runner.errors import CheckpointError, ConfigError, OffloadError, PlanError
 from runner.infer.model import context_length
@@ -68,8 +68,17 @@ def open_source(cfg: RunConfig) -> tuple[RunConfig, Checkpoint | None]:
                               "pick a model config (model=gpt2tiny, model=seq100b, ...) or a real checkpoint")
         return cfg, None
     stored = open_stored(cfg.checkpoint)
-    model = choose_model(cfg.model, stored) if cfg.model.auto else cfg.model
+    model = choose_model(cfg.model, stored, checkpoint_name(cfg.checkpoint)) if cfg.model.auto else cfg.model
     return replace(cfg, model=model), seen_as(stored, model_class(model))
+
+
+def checkpoint_name(spec: CheckpointSpec) -> str:
+    """What a model chosen from its checkpoint is called in logs and reports: the Hub repo, the folder, the file."""
+    if spec.source == "hub":
+        return str(spec.repo_id)
+    assert spec.path is not None  # local and gguf sources have one
+    path = spec.path.expanduser()
+    return path.stem if path.is_file() and spec.source == "gguf" else (path if path.is_dir() else path.parent).name
 
 
 def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None, launch: Launch | None = None
@@ -151,8 +160,8 @@ def _keys_of(cfg: RunConfig, checkpoint: Checkpoint, model: nn.Module, layout: M
     except CheckpointError as e:
         if cfg.model.chosen_from is None:
             raise
-        raise CheckpointError(f"{cfg.model.chosen_from} (model_type {cfg.model.name!r}) does not describe these "
-                              "weights; the config and the weights disagree:", *e.lines) from e
+        raise CheckpointError(f"{cfg.model.chosen_from} does not describe these weights (it reads as "
+                              f"{cfg.model.arch['_target_']}); the config and the weights disagree:", *e.lines) from e
 
 
 def _pipeline_stage(cfg: RunConfig, model: nn.Module, checkpoint: Checkpoint | None, launch: Launch | None

@@ -204,10 +204,29 @@ def check_shape(s: DecoderShape) -> None:
     bad = [f"{k}={v}" for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
     if bad:
         raise ValueError(f"{', '.join(bad)}: sizes must be positive integers")
+    figures = dict(rms_norm_eps=s.norm_eps, rope_theta=min((r.theta for r in s.ropes), default=1.0),
+                   **{"rope scaling factor": min((r.factor for r in s.ropes), default=1.0)},
+                   partial_rotary_factor=min((r.rotary_share for r in s.ropes), default=1.0),
+                   query_pre_attn_scalar=a.scale if a.scale is not None else 1.0,
+                   attn_logit_softcapping=a.softcap if a.softcap is not None else 1.0,
+                   final_logit_softcapping=s.final_softcap if s.final_softcap is not None else 1.0)
+    bad = [f"{k}={v}" for k, v in figures.items()
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: expected positive numbers")
+    if not all(w is None or (isinstance(w, int) and not isinstance(w, bool) and w > 0) for w in s.windows):
+        raise ValueError(f"sliding_window {next(w for w in s.windows if w is not None)!r}: expected a positive "
+                         "whole number of positions")
     if a.heads % a.kv_heads:
         raise ValueError(f"num_attention_heads {a.heads} must be a multiple of num_key_value_heads {a.kv_heads}")
     if len(s.windows) != s.layers or len(s.ropes) != s.layers:
         raise ValueError(f"layer_types lists {len(s.windows)} layers and num_hidden_layers is {s.layers}")
+    e = s.experts
+    if e is not None and not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                 for n in (e.experts, e.per_token, e.intermediate, e.shared_intermediate)):
+        raise ValueError("num_experts, num_experts_per_tok and the experts' intermediate sizes must be whole numbers")
+    if e is not None and (e.intermediate < 1 or len(s.sparse) != s.layers):
+        raise ValueError(f"expert intermediate size {e.intermediate} must be positive and mlp_only_layers name layers")
     if s.experts is not None and not 0 < s.experts.per_token <= s.experts.experts:
         raise ValueError(f"num_experts_per_tok {s.experts.per_token} must be between 1 and the {s.experts.experts} "
                          "experts")
