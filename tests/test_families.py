@@ -181,3 +181,23 @@ def test_a_mixture_of_experts_offloaded_to_cpu_and_disk_matches_all_resident(tmp
         with torch.inference_mode():
             logits[name] = engine.loaded.model(rows, attention_mask=mask)
     torch.testing.assert_close(logits["offloaded"], logits["resident"], rtol=0, atol=1e-5)
+
+
+def test_a_hub_repo_runs_its_own_architecture_with_no_model_named(tmp_path, monkeypatch):
+    """``checkpoint=hub checkpoint.repo_id=...`` alone: huggingface_hub reads an offline cache in the Hub layout,
+    and the repo's config.json picks the zoo's Qwen2."""
+    from test_checkpoint_sources import hub_cache
+
+    folder = tmp_path / "saved"
+    reference = write_checkpoint(folder, "qwen2", FAMILIES["qwen2"])
+    cache = tmp_path / "hf-cache"
+    hub_cache(cache, "tiny-org/qwen2-tiny", {f.name: f.read_bytes() for f in folder.iterdir()})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    outcome, errors = run_in_process(tmp_path / "run", "checkpoint=hub", "checkpoint.repo_id=tiny-org/qwen2-tiny",
+                                     "hardware=cpu", "task.max_new_tokens=16", f"data.prompts={json.dumps(PROMPTS)}")
+    assert errors == []
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert (report["model"]["name"], report["model"]["target"]) == ("tiny-org/qwen2-tiny", "runner.zoo.families.Qwen2")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert [line["completion"]["text"] for line in lines] == transformers_greedy(reference, PROMPTS, 16)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from runner.config import ModelSpec
+from runner.load.architecture import check_config
 from runner.load.checkpoint.base import one_line
 from runner.errors import BuildError
 
@@ -124,6 +125,7 @@ def resolve_arch(spec: ModelSpec, config: dict[str, Any] | None, source: str) ->
     if config is None:
         raise BuildError(f"model.arch_from_checkpoint: checkpoint source {source} gives no architecture "
                          "(no config.json beside the weights, no GGUF metadata); set model.arch's arguments")
+    check_config(config, f"the {source} checkpoint's config")
     cls = model_class(spec)
     from_config = getattr(cls, "arch_from_config", None)
     if callable(from_config):
