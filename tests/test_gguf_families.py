@@ -288,18 +288,66 @@ def _one_line(error: pytest.ExceptionInfo) -> str:
     return lines[0]
 
 
-def _bare_gguf(path: Path, arch: str, **meta) -> Path:
+def _bare_gguf(path: Path, arch: str, meta: dict | None = None, tensors: dict | None = None) -> Path:
+    """A GGUF of ``arch`` with the metadata given (whole numbers as uint32, floats as float32, lists of flags as
+    bool arrays) and an embedding."""
     writer = gguf.GGUFWriter(str(path), arch)
-    for key, value in meta.items():
-        writer.add_uint32(key.replace("__", "."), value) if isinstance(value, int) else writer.add_string(
-            key.replace("__", "."), value)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    for key, value in (meta or {}).items():
+        if isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_array(key, value)
+    for name, array in {"token_embd.weight": np.zeros((4, 8), dtype=np.float32), **(tensors or {})}.items():
+        writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     gguf_reader._reader.cache_clear()
     return path
+
+
+def _sizes(arch: str, layers: int = 1) -> dict:
+    return {f"{arch}.block_count": layers, f"{arch}.embedding_length": 8, f"{arch}.feed_forward_length": 16,
+            f"{arch}.attention.head_count": 2}
+
+
+@pytest.mark.parametrize("arch, meta, tensors, want", [
+    ("qwen2", {"qwen2.rope.scaling.type": "linear", "qwen2.rope.scaling.factor": 4.0}, {},
+     {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+    ("qwen2", {"qwen2.rope.scaling.type": "yarn", "qwen2.rope.scaling.factor": 4.0,
+               "qwen2.rope.scaling.original_context_length": 32768}, {},
+     {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}),
+    ("llama", {"llama.rope.scale_linear": 2.0}, {}, {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    ("qwen3", {"qwen3.rope.scaling.type": "none", "qwen3.rope.scaling.factor": 4.0}, {}, {"rope_scaling": None}),
+    ("phi3", {"phi3.rope.scaling.original_context_length": 4096, "phi3.rope.dimension_count": 2},
+     {"rope_factors_long.weight": np.array([2.0], np.float32), "rope_factors_short.weight": np.ones(1, np.float32)},
+     {"rope_scaling": {"rope_type": "longrope", "long_factor": [2.0], "short_factor": [1.0],
+                       "original_max_position_embeddings": 4096}, "partial_rotary_factor": 0.5,
+      "sliding_window": None}),
+    ("gemma2", {}, {}, {"sliding_window": 4096, "layer_types": ["sliding_attention", "full_attention"] * 2,
+                        "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 4}),
+    ("gemma3", {"gemma3.attention.sliding_window": 512}, {},
+     {"layer_types": ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"], "sliding_window": 512,
+      "rope_local_base_freq": 10000.0, "final_logit_softcapping": None}),
+    ("gemma3", {}, {}, {"layer_types": ["full_attention"] * 7, "sliding_window": None}),
+])
+def test_config_reads_the_metadata_as_llama_cpp_does(tmp_path, arch, meta, tensors, want):
+    layers = {"gemma2": 4, "gemma3": 7}.get(arch, 1)
+    config = open_gguf(_bare_gguf(tmp_path / "m.gguf", arch, {**_sizes(arch, layers), **meta}, tensors)).config()
+    assert {k: config.get(k) for k in want} == want
+
+
+def test_unknown_rope_scaling_is_one_line(tmp_path):
+    path = _bare_gguf(tmp_path / "m.gguf", "qwen2", {**_sizes("qwen2"), "qwen2.rope.scaling.type": "dynamic",
+                                                     "qwen2.rope.scaling.factor": 2.0})
+    with pytest.raises(CheckpointError) as e:
+        open_gguf(path).config()
+    assert "qwen2.rope.scaling.type is 'dynamic'; the runner reads none, linear or yarn" in _one_line(e)
 
 
 @pytest.mark.parametrize("arch", ["falcon", "gemma", "deepseek2"])
@@ -313,8 +361,7 @@ def test_an_unsupported_architecture_is_one_line_naming_the_supported_ones(tmp_p
 
 
 def test_a_missing_expert_count_is_one_line_naming_the_key(tmp_path):
-    path = _bare_gguf(tmp_path / "moe.gguf", "qwen3moe", qwen3moe__block_count=1, qwen3moe__embedding_length=8,
-                      qwen3moe__feed_forward_length=16, qwen3moe__attention__head_count=2)
+    path = _bare_gguf(tmp_path / "moe.gguf", "qwen3moe", _sizes("qwen3moe"))
     with pytest.raises(CheckpointError) as e:
         open_gguf(path).config()
     assert "GGUF metadata qwen3moe.expert_count is missing" in _one_line(e)

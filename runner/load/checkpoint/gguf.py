@@ -170,7 +170,7 @@ class GGUFCheckpoint(Checkpoint):
         layers = self._count(f"{a}.block_count")
         tokens = self._reader.fields.get("tokenizer.ggml.tokens")
         embed = self.entries.get("model.embed_tokens.weight")
-        vocab = len(tokens.data) if tokens is not None else embed.shape[0] if embed is not None else None
+        vocab = len(tokens.data) if tokens is not None else embed.shape[0] if embed is not None and embed.shape else None
         config: dict[str, Any] = {
             "model_type": self.model_type,
             "vocab_size": self._count(f"{a}.vocab_size", vocab),
@@ -236,13 +236,16 @@ class GGUFCheckpoint(Checkpoint):
         return out
 
     def _qwen_experts(self, layers: int) -> dict[str, Any]:
-        """Qwen-MoE: experts in every layer holding a router (llama.cpp weighs the top-k renormalised for Qwen3 only)."""
+        """Qwen-MoE: experts in every layer holding a router; llama.cpp renormalises the top-k weights for Qwen3
+        only (unless the file says otherwise)."""
         a = self.arch
-        out = {"num_experts": self._count(f"{a}.expert_count"), "num_experts_per_tok": self._count(f"{a}.expert_used_count"),
+        out = {"num_experts": self._count(f"{a}.expert_count"),
+               "num_experts_per_tok": self._count(f"{a}.expert_used_count"),
                "moe_intermediate_size": self._count(f"{a}.expert_feed_forward_length", self._expert_rows("gate_proj")),
                "norm_topk_prob": bool(self.metadata.get(f"{a}.expert_weights_norm", a == "qwen3moe")),
                "decoder_sparse_step": 1,
-               "mlp_only_layers": [i for i in range(layers) if f"model.layers.{i}.mlp.gate.weight" not in self.entries]}
+               "mlp_only_layers": [i for i in range(layers)
+                                   if f"model.layers.{i}.mlp.gate.weight" not in self.entries]}
         if a == "qwen2moe":
             shared = self.entries.get("model.layers.0.mlp.shared_expert.gate_proj.weight")
             out["shared_expert_intermediate_size"] = self._count(f"{a}.expert_shared_feed_forward_length",
@@ -253,15 +256,16 @@ class GGUFCheckpoint(Checkpoint):
         """``rope_scaling`` from ``rope.scaling.*`` (llama.cpp's scaling type defaults to linear, used with a factor),
         Llama 3's from its ``rope_freqs`` tensor, Phi-3's long-context one from its ``rope_factors_*`` tensors."""
         a = self.arch
-        if "rope_freqs.weight" in self._tensors and a == "llama":
+        if "rope_freqs.weight" in self._tensors:
             return self._llama3_scaling()
-        if "rope_factors_long.weight" in self._tensors and a == "phi3":
+        if "rope_factors_long.weight" in self._tensors:
             return {"rope_type": "longrope", "long_factor": self._floats("rope_factors_long.weight"),
                     "short_factor": self._floats("rope_factors_short.weight"),
                     "original_max_position_embeddings": self._count(f"{a}.rope.scaling.original_context_length")}
         kind = self.metadata.get(f"{a}.rope.scaling.type", "linear")
-        factor_key = f"{a}.rope.scaling.factor" if f"{a}.rope.scaling.factor" in self.metadata else f"{a}.rope.scale_linear"
-        factor = self._number(factor_key, 1.0) if factor_key in self.metadata else None
+        factor_key = next((k for k in (f"{a}.rope.scaling.factor", f"{a}.rope.scale_linear") if k in self.metadata),
+                          None)  # the second, the older name
+        factor = self._number(factor_key, 1.0) if factor_key is not None else None
         if kind == "none" or factor is None or (kind == "linear" and factor == 1.0):
             return None
         if kind == "linear":
@@ -269,8 +273,9 @@ class GGUFCheckpoint(Checkpoint):
         if kind == "yarn":
             return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings":
                     self._count(f"{a}.rope.scaling.original_context_length")}
-        raise CheckpointError(f"{self.files[0]}: GGUF metadata {a}.rope.scaling.type is {str(kind)[:40]!r}; the runner "
-                              "reads none, linear or yarn; use the model's safetensors (checkpoint=local or hub)")
+        raise CheckpointError(f"{self.files[0]}: GGUF metadata {a}.rope.scaling.type is {str(kind)[:40]!r}; the "
+                              "runner reads none, linear or yarn; use the model's safetensors (checkpoint=local or "
+                              "checkpoint=hub)")
 
     def _llama3_scaling(self) -> dict[str, Any] | None:
         """Llama 3.1's rope scaling, recovered from the per-frequency divisors llama.cpp's converter stores.
@@ -284,7 +289,7 @@ class GGUFCheckpoint(Checkpoint):
         if factor <= 1.0:
             return None
         dims, original = 2 * len(divisors), 8192
-        inv_freq = self._number("llama.rope.freq_base", 10000.0) ** (-np.arange(0, dims, 2) / dims)
+        inv_freq = self._number(f"{self.arch}.rope.freq_base", 10000.0) ** (-np.arange(0, dims, 2) / dims)
         band = (divisors > 1.0 + 1e-6) & (divisors < factor * (1 - 1e-6))
         fitted = None
         if band.sum() >= 2:
@@ -370,7 +375,8 @@ class GGUFCheckpoint(Checkpoint):
             tensor = self._unpermute(tensor, t.name, f"{self.arch}.attention.head_count")
         elif self.family.permuted_qk and ".self_attn.k_proj." in name:
             key = f"{self.arch}.attention.head_count_kv"
-            tensor = self._unpermute(tensor, t.name, key if self.metadata.get(key) else f"{self.arch}.attention.head_count")
+            tensor = self._unpermute(tensor, t.name,
+                                     key if self.metadata.get(key) else f"{self.arch}.attention.head_count")
         return tensor
 
     def _unpermute(self, w: torch.Tensor, stored: str, key: str) -> torch.Tensor:
