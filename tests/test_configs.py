@@ -36,7 +36,7 @@ def test_option_composes_and_validates(group, option):
         assert cfg.placement.strategy == option
     if group == "model":
         assert cfg.model.name == option
-        expected = {"seq100b": (), "llama": ("DecoderLayer",), "smollm2_135m": ("DecoderLayer",),
+        expected = {"auto": (), "seq100b": (), "llama": ("DecoderLayer",), "smollm2_135m": ("DecoderLayer",),
                     "minilm": ("BertLayer",)}
         assert cfg.model.no_split_module_classes == expected.get(option, ("Block",))
 

@@ -340,7 +340,7 @@ def test_budget_above_the_machine_warns_naming_both_figures(tmp_path, caplog):
 
 def test_absurd_seq_len_is_blamed_on_runtime_seq_len(tmp_path):
     """A model whose context is as long as the sequence asked for, so nothing clamps it to a usable length."""
-    _, [line] = run_in_process(tmp_path, "mode=plan", "runtime.seq_len=1e14",
+    _, [line] = run_in_process(tmp_path, "model=smollm2_135m", "mode=plan", "runtime.seq_len=1e14",
                                "model.arch.max_position_embeddings=100000000000000")
     assert re.fullmatch(r"error: plan: runtime.seq_len: 1 row\(s\) x 100000000000000 tokens need \d+\.\d\d TiB for "
                         r"activations, outputs and KV cache beside the weights, and the devices that compute have "

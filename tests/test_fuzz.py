@@ -657,7 +657,7 @@ def test_config_json_from_random_values_builds_or_is_one_line(family, changes):
     config = {**BASE_CONFIGS[family], **changes}
     spec = ModelSpec("auto", {}, (), auto=True)
     try:
-        chosen = choose_model(spec, ConfigOnly(config))
+        chosen = choose_model(spec, ConfigOnly(config), "fuzz")
         chosen = replace(chosen, arch=resolve_arch(chosen, config, "local"))
         if chosen.path == "zoo":  # transformers' classes are its own to validate
             build_skeleton(chosen)
