@@ -102,8 +102,8 @@ def test_write_job_report_writes_the_map_and_a_report_equal_to_the_run(loaded, t
     assert [b["bytes"] for b in device_map["blocks"]] == [WTE, WPE, *[BLOCK] * 6, LN_F, 0]
     assert device_map["device_map"]["transformer.ln_f"] == "cpu"
 
-    assert report["model"] == {"name": "gpt2tiny", "target": "runner.zoo.gpt.GPT", "bytes": sum(LOADS.values()),
-                               "blocks": 10}
+    assert report["model"] == {"name": "gpt2tiny", "target": "runner.zoo.gpt.GPT", "path": "zoo", "config": None,
+                               "bytes": sum(LOADS.values()), "blocks": 10}
     assert report["dtype"] == "float32" and report["strategy"] == "balanced"
     assert report["hardware"] == {"name": "sim_2gpu", "main_device": "cuda:0"}
     devices = {d["name"]: d for d in report["devices"]}
