@@ -246,6 +246,36 @@ def read_parallel(raw: dict[str, Any]) -> dict[str, Figure]:
     return out
 
 
+def read_families(raw: dict[str, Any]) -> dict[str, Figure]:
+    models, out = raw["models"], {}
+    for name, side, target, label in (
+            ("qwen3", "runner", 1.1, "Qwen3 ~0.5B: runner >= 1.1x transformers' generate (decode tok/s, batch 16)"),
+            ("qwen3moe", "runner", 1.0, "Qwen3-MoE ~1B: runner >= 1.0x transformers' generate"),
+            ("qwen3", "runner-hf", 0.95, "Qwen3 on transformers' class (model.fast_path=false) >= 0.95x transformers")):
+        m = models.get(name)
+        if m is None or side not in m["sides"]:
+            continue
+        ratio = m["ratios"].get(side)
+        if ratio is None:
+            out[label] = Figure(f"FAILED: {(m['errors'].get(side) or m['errors'].get('transformers') or '?')[:200]}",
+                                False)
+            continue
+        ours = statistics.median(r[side]["decode_tps"] for r in m["rounds"] if "error" not in r[side])
+        theirs = statistics.median(r["transformers"]["decode_tps"] for r in m["rounds"]
+                                   if "error" not in r["transformers"])
+        n = len(ratio["rounds"])
+        text = (f"{ratio['median']:.3f}x ({ours:.1f} vs {theirs:.1f} tok/s; per CPU second {ratio['cpu_median']:.3f}x; "
+                f"{n} round{'s' * (n > 1)})")
+        built = m["loads"][side]
+        out[label] = (at_least(ratio["median"], target, text) if built.get("expected_path", True) else
+                      Figure(f"{text}; but it ran {built['built']}, not the path the target names", False))
+    same = {f"{name} {side}": n for name, m in models.items() for side, n in m["identical"].items()}
+    if same:
+        out["greedy tokens identical to transformers (rows of 16)"] = Figure(
+            ", ".join(f"{k} {n}/16" for k, n in same.items()), all(n == 16 for n in same.values()))
+    return out
+
+
 # -- the benches, cheapest first ---------------------------------------------------------------------------------------
 
 BENCHES = [
@@ -264,6 +294,11 @@ BENCHES = [
           ("runner >= 1.3x transformers' generate", "runner >= 0.95x a plain decode loop",
            "token-identical to transformers", "decode step at ~512 cached <= 1.5x at ~32"), read_generate,
           needs=("transformers",)),
+    Bench("families_bench", ("--quick",),
+          ("Qwen3 ~0.5B: runner >= 1.1x transformers' generate (decode tok/s, batch 16)",
+           "Qwen3-MoE ~1B: runner >= 1.0x transformers' generate",
+           "Qwen3 on transformers' class (model.fast_path=false) >= 0.95x transformers",
+           "greedy tokens identical to transformers (rows of 16)"), read_families, needs=("transformers",)),
     Bench("load_bench", ("--checkpoint", "hf-gpt2", "--sides", "runner", "accelerate", "--repeats", "1", "--no-dd"),
           ("time to first logits <= 0.8x Accelerate", "peak RSS <= Accelerate's"), read_load,
           needs=("accelerate", "transformers")),
