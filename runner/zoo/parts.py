@@ -213,15 +213,22 @@ class SparseMoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(x.dtype)
         out = torch.zeros_like(flat)
-        # Only the experts some token chose run, each over its own tokens (one sync to list them); tracing on meta,
-        # where nothing is chosen, every expert runs once so the trace sees them all.
-        used = range(self.shape.experts) if flat.is_meta else torch.unique(chosen).tolist()
-        for e in used:
-            if flat.is_meta:
-                out = out + self.experts[e](flat)
-                continue
-            tokens, slot = torch.where(chosen == e)
-            out.index_add_(0, tokens, self.experts[e](flat[tokens]) * weights[tokens, slot, None])
+        if flat.is_meta:  # tracing, where nothing is chosen: every expert runs once so the trace sees them all
+            for expert in self.experts:
+                out = out + expert(flat)
+        else:
+            # The (token, slot) pairs grouped by expert in one sort, their counts in one sync; each chosen expert then
+            # runs once over its tokens, in ascending order.
+            per_token = self.shape.per_token
+            order = chosen.reshape(-1).argsort(stable=True)
+            counts = torch.bincount(chosen.reshape(-1), minlength=self.shape.experts).tolist()
+            tokens, slot_weights = order // per_token, weights.reshape(-1)[order, None]
+            start = 0
+            for e, n in enumerate(counts):
+                if n:
+                    rows = tokens[start:start + n]
+                    out.index_add_(0, rows, self.experts[e](flat[rows]) * slot_weights[start:start + n])
+                    start += n
         if self.shape.shared_intermediate:
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         return out.view_as(x)
