@@ -107,3 +107,15 @@ def test_auto_with_synthetic_weights_is_one_line(tmp_path):
     outcome, errors = run_in_process(tmp_path / "run", "checkpoint=synthetic", "mode=plan", "runtime.seq_len=32")
     assert errors == ["error: config: model=auto: synthetic weights carry no config to read the architecture from; "
                       "pick a model config (model=gpt2tiny, model=seq100b, ...) or a real checkpoint"]
+
+
+def test_a_tokenizer_past_the_vocabulary_config_json_gives_is_one_line(qwen3, tmp_path):
+    """The vocabulary comes from config.json under model=auto too, before any weight is read."""
+    from tokenizers import Tokenizer, models
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(300)}, unk_token="w0"))
+    words.save(str(tmp_path / "tokenizer.json"))
+    outcome, errors = run_in_process(tmp_path / "run", "checkpoint=local", f"checkpoint.path={qwen3}",
+                                     "hardware=cpu", f"tokenizer.path={tmp_path / 'tokenizer.json'}",
+                                     "task.max_new_tokens=2")
+    assert len(errors) == 1 and "vocab_size of 256" in errors[0], errors

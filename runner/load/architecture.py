@@ -50,9 +50,10 @@ def choose_model(spec: ModelSpec, checkpoint: Checkpoint, name: str) -> ModelSpe
     check_config(config, where)
     model_type = config.get("model_type")
     family = family_for(model_type) if spec.fast_path and isinstance(model_type, str) else None
+    arch = Decoder.arch_from_config(config)
     if family is not None:
         try:
-            check_shape(family.shape_of(Decoder.arch_from_config(config)))
+            check_shape(family.shape_of(arch))
         except NotInZoo as e:
             log.info("%s: the zoo's %s does not implement %s; running transformers' own class", where,
                      family.__name__, e)
@@ -63,7 +64,10 @@ def choose_model(spec: ModelSpec, checkpoint: Checkpoint, name: str) -> ModelSpe
     if family is not None:
         target = f"{family.__module__}.{family.__name__}"
         log.info("model=auto: %s from %s runs on the zoo's fast path (%s)", model_type, where, target)
-        return replace(spec, name=name, arch={"_target_": target}, arch_from_checkpoint=True, chosen_from=where)
+        # The whole architecture now, so what runs before the build (the tokenizer's check of its ids against the
+        # vocabulary) sees it as for any model config.
+        return replace(spec, name=name, arch={"_target_": target, **arch}, arch_from_checkpoint=False,
+                       chosen_from=where)
     return replace(spec, name=name, arch=transformers_arch(config, where), arch_from_checkpoint=False,
                    chosen_from=where)
 
