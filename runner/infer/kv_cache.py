@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from runner.errors import GenerateError
-from runner.infer.column import Steps
+from runner.infer.column import Steps, run_steps
 
 
 class LayerCache:
@@ -110,6 +110,20 @@ class ZooCausalLM:
     def new_cache(self, capacity: int) -> KVCache:
         """An empty cache for up to ``capacity`` positions; each layer's fills on the device it computes on."""
         return KVCache(capacity)
+
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                logits_to_keep: int = 0, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the last ``logits_to_keep`` positions (0: all); see ``forward_steps``."""
+        return run_steps(self.forward_steps(idx, attention_mask, positions, cache, logits_to_keep, hidden))
+
+    def hidden_states(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                      keep: int = 0) -> torch.Tensor:
+        """The final hidden states ``[B, T, width]`` (after the final norm, before the head), of the last ``keep``
+        positions only (0: all). Arguments as ``forward``'s; a right-padded batch takes its mask alone, and the
+        real tokens' states are those each sequence would get by itself (``runner.infer.embed``)."""
+        return run_steps(self.hidden_steps(idx, attention_mask, positions, cache, keep))
 
     def forward_steps(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       positions: torch.Tensor | None = None, cache: KVCache | None = None,

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from runner.infer.column import Steps, run_steps
+from runner.infer.column import Steps
 from runner.infer.kv_cache import KVCache, LayerCache, ZooCausalLM, step
 from runner.load.checkpoint.base import TensorEntry
 from runner.load.checkpoint.names import NameMap, Source
@@ -103,7 +103,7 @@ _STORED_AS = ((re.compile(r"\.block_sparse_moe\."), ".mlp."), (re.compile(r"\.ex
 
 
 class Decoder(ZooCausalLM, nn.Module):
-    """A zoo causal LM: token ids ``[B, T]`` in, logits ``[B, T, vocab]`` out (see ``GPT.forward`` for the contract).
+    """A zoo causal LM: token ids ``[B, T]`` in, logits ``[B, T, vocab]`` out (the contract is ``ZooCausalLM.forward``).
 
     It is built from a Hugging Face ``config.json``'s keys, as keyword arguments; each family subclass says how
     they read (``shape_of``), which ``model_type`` values it serves and which configs it leaves to transformers.
@@ -147,17 +147,6 @@ class Decoder(ZooCausalLM, nn.Module):
             sources[name] = Source(key)
         return NameMap(sources)
 
-    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_to_keep: int = 0, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        return run_steps(self.forward_steps(idx, attention_mask, positions, cache, logits_to_keep, hidden))
-
-    def hidden_states(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                      keep: int = 0) -> torch.Tensor:
-        """The final hidden states ``[B, T, hidden]`` (after the final norm, before the head), of the last
-        ``keep`` positions only (0: all); see ``GPT.hidden_states``."""
-        return run_steps(self.hidden_steps(idx, attention_mask, positions, cache, keep))
 
     def hidden_steps(self, idx: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor | None,
                      cache: KVCache | None, keep: int, hidden: torch.Tensor | None = None) -> Steps:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from runner.load.checkpoint.files import TensorEntry
-from runner.infer.column import Steps, run_steps
+from runner.infer.column import Steps
 from runner.infer.kv_cache import KVCache, LayerCache, ZooCausalLM, attend, step
 from runner.load.checkpoint.names import NameMap, Source
 from runner.errors import CheckpointError
@@ -99,19 +99,6 @@ class GPT(ZooCausalLM, nn.Module):
         ))
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
-
-    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_to_keep: int = 0, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        return run_steps(self.forward_steps(idx, attention_mask, positions, cache, logits_to_keep, hidden))
-
-    def hidden_states(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                      keep: int = 0) -> torch.Tensor:
-        """The final hidden states ``[B, T, n_embd]`` (after ``ln_f``, before the head), of the last ``keep``
-        positions only (0: all). Arguments as ``forward``'s; a right-padded batch takes its mask alone, and the
-        real tokens' states are those each sequence would get by itself (``runner.infer.embed``)."""
-        return run_steps(self.hidden_steps(idx, attention_mask, positions, cache, keep))
 
     def hidden_steps(self, idx: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor | None,
                      cache: KVCache | None, keep: int, hidden: torch.Tensor | None = None) -> Steps:
