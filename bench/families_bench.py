@@ -189,6 +189,8 @@ def run_transformers(job: dict[str, Any]):
     """transformers' own class from the folder, ``generate`` on the left-padded batch."""
     import torch
     from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+
+    from runner.infer.generate import left_pad
     model = AutoModelForCausalLM.from_pretrained(job["folder"], dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None  # random weights: run every row to max_new_tokens, as the runner does
     pad = SPECIAL_ID[0]
@@ -203,19 +205,14 @@ def run_transformers(job: dict[str, Any]):
             return scores
 
     def generate(prompts: list[list[int]], new_tokens: int):
-        longest = max(map(len, prompts))
-        ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            ids[row, longest - len(p):] = torch.tensor(p)
-            mask[row, longest - len(p):] = 1
+        ids, mask = left_pad(prompts, pad)  # as the runner pads its batches
         clock = Clock()
         start = time.perf_counter()
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, pad_token_id=pad, logits_processor=LogitsProcessorList([clock]))
         end = time.perf_counter()
         # prefill: up to the first call; decode: the forwards after it, and the last token's choice
-        return out[:, longest:].tolist(), clock.times[0] - start, end - clock.times[0], len(clock.times) - 1
+        return out[:, ids.shape[1]:].tolist(), clock.times[0] - start, end - clock.times[0], len(clock.times) - 1
 
     impl = getattr(model.config, "_experts_implementation", None)
     return generate, (f"{type(model).__module__}.{type(model).__qualname__} (attn "

@@ -83,18 +83,6 @@ def groups_of(token_lists: list[list[int]]) -> list[list[int]]:
     return [order[i:i + BATCH] for i in range(0, len(order), BATCH)]
 
 
-def left_pad(seqs: list[list[int]], pad_id: int):
-    """``[B, longest]`` ids right-aligned on ``pad_id`` and the mask of real tokens."""
-    import torch
-    longest = max(map(len, seqs))
-    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, longest - len(s):] = torch.tensor(s)
-        mask[row, longest - len(s):] = 1
-    return ids, mask
-
-
 def until_stop(tokens: list[int], stop_ids: frozenset[int]) -> list[int]:
     """``tokens`` up to and with the first stop token (what the runner reports as ``output_tokens``)."""
     for k, t in enumerate(tokens):
@@ -121,6 +109,8 @@ def run_transformers(model, groups, ids: list[list[int]], pad_id: int, stop_ids:
                      record: dict | None = None) -> tuple[Outputs, dict[str, float]]:
     """transformers' ``generate`` over the same groups; with ``record``, each row's top-2 logits per step go there."""
     import torch
+
+    from runner.infer.generate import left_pad
     out: Outputs = {}
     with torch.inference_mode():
         for group in groups:
@@ -140,6 +130,8 @@ def run_plain(lm, groups, ids: list[list[int]], pad_id: int, stop_ids: frozenset
               record: dict | None = None) -> tuple[Outputs, dict[str, float]]:
     """The zoo model driven by hand: left-padded prefill, argmax, finished rows dropped from the batch and the cache."""
     import torch
+
+    from runner.infer.generate import left_pad
     out: Outputs = {}
     prefill = decode = 0.0
     with torch.inference_mode():

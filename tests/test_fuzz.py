@@ -38,6 +38,7 @@ from runner.plan.hardware import Device, Hardware
 from runner.plan.planner import PlanRequest, plan_device_map
 from runner.config.sizes import LARGEST, UNITS, parse_size
 from runner.plan.validate import check_map, load_map_file, resolve_pins
+from test_gguf import save
 from test_planner_properties import check_sound
 
 COUNTS: Counter[str] = Counter()  # cases run per target, for bench/fuzz.py
@@ -213,9 +214,9 @@ def test_safetensors_index(doc, through_folder):
 # ---------------------------------------------------------------- GGUF
 
 
-def write_gguf(path: Path, meta: dict[str, object], tensors: dict[str, np.ndarray]) -> None:
+def write_gguf(path: Path, meta: dict[str, object], tensors: dict[str, np.ndarray], arch: str = "llama") -> None:
     """A GGUF file through the gguf package's own writer: metadata fields as given (None leaves one out)."""
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     for key, value in meta.items():
         if value is None:
             continue
@@ -234,10 +235,7 @@ def write_gguf(path: Path, meta: dict[str, object], tensors: dict[str, np.ndarra
             writer.add_tensor(name, array, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    save(writer)
 
 
 GOOD_META = {"llama.block_count": 1, "llama.embedding_length": 8, "llama.feed_forward_length": 16,

@@ -27,6 +27,8 @@ from runner.infer.tokenizer import BPETokenizer, tokenizer_for
 from runner.load.checkpoint import gguf as gguf_reader
 from runner.load.checkpoint.gguf import open_gguf
 from test_families import FAMILIES, PROMPTS, left_padded, write_checkpoint
+from test_fuzz import write_gguf as write_metadata_gguf
+from test_gguf import save
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
@@ -163,10 +165,7 @@ def write_gguf(path: Path, folder: Path, model_type: str, quantized: tuple[str, 
                          raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             w.add_tensor(name, array)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    save(w)
 
 
 def convert(factory, model_type: str, quantized: tuple[str, ...] = ()) -> tuple[str, Path, Path]:
@@ -289,24 +288,9 @@ def _one_line(error: pytest.ExceptionInfo) -> str:
 
 
 def _bare_gguf(path: Path, arch: str, meta: dict | None = None, tensors: dict | None = None) -> Path:
-    """A GGUF of ``arch`` with the metadata given (whole numbers as uint32, floats as float32, lists of flags as
-    bool arrays) and an embedding."""
-    writer = gguf.GGUFWriter(str(path), arch)
-    for key, value in (meta or {}).items():
-        if isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        else:
-            writer.add_array(key, value)
-    for name, array in {"token_embd.weight": np.zeros((4, 8), dtype=np.float32), **(tensors or {})}.items():
-        writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    """A GGUF of ``arch`` with the metadata given (as ``test_fuzz.write_gguf`` types it) and an embedding."""
+    embedding = {"token_embd.weight": np.zeros((4, 8), dtype=np.float32)}
+    write_metadata_gguf(path, meta or {}, {**embedding, **(tensors or {})}, arch)
     gguf_reader._reader.cache_clear()
     return path
 
