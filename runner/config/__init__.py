@@ -167,6 +167,7 @@ class RunConfig:
     resolved: dict[str, Any] = field(default_factory=dict, compare=False)  # for the report
     overrides: tuple[str, ...] = field(default=(), compare=False)  # the command line's, for the manifest
     parallel: ParallelSpec = ParallelSpec()
+    quantize: Literal["int8", "int4"] | None = None  # weight-only quantization while the weights stream in
 
 
 def compose(overrides: Sequence[str] = ()) -> RunConfig:
@@ -268,6 +269,7 @@ def _typed(c: dict[str, Any]) -> RunConfig:
         placement=placement,
         task=_task(c["task"], c["seed"]),
         dtype=c["dtype"],
+        quantize=c.get("quantize"),
         seed=c["seed"],
         runtime=RuntimeSpec(int(c["runtime"]["batch_size"]), _whole(c["runtime"]["seq_len"]),
                             float(c["runtime"]["log_every"]), int(c["runtime"]["micro_batches"]),

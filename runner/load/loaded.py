@@ -12,6 +12,7 @@ import torch
 
 from runner.errors import CheckpointError, OffloadError
 from runner.load.checkpoint import Checkpoint, check_keys, open_checkpoint
+from runner.load.build import build_skeleton
 from runner.load.dispatch import dispatch
 from runner.load.memory import MemoryLedger, plan_held, reset_peak_rss
 from runner.load.offload import Prefetcher
@@ -35,8 +36,7 @@ def load(planned: Planned, run_dir: Path) -> Loaded:
     cfg = planned.config
     timings = planned.timings
     with timed(timings, "checkpoint"):
-        checkpoint = planned.checkpoint or open_checkpoint(cfg.checkpoint, cfg.model, type(planned.model),
-                                                           planned.model)
+        checkpoint = planned.checkpoint or _synthetic(planned)
         keys = planned.keys or check_keys(checkpoint, planned.model, planned.layout)
         if keys.ignored:
             log.info("Ignoring checkpoint tensors the model does not load: %s", ", ".join(keys.ignored))
@@ -55,6 +55,13 @@ def load(planned: Planned, run_dir: Path) -> Loaded:
     fields = {k: getattr(planned, k) for k in Planned.__dataclass_fields__}
     return Loaded(**{**fields, "checkpoint": checkpoint, "keys": keys}, ledger=ledger, baseline_rss=baseline,
                      streams=streams)
+
+
+def _synthetic(planned: Planned) -> Checkpoint:
+    """Synthetic weights, drawn in full precision (from a skeleton of their own where some are kept quantized)."""
+    cfg = planned.config
+    drawn_from = build_skeleton(cfg.model) if planned.quantization.kept else planned.model
+    return planned.quantization.wrap(open_checkpoint(cfg.checkpoint, cfg.model, type(planned.model), drawn_from))
 
 
 def _check_finite(checkpoint: Checkpoint, layout: ModelLayout) -> None:

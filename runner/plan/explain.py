@@ -171,6 +171,7 @@ def plan_document(planned: Planned) -> dict:
         "hops": hops(planned),
         "explanation": explanation(planned),
         "notices": notices(planned),
+        "weights": list(planned.quantization.lines),
         "warnings": list(planned.check.warnings),
         "timings": planned.timings,
     }
@@ -194,6 +195,8 @@ def format_plan(planned: Planned) -> str:
         lines.append(f"{name:<8} {r['blocks']:>6} {format_bytes(r['weights']):>12} "
                      f"{format_bytes(sum(r['reserves'].values())):>12} {format_bytes(r['budget']):>12} "
                      f"{format_bytes(r['free']):>12}  {why}")
+    if planned.quantization.lines:  # what each stored type is kept as
+        lines += ["", "weights:"] + [f"  {line}" for line in planned.quantization.lines]
     hop_list = hops(planned)
     lines += ["", f"hops: {len(hop_list)}"]
     lines += [f"  {h['from']} -> {h['to']} before {h['before']}: "

@@ -33,6 +33,7 @@ from runner.plan.reserves import LOGITS, device_reserves, keeps_kv_cache, kv_byt
 from runner.plan.room import reserved, room_left
 from runner.plan.split import PipelineError, keep_stage, layer_costs, split
 from runner.plan.validate import MapCheck, check_map, load_map_file, resolve_pins
+from runner.quant import Quantization, quantize_model
 from runner.run import launch as collective
 from runner.run.launch import Launch
 
@@ -56,6 +57,7 @@ class Planned:
     checkpoint: Checkpoint | None
     keys: KeyReport | None
     timings: dict[str, float] = field(default_factory=dict)
+    quantization: Quantization = Quantization(None)  # which weights are kept quantized, and as what
 
 
 def open_source(cfg: RunConfig) -> tuple[RunConfig, Checkpoint | None]:
@@ -101,6 +103,9 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None, la
         cfg, model, checkpoint = _pipeline_stage(cfg, model, checkpoint, launch)
     cfg = _within_context(cfg, context_length(model))
     dtype = _compute_dtype(cfg, checkpoint)
+    with timed(timings, "build"):
+        quantization = quantize_model(model, checkpoint, cfg.quantize, keep_gguf=cfg.dtype == "auto", dtype=dtype)
+        checkpoint = quantization.wrap(checkpoint) if checkpoint is not None else None
     with timed(timings, "plan"):
         cfg = replace(cfg, model=replace(cfg.model, no_split_module_classes=no_split_classes(cfg.model, model)))
         layout = describe_model(model, cfg.model.no_split_module_classes, dtype)
@@ -150,7 +155,7 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None, la
         the_plan = replace(the_plan, reserves=kv_where_computed(the_plan.reserves, compute, check.block_devices,
                                                                 request.kv_bytes))
     return Planned(cfg, model, dtype, hardware, layout, trace, request, the_plan, check, compute, checkpoint, keys,
-                   timings)
+                   timings, quantization)
 
 
 def _keys_of(cfg: RunConfig, checkpoint: Checkpoint, model: nn.Module, layout: ModelLayout) -> KeyReport:

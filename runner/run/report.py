@@ -87,12 +87,20 @@ def report_document(result: Loaded) -> dict:
         "strategy": result.plan.strategy,
         "hardware": {"name": result.hardware.name, "main_device": result.hardware.main_device},
         "devices": devices,
-        "checkpoint": {**result.checkpoint.fingerprint(), "ignored_keys": list(result.keys.ignored)},
+        "checkpoint": _checkpoint_document(result),
         "warnings": [*result.check.warnings, *memory_warnings(devices)],
         "timings": result.timings,
         "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
         "config": cfg.resolved,
     }
+
+
+def _checkpoint_document(result: Loaded) -> dict:
+    """The checkpoint's identity, the keys it skipped, and what each stored type was kept as."""
+    out = {**result.checkpoint.fingerprint(), "ignored_keys": list(result.keys.ignored)}
+    if "quantized" in out:
+        out["quantized"] = {**out["quantized"], "kept": list(result.quantization.lines)}
+    return out
 
 
 def write_job_report(result: Loaded, run_dir: Path, job: dict, generation: GenerationStats | None,

@@ -56,6 +56,14 @@ class Checkpoint(abc.ABC):
         just read."""
         return self.read(key)
 
+    def stored_type(self, key: str) -> str | None:
+        """The quantized type a tensor is stored in (a GGUF's ``Q4_1``...); None for a plain dtype."""
+        return None
+
+    def read_blocks(self, key: str) -> torch.Tensor:
+        """A quantized tensor's bytes as stored, one ``uint8`` row of blocks per output row (``stored_type``)."""
+        raise NotImplementedError(f"{key} is not stored quantized")
+
     def locate(self, keys: list[str]) -> dict[str, Located] | None:
         """Where each tensor's bytes sit in a safetensors file, exactly as ``read`` returns them; None where any
         cannot be read straight from the file (another format, or transformed on the way)."""

@@ -371,12 +371,32 @@ class GGUFCheckpoint(Checkpoint):
             tensor = tensor.float() - 1  # the zoo's Gemma norms hold the offset from one
         if tensor.dtype != dtype:
             tensor = tensor.to(dtype)
+        return self._in_order(tensor, name, t.name)
+
+    def stored_type(self, name: str) -> str | None:
+        kind = self._stored[name].tensor.tensor_type.name
+        return None if kind in _FLOAT else kind
+
+    def read_blocks(self, name: str) -> torch.Tensor:
+        """A quantized tensor's blocks, ``[rows, bytes per row]``, with llama's Q and K rows put back in order."""
+        stored = self._stored[name]
+        t = stored.tensor
+        data = t.data if stored.expert is None else t.data[stored.expert]
+        rows = self.entries[name].shape[0]
+        if data.ndim != 2 or data.shape[0] != rows:
+            raise CheckpointError(f"{self.files[0]}: tensor {t.name} holds {list(data.shape)} bytes of "
+                                  f"{t.tensor_type.name} blocks; expected {rows} rows; the file is damaged, "
+                                  "re-download it")
+        blocks = torch.from_numpy(np.array(data))  # copied out of the map: only this tensor's bytes are resident
+        return self._in_order(blocks, name, t.name)
+
+    def _in_order(self, tensor: torch.Tensor, name: str, stored: str) -> torch.Tensor:
+        """Q and K rows of the ``llama`` architecture back in the model's order (llama.cpp permutes them)."""
         if self.family.permuted_qk and ".self_attn.q_proj." in name:
-            tensor = self._unpermute(tensor, t.name, f"{self.arch}.attention.head_count")
-        elif self.family.permuted_qk and ".self_attn.k_proj." in name:
+            return self._unpermute(tensor, stored, f"{self.arch}.attention.head_count")
+        if self.family.permuted_qk and ".self_attn.k_proj." in name:
             key = f"{self.arch}.attention.head_count_kv"
-            tensor = self._unpermute(tensor, t.name,
-                                     key if self.metadata.get(key) else f"{self.arch}.attention.head_count")
+            return self._unpermute(tensor, stored, key if self.metadata.get(key) else f"{self.arch}.attention.head_count")
         return tensor
 
     def _unpermute(self, w: torch.Tensor, stored: str, key: str) -> torch.Tensor:

@@ -1,0 +1,120 @@
+"""Weights that stay quantized: which weight is kept in which form, and the skeleton and checkpoint that hold it.
+
+Recipe (``quantize_model``), run on the skeleton before it is planned:
+1. each ``nn.Linear`` and ``nn.Embedding`` weight gets a form from how it is stored and ``quantize``:
+   - a GGUF's Q4_0, Q4_1 and Q4_K linear weights stay ``int4``, repacked as they are;
+   - its Q8_0 weights, its embeddings and any linear weight the int4 kernel cannot take are rounded to ``int8``
+     rows (no kernel computes Q8_0's per-32 scales; an embedding is read by rows);
+   - other quantized types (Q5_K, Q6_K, ...) are dequantized to the compute dtype, as before;
+   - ``quantize=int8|int4`` rounds full-precision weights, embeddings to ``int8``;
+2. those modules are swapped for ``QuantLinear`` and ``QuantEmbedding`` on meta (a tied head shares its
+   embedding's table), so the planner, the ledger and the offload store count the quantized bytes;
+3. the checkpoint is seen through ``QuantizedCheckpoint``, which makes each weight's parts as it is read: one
+   weight at a time while the blocks stream in, never the full-precision model.
+
+The plan lists, per stored type, what it is kept as (``Quantization.lines``).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from runner.errors import ConfigError
+from runner.load.checkpoint.base import Checkpoint
+from runner.quant.checkpoint import Kept, QuantizedCheckpoint
+from runner.quant.formats import FORMATS
+from runner.quant.gguf_blocks import KEPT_AS_INT4
+from runner.quant.modules import QuantEmbedding, QuantLinear, tied_head
+
+__all__ = ["Kept", "Quantization", "QuantizedCheckpoint", "quantize_model"]
+
+ROUNDED_TO_INT8 = ("Q8_0",)  # kept as int8 rows: its per-32 scales have no kernel, a rounding costs less than fp32
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """What was kept quantized: weight key -> how, and the plan's lines, one per stored type and form."""
+
+    setting: str | None                     # ``quantize``: None, int8 or int4
+    kept: dict[str, Kept] = field(default_factory=dict)
+    lines: tuple[str, ...] = ()
+
+    def wrap(self, checkpoint: Checkpoint) -> Checkpoint:
+        """``checkpoint`` with the kept weights read as their quantized parts."""
+        return QuantizedCheckpoint(checkpoint, self.kept) if self.kept else checkpoint
+
+
+def quantize_model(model: nn.Module, checkpoint: Checkpoint | None, setting: str | None, keep_gguf: bool,
+                   dtype: torch.dtype) -> Quantization:
+    """Choose each weight's form, and swap the modules that keep one quantized (in place, on meta).
+
+    ``checkpoint`` is None for synthetic weights (drawn in full precision, so only ``setting`` applies);
+    ``keep_gguf``: a GGUF's quantized blocks stay quantized (``dtype: auto``) rather than being dequantized.
+
+    Raises:
+        ConfigError: ``quantize`` on a checkpoint whose weights are already quantized, or on a model with no
+            ``nn.Linear`` or ``nn.Embedding`` to quantize.
+    """
+    stored = {key: checkpoint.stored_type(key) for key in checkpoint.entries} if checkpoint is not None else {}
+    quantized_types = sorted({t for t in stored.values() if t})
+    if setting and quantized_types:
+        raise ConfigError(f"quantize: {setting} asks to quantize weights the checkpoint already stores quantized "
+                          f"({', '.join(quantized_types)}); leave quantize=null, and they stay as stored")
+    if not setting and not (quantized_types and keep_gguf):
+        return Quantization(setting)
+    kept: dict[str, Kept] = {}
+    counts: Counter[str] = Counter()
+    owner_of: dict[int, str] = {}  # a weight tensor -> the module whose slot holds it first
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            continue
+        weight = f"{name}.weight"
+        tied = owner_of.setdefault(id(module.weight), name)
+        if tied != name:  # a tied head: it shares its embedding's table, whatever that became
+            owner = model.get_submodule(tied)
+            if isinstance(owner, QuantEmbedding) and isinstance(module, nn.Linear):
+                _swap(model, name, tied_head(owner, module.bias))
+            continue
+        entry = checkpoint.entries.get(weight) if checkpoint is not None else None
+        if checkpoint is not None and entry is None:
+            continue  # not in the checkpoint: the key check names it
+        source = stored.get(weight) or str(entry.dtype if entry is not None else dtype).removeprefix("torch.")
+        form, from_blocks, note = _form(module, stored.get(weight), setting)
+        counts[f"{source} -> {note}"] += 1
+        if form is None:
+            continue
+        kept[weight] = Kept(weight, form, from_blocks)
+        if isinstance(module, nn.Embedding):
+            _swap(model, name, QuantEmbedding(module.num_embeddings, module.embedding_dim, dtype))
+        else:
+            _swap(model, name, QuantLinear(FORMATS[form], module.in_features, module.out_features, module.bias))
+    if setting and not kept:
+        raise ConfigError(f"quantize: {setting}: the model has no nn.Linear or nn.Embedding layer to quantize "
+                          f"({type(model).__name__}); leave quantize=null")
+    lines = tuple(f"{what}: {n} tensor(s)" for what, n in sorted(counts.items(), key=lambda c: -c[1]))
+    return Quantization(setting, kept, lines)
+
+
+def _form(module: nn.Module, stored_type: str | None, setting: str | None) -> tuple[str | None, bool, str]:
+    """(form or None to leave it, from the stored blocks, what the plan says) for one weight."""
+    linear = isinstance(module, nn.Linear)
+    fits_int4 = linear and FORMATS["int4"].fits(module.out_features, module.in_features)
+    if stored_type is None:
+        if setting is None:
+            return None, False, "as stored"
+        if setting == "int4" and fits_int4:
+            return "int4", False, FORMATS["int4"].describe
+        return "int8", False, FORMATS["int8"].describe + ("" if setting == "int8" else " (int4 cannot take it)")
+    if stored_type in KEPT_AS_INT4 and fits_int4:
+        return "int4", True, FORMATS["int4"].describe + ", repacked"
+    if stored_type in KEPT_AS_INT4 or stored_type in ROUNDED_TO_INT8:
+        return "int8", False, FORMATS["int8"].describe + " (rounded again)"
+    return None, False, "dequantized (no kept form)"
+
+
+def _swap(model: nn.Module, name: str, replacement: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, replacement)

@@ -1,0 +1,124 @@
+"""A checkpoint seen with some of its weights quantized: ``<module>.weight`` read as ``<module>.qweight`` and
+``<module>.scales``, made when first read, one weight at a time.
+
+A GGUF's 4-bit blocks are repacked straight into the ``int4`` form; any other weight is read as the inner
+checkpoint reads it (dequantized, for a GGUF) and rounded. Every other tensor passes through. The offload store
+and the fingerprint see the quantized parts, so converted disk blocks are keyed by how they were quantized.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runner.errors import CheckpointError
+from runner.load.checkpoint.base import Checkpoint, TensorEntry
+from runner.load.checkpoint.reads import Located
+from runner.quant.formats import FORMATS, Int4, WeightFormat
+from runner.quant.gguf_blocks import int4_values
+
+
+@dataclass(frozen=True)
+class Kept:
+    """How one stored weight is kept: its form, and whether its stored 4-bit blocks are repacked as they are."""
+
+    weight: str            # the stored weight's key, ``<module>.weight``
+    form: str              # ``int4`` or ``int8``
+    from_blocks: bool      # a GGUF's Q4 blocks, repacked; else read as floats and rounded
+
+    @property
+    def module(self) -> str:
+        return self.weight.removesuffix(".weight")
+
+    @property
+    def format(self) -> WeightFormat:
+        return FORMATS[self.form]
+
+
+class QuantizedCheckpoint(Checkpoint):
+    """``inner`` with the weights of ``kept`` (weight key -> how) replaced by their quantized parts."""
+
+    def __init__(self, inner: Checkpoint, kept: dict[str, Kept]):
+        self.inner, self.kept = inner, kept
+        self.ignored = inner.ignored
+        self.entries: dict[str, TensorEntry] = {k: e for k, e in inner.entries.items() if k not in kept}
+        self._part_of: dict[str, tuple[Kept, str]] = {}  # part key -> (its weight, part name)
+        for keep in kept.values():
+            stored = inner.entries[keep.weight]
+            rows, columns = stored.shape
+            for part in keep.format.parts(rows, columns):
+                key = f"{keep.module}.{part.name}"
+                self.entries[key] = TensorEntry(stored.file, part.dtype, part.shape)
+                self._part_of[key] = (keep, part.name)
+        self._lock = threading.Lock()
+        self._last: tuple[str, dict[str, torch.Tensor]] | None = None  # a weight's parts are read one after another
+
+    @property
+    def files(self) -> list[Path]:
+        return self.inner.files
+
+    @property
+    def source(self) -> str:
+        return self.inner.source
+
+    @property
+    def revision(self) -> str | None:
+        return self.inner.revision
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.dtype
+
+    @property
+    def metadata_dir(self) -> Path | None:
+        return self.inner.metadata_dir
+
+    def config(self) -> dict[str, Any] | None:
+        return self.inner.config()
+
+    def tokenizer_fields(self) -> dict[str, Any] | None:
+        return self.inner.tokenizer_fields()
+
+    def fingerprint(self) -> dict:
+        # The packed int4 layout is torch's: another torch may pack otherwise, so it is part of the identity.
+        forms = "\n".join(sorted(f"{k.weight}:{k.form}:{int(k.from_blocks)}" for k in self.kept.values()))
+        return {**self.inner.fingerprint(),
+                "quantized": {"torch": torch.__version__, "forms": hashlib.sha256(forms.encode()).hexdigest()[:16]}}
+
+    def read(self, key: str) -> torch.Tensor:
+        if key not in self._part_of:
+            return self.inner.read(key)
+        keep, part = self._part_of[key]
+        with self._lock:
+            if self._last is None or self._last[0] != keep.weight:
+                self._last = (keep.weight, self._quantized(keep))
+            return self._last[1][part]
+
+    def read_uncached(self, key: str) -> torch.Tensor:
+        return self.read(key) if key in self._part_of else self.inner.read_uncached(key)
+
+    def locate(self, keys: list[str]) -> dict[str, Located] | None:
+        return None if any(k in self._part_of for k in keys) else self.inner.locate(keys)
+
+    def read_ahead(self, keys: list[str]) -> None:
+        self.inner.read_ahead(list(dict.fromkeys(self._part_of[k][0].weight if k in self._part_of else k
+                                                 for k in keys)))
+
+    def stored_type(self, key: str) -> str | None:
+        return None if key in self._part_of else self.inner.stored_type(key)
+
+    def _quantized(self, keep: Kept) -> dict[str, torch.Tensor]:
+        if not keep.from_blocks:
+            return keep.format.quantize(self.inner.read_uncached(keep.weight))
+        kind = self.inner.stored_type(keep.weight)
+        rows, columns = self.inner.entries[keep.weight].shape
+        try:
+            q, scale, low = int4_values(kind, self.inner.read_blocks(keep.weight), columns)
+        except ValueError as e:
+            raise CheckpointError(f"{self.inner.files[0]}: tensor {keep.weight}: {e}; the file is damaged, "
+                                  "re-download it") from e
+        return Int4.pack(q, scale, low)

@@ -1,0 +1,65 @@
+"""GGUF's 4-bit blocks read as the ``int4`` form: the stored values, scales and minimums, with no float detour.
+
+Q4_0, Q4_1 and Q4_K all hold, per group of 32 weights, 4-bit values ``q`` meaning ``q * scale + low``:
+
+- Q4_0 (18 bytes per 32): an fp16 ``d``; ``scale = d``, ``low = -8 d``;
+- Q4_1 (20 bytes per 32): fp16 ``d`` and ``m``; ``scale = d``, ``low = m``;
+- Q4_K (144 bytes per 256): fp16 ``d`` and ``dmin``, and per sub-block of 32 a 6-bit ``sc`` and ``m`` packed in
+  12 bytes; ``scale = d * sc``, ``low = -dmin * m``.
+
+In each, a 16-byte run of values holds 32 weights: the low nibbles are the first 16 (Q4_K: the first 32 of a
+64-weight chunk, over 32 bytes), the high nibbles the rest. The layouts are llama.cpp's ``ggml-common.h``.
+"""
+from __future__ import annotations
+
+import torch
+
+KEPT_AS_INT4 = ("Q4_0", "Q4_1", "Q4_K")
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144}
+
+
+def _fp16(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """The fp16 number at byte ``start`` of every block, as float32 ``[..., 1]``."""
+    return blocks[..., start:start + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """``[..., n]`` bytes -> ``[..., 2n]`` values: the low nibbles, then the high ones."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+
+
+def int4_values(kind: str, blocks: torch.Tensor, columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q [N, K] uint8, scale [N, K/32], low [N, K/32])`` of a ``[N, bytes]`` tensor of ``kind`` blocks.
+
+    Raises:
+        ValueError: the bytes per row are not a whole number of ``kind`` blocks covering ``columns``.
+    """
+    rows = blocks.shape[0]
+    size = _BLOCK_BYTES[kind]
+    per_block = 256 if kind == "Q4_K" else 32
+    if columns % per_block or blocks.shape[1] != columns // per_block * size:
+        raise ValueError(f"{blocks.shape[1]} bytes per row are not {columns // per_block} {kind} blocks")
+    b = blocks.reshape(rows, columns // per_block, size)
+    if kind == "Q4_0":
+        d = _fp16(b, 0)
+        q, scale, low = _nibbles(b[..., 2:]), d, -8 * d
+    elif kind == "Q4_1":
+        d = _fp16(b, 0)
+        q, scale, low = _nibbles(b[..., 4:]), d, _fp16(b, 2)
+    else:
+        sc, m = _k_scales(b[..., 4:16])                                # [N, S, 8] each
+        scale, low = _fp16(b, 0) * sc, -_fp16(b, 2) * m
+        qs = b[..., 16:].reshape(rows, -1, 4, 32)                      # 4 chunks of 64 weights per super-block
+        q = _nibbles(qs).reshape(rows, -1, 8, 32)                      # [N, S, 8 sub-blocks, 32]
+    return q.reshape(rows, columns), scale.reshape(rows, -1), low.reshape(rows, -1)
+
+
+def _k_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K's 12 bytes -> eight 6-bit scales and eight 6-bit minimums per super-block, as float32.
+
+    Bytes 0-3 hold scales 0-3 (low 6 bits) and the top 2 bits of scales 4-7; bytes 4-7 the same for the minimums;
+    bytes 8-11 the low 4 bits of scales 4-7 (low nibble) and of minimums 4-7 (high nibble)."""
+    d, m, low4 = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    scales = torch.cat([d & 0x3F, (low4 & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mins = torch.cat([m & 0x3F, (low4 >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return scales.float(), mins.float()
