@@ -3,8 +3,8 @@
 Recipe (``quantize_model``), run on the skeleton before it is planned:
 1. each ``nn.Linear`` and ``nn.Embedding`` weight gets a form from how it is stored and ``quantize``:
    - a GGUF's Q4_0, Q4_1 and Q4_K linear weights stay ``int4``, repacked as they are;
-   - its Q8_0 weights, its embeddings and any linear weight the int4 kernel cannot take are rounded to ``int8``
-     rows (no kernel computes Q8_0's per-32 scales; an embedding is read by rows);
+   - its Q8_0 weights, its embeddings and any Q4 weight the int4 kernel cannot take keep their values exactly as
+     ``int8g`` (int8 in groups of 32, an fp32 scale and low each): an embedding is read by rows;
    - other quantized types (Q5_K, Q6_K, ...) are dequantized to the compute dtype, as before;
    - ``quantize=int8|int4`` rounds full-precision weights, embeddings to ``int8``;
 2. those modules are swapped for ``QuantLinear`` and ``QuantEmbedding`` on meta (a tied head shares its
@@ -26,13 +26,10 @@ from runner.errors import ConfigError
 from runner.load.checkpoint.base import Checkpoint
 from runner.quant.checkpoint import Kept, QuantizedCheckpoint
 from runner.quant.formats import FORMATS
-from runner.quant.gguf_blocks import KEPT_AS_INT4
+from runner.quant.gguf_blocks import FOUR_BIT, KEPT
 from runner.quant.modules import QuantEmbedding, QuantLinear, tied_head
 
 __all__ = ["Kept", "Quantization", "QuantizedCheckpoint", "quantize_model"]
-
-ROUNDED_TO_INT8 = ("Q8_0",)  # kept as int8 rows: its per-32 scales have no kernel, a rounding costs less than fp32
-
 
 @dataclass(frozen=True)
 class Quantization:
@@ -88,7 +85,7 @@ def quantize_model(model: nn.Module, checkpoint: Checkpoint | None, setting: str
             continue
         kept[weight] = Kept(weight, form, from_blocks)
         if isinstance(module, nn.Embedding):
-            _swap(model, name, QuantEmbedding(module.num_embeddings, module.embedding_dim, dtype))
+            _swap(model, name, QuantEmbedding(FORMATS[form], module.num_embeddings, module.embedding_dim, dtype))
         else:
             _swap(model, name, QuantLinear(FORMATS[form], module.in_features, module.out_features, module.bias))
     if setting and not kept:
@@ -100,18 +97,19 @@ def quantize_model(model: nn.Module, checkpoint: Checkpoint | None, setting: str
 
 def _form(module: nn.Module, stored_type: str | None, setting: str | None) -> tuple[str | None, bool, str]:
     """(form or None to leave it, from the stored blocks, what the plan says) for one weight."""
-    linear = isinstance(module, nn.Linear)
-    fits_int4 = linear and FORMATS["int4"].fits(module.out_features, module.in_features)
+    fits_int4 = isinstance(module, nn.Linear) and FORMATS["int4"].fits(module.out_features, module.in_features)
     if stored_type is None:
         if setting is None:
             return None, False, "as stored"
         if setting == "int4" and fits_int4:
             return "int4", False, FORMATS["int4"].describe
-        return "int8", False, FORMATS["int8"].describe + ("" if setting == "int8" else " (int4 cannot take it)")
-    if stored_type in KEPT_AS_INT4 and fits_int4:
+        return "int8", False, FORMATS["int8"].describe + ("" if setting == "int8" or isinstance(module, nn.Embedding)
+                                                          else " (the int4 kernel cannot take its shape)")
+    if stored_type in FOUR_BIT and fits_int4:
         return "int4", True, FORMATS["int4"].describe + ", repacked"
-    if stored_type in KEPT_AS_INT4 or stored_type in ROUNDED_TO_INT8:
-        return "int8", False, FORMATS["int8"].describe + " (rounded again)"
+    columns = module.in_features if isinstance(module, nn.Linear) else module.embedding_dim
+    if stored_type in KEPT and FORMATS["int8g"].fits(1, columns):
+        return "int8g", True, FORMATS["int8g"].describe + ", the stored values"
     return None, False, "dequantized (no kept form)"
 
 

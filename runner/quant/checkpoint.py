@@ -18,8 +18,8 @@ import torch
 from runner.errors import CheckpointError
 from runner.load.checkpoint.base import Checkpoint, TensorEntry
 from runner.load.checkpoint.reads import Located
-from runner.quant.formats import FORMATS, Int4, WeightFormat
-from runner.quant.gguf_blocks import int4_values
+from runner.quant.formats import FORMATS, Int4, Int8Groups, WeightFormat
+from runner.quant.gguf_blocks import block_values
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,8 @@ class Kept:
     """How one stored weight is kept: its form, and whether its stored 4-bit blocks are repacked as they are."""
 
     weight: str            # the stored weight's key, ``<module>.weight``
-    form: str              # ``int4`` or ``int8``
-    from_blocks: bool      # a GGUF's Q4 blocks, repacked; else read as floats and rounded
+    form: str              # a name in ``formats.FORMATS``
+    from_blocks: bool      # a GGUF's blocks, their values repacked; else read as floats and rounded
 
     @property
     def module(self) -> str:
@@ -84,10 +84,10 @@ class QuantizedCheckpoint(Checkpoint):
         return self.inner.tokenizer_fields()
 
     def fingerprint(self) -> dict:
-        # The packed int4 layout is torch's: another torch may pack otherwise, so it is part of the identity.
+        # The packed int4 layout is torch's, per CPU capability: another torch or CPU may pack otherwise.
         forms = "\n".join(sorted(f"{k.weight}:{k.form}:{int(k.from_blocks)}" for k in self.kept.values()))
         return {**self.inner.fingerprint(),
-                "quantized": {"torch": torch.__version__, "forms": hashlib.sha256(forms.encode()).hexdigest()[:16]}}
+                "quantized": {"torch": f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()}", "forms": hashlib.sha256(forms.encode()).hexdigest()[:16]}}
 
     def read(self, key: str) -> torch.Tensor:
         if key not in self._part_of:
@@ -117,8 +117,8 @@ class QuantizedCheckpoint(Checkpoint):
         kind = self.inner.stored_type(keep.weight)
         rows, columns = self.inner.entries[keep.weight].shape
         try:
-            q, scale, low = int4_values(kind, self.inner.read_blocks(keep.weight), columns)
+            q, scale, low = block_values(kind, self.inner.read_blocks(keep.weight), columns)
         except ValueError as e:
             raise CheckpointError(f"{self.inner.files[0]}: tensor {keep.weight}: {e}; the file is damaged, "
                                   "re-download it") from e
-        return Int4.pack(q, scale, low)
+        return (Int4 if keep.form == "int4" else Int8Groups).pack(q, scale, low)

@@ -78,8 +78,9 @@ class Int4:
         rows, columns = w.shape
         groups = w.float().reshape(rows, columns // GROUP, GROUP)
         low, high = groups.amin(-1), groups.amax(-1)
-        # Rounded to the bf16 the kernel will use, before the values are chosen against them.
-        scale = ((high - low) / 15).clamp(min=torch.finfo(torch.bfloat16).tiny).bfloat16().float()
+        # Rounded to the bf16 the kernel will use before the values are chosen against them; widened by a hair
+        # first, so the rounded scale and offset still reach both ends of the group.
+        scale = ((high - low) / 15 * (1 + 2**-6)).clamp(min=torch.finfo(torch.bfloat16).tiny).bfloat16().float()
         offset = (low + 8 * scale).bfloat16().float()
         q = torch.clamp(torch.round((groups - offset[..., None]) / scale[..., None]) + 8, 0, 15)
         return Int4.pack(q.reshape(rows, columns).to(torch.uint8), scale, offset - 8 * scale)
@@ -131,6 +132,66 @@ class Int8:
         return parts["qweight"].to(dtype) * from_bits(parts["scales"]).to(dtype)[:, None]
 
 
+def f32_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.float().contiguous().view(torch.int32)
+
+
+class Int8Groups:
+    """Values of up to 8 bits in groups of 32 along K, each group with an fp32 scale and low (``w = q * scale +
+    low``): GGUF's Q8_0, and any Q4 block a row is read from (an embedding) or the int4 kernel cannot take, held
+    exactly. Computed group by group by the int8 kernel (bf16 scales), plus each group's low times the sum of its
+    inputs; a row (an embedding's) is read exactly."""
+
+    name = "int8g"
+    describe = "int8, groups of 32"
+
+    @staticmethod
+    def fits(rows: int, columns: int) -> bool:
+        return columns % GROUP == 0 and rows > 0
+
+    @staticmethod
+    def parts(rows: int, columns: int) -> tuple[Part, ...]:
+        groups = columns // GROUP
+        return (Part("qweight", torch.int8, (groups, rows, GROUP)), Part("scales", torch.int32, (groups, rows)),
+                Part("lows", torch.int32, (groups, rows)), Part("kernel_scales", torch.int16, (groups, rows)))
+
+    @staticmethod
+    def pack(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Values ``q`` (``[N, K]``, each fitting int8) meaning ``q * scale + low`` per group of 32."""
+        rows, columns = q.shape
+        grouped = q.to(torch.int8).reshape(rows, columns // GROUP, GROUP).transpose(0, 1).contiguous()
+        return {"qweight": grouped, "scales": f32_bits(scale.t()), "lows": f32_bits(low.t()),
+                "kernel_scales": bf16_bits(scale.t())}
+
+    @staticmethod
+    def quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
+        rows, columns = w.shape
+        groups = w.float().reshape(rows, columns // GROUP, GROUP)
+        scale = (groups.abs().amax(-1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        q = torch.clamp(torch.round(groups / scale[..., None]), -127, 127).reshape(rows, columns)
+        return Int8Groups.pack(q, scale, torch.zeros_like(scale))
+
+    @staticmethod
+    def linear(x: torch.Tensor, parts: dict[str, torch.Tensor], rows: int) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        grouped = flat.to(torch.bfloat16).reshape(flat.shape[0], -1, GROUP)
+        q, scales = parts["qweight"], from_bits(parts["kernel_scales"])
+        out = flat.new_zeros(flat.shape[0], rows, dtype=torch.float32)
+        for g in range(q.shape[0]):
+            out += torch._weight_int8pack_mm(grouped[:, g].contiguous(), q[g], scales[g])
+        lows = parts["lows"].view(torch.float32)
+        if lows.any():
+            out += flat.float().reshape(flat.shape[0], -1, GROUP).sum(-1) @ lows
+        return out.to(x.dtype).reshape(*x.shape[:-1], rows)
+
+    @staticmethod
+    def rows(ids: torch.Tensor, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        q = parts["qweight"][:, ids]                                    # [G, *ids, 32]
+        scale, low = parts["scales"].view(torch.float32)[:, ids], parts["lows"].view(torch.float32)[:, ids]
+        w = q.float() * scale.unsqueeze(-1) + low.unsqueeze(-1)
+        return w.movedim(0, -2).flatten(-2).to(dtype)
+
+
 class WeightFormat(Protocol):
     """What a quantized linear layer needs of its weight's form."""
 
@@ -143,4 +204,10 @@ class WeightFormat(Protocol):
     def linear(self, x: torch.Tensor, parts: dict[str, torch.Tensor], rows: int) -> torch.Tensor: ...
 
 
-FORMATS: dict[str, WeightFormat] = {"int4": Int4(), "int8": Int8()}
+class RowFormat(WeightFormat, Protocol):
+    """A form whose rows are read by index (an embedding's table)."""
+
+    def rows(self, ids: torch.Tensor, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor: ...
+
+
+FORMATS: dict[str, WeightFormat] = {"int4": Int4(), "int8": Int8(), "int8g": Int8Groups()}

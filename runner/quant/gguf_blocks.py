@@ -1,11 +1,12 @@
-"""GGUF's 4-bit blocks read as the ``int4`` form: the stored values, scales and minimums, with no float detour.
+"""GGUF's 4- and 8-bit blocks read as values, scales and lows, with no float detour.
 
-Q4_0, Q4_1 and Q4_K all hold, per group of 32 weights, 4-bit values ``q`` meaning ``q * scale + low``:
+Q4_0, Q4_1, Q4_K and Q8_0 all hold, per group of 32 weights, values ``q`` meaning ``q * scale + low``:
 
 - Q4_0 (18 bytes per 32): an fp16 ``d``; ``scale = d``, ``low = -8 d``;
 - Q4_1 (20 bytes per 32): fp16 ``d`` and ``m``; ``scale = d``, ``low = m``;
 - Q4_K (144 bytes per 256): fp16 ``d`` and ``dmin``, and per sub-block of 32 a 6-bit ``sc`` and ``m`` packed in
-  12 bytes; ``scale = d * sc``, ``low = -dmin * m``.
+  12 bytes; ``scale = d * sc``, ``low = -dmin * m``;
+- Q8_0 (34 bytes per 32): an fp16 ``d`` and 32 signed bytes; ``scale = d``, ``low = 0``.
 
 In each, a 16-byte run of values holds 32 weights: the low nibbles are the first 16 (Q4_K: the first 32 of a
 64-weight chunk, over 32 bytes), the high nibbles the rest. The layouts are llama.cpp's ``ggml-common.h``.
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
-KEPT_AS_INT4 = ("Q4_0", "Q4_1", "Q4_K")
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144}
+FOUR_BIT = ("Q4_0", "Q4_1", "Q4_K")
+KEPT = (*FOUR_BIT, "Q8_0")  # the types whose values are read here
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q8_0": 34}
 
 
 def _fp16(blocks: torch.Tensor, start: int) -> torch.Tensor:
@@ -28,8 +30,8 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
 
 
-def int4_values(kind: str, blocks: torch.Tensor, columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(q [N, K] uint8, scale [N, K/32], low [N, K/32])`` of a ``[N, bytes]`` tensor of ``kind`` blocks.
+def block_values(kind: str, blocks: torch.Tensor, columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q [N, K] int16, scale [N, K/32], low [N, K/32])`` of a ``[N, bytes]`` tensor of ``kind`` blocks.
 
     Raises:
         ValueError: the bytes per row are not a whole number of ``kind`` blocks covering ``columns``.
@@ -40,7 +42,10 @@ def int4_values(kind: str, blocks: torch.Tensor, columns: int) -> tuple[torch.Te
     if columns % per_block or blocks.shape[1] != columns // per_block * size:
         raise ValueError(f"{blocks.shape[1]} bytes per row are not {columns // per_block} {kind} blocks")
     b = blocks.reshape(rows, columns // per_block, size)
-    if kind == "Q4_0":
+    if kind == "Q8_0":
+        d = _fp16(b, 0)
+        q, scale, low = b[..., 2:].contiguous().view(torch.int8), d, torch.zeros_like(d)
+    elif kind == "Q4_0":
         d = _fp16(b, 0)
         q, scale, low = _nibbles(b[..., 2:]), d, -8 * d
     elif kind == "Q4_1":
@@ -51,7 +56,7 @@ def int4_values(kind: str, blocks: torch.Tensor, columns: int) -> tuple[torch.Te
         scale, low = _fp16(b, 0) * sc, -_fp16(b, 2) * m
         qs = b[..., 16:].reshape(rows, -1, 4, 32)                      # 4 chunks of 64 weights per super-block
         q = _nibbles(qs).reshape(rows, -1, 8, 32)                      # [N, S, 8 sub-blocks, 32]
-    return q.reshape(rows, columns), scale.reshape(rows, -1), low.reshape(rows, -1)
+    return q.reshape(rows, columns).to(torch.int16), scale.reshape(rows, -1), low.reshape(rows, -1)
 
 
 def _k_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

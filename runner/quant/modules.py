@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from runner.quant.formats import FORMATS, Int8, Part, WeightFormat
+from runner.quant.formats import Part, RowFormat, WeightFormat
 
 
 def _meta_buffers(module: nn.Module, parts: tuple[Part, ...]) -> None:
@@ -39,24 +39,26 @@ class QuantLinear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """``nn.Embedding`` whose table is int8 rows (a row is read by its id), dequantized to ``dtype`` on lookup."""
+    """``nn.Embedding`` whose table is kept in ``fmt`` (one whose rows are read by id), dequantized on lookup."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype):
+    def __init__(self, fmt: RowFormat, num_embeddings: int, embedding_dim: int, dtype: torch.dtype):
         super().__init__()
-        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
-        _meta_buffers(self, Int8.parts(num_embeddings, embedding_dim))
+        self.format, self.num_embeddings, self.embedding_dim, self.dtype = fmt, num_embeddings, embedding_dim, dtype
+        self.parts = tuple(p.name for p in fmt.parts(num_embeddings, embedding_dim))
+        _meta_buffers(self, fmt.parts(num_embeddings, embedding_dim))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.is_meta:
             return torch.empty(*ids.shape, self.embedding_dim, dtype=self.dtype, device="meta")
-        return Int8.rows(ids, {"qweight": self.qweight, "scales": self.scales}, self.dtype)
+        return self.format.rows(ids, {p: getattr(self, p) for p in self.parts}, self.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.format.name}"
 
 
 def tied_head(embedding: QuantEmbedding, bias: nn.Parameter | None) -> QuantLinear:
-    """The output layer that shares ``embedding``'s int8 table (GPT-2's, SmolLM2's tied head)."""
-    head = QuantLinear(FORMATS["int8"], embedding.embedding_dim, embedding.num_embeddings, bias)
-    head.qweight, head.scales = embedding.qweight, embedding.scales
+    """The output layer that shares ``embedding``'s table (GPT-2's, SmolLM2's tied head): the same buffers."""
+    head = QuantLinear(embedding.format, embedding.embedding_dim, embedding.num_embeddings, bias)
+    for part in head.parts:
+        setattr(head, part, getattr(embedding, part))
     return head

@@ -115,6 +115,8 @@ class GGUFCheckpoint(Checkpoint):
                 self.ignored[t.name] = "read into the config's rope_scaling"
             elif not names:
                 self.ignored[t.name] = f"no counterpart in the {self.family.name} model"
+            if names:
+                _check_computable(t, path)
             for name, expert in names:
                 self._stored[name] = _Stored(t, expert)
                 own = shape if expert is None else shape[1:]
@@ -416,6 +418,23 @@ class GGUFCheckpoint(Checkpoint):
             return None
         return {name.removeprefix("tokenizer."): _value(field) for name, field in f.items()
                 if name.startswith("tokenizer.")}
+
+
+def _check_computable(t, path: Path) -> None:
+    """A tensor the runner can hold: a float type, or a quantized one it keeps or can dequantize.
+
+    Raises:
+        CheckpointError: a type nothing here reads (Q8_K, Q1_0, ...), naming the tensor and the types that work.
+    """
+    from gguf import quants
+
+    kind = t.tensor_type
+    if kind.name in _FLOAT or kind in quants._type_traits:  # gguf's table of the types it can dequantize
+        return
+    raise CheckpointError(f"{path}: tensor {t.name} is stored as GGUF type {kind.name}, which the runner cannot "
+                          "compute (it keeps Q4_0, Q4_1, Q4_K and Q8_0 quantized and dequantizes Q5_K, Q6_K and the "
+                          "other types llama.cpp writes for models); re-quantize the file with llama.cpp's "
+                          "llama-quantize (e.g. Q4_K_M or Q8_0)")
 
 
 def open_gguf(path: Path | None) -> GGUFCheckpoint:

@@ -1,0 +1,193 @@
+"""Weights kept quantized: GGUF blocks read exactly, torch's kernels against fp32, the default SmolLM2 GGUF held in
+its 4-bit form, ``quantize=int8|int4`` on a checkpoint transformers wrote, offload of quantized blocks, bad input.
+"""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from conftest import compose_config, run_in_process
+from runner.infer.engine import Engine
+from runner.plan.planned import plan
+from runner.quant.formats import FORMATS, Int4, Int8Groups
+from runner.quant.gguf_blocks import block_values
+
+ROWS, COLUMNS = 48, 512
+
+
+def blocks_of(kind: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``[ROWS, bytes]`` of ``kind`` blocks and what gguf dequantizes them to. gguf writes Q4_0, Q4_1 and Q8_0;
+    Q4_K's blocks are random bytes with sane fp16 ``d`` and ``dmin`` (any 6-bit scales and 4-bit values are valid)."""
+    rng = np.random.default_rng(seed)
+    kind_type = getattr(gguf.GGMLQuantizationType, kind)
+    if kind == "Q4_K":
+        raw = rng.integers(0, 256, (ROWS, COLUMNS // 256, 144), dtype=np.uint8)
+        for start in (0, 2):  # d, dmin
+            raw[..., start:start + 2] = rng.uniform(1e-3, 2e-2, raw.shape[:2]).astype(np.float16)[..., None].view(
+                np.uint8)
+        raw = raw.reshape(ROWS, -1)
+    else:
+        raw = gguf.quants.quantize(rng.standard_normal((ROWS, COLUMNS)).astype(np.float32), kind_type)
+    return raw, gguf.quants.dequantize(raw, kind_type)
+
+
+def weights(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    rows, columns = q.shape
+    return (q.float().view(rows, -1, 32) * scale[..., None] + low[..., None]).view(rows, columns)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
+def test_block_values_are_exactly_what_gguf_dequantizes(kind):
+    raw, want = blocks_of(kind)
+    q, scale, low = block_values(kind, torch.from_numpy(raw), COLUMNS)
+    assert q.min() >= (-127 if kind == "Q8_0" else 0) and q.max() <= (127 if kind == "Q8_0" else 15)
+    assert torch.equal(weights(q, scale, low), torch.from_numpy(want))
+
+
+def test_a_row_count_that_is_not_whole_blocks_is_refused():
+    raw, _ = blocks_of("Q4_1")
+    with pytest.raises(ValueError, match="not 16 Q4_1 blocks"):
+        block_values("Q4_1", torch.from_numpy(raw[:, :-1]), COLUMNS)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K"])
+def test_int4_kernel_matches_fp32_on_the_same_weights_within_bf16(kind):
+    raw, want = blocks_of(kind)
+    parts = Int4.pack(*block_values(kind, torch.from_numpy(raw), COLUMNS)[:1],
+                      *block_values(kind, torch.from_numpy(raw), COLUMNS)[1:])
+    assert parts["qweight"].dtype == torch.uint8 and parts["qweight"].numel() == ROWS * COLUMNS // 2
+    x = torch.randn(5, 3, COLUMNS)
+    reference = F.linear(x, torch.from_numpy(want))
+    got = Int4.linear(x, parts, ROWS)
+    assert got.shape == reference.shape and got.dtype == torch.float32
+    error = (got - reference).abs().max() / reference.abs().max()
+    assert 0 < error < 1e-2  # bf16 activations, scales and output
+
+
+def test_int8_groups_hold_q8_0_exactly_read_rows_exactly_and_compute_within_bf16():
+    raw, want = blocks_of("Q8_0")
+    parts = Int8Groups.pack(*block_values("Q8_0", torch.from_numpy(raw), COLUMNS))
+    ids = torch.tensor([[3, 0, 47], [5, 5, 1]])
+    assert torch.equal(Int8Groups.rows(ids, parts, torch.float32), torch.from_numpy(want)[ids])
+    x = torch.randn(4, COLUMNS)
+    reference = F.linear(x, torch.from_numpy(want))
+    assert (Int8Groups.linear(x, parts, ROWS) - reference).abs().max() / reference.abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("form", ["int8", "int4"])
+def test_rounding_full_precision_weights_stays_within_a_step(form):
+    w = torch.randn(64, 256)
+    fmt = FORMATS[form]
+    parts = fmt.quantize(w)
+    x = torch.eye(256)  # the product with the identity is the weight the kernel holds, transposed
+    held = fmt.linear(x, parts, 64).t()
+    steps = (w.abs().amax(-1, keepdim=True) / 127) if form == "int8" else (
+        (w.view(64, 8, 32).amax(-1) - w.view(64, 8, 32).amin(-1)) / 15).repeat_interleave(32, -1)
+    assert ((held - w).abs() <= steps * 0.52 + w.abs() * 2**-7).all()  # half a (widened) step, and bf16's rounding
+    assert (held != w).any()
+
+
+def test_the_default_gguf_is_planned_in_its_quantized_bytes_and_generates_as_dequantized(tmp_path):
+    kept = plan(compose_config("hardware=cpu"), tmp_path / "kept")
+    dequantized = plan(compose_config("hardware=cpu", "dtype=float32"), tmp_path / "fp32")
+    file_bytes = kept.checkpoint.files[0].stat().st_size
+    # int4 with bf16 scales is the file's Q4_1 size; the Q8_0 table gains fp32 scales and lows (1.31 bytes a weight)
+    assert file_bytes < kept.layout.total_bytes < 1.1 * file_bytes < dequantized.layout.total_bytes / 4
+    assert kept.quantization.lines == ("Q4_1 -> int4, groups of 32, repacked: 210 tensor(s)",
+                                       "Q8_0 -> int8, groups of 32, the stored values: 1 tensor(s)")
+    assert dequantized.quantization.kept == {}
+    completions = {}
+    for name, dtype in {"kept": "auto", "fp32": "float32"}.items():
+        outcome, errors = run_in_process(tmp_path / f"run-{name}", "hardware=cpu", f"dtype={dtype}",
+                                         "task.max_new_tokens=12", f"hydra.run.dir={tmp_path / name}")
+        assert errors == []
+        completions[name] = (tmp_path / f"run-{name}" / "predictions.jsonl").read_text()
+    assert completions["kept"] == completions["fp32"]
+
+
+def test_the_default_gguf_logits_stay_near_the_dequantized_model(tmp_path):
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 8196, 28, 260, 3458, 282, 253, 2725, 314]])
+    logits = {}
+    for name, dtype in {"kept": "auto", "fp32": "float32"}.items():
+        engine = Engine(compose_config("hardware=cpu", f"dtype={dtype}"), tmp_path / name)
+        with torch.inference_mode():
+            logits[name] = engine.loaded.model(ids)
+    span = logits["fp32"].max() - logits["fp32"].min()
+    error = (logits["kept"] - logits["fp32"]).abs().max() / span
+    assert 0 < error < 0.02  # the kernels' bf16 (measured: 1.1% of the logits' range)
+    assert torch.equal(logits["kept"].argmax(-1), logits["fp32"].argmax(-1))
+
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    from test_families import write_checkpoint
+
+    folder = tmp_path_factory.mktemp("llama")
+    write_checkpoint(folder, "llama", {"tie_word_embeddings": True})
+    return folder
+
+
+def test_quantize_rounds_a_transformers_checkpoint_and_offloaded_blocks_match_resident(llama_folder, tmp_path):
+    from test_families import PROMPTS, left_padded
+
+    rows, mask = left_padded(PROMPTS)
+    local = ("checkpoint=local", f"checkpoint.path={llama_folder}", "dtype=float32")
+    runs = {"fp32": ("hardware=cpu",), "int8": ("hardware=cpu", "quantize=int8"),
+            "int4": ("hardware=cpu", "quantize=int4"),
+            "int4 offloaded": ("hardware=sim_2gpu", "quantize=int4", "+device_map.model.layers.0=cpu",
+                               "+device_map.model.layers.2=disk")}
+    logits, engines = {}, {}
+    for name, overrides in runs.items():
+        engines[name] = Engine(compose_config(*local, *overrides), tmp_path / name.replace(" ", "-"))
+        with torch.inference_mode():
+            logits[name] = engines[name].loaded.model(rows, attention_mask=mask)
+    real = mask.bool()
+    span = logits["fp32"][real].max() - logits["fp32"][real].min()
+    errors = {n: float((logits[n][real] - logits["fp32"][real]).abs().max() / span) for n in ("int8", "int4")}
+    # A random 3-layer model magnifies rounding (its weights span 0.2 and every logit rides on them); measured 4.6%
+    # and 38% of the logits' range. Real weights lose far less: bench/quant_bench.py's perplexities.
+    assert 0 < errors["int8"] < 0.1 and errors["int8"] < errors["int4"] < 0.6, errors
+    torch.testing.assert_close(logits["int4 offloaded"], logits["int4"], rtol=0, atol=1e-5)
+    offloaded = engines["int4 offloaded"].loaded
+    assert {offloaded.check.block_devices[f"model.layers.{i}"] for i in (0, 2)} == {"cpu", "disk"}
+    # The planner and the ledger count quantized bytes: int4 layers take about a seventh of fp32's.
+    fp32_layer = engines["fp32"].loaded.layout
+    int4_layer = offloaded.layout
+    size = {b.name: b.nbytes for b in int4_layer.blocks}
+    assert size["model.layers.2"] < {b.name: b.nbytes for b in fp32_layer.blocks}["model.layers.2"] / 5
+    assert engines["int8"].loaded.quantization.lines[0].startswith("float32 -> int8, a scale per row")
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (("quantize=int8",), "error: config: quantize: int8 asks to quantize weights the checkpoint already stores "
+                         "quantized (Q4_1, Q8_0); leave quantize=null, and they stay as stored"),
+    (("quantize=int3",), "error: config: quantize: 'int3' is not valid; expected null (weights as stored), int8 or "
+                         "int4"),
+])
+def test_bad_quantize_settings_are_one_line(overrides, says, tmp_path):
+    outcome, errors = run_in_process(tmp_path / "run", "mode=plan", *overrides)
+    assert errors == [says]
+
+
+def test_a_gguf_type_that_cannot_be_computed_is_one_line(tmp_path):
+    from test_gguf import HIDDEN, TOKENS, save
+
+    path = tmp_path / "q8k.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    # Q8_K (llama.cpp's intermediate type for dot products, never a model's): 292 bytes per 256 values.
+    writer.add_tensor("token_embd.weight", np.zeros((len(TOKENS), 292), dtype=np.uint8),
+                      raw_dtype=gguf.GGMLQuantizationType.Q8_K)
+    writer.add_tensor("output_norm.weight", np.ones(HIDDEN, dtype=np.float32))
+    save(writer)
+    outcome, errors = run_in_process(tmp_path / "run", "mode=plan", "checkpoint=gguf", f"checkpoint.path={path}")
+    assert errors == [f"error: checkpoint: {path}: tensor token_embd.weight is stored as GGUF type Q8_K, which the runner cannot compute "
+                      "(it keeps Q4_0, Q4_1, Q4_K and Q8_0 quantized and dequantizes Q5_K, Q6_K and the other types "
+                      "llama.cpp writes for models); re-quantize the file with llama.cpp's llama-quantize (e.g. "
+                      "Q4_K_M or Q8_0)"]
