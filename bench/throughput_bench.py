@@ -72,7 +72,7 @@ def runner_shape(args: dict, ids: list[list[int]]) -> list[str]:
     return [*hf_checkpoint.runner_overrides("hf-gpt2", Path(args["folder"])), "hardware=cpu", "dtype=float32",
             f"runtime.batch_size={args['batch']}", f"runtime.micro_batches={args['k']}",
             f"runtime.seq_len={max(map(len, ids)) + args['new_tokens']}", f"task.max_new_tokens={args['new_tokens']}",
-            f"offload.folder={args['offload']}"]
+            f"offload.folder={args['offload']}", *([f"quantize={args['quantize']}"] if args.get("quantize") else [])]
 
 
 def runner_cap(args: dict) -> int:

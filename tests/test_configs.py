@@ -63,8 +63,8 @@ def test_every_schema_error_is_reported_at_once():
         compose_config("max_memory.cpu=10GX", "dtype=fp8", "task.max_new_tokens=0", "+bogus=1")
     assert e.value.lines == (
         "bogus: unknown key; expected one of: checkpoint, data, device_map, dtype, force, hardware, manifest, "
-        "map_file, max_memory, mode, model, offload, parallel, placement, resume, runtime, seed, task, tokenizer, "
-        "trust",
+        "map_file, max_memory, mode, model, offload, parallel, placement, quantize, resume, runtime, seed, task, "
+        "tokenizer, trust",
         "dtype: 'fp8' is not valid; expected one of: auto, float32, float16, bfloat16",
         "max_memory.cpu: '10GX' is not valid; expected a size with a unit, such as 500MB or 10GiB",
         "task.max_new_tokens: 0 is less than the minimum of 1",

@@ -154,8 +154,24 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None, la
                                cfg.placement.prefetch, dtype.itemsize, request.kv_bytes)
         the_plan = replace(the_plan, reserves=kv_where_computed(the_plan.reserves, compute, check.block_devices,
                                                                 request.kv_bytes))
+        if quantization.kept:
+            _check_quantized_on_cpu(compute, hardware, cfg.quantize)
     return Planned(cfg, model, dtype, hardware, layout, trace, request, the_plan, check, compute, checkpoint, keys,
                    timings, quantization)
+
+
+def _check_quantized_on_cpu(compute: dict[str, Compute], hardware: Hardware, setting: str | None) -> None:
+    """Quantized weights compute with torch's CPU kernels (simulated GPUs are CPU tensors, so they qualify).
+
+    Raises:
+        PlanError: a block would compute on a real GPU, naming the setting that kept weights quantized.
+    """
+    gpus = sorted({c.device for c in compute.values()
+                   if c.device.startswith("cuda:") and not hardware.get(c.device).simulated})
+    if gpus:
+        key = f"quantize={setting}" if setting else "dtype=auto on a quantized GGUF"
+        raise PlanError(f"{key}: quantized weights compute on the CPU only, and this plan computes on {gpus[0]}; "
+                        "set dtype=float16 or bfloat16 to dequantize them for the GPU (and quantize=null)")
 
 
 def _keys_of(cfg: RunConfig, checkpoint: Checkpoint, model: nn.Module, layout: ModelLayout) -> KeyReport:
