@@ -83,7 +83,7 @@ def test_signal_during_synthetic_write(cli, signum, code, tmp_path):
 @pytest.mark.parametrize("signum,code", SIGNALS, ids=["SIGINT", "SIGTERM"])
 def test_signal_during_offload_conversion(cli, signum, code, tmp_path):
     cache = tmp_path / "cache"  # the default model is a GGUF: its disk blocks are converted into the offload folder
-    proc = start(cli, tmp_path / "run", cache, "max_memory.cpu=200MB", "task.max_new_tokens=2", "data.prompts=[Hi]")
+    proc = start(cli, tmp_path / "run", cache, "max_memory.cpu=60MB", "task.max_new_tokens=2", "data.prompts=[Hi]")
     rc, err = signal_when(proc, f"{cache}/offload/*/", signum)  # made as the conversion starts
     assert rc == code, rc
     match = re.fullmatch(rf"interrupted: {signal.Signals(signum).name}; converting disk blocks: (\d+) of (\d+) are "
@@ -187,7 +187,7 @@ def test_full_cache_cli(tmp_path):
 def test_full_offload_folder_cli(tmp_path, runner_cache):
     mount = tmp_path / "small"
     # max_memory.disk above what the tmpfs holds: the plan goes ahead (with a warning), the conversion meets ENOSPC
-    proc = _tmpfs_run(tmp_path, 1024, mount, runner_cache, "max_memory.cpu=200MB", "max_memory.disk=1GB",
+    proc = _tmpfs_run(tmp_path, 1024, mount, runner_cache, "max_memory.cpu=60MB", "max_memory.disk=1GB",
                       "task.max_new_tokens=2",
                       "data.prompts=[Hi]", f"offload.folder={mount}", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2

@@ -203,7 +203,7 @@ def test_smollm2_scores_equal_transformers_llama(tmp_path):
     (``test_generate`` checks the GGUF's own transformers load against the runner's)."""
     from runner.infer.tokenizer import tokenizer_for
 
-    result = Engine(compose_config("hardware=cpu"), tmp_path).loaded
+    result = Engine(compose_config("hardware=cpu", "dtype=float32"), tmp_path).loaded  # the fp32 reference's weights
     tokenizer = tokenizer_for(result.checkpoint, None, None, synthetic=False)
     arch = {k: v for k, v in result.config.model.arch.items() if k != "_target_"}
     reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**arch)).eval()
