@@ -23,7 +23,6 @@ def main() -> None:
     job = json.loads(sys.stdin.read())
     prompts, new_tokens, slots = job["prompts"], job["new_tokens"], job["sequences"]
     L.llama_backend_init()
-    L.llama_log_set(L.llama_log_callback(lambda *a: None), None)  # quiet
     model = L.llama_model_load_from_file(job["model"].encode(), L.llama_model_default_params())
     params = L.llama_context_default_params()
     params.n_ctx = slots * job["context"]

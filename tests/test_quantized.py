@@ -3,6 +3,8 @@ its 4-bit form, ``quantize=int8|int4`` on a checkpoint transformers wrote, offlo
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -191,3 +193,35 @@ def test_a_gguf_type_that_cannot_be_computed_is_one_line(tmp_path):
                       "(it keeps Q4_0, Q4_1, Q4_K and Q8_0 quantized and dequantizes Q5_K, Q6_K and the other types "
                       "llama.cpp writes for models); re-quantize the file with llama.cpp's llama-quantize (e.g. "
                       "Q4_K_M or Q8_0)"]
+
+
+def test_a_weight_packed_in_row_chunks_is_the_weight_packed_whole(monkeypatch):
+    """QuantizedCheckpoint packs CHUNK rows at a time into the final tensors: the same bytes as one packing."""
+    import runner.quant.checkpoint as qc
+    from runner.load.checkpoint.base import Checkpoint, TensorEntry
+
+    raw, _ = blocks_of("Q4_1")
+    weight = torch.randn(ROWS, COLUMNS)
+
+    class Stored(Checkpoint):
+        source, revision, ignored, files = "test", None, {}, [Path("stored")]
+        entries = {"a.weight": TensorEntry(Path("stored"), torch.float32, (ROWS, COLUMNS)),
+                   "b.weight": TensorEntry(Path("stored"), torch.float32, (ROWS, COLUMNS))}
+
+        def read(self, key):
+            return weight
+
+        def stored_type(self, key):
+            return "Q4_1" if key == "a.weight" else None
+
+        def read_blocks(self, key, start=0, stop=None):
+            return torch.from_numpy(raw[start:stop])
+
+    kept = {"a.weight": qc.Kept("a.weight", "int4", True), "b.weight": qc.Kept("b.weight", "int8g", False)}
+    whole = {k: qc.QuantizedCheckpoint(Stored(), kept).read(k) for k in ("a.qweight", "a.scales", "b.qweight",
+                                                                        "b.scales", "b.lows")}
+    monkeypatch.setattr(qc, "CHUNK", 32)  # a chunk of 32 rows (a row block of the packed layout) and one of 16
+    chunked = qc.QuantizedCheckpoint(Stored(), kept)
+    for key, want in whole.items():
+        assert torch.equal(chunked.read(key), want), key
+    assert torch.equal(whole["a.qweight"], Int4.pack(*block_values("Q4_1", torch.from_numpy(raw), COLUMNS))["qweight"])

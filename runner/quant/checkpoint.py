@@ -39,6 +39,9 @@ class Kept:
         return FORMATS[self.form]
 
 
+CHUNK = 1024  # rows packed at a time: a multiple of the int4 kernel's row blocks (32 or 64), so chunks pack alike
+
+
 class QuantizedCheckpoint(Checkpoint):
     """``inner`` with the weights of ``kept`` (weight key -> how) replaced by their quantized parts."""
 
@@ -112,13 +115,28 @@ class QuantizedCheckpoint(Checkpoint):
         return None if key in self._part_of else self.inner.stored_type(key)
 
     def _quantized(self, keep: Kept) -> dict[str, torch.Tensor]:
-        if not keep.from_blocks:
-            return keep.format.quantize(self.inner.read_uncached(keep.weight))
-        kind = self.inner.stored_type(keep.weight)
+        """The weight's parts, made ``CHUNK`` rows at a time into tensors of their final size: what a weight costs
+        beyond its parts is one chunk's transients (and, rounding floats, the weight as read)."""
         rows, columns = self.inner.entries[keep.weight].shape
-        try:
-            q, scale, low = block_values(kind, self.inner.read_blocks(keep.weight), columns)
-        except ValueError as e:
-            raise CheckpointError(f"{self.inner.files[0]}: tensor {keep.weight}: {e}; the file is damaged, "
-                                  "re-download it") from e
-        return (Int4 if keep.form == "int4" else Int8Groups).pack(q, scale, low)
+        if keep.from_blocks:
+            kind = self.inner.stored_type(keep.weight)
+            packer = Int4 if keep.form == "int4" else Int8Groups
+
+            def make(start: int, stop: int) -> dict[str, torch.Tensor]:
+                try:
+                    return packer.pack(*block_values(kind, self.inner.read_blocks(keep.weight, start, stop), columns))
+                except ValueError as e:
+                    raise CheckpointError(f"{self.inner.files[0]}: tensor {keep.weight}: {e}; the file is damaged, "
+                                          "re-download it") from e
+        else:
+            weight = self.inner.read_uncached(keep.weight)
+
+            def make(start: int, stop: int) -> dict[str, torch.Tensor]:
+                return keep.format.quantize(weight[start:stop])
+        parts = {p.name: (p, torch.empty(p.shape, dtype=p.dtype)) for p in keep.format.parts(rows, columns)}
+        for start in range(0, rows, CHUNK):
+            stop = min(start + CHUNK, rows)
+            for name, made in make(start, stop).items():
+                part, out = parts[name]
+                out.narrow(part.row_dim, start, stop - start).copy_(made)
+        return {name: out for name, (_, out) in parts.items()}

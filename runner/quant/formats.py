@@ -29,6 +29,7 @@ class Part:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    row_dim: int = 0  # the dimension that runs over the weight's output rows (a weight is packed in row chunks)
 
     @property
     def nbytes(self) -> int:
@@ -62,7 +63,7 @@ class Int4:
     @staticmethod
     def parts(rows: int, columns: int) -> tuple[Part, ...]:
         return (Part("qweight", torch.uint8, (rows, columns // 2)),
-                Part("scales", torch.int16, (columns // GROUP, rows, 2)))
+                Part("scales", torch.int16, (columns // GROUP, rows, 2), row_dim=1))
 
     @staticmethod
     def pack(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -152,8 +153,9 @@ class Int8Groups:
     @staticmethod
     def parts(rows: int, columns: int) -> tuple[Part, ...]:
         groups = columns // GROUP
-        return (Part("qweight", torch.int8, (groups, rows, GROUP)), Part("scales", torch.int32, (groups, rows)),
-                Part("lows", torch.int32, (groups, rows)), Part("kernel_scales", torch.int16, (groups, rows)))
+        return tuple(Part(name, dtype, shape, row_dim=1) for name, dtype, shape in (
+            ("qweight", torch.int8, (groups, rows, GROUP)), ("scales", torch.int32, (groups, rows)),
+            ("lows", torch.int32, (groups, rows)), ("kernel_scales", torch.int16, (groups, rows))))
 
     @staticmethod
     def pack(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> dict[str, torch.Tensor]:

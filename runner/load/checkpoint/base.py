@@ -60,8 +60,9 @@ class Checkpoint(abc.ABC):
         """The quantized type a tensor is stored in (a GGUF's ``Q4_1``...); None for a plain dtype."""
         return None
 
-    def read_blocks(self, key: str) -> torch.Tensor:
-        """A quantized tensor's bytes as stored, one ``uint8`` row of blocks per output row (``stored_type``)."""
+    def read_blocks(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of a quantized tensor's bytes as stored, one ``uint8`` row of blocks per output row
+        (``stored_type``)."""
         raise NotImplementedError(f"{key} is not stored quantized")
 
     def locate(self, keys: list[str]) -> dict[str, Located] | None:

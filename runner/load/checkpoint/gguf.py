@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import mmap
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -369,6 +370,7 @@ class GGUFCheckpoint(Checkpoint):
             raise CheckpointError(f"{self.files[0]}: tensor {t.name} cannot be decoded as {t.tensor_type.name} of "
                                   f"shape {list(shape)} ({e}); the file is damaged, re-download it") from e
         tensor = torch.from_numpy(array if array.flags.writeable else array.copy())  # F32 data is the read-only map
+        self._release(t)
         if self.family.norms_plus_one and name.endswith("norm.weight"):
             tensor = tensor.float() - 1  # the zoo's Gemma norms hold the offset from one
         if tensor.dtype != dtype:
@@ -379,8 +381,9 @@ class GGUFCheckpoint(Checkpoint):
         kind = self._stored[name].tensor.tensor_type.name
         return None if kind in _FLOAT else kind
 
-    def read_blocks(self, name: str) -> torch.Tensor:
-        """A quantized tensor's blocks, ``[rows, bytes per row]``, with llama's Q and K rows put back in order."""
+    def read_blocks(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of a quantized tensor's blocks, ``[rows, bytes per row]``, with llama's Q and K rows
+        put back in order; only those rows' bytes are copied out of the map."""
         stored = self._stored[name]
         t = stored.tensor
         data = t.data if stored.expert is None else t.data[stored.expert]
@@ -389,8 +392,25 @@ class GGUFCheckpoint(Checkpoint):
             raise CheckpointError(f"{self.files[0]}: tensor {t.name} holds {list(data.shape)} bytes of "
                                   f"{t.tensor_type.name} blocks; expected {rows} rows; the file is damaged, "
                                   "re-download it")
-        blocks = torch.from_numpy(np.array(data))  # copied out of the map: only this tensor's bytes are resident
-        return self._in_order(blocks, name, t.name)
+        if self.family.permuted_qk and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
+            blocks = self._in_order(torch.from_numpy(np.array(data)), name, t.name)[start:stop]  # rows move
+        else:
+            blocks = torch.from_numpy(np.array(data[start:stop]))
+        if stop is None or stop >= rows:
+            self._release(t)
+        return blocks
+
+    def _release(self, t) -> None:
+        """Drop the file's pages of tensor ``t`` from this process once its bytes are copied: mapped pages count in
+        RSS, and a model read whole through the map would otherwise hold the file beside its own copy."""
+        region = getattr(self._reader.data, "_mmap", None)
+        if region is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = t.data_offset - t.data_offset % mmap.PAGESIZE
+        try:
+            region.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
+        except (OSError, ValueError):  # an advice is only that
+            pass
 
     def _in_order(self, tensor: torch.Tensor, name: str, stored: str) -> torch.Tensor:
         """Q and K rows of the ``llama`` architecture back in the model's order (llama.cpp permutes them)."""

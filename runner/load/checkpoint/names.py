@@ -77,8 +77,8 @@ class RenamedCheckpoint(Checkpoint):
         src = self.sources[name]
         return None if src.transposed else self.inner.stored_type(src.key)
 
-    def read_blocks(self, name: str) -> torch.Tensor:
-        return self.inner.read_blocks(self.sources[name].key)
+    def read_blocks(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self.inner.read_blocks(self.sources[name].key, start, stop)
 
     def read_ahead(self, names: list[str]) -> None:
         self.inner.read_ahead([self.sources[n].key for n in names if n in self.sources])
