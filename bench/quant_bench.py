@@ -174,8 +174,18 @@ def smollm2_fp32_folder(root: Path) -> Path:
     gguf = _default_gguf()
     model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    from safetensors.torch import save_file
+
     partial = root / "smollm2-fp32.partial"
-    model.save_pretrained(partial, safe_serialization=True)
+    partial.mkdir(parents=True, exist_ok=True)
+    # save_pretrained refuses a model loaded from a GGUF: its tensors, written as save_pretrained writes them (a
+    # tied head stored once), and its config without the GGUF marker.
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+    save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (partial / "config.json").write_text(json.dumps(config, indent=1))
     tokenizer.save_pretrained(partial)
     partial.rename(folder)
     return folder

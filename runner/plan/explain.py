@@ -145,6 +145,17 @@ def notices(planned: Planned) -> list[str]:
                    "where moving their activations costs less than moving them")
     if not on_disk and not on_cpu:
         out.append("nothing offloaded: no streaming cost per forward")
+    quantized = planned.quantization
+    if quantized.kept:
+        dtype = str(planned.dtype).removeprefix("torch.")
+        out.append(f"kept quantized: {len(quantized.kept)} weights take {format_bytes(quantized.kept_bytes)} instead of "
+                   f"{format_bytes(quantized.dense_bytes)} in {dtype}; their kernels compute in bf16 on the CPU")
+        rows = planned.config.runtime.rows_in_flight if planned.config.task.decodes else 0
+        if rows >= 16:
+            undo = "quantize=null" if quantized.setting else f"dtype={dtype}"
+            out.append(f"kept quantized at {rows} rows in flight: torch's quantized kernels are slower than {dtype} "
+                       f"matmuls from about 16 rows; where RAM allows, {undo} keeps the weights in {dtype} and "
+                       "computes faster")
     if planned.trace.source == "registration":
         out.append("forward order unknown (the meta trace failed): planned in registration order")
     return out

@@ -38,6 +38,8 @@ class Quantization:
     setting: str | None                     # ``quantize``: None, int8 or int4
     kept: dict[str, Kept] = field(default_factory=dict)
     lines: tuple[str, ...] = ()
+    kept_bytes: int = 0                     # the kept weights' quantized bytes
+    dense_bytes: int = 0                    # the same weights in the compute dtype
 
     def wrap(self, checkpoint: Checkpoint) -> Checkpoint:
         """``checkpoint`` with the kept weights read as their quantized parts."""
@@ -65,6 +67,7 @@ def quantize_model(model: nn.Module, checkpoint: Checkpoint | None, setting: str
     kept: dict[str, Kept] = {}
     counts: Counter[str] = Counter()
     owner_of: dict[int, str] = {}  # a weight tensor -> the module whose slot holds it first
+    dense = packed = 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, (nn.Linear, nn.Embedding)):
             continue
@@ -84,6 +87,8 @@ def quantize_model(model: nn.Module, checkpoint: Checkpoint | None, setting: str
         if form is None:
             continue
         kept[weight] = Kept(weight, form, from_blocks)
+        dense += module.weight.numel() * dtype.itemsize
+        packed += sum(p.nbytes for p in FORMATS[form].parts(*module.weight.shape))
         if isinstance(module, nn.Embedding):
             _swap(model, name, QuantEmbedding(FORMATS[form], module.num_embeddings, module.embedding_dim, dtype))
         else:
@@ -92,7 +97,7 @@ def quantize_model(model: nn.Module, checkpoint: Checkpoint | None, setting: str
         raise ConfigError(f"quantize: {setting}: the model has no nn.Linear or nn.Embedding layer to quantize "
                           f"({type(model).__name__}); leave quantize=null")
     lines = tuple(f"{what}: {n} tensor(s)" for what, n in sorted(counts.items(), key=lambda c: -c[1]))
-    return Quantization(setting, kept, lines)
+    return Quantization(setting, kept, lines, packed, dense)
 
 
 def _form(module: nn.Module, stored_type: str | None, setting: str | None) -> tuple[str | None, bool, str]:

@@ -79,9 +79,9 @@ class Int4:
         rows, columns = w.shape
         groups = w.float().reshape(rows, columns // GROUP, GROUP)
         low, high = groups.amin(-1), groups.amax(-1)
-        # Rounded to the bf16 the kernel will use before the values are chosen against them; widened by a hair
-        # first, so the rounded scale and offset still reach both ends of the group.
-        scale = ((high - low) / 15 * (1 + 2**-6)).clamp(min=torch.finfo(torch.bfloat16).tiny).bfloat16().float()
+        # Rounded to the bf16 the kernel will use before the values are chosen against them. Not widened: weights
+        # already on a 16-level grid (a dequantized Q4 checkpoint) keep it exactly, which a wider grid would shift.
+        scale = ((high - low) / 15).clamp(min=torch.finfo(torch.bfloat16).tiny).bfloat16().float()
         offset = (low + 8 * scale).bfloat16().float()
         q = torch.clamp(torch.round((groups - offset[..., None]) / scale[..., None]) + 8, 0, 15)
         return Int4.pack(q.reshape(rows, columns).to(torch.uint8), scale, offset - 8 * scale)
