@@ -276,6 +276,43 @@ def read_families(raw: dict[str, Any]) -> dict[str, Figure]:
     return out
 
 
+def read_quant(raw: dict[str, Any]) -> dict[str, Figure]:
+    out: dict[str, Figure] = {}
+    rates = {n: {side: r.get("tokens_per_s") for side, r in raw.get(f"smollm2 x{n}", {}).items()} for n in (1, 16, 64)}
+    one = rates[1]
+    if one.get("kept") and one.get("llama.cpp"):
+        r = one["kept"] / one["llama.cpp"]
+        out["SmolLM2 Q4_1, 1 sequence: >= 1.0x llama.cpp on the same file"] = at_least(
+            r, 1.0, f"{r:.2f}x ({one['kept']:.1f} vs {one['llama.cpp']:.1f} tok/s)")
+    elif one:
+        out["SmolLM2 Q4_1, 1 sequence: >= 1.0x llama.cpp on the same file"] = Figure(
+            "llama.cpp not run (--llamacpp, or RUNNER_LLAMACPP_PYTHON)", None)
+    many = []
+    met = True
+    for n in (16, 64):
+        r = rates[n]
+        if r.get("kept") and r.get("fp32"):
+            vs_fp32 = r["kept"] / r["fp32"]
+            met &= vs_fp32 >= 1.0
+            text = f"x{n}: {vs_fp32:.2f}x fp32"
+            if r.get("llama.cpp"):
+                met &= r["kept"] / r["llama.cpp"] >= 1.2
+                text += f", {r['kept'] / r['llama.cpp']:.2f}x llama.cpp"
+            many.append(text)
+    if many:
+        out["16 and 64 sequences: >= 1.2x llama.cpp and >= 1.0x the fp32 path"] = Figure("; ".join(many), met)
+    kept = raw.get("smollm2 x1", {}).get("kept", {})
+    if "peak_rss" in kept:
+        over = (kept["peak_rss"] - kept["baseline_rss"]) / kept["file"]
+        out["peak RSS <= import baseline + 1.3x the file"] = at_most(over, 1.3, f"{over:.2f}x the file")
+    q = raw.get("quality", {})
+    if all("perplexity" in q.get(k, {}) for k in ("fp32", "int8", "int4")):
+        i8, i4 = (q[k]["perplexity"] / q["fp32"]["perplexity"] for k in ("int8", "int4"))
+        out["perplexity: int8 within 1%, int4 within 5% of fp32"] = Figure(
+            f"int8 {i8:.4f}x, int4 {i4:.4f}x", abs(i8 - 1) <= 0.01 and abs(i4 - 1) <= 0.05)
+    return out
+
+
 # -- the benches, cheapest first ---------------------------------------------------------------------------------------
 
 BENCHES = [
@@ -310,6 +347,11 @@ BENCHES = [
           ("tokens/s end to end >= 2x Accelerate, both in a memory cgroup",
            "offload >= 0.8x all-resident at 128 in flight"), read_throughput,
           needs=("accelerate", "transformers"), timeout_s=1500),
+    Bench("quant_bench", ("--new-tokens", "16", "--quality"),
+          ("SmolLM2 Q4_1, 1 sequence: >= 1.0x llama.cpp on the same file",
+           "16 and 64 sequences: >= 1.2x llama.cpp and >= 1.0x the fp32 path",
+           "peak RSS <= import baseline + 1.3x the file", "perplexity: int8 within 1%, int4 within 5% of fp32"),
+          read_quant, needs=("transformers",), timeout_s=1200),
     # the pipeline on the transformers-written gpt2-large the other benches wrote: no synthetic 3 GB to write
     Bench("parallel_bench", ("--quick", "--checkpoint", "hf-gpt2"),
           ("data parallel, 2 ranks >= 1.8x one process", "pipeline, 2 ranks >= 1.6x one process"), read_parallel,

@@ -62,7 +62,8 @@ def runner_side(args: dict) -> dict:
 
     torch.set_num_threads(args["threads"])
     prompts = PROMPTS[:args["prompts"]]
-    engine = Engine(compose_config("hardware=cpu", f"runtime.batch_size={args['sequences']}", "runtime.seq_len=320",
+    engine = Engine(compose_config("hardware=cpu", f"runtime.batch_size={args['sequences']}",
+                                   f"runtime.seq_len={args['new_tokens'] + 96}",  # the prompts are up to ~80 tokens
                                    *args["overrides"]), Path(args["work"]))
     params = SamplingParams(max_new_tokens=args["new_tokens"], ignore_eos=True)
     engine.generate(prompts[:args["sequences"]], SamplingParams(max_new_tokens=4, ignore_eos=True), chat=True)
@@ -246,7 +247,9 @@ def _result(proc: subprocess.CompletedProcess) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--llamacpp", help="the Python of a venv with llama-cpp-python (../shared/peers/)")
+    parser.add_argument("--llamacpp", default=os.environ.get("RUNNER_LLAMACPP_PYTHON"),
+                        help="the Python of a venv with llama-cpp-python (../shared/peers/); default: "
+                             "$RUNNER_LLAMACPP_PYTHON")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--offload", action="store_true", help="also part 2, gpt2-large offload (~15 min)")

@@ -108,8 +108,9 @@ class QuantizedCheckpoint(Checkpoint):
         return None if any(k in self._part_of for k in keys) else self.inner.locate(keys)
 
     def read_ahead(self, keys: list[str]) -> None:
-        self.inner.read_ahead(list(dict.fromkeys(self._part_of[k][0].weight if k in self._part_of else k
-                                                 for k in keys)))
+        # Only what passes through: a weight to be quantized is read once, into its own buffer, and paging all of
+        # them in ahead would map the whole full-precision checkpoint beside the quantized model.
+        self.inner.read_ahead([k for k in keys if k not in self._part_of])
 
     def stored_type(self, key: str) -> str | None:
         return None if key in self._part_of else self.inner.stored_type(key)
