@@ -14,7 +14,7 @@ from runner.errors import CheckpointError, OffloadError
 from runner.load.checkpoint import Checkpoint, check_keys, open_checkpoint
 from runner.load.build import build_skeleton
 from runner.load.dispatch import dispatch
-from runner.load.memory import MemoryLedger, plan_held, reset_peak_rss
+from runner.load.memory import MemoryLedger, plan_held, reset_peak_rss, transients_unmapped
 from runner.load.offload import Prefetcher
 from runner.plan.blocks import ModelLayout
 from runner.plan.planned import Planned, offload_folder, timed
@@ -50,8 +50,9 @@ def load(planned: Planned, run_dir: Path) -> Loaded:
     baseline = psutil.Process().memory_info().rss
     with timed(timings, "load"), plan_held(planned.hardware, planned.check.loads, planned.plan.reserves,
                                             "loading the weights"):
-        streams = dispatch(planned, checkpoint, ledger, offload_folder=offload_folder(cfg, run_dir),
-                           prefetch=cfg.placement.prefetch, direct_io=cfg.placement.direct_io)
+        with transients_unmapped():
+            streams = dispatch(planned, checkpoint, ledger, offload_folder=offload_folder(cfg, run_dir),
+                               prefetch=cfg.placement.prefetch, direct_io=cfg.placement.direct_io)
     fields = {k: getattr(planned, k) for k in Planned.__dataclass_fields__}
     return Loaded(**{**fields, "checkpoint": checkpoint, "keys": keys}, ledger=ledger, baseline_rss=baseline,
                      streams=streams)

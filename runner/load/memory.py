@@ -89,6 +89,37 @@ def failed_allocation(e: BaseException, hardware: Hardware) -> tuple[str, int | 
     return None
 
 
+@contextlib.contextmanager
+def transients_unmapped() -> Iterator[None]:
+    """While loading, every allocation of 1 MiB or more gets its own mapping, given back to the system when freed:
+    tensors read to be cast or quantized come and go between the weights that stay, and from glibc's heap they
+    would leave holes it cannot return. Afterwards the threshold is glibc's own ceiling (32 MiB), so a decode
+    step's buffers are reused as before. A no-op where there is no glibc."""
+    mallopt = _glibc("mallopt")
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        if mallopt is not None:
+            mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        trim = _glibc("malloc_trim")
+        if trim is not None:
+            trim(0)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _glibc(name: str):
+    try:
+        import ctypes
+
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def reset_peak_rss() -> bool:
     """Start the kernel's peak-RSS mark afresh (VmHWM := VmRSS), so a peak read later is the peak since now and
     not of whatever the process did before (a long-lived Python session, a test suite); False where it cannot."""
