@@ -92,35 +92,27 @@ def test_rounding_full_precision_weights_stays_within_a_step(form):
     assert (held != w).any()
 
 
-def test_the_default_gguf_is_planned_in_its_quantized_bytes_and_generates_as_dequantized(tmp_path):
-    kept = plan(compose_config("hardware=cpu"), tmp_path / "kept")
-    dequantized = plan(compose_config("hardware=cpu", "dtype=float32"), tmp_path / "fp32")
+def test_the_default_gguf_is_held_in_its_quantized_bytes_and_runs_as_dequantized(tmp_path):
+    engines = {name: Engine(compose_config("hardware=cpu", f"dtype={dtype}"), tmp_path / name)
+               for name, dtype in {"kept": "auto", "fp32": "float32"}.items()}
+    kept, dequantized = engines["kept"].loaded, engines["fp32"].loaded
     file_bytes = kept.checkpoint.files[0].stat().st_size
     # int4 with bf16 scales is the file's Q4_1 size; the Q8_0 table gains fp32 scales and lows (1.31 bytes a weight)
     assert file_bytes < kept.layout.total_bytes < 1.1 * file_bytes < dequantized.layout.total_bytes / 4
+    assert kept.ledger.peak["cpu"] == kept.layout.total_bytes
     assert kept.quantization.lines == ("Q4_1 -> int4, groups of 32, repacked: 210 tensor(s)",
                                        "Q8_0 -> int8, groups of 32, the stored values: 1 tensor(s)")
     assert dequantized.quantization.kept == {}
-    completions = {}
-    for name, dtype in {"kept": "auto", "fp32": "float32"}.items():
-        outcome, errors = run_in_process(tmp_path / f"run-{name}", "hardware=cpu", f"dtype={dtype}",
-                                         "task.max_new_tokens=12", f"hydra.run.dir={tmp_path / name}")
-        assert errors == []
-        completions[name] = (tmp_path / f"run-{name}" / "predictions.jsonl").read_text()
-    assert completions["kept"] == completions["fp32"]
-
-
-def test_the_default_gguf_logits_stay_near_the_dequantized_model(tmp_path):
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 8196, 28, 260, 3458, 282, 253, 2725, 314]])
-    logits = {}
-    for name, dtype in {"kept": "auto", "fp32": "float32"}.items():
-        engine = Engine(compose_config("hardware=cpu", f"dtype={dtype}"), tmp_path / name)
-        with torch.inference_mode():
-            logits[name] = engine.loaded.model(ids)
+    with torch.inference_mode():
+        logits = {name: e.loaded.model(ids) for name, e in engines.items()}
     span = logits["fp32"].max() - logits["fp32"].min()
     error = (logits["kept"] - logits["fp32"]).abs().max() / span
     assert 0 < error < 0.02  # the kernels' bf16 (measured: 1.1% of the logits' range)
     assert torch.equal(logits["kept"].argmax(-1), logits["fp32"].argmax(-1))
+    prompts = ["What is the capital of France?", "What is the opposite of hot?"]
+    texts = {name: [c.text for c in e.generate(prompts, max_new_tokens=12)] for name, e in engines.items()}
+    assert texts["kept"] == texts["fp32"]
 
 
 transformers = pytest.importorskip("transformers")
