@@ -1,4 +1,4 @@
-"""The two forms a weight is kept in when it stays quantized, and the matmul each is computed by.
+"""The forms a weight is kept in when it stays quantized, and the matmul each is computed by.
 
 - ``int4``: 4-bit values in groups of 32 along the input dimension, each group with a scale and an offset
   (``w = (q - 8) * scale + offset``): GGUF's Q4_0, Q4_1 and Q4_K hold exactly this shape of number, and
@@ -6,6 +6,8 @@
   ``_weight_int4pack_mm_for_cpu``.
 - ``int8``: 8-bit values with one scale per output row (``w = q * scale``), computed by ``_weight_int8pack_mm``;
   ``quantize=int8``, and embeddings (a row is read by its token id, which the packed int4 layout cannot do).
+- ``int8g``: GGUF's stored values held exactly, int8 in groups of 32 with an fp32 scale and low each: Q8_0, GGUF
+  embeddings, and Q4 weights the int4 kernel cannot take; computed group by group by the int8 kernel.
 
 Both kernels take bf16 activations (their fp32 paths are 5-20x slower on this class of CPU), so a quantized
 matmul rounds its input to bf16 and returns the compute dtype. Scales and offsets are bf16, as the kernels take
