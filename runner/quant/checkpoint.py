@@ -10,13 +10,11 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 
 from runner.errors import CheckpointError
-from runner.load.checkpoint.base import Checkpoint, TensorEntry
+from runner.load.checkpoint.base import Checkpoint, SeenThrough, TensorEntry
 from runner.load.checkpoint.reads import Located
 from runner.quant.formats import FORMATS, Int4, Int8Groups, WeightFormat
 from runner.quant.gguf_blocks import block_values
@@ -42,7 +40,7 @@ class Kept:
 CHUNK = 1024  # rows packed at a time: a multiple of the int4 kernel's row blocks (32 or 64), so chunks pack alike
 
 
-class QuantizedCheckpoint(Checkpoint):
+class QuantizedCheckpoint(SeenThrough):
     """``inner`` with the weights of ``kept`` (weight key -> how) replaced by their quantized parts."""
 
     def __init__(self, inner: Checkpoint, kept: dict[str, Kept]):
@@ -60,37 +58,12 @@ class QuantizedCheckpoint(Checkpoint):
         self._lock = threading.Lock()
         self._last: tuple[str, dict[str, torch.Tensor]] | None = None  # a weight's parts are read one after another
 
-    @property
-    def files(self) -> list[Path]:
-        return self.inner.files
-
-    @property
-    def source(self) -> str:
-        return self.inner.source
-
-    @property
-    def revision(self) -> str | None:
-        return self.inner.revision
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.inner.dtype
-
-    @property
-    def metadata_dir(self) -> Path | None:
-        return self.inner.metadata_dir
-
-    def config(self) -> dict[str, Any] | None:
-        return self.inner.config()
-
-    def tokenizer_fields(self) -> dict[str, Any] | None:
-        return self.inner.tokenizer_fields()
-
     def fingerprint(self) -> dict:
         # The packed int4 layout is torch's, per CPU capability: another torch or CPU may pack otherwise.
         forms = "\n".join(sorted(f"{k.weight}:{k.form}:{int(k.from_blocks)}" for k in self.kept.values()))
+        packer = f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()}"
         return {**self.inner.fingerprint(),
-                "quantized": {"torch": f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()}", "forms": hashlib.sha256(forms.encode()).hexdigest()[:16]}}
+                "quantized": {"torch": packer, "forms": hashlib.sha256(forms.encode()).hexdigest()[:16]}}
 
     def read(self, key: str) -> torch.Tensor:
         if key not in self._part_of:

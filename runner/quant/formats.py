@@ -130,10 +130,6 @@ class Int8:
         q, scale = parts["qweight"][ids], from_bits(parts["scales"])[ids]
         return (q.to(dtype) * scale.to(dtype).unsqueeze(-1))
 
-    @staticmethod
-    def dequantize(parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return parts["qweight"].to(dtype) * from_bits(parts["scales"]).to(dtype)[:, None]
-
 
 def f32_bits(t: torch.Tensor) -> torch.Tensor:
     return t.float().contiguous().view(torch.int32)

@@ -99,6 +99,42 @@ class Checkpoint(abc.ABC):
         return None
 
 
+class SeenThrough(Checkpoint):
+    """A checkpoint seen through another (``inner``): renamed, or with some weights quantized. Whatever the view
+    does not change (files, identity, metadata, tokenizer) is the inner checkpoint's."""
+
+    inner: Checkpoint
+
+    @property
+    def files(self) -> list[Path]:
+        return self.inner.files
+
+    @property
+    def source(self) -> str:
+        return self.inner.source
+
+    @property
+    def revision(self) -> str | None:
+        return self.inner.revision
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.dtype
+
+    def fingerprint(self) -> dict:
+        return self.inner.fingerprint()
+
+    @property
+    def metadata_dir(self) -> Path | None:
+        return self.inner.metadata_dir
+
+    def config(self) -> dict[str, Any] | None:
+        return self.inner.config()
+
+    def tokenizer_fields(self) -> dict[str, Any] | None:
+        return self.inner.tokenizer_fields()
+
+
 def from_index(index: Path, open_files) -> Checkpoint:
     """A sharded checkpoint through its index (``*.index.json``): ``open_files(shards)`` opens the shards,
     then every tensor the index names must be in the shard it names."""

@@ -392,8 +392,8 @@ class GGUFCheckpoint(Checkpoint):
             raise CheckpointError(f"{self.files[0]}: tensor {t.name} holds {list(data.shape)} bytes of "
                                   f"{t.tensor_type.name} blocks; expected {rows} rows; the file is damaged, "
                                   "re-download it")
-        if self.family.permuted_qk and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
-            blocks = self._in_order(torch.from_numpy(np.array(data)), name, t.name)[start:stop]  # rows move
+        if self._heads_of(name):  # its rows move: all of them are read to put them back in order
+            blocks = self._in_order(torch.from_numpy(np.array(data)), name, t.name)[start:stop]
         else:
             blocks = torch.from_numpy(np.array(data[start:stop]))
         if stop is None or stop >= rows:
@@ -412,14 +412,22 @@ class GGUFCheckpoint(Checkpoint):
         except (OSError, ValueError):  # an advice is only that
             pass
 
+    def _heads_of(self, name: str) -> str | None:
+        """The metadata key with the head count that tensor ``name``'s rows are permuted by: Q and K of the
+        ``llama`` architecture (llama.cpp permutes them); None for any other tensor."""
+        heads = f"{self.arch}.attention.head_count"
+        if not self.family.permuted_qk:
+            return None
+        if ".self_attn.q_proj." in name:
+            return heads
+        if ".self_attn.k_proj." in name:
+            return heads + "_kv" if self.metadata.get(heads + "_kv") else heads
+        return None
+
     def _in_order(self, tensor: torch.Tensor, name: str, stored: str) -> torch.Tensor:
-        """Q and K rows of the ``llama`` architecture back in the model's order (llama.cpp permutes them)."""
-        if self.family.permuted_qk and ".self_attn.q_proj." in name:
-            return self._unpermute(tensor, stored, f"{self.arch}.attention.head_count")
-        if self.family.permuted_qk and ".self_attn.k_proj." in name:
-            key = f"{self.arch}.attention.head_count_kv"
-            return self._unpermute(tensor, stored, key if self.metadata.get(key) else f"{self.arch}.attention.head_count")
-        return tensor
+        """Q and K rows of the ``llama`` architecture back in the model's order."""
+        heads = self._heads_of(name)
+        return tensor if heads is None else self._unpermute(tensor, stored, heads)
 
     def _unpermute(self, w: torch.Tensor, stored: str, key: str) -> torch.Tensor:
         """``_unpermute`` by the head count in metadata ``key``, which must split the rows into pairs per head."""

@@ -13,12 +13,10 @@ the weight itself, and a disk block is read straight from the checkpoint like an
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any
 
 import torch
 
-from runner.load.checkpoint.base import Checkpoint, TensorEntry
+from runner.load.checkpoint.base import Checkpoint, SeenThrough, TensorEntry
 from runner.load.checkpoint.reads import Located
 
 @dataclass(frozen=True)
@@ -39,7 +37,7 @@ def _view(tensor: torch.Tensor, src: Source) -> torch.Tensor:
     return tensor.t() if src.transposed else tensor
 
 
-class RenamedCheckpoint(Checkpoint):
+class RenamedCheckpoint(SeenThrough):
     """Any checkpoint under a ``NameMap``: tensors by the model's names, everything else the inner one's."""
 
     def __init__(self, inner: Checkpoint, names: NameMap):
@@ -52,22 +50,6 @@ class RenamedCheckpoint(Checkpoint):
             if stored is not None:
                 shape = tuple(reversed(stored.shape)) if src.transposed else stored.shape
                 self.entries[name] = replace(stored, shape=shape)
-
-    @property
-    def files(self) -> list[Path]:
-        return self.inner.files
-
-    @property
-    def source(self) -> str:
-        return self.inner.source
-
-    @property
-    def revision(self) -> str | None:
-        return self.inner.revision
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.inner.dtype
 
     def read(self, name: str) -> torch.Tensor:
         src = self.sources[name]
@@ -94,16 +76,3 @@ class RenamedCheckpoint(Checkpoint):
     def read_uncached(self, name: str) -> torch.Tensor:
         src = self.sources[name]
         return _view(self.inner.read_uncached(src.key), src)
-
-    def fingerprint(self) -> dict:
-        return self.inner.fingerprint()
-
-    @property
-    def metadata_dir(self) -> Path | None:
-        return self.inner.metadata_dir
-
-    def config(self) -> dict[str, Any] | None:
-        return self.inner.config()
-
-    def tokenizer_fields(self) -> dict[str, Any] | None:
-        return self.inner.tokenizer_fields()
