@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from runner.plan.blocks import Block, get_slot, set_slot
+from runner.plan.blocks import Block, Experts, get_slot, set_slot
 from runner.load.checkpoint import Checkpoint
 from runner.plan.hardware import Hardware
 from runner.load.memory import MemoryLedger
-from runner.load.offload import DiskBlock, LoadPlan, Prefetcher, streamed_blocks
+from runner.load.offload import DiskBlock, LoadPlan, Prefetcher, RoutedExperts, streamed_blocks
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,13 @@ def dispatch(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger, *, of
     model, layout, hardware = plan.model, plan.layout, plan.hardware
     main = hardware.main_device
     streamed = streamed_blocks(plan, checkpoint, ledger, folder=offload_folder, device=torch_device(main, hardware))
-    prefetcher = Prefetcher(streamed, prefetch, ledger, main, direct_io)
+    experts = layout.expert_names
+    prefetcher = Prefetcher([d for d in streamed if d.name not in experts], prefetch, ledger, main, direct_io)
     by_name = {d.name: d for d in streamed}
+    if any(d.name in experts for d in streamed):
+        prefetcher.experts = RoutedExperts([d for d in streamed if d.name in experts], prefetch, ledger, main,
+                                           direct_io)
+        _route_streamed_experts(model, by_name, prefetcher.experts)
     resident = [s for b in layout.blocks if b.name not in by_name for s in b.tensors
                 if s not in layout.ties and s not in layout.non_persistent]
     checkpoint.read_ahead(resident)  # page the resident weights in while this thread works
@@ -53,10 +58,21 @@ def dispatch(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger, *, of
         target = torch_device(plan.compute[block.name].device, hardware)
         if block.name not in by_name:
             _load_block(plan, block, checkpoint, ledger, target)
-        _install_hooks(model.get_submodule(block.name), target, by_name.get(block.name), prefetcher)
+        streams = prefetcher.experts if block.expert and block.name in by_name else prefetcher
+        _install_hooks(model.get_submodule(block.name), target, by_name.get(block.name), streams)
     for alias, owner in layout.ties.items():  # the owner is loaded by now, wherever it lives
         set_slot(model, alias, get_slot(model, owner))
     return prefetcher
+
+
+def _route_streamed_experts(model: nn.Module, streamed: dict[str, DiskBlock], experts: RoutedExperts) -> None:
+    """Each ``Experts`` list holding streamed experts tells ``experts`` which of them a forward routes to, in the
+    order it runs them, so they are read ahead of their turn."""
+    for name, module in model.named_modules():
+        if isinstance(module, Experts):
+            own = {i: streamed[f"{name}.{i}"] for i in range(len(module)) if f"{name}.{i}" in streamed}
+            if own:
+                module.on_route = lambda routed, own=own: experts.route([own[i] for i in routed if i in own])
 
 
 def _load_block(plan: LoadPlan, block: Block, checkpoint: Checkpoint, ledger: MemoryLedger,

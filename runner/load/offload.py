@@ -178,6 +178,8 @@ class Prefetcher:
         self.sharing = 1                # micro-batches that use each block once it is in (``shared_by``)
         self.uses: dict[str, int] = {}  # uses of each held block so far
         self.loads = 0                  # blocks brought in, all forwards together
+        self.loaded_bytes = 0           # and their bytes
+        self.experts: RoutedExperts | None = None  # experts streamed on demand, apart from the forward order
 
     @contextlib.contextmanager
     def shared_by(self, micro_batches: int) -> Iterator[None]:
@@ -189,8 +191,9 @@ class Prefetcher:
             yield
         finally:
             self.sharing = 1
-            for block in [b for b in self.blocks if b.name in self.held]:
-                self.after(block, last=True)
+            for streams in (self, self.experts) if self.experts is not None else (self,):
+                for block in [b for b in streams.blocks if b.name in streams.held]:
+                    streams.after(block, last=True)
 
     def before(self, block: DiskBlock) -> None:
         """Put the block's weights in place (waiting for a prefetch, or reading now), then read ahead."""
@@ -214,12 +217,19 @@ class Prefetcher:
                 for t in tensors.values():  # made on the copy stream, used on this one: not reused before it is done
                     t.record_stream(compute)
         self.held[block.name] = (buffer, event, staging)
+        self.loaded_bytes += block.nbytes
         block.attach(tensors)
+        self._read_ahead(self._ahead(block))
+
+    def _ahead(self, block: DiskBlock) -> list[DiskBlock]:
+        """The blocks to read while ``block`` runs: the next ``depth`` in forward order, wrapping around."""
+        position = self.index[block.name]
+        return [self.blocks[(position + step) % len(self.blocks)] for step in range(1, self.depth + 1)]
+
+    def _read_ahead(self, blocks: list[DiskBlock]) -> None:
         if self.pool is None:
             return
-        position = self.index[block.name]
-        for step in range(1, self.depth + 1):
-            ahead = self.blocks[(position + step) % len(self.blocks)]
+        for ahead in blocks:
             if ahead.name in self.pending or ahead.name in self.held:  # one copy of a block at a time, as planned
                 continue
             self.ledger.allocate(self.compute, ahead.nbytes, f"prefetch of disk block {ahead.name or '(model)'}")
@@ -273,6 +283,30 @@ class Prefetcher:
             return None
         self.made_buffers += 1
         return aligned_buffer(self.buffer_bytes, pin=block.device.type == "cuda")
+
+
+class RoutedExperts(Prefetcher):
+    """Experts streamed from disk: read only when a token is routed to them. The layer names its routed experts
+    before it runs them (``route``), and the next ``depth`` of those are read while one computes. Each is dropped
+    right after it runs: which experts the next micro-batch routes to is not known, so none is held for it."""
+
+    def __init__(self, blocks: list[DiskBlock], depth: int, ledger: MemoryLedger, compute: str, direct: bool = True):
+        super().__init__(blocks, depth, ledger, compute, direct)
+        self.queue: list[DiskBlock] = []
+
+    def route(self, blocks: list[DiskBlock]) -> None:
+        """These experts run next, in this order: start reading the first of them."""
+        self.queue = blocks
+        self._read_ahead(blocks[:self.depth])
+
+    def _ahead(self, block: DiskBlock) -> list[DiskBlock]:
+        if block not in self.queue:
+            return []
+        position = self.queue.index(block)
+        return self.queue[position + 1:position + 1 + self.depth]
+
+    def after(self, block: DiskBlock, last: bool = False) -> None:
+        super().after(block, last=True)
 
 
 def streamed_blocks(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger, *, folder: Path,

@@ -4,15 +4,37 @@ A block is the unit that is placed, hooked and streamed as one. The module tree 
 walked from the root and split until it reaches a ``no_split_module_classes`` module,
 a leaf, or a module holding tensors of its own. Modules without any tensor are skipped:
 they run wherever their input is.
+
+Experts are the one exception to "never split": each member of an ``Experts`` list is a block of its own, placed
+apart from the unsplittable layer that holds it (its ``within``), which keeps the rest (attention, norms, router,
+shared expert). A token runs through a few experts only, and the layer brings back what each computed.
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from runner.errors import BuildError
+
+
+class Experts(nn.ModuleList):
+    """A mixture's experts: each is placed, loaded and streamed as a block of its own, and runs only on the tokens
+    routed to it. The layer calling them moves each one's output back to where the layer computes, and says which
+    it is about to run (``route``), so that a loader can read streamed ones ahead of their turn."""
+
+    def __init__(self, modules, per_token: int):
+        super().__init__(modules)
+        self.per_token = per_token  # experts each token runs through (top-k)
+        self.on_route: Callable[[list[int]], None] | None = None  # set by the loader (runner.load.dispatch)
+
+    def route(self, routed: list[int]) -> None:
+        """The experts this forward runs, in the order it runs them."""
+        if self.on_route is not None:
+            self.on_route(routed)
 
 
 @dataclass(frozen=True)
@@ -22,6 +44,12 @@ class Block:
     nbytes: int                   # bytes it owns in the compute dtype (a tied tensor counts once, at its owner)
     tensors: tuple[str, ...]      # full names of every tensor slot under it, tied aliases included
     tied_to: str | None = None    # the block owning a tensor this one shares: both must sit on one device
+    within: str | None = None     # an expert: the block of the layer that routes tokens to it
+    share: float = 0.0            # an expert: the share of tokens routed to it, when routing is even (top-k / n)
+
+    @property
+    def expert(self) -> bool:
+        return self.within is not None
 
 
 @dataclass(frozen=True)
@@ -35,6 +63,19 @@ class ModelLayout:
     @property
     def total_bytes(self) -> int:
         return sum(b.nbytes for b in self.blocks)
+
+    @property
+    def has_experts(self) -> bool:
+        return any(b.expert for b in self.blocks)
+
+    @functools.cached_property
+    def expert_names(self) -> frozenset[str]:
+        return frozenset(b.name for b in self.blocks if b.expert)
+
+    @functools.cached_property
+    def expert_lists(self) -> frozenset[str]:
+        """The ``Experts`` lists' names (``model.layers.3.mlp.experts``)."""
+        return frozenset(name.rpartition(".")[0] for name in self.expert_names)
 
     def in_order(self, names: tuple[str, ...]) -> ModelLayout:
         """The same layout with its blocks in ``names``' order (the forward order)."""
@@ -82,7 +123,7 @@ def describe_model(model: nn.Module, no_split: tuple[str, ...], dtype: torch.dty
     for b in blocks:
         own = sum(sizes[s] for s in b.tensors if s not in ties)
         tied = sorted({slot_block[ties[s]] for s in b.tensors if s in ties} - {b.name})
-        result.append(Block(b.name, b.class_name, own, b.tensors, tied[0] if tied else None))
+        result.append(replace(b, nbytes=own, tied_to=tied[0] if tied else None))
     modules = frozenset(name for name, _ in model.named_modules())
     return ModelLayout(tuple(result), modules, sizes, ties, frozenset(non_persistent))
 
@@ -94,8 +135,20 @@ def _split(module: nn.Module, name: str, no_split: set[str]) -> list[Block]:
     children = [(n, c) for n, c in module.named_children() if any(True for _ in _slots(c, ""))]
     has_own = any(t is not None for t in list(module._parameters.values()) + list(module._buffers.values()))
     if type(module).__name__ in no_split or not children or has_own:
-        return [Block(name, type(module).__name__, 0, slots)]
+        return _apart_from_experts(module, name, slots)
     return [b for child_name, child in children for b in _split(child, f"{name}.{child_name}" if name else child_name, no_split)]
+
+
+def _apart_from_experts(module: nn.Module, name: str, slots: tuple[str, ...]) -> list[Block]:
+    """An unsplittable module as one block, less the members of its ``Experts`` lists: a block each, after it."""
+    experts = [Block(f"{name}.{path}.{i}" if name else f"{path}.{i}", type(member).__name__, 0,
+                     tuple(_slots(member, f"{name}.{path}.{i}" if name else f"{path}.{i}")), within=name,
+                     share=m.per_token / len(m))
+               for path, m in module.named_modules() if isinstance(m, Experts) and path for i, member in enumerate(m)]
+    if not experts:
+        return [Block(name, type(module).__name__, 0, slots)]
+    apart = {slot for expert in experts for slot in expert.tensors}
+    return [Block(name, type(module).__name__, 0, tuple(s for s in slots if s not in apart)), *experts]
 
 
 def _slots(module: nn.Module, prefix: str):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from runner.plan.planned import Planned
 from runner.plan.blocks import ModelLayout
+from runner.plan.experts import expert_layers, expert_lines, experts_document
 from runner.plan.room import room_left
 from runner.config.sizes import format_bytes
 from runner.plan.validate import ancestors
@@ -16,30 +17,39 @@ PCIE_GBPS = 25.0   # PCIe 4.0 x16 with pinned memory
 
 
 def compact_map(block_devices: dict[str, str], layout: ModelLayout) -> dict[str, str]:
-    """The shortest map with the same meaning: a module whose blocks all share a device stands for them.
+    """The shortest map with the same meaning: a module whose tensors all share a device stands for them. A layer
+    whose experts sit elsewhere is named with its own device, and its experts apart (the more specific key wins).
 
-    Linear in the blocks: each block adds its device to every module above it (a 100B model has thousands)."""
+    Linear in the tensors: each adds its block's device to every module above it (a 100B model has thousands)."""
     order = {b.name: i for i, b in enumerate(layout.blocks)}
     devices_under: dict[str, set[str]] = {}
     first: dict[str, int] = {}
-    for name, device in block_devices.items():
-        for module in ancestors(name):
-            devices_under.setdefault(module, set()).add(device)
-            first[module] = min(first.get(module, order[name]), order[name])
+    for block in layout.blocks:
+        device = block_devices[block.name]
+        for slot in block.tensors:
+            for module in ancestors(slot)[1:]:
+                devices_under.setdefault(module, set()).add(device)
+                first[module] = min(first.get(module, order[block.name]), order[block.name])
     chosen: dict[str, str] = {}
     for module in sorted(layout.modules | set(block_devices), key=lambda m: (m.count(".") + bool(m), m)):
-        if any(a in chosen for a in ancestors(module)):
-            continue
         under = devices_under.get(module, set())
+        outer = next((a for a in ancestors(module)[1:] if a in chosen), None)
+        if not under or outer is not None and under == {chosen[outer]}:
+            continue
         if len(under) == 1:
             chosen[module] = next(iter(under))
+        elif module in block_devices:  # a layer whose experts are placed apart
+            chosen[module] = block_devices[module]
     return dict(sorted(chosen.items(), key=lambda kv: first[kv[0]]))
 
 
 def runs(planned: Planned) -> list[tuple[str, list[str]]]:
     """Consecutive blocks on one device, in forward order: (device, block names)."""
     out: list[tuple[str, list[str]]] = []
+    experts = planned.layout.expert_names  # shown per layer apart (``runner.plan.experts``)
     for name, device in planned.check.block_devices.items():
+        if name in experts:
+            continue
         if out and out[-1][0] == device:
             out[-1][1].append(name)
         else:
@@ -50,7 +60,10 @@ def runs(planned: Planned) -> list[tuple[str, list[str]]]:
 def hops(planned: Planned) -> list[dict]:
     """Every device change along the forward order, with the activation bytes per token that cross it."""
     out, previous = [], None
+    experts = planned.layout.expert_names  # their outputs return to their layer: no hop along the order
     for name, device in planned.check.block_devices.items():
+        if name in experts:
+            continue
         if previous and device != previous[1]:
             per_token = planned.trace.input_elems.get(name, 0) * planned.dtype.itemsize
             out.append({"from": previous[1], "to": device, "after": previous[0], "before": name,
@@ -121,7 +134,9 @@ def notices(planned: Planned) -> list[str]:
     whole = [b for b in layout.blocks if b.class_name in planned.config.model.no_split_module_classes]
     if whole:
         classes = ", ".join(sorted({b.class_name for b in whole}))
-        out.append(f"kept whole: {len(whole)} {classes} block(s) (no_split_module_classes), never split across devices")
+        apart = " (their experts placed apart)" if layout.has_experts else ""
+        out.append(f"kept whole: {len(whole)} {classes} block(s) (no_split_module_classes), never split across "
+                   f"devices{apart}")
     gpus = planned.hardware.gpus
     if plan.strategy == "balanced_low_0" and len(gpus) > 1:
         g0 = gpus[0].name
@@ -129,8 +144,12 @@ def notices(planned: Planned) -> list[str]:
         out.append(f"{g0} kept light: {format_bytes(plan.loads[g0])} of weights against "
                    f"{format_bytes(max(plan.loads[g.name] for g in gpus))} on the fullest GPU; it receives the "
                    f"outputs ({format_bytes(outputs)} of logits per forward) and generate() needs headroom there")
-    on_disk = sum(b.nbytes for b in layout.blocks if devices[b.name] == "disk")
+    on_disk = sum(b.nbytes for b in layout.blocks if devices[b.name] == "disk" and not b.expert)
     on_cpu = sum(b.nbytes for b in layout.blocks if devices[b.name] == "cpu")
+    experts = expert_layers(layout, devices)
+    if experts:
+        out.append(f"experts placed apart: {sum(e.experts for e in experts)} experts in {len(experts)} layers, after "
+                   "the dense parts; those on disk are read only when a token is routed to them")
     if on_disk:
         out.append(f"offload cost: each forward streams {format_bytes(on_disk)} from disk into "
                    f"{planned.request.main_device}: at least {on_disk / DISK_GBPS / 1e9:.2f} s at {DISK_GBPS:g} GB/s")
@@ -143,7 +162,7 @@ def notices(planned: Planned) -> list[str]:
     if on_cpu - streamed_cpu:
         out.append(f"offload cost: {format_bytes(on_cpu - streamed_cpu)} of weights compute on the CPU, "
                    "where moving their activations costs less than moving them")
-    if not on_disk and not on_cpu:
+    if not on_disk and not on_cpu and not any("disk" in e.tiers for e in experts):
         out.append("nothing offloaded: no streaming cost per forward")
     quantized = planned.quantization
     if quantized.kept:
@@ -183,9 +202,17 @@ def plan_document(planned: Planned) -> dict:
         "explanation": explanation(planned),
         "notices": notices(planned),
         "weights": list(planned.quantization.lines),
+        **({"experts": experts_document(experts, rows_per_step(planned))}
+           if (experts := expert_layers(planned.layout, planned.check.block_devices)) else {}),
         "warnings": list(planned.check.warnings),
         "timings": planned.timings,
     }
+
+
+def rows_per_step(planned: Planned) -> int:
+    """Tokens one forward runs: a decode step's rows in flight, or a scoring batch's whole sequences."""
+    runtime = planned.config.runtime
+    return runtime.rows_in_flight if planned.config.task.decodes else runtime.batch_size * runtime.seq_len
 
 
 def model_line(planned: Planned) -> str:
@@ -208,6 +235,9 @@ def format_plan(planned: Planned) -> str:
                      f"{format_bytes(r['free']):>12}  {why}")
     if planned.quantization.lines:  # what each stored type is kept as
         lines += ["", "weights:"] + [f"  {line}" for line in planned.quantization.lines]
+    experts = expert_layers(planned.layout, planned.check.block_devices)
+    if experts:
+        lines += ["", "experts:"] + [f"  {line}" for line in expert_lines(experts, rows_per_step(planned))]
     hop_list = hops(planned)
     lines += ["", f"hops: {len(hop_list)}"]
     lines += [f"  {h['from']} -> {h['to']} before {h['before']}: "

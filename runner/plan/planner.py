@@ -63,11 +63,18 @@ class _Item:
 
 
 def plan_device_map(request: PlanRequest) -> Plan:
-    """Place every block with the request's strategy, keeping its pins.
+    """Place every block with the request's strategy, keeping its pins; a mixture's dense parts first, then its
+    experts in the room left (``_dense_then_experts``).
 
     Raises:
         PlanError: a block fits no device, the pins overfill one, or the plan needs disk when disk is not allowed.
     """
+    if any(b.expert for b in request.blocks):
+        return _dense_then_experts(request)
+    return _plan_blocks(request)
+
+
+def _plan_blocks(request: PlanRequest) -> Plan:
     items = _items(request.blocks, request.pins, request.kv_bytes)
     budgets = {d.name: room_left(d, 0, request.reserves) for d in request.devices}
     _check_fits(items, request.devices, budgets)
@@ -107,6 +114,107 @@ def plan_device_map(request: PlanRequest) -> Plan:
     return Plan(device_map, loads, {d: r for d, r in reserves.items() if d in used}, request.strategy)
 
 
+def _dense_then_experts(request: PlanRequest) -> Plan:
+    """Dense parts (attention, norms, routers, shared experts: every token runs them) are planned first, with the
+    request's strategy, fastest device first. Experts then fill the room left, fastest tier first: GPUs by id, the
+    CPU, disk. They are dealt out across layers in turn, so every layer holds a like share of each tier and no layer
+    waits on the disk more than another. Experts on disk are read in only when a token is routed to them, into room
+    kept on the main device for ``1 + prefetch`` of them; the dense parts are re-planned around that room if needed.
+    """
+    dense = tuple(b for b in request.blocks if not b.expert)
+    experts = [b for b in request.blocks if b.expert]
+    names = {b.name for b in experts}
+    held = 0  # the expert staging room on the main device
+    while True:
+        with_room = merge_reserves(request.reserves, {request.main_device: {EXPERT_STAGING: held}} if held else {})
+        plan = _plan_blocks(replace(request, blocks=dense, reserves=with_room,
+                                    pins={n: d for n, d in request.pins.items() if n not in names}))
+        placed = _place_experts(request, experts, plan.loads, merge_reserves(with_room, plan.reserves))
+        needed = _expert_staging(experts, placed, request.prefetch)
+        if needed <= held:
+            break
+        held = needed
+    _check_first_layer_resident(request, dense, plan.device_map, experts[0].within)
+    order_index = {b.name: i for i, b in enumerate(request.blocks)}
+    device_map = dict(sorted({**plan.device_map, **placed}.items(), key=lambda kv: order_index[kv[0]]))
+    loads = dict(plan.loads)
+    for block in experts:
+        loads[placed[block.name]] += block.nbytes
+    reserves = merge_reserves(request.reserves, map_reserves(device_map, request.blocks, request.kv_bytes,
+                                                             request.main_device, request.prefetch))
+    used = set(device_map.values()) | ({request.main_device} if "disk" in device_map.values() else set())
+    return Plan(device_map, loads, {d: r for d, r in reserves.items() if d in used}, request.strategy)
+
+
+def _check_first_layer_resident(request: PlanRequest, dense: tuple[Block, ...], placed: dict[str, str],
+                                layer: str | None) -> None:
+    """The dense parts run for every token: a budget that leaves even the first mixture layer's on disk is too small.
+
+    Raises:
+        PlanError: one line with the bytes the dense parts need off disk.
+    """
+    if layer is None or placed[layer] != "disk" or layer in request.pins:
+        return
+    on_disk = sum(b.nbytes for b in dense if placed[b.name] == "disk")
+    size = next(b.nbytes for b in dense if b.name == layer)
+    where = "the GPUs and the CPU" if any(d.kind == "gpu" for d in request.devices) else "the CPU"
+    raise PlanError(f"the dense parts of {layer} ({format_bytes(size)}: attention, norms, router) fit nowhere but disk: "
+                    f"the dense parts of every layer need {format_bytes(on_disk)} more room on {where} to stay "
+                    f"resident while experts are offloaded; raise max_memory.cpu by that much (or pin {layer}=disk to stream "
+                    "whole layers)")
+
+
+def _place_experts(request: PlanRequest, experts: list[Block], loads: dict[str, int],
+                   reserves: dict[str, dict[str, int]]) -> dict[str, str]:
+    """expert -> device: pinned ones as pinned, the rest dealt out over the room the dense parts (``loads``) and
+    the ``reserves`` leave.
+
+    Raises:
+        PlanError: an expert fits nowhere, or would need disk when disk is not allowed.
+    """
+    room = {d.name: room_left(d, loads.get(d.name, 0), reserves) for d in request.devices}
+    placed = {}
+    for block in experts:
+        if block.name in request.pins:
+            placed[block.name] = request.pins[block.name]
+            room[placed[block.name]] -= block.nbytes
+    over = [d for d, left in room.items() if left < 0 and d in {placed[b.name] for b in experts if b.name in placed}]
+    if over:
+        raise PlanError(f"{over[0]}: the experts pinned there need {format_bytes(-room[over[0]])} more than the room "
+                        f"the dense parts leave; pin fewer experts there or raise it ({cap_override(over[0])})")
+    # Expert 0 of every layer, then expert 1 of every layer, ...: each layer gets its share of every tier.
+    position = {}
+    for block in experts:
+        position.setdefault(block.within, len(position))
+    turn = sorted((b for b in experts if b.name not in placed),
+                  key=lambda b: (int(b.name.rpartition(".")[2]), position[b.within]))
+    tiers = [d.name for d in request.devices if d.name != "disk" or request.allow_disk]
+    tier = 0
+    for block in turn:
+        while tier < len(tiers) and room[tiers[tier]] < block.nbytes:
+            tier += 1
+        if tier == len(tiers):
+            if not request.allow_disk:
+                left = sum(b.nbytes for b in turn if b.name not in placed)
+                raise PlanError(f"the experts need {format_bytes(left)} more than the GPUs and the CPU hold after "
+                                "the dense parts (offload.allow_disk is false); raise max_memory, use a smaller "
+                                "dtype or quantize=int8, or set offload.allow_disk=true")
+            raise PlanError(f"expert {block.name} ({format_bytes(block.nbytes)}) fits no device after the dense parts; "
+                            "room left: " + ", ".join(f"{d} {format_bytes(max(room[d], 0))}" for d in room)
+                            + "; raise max_memory (disk included)")
+        placed[block.name] = tiers[tier]
+        room[tiers[tier]] -= block.nbytes
+    return placed
+
+
+EXPERT_STAGING = "expert_staging"
+
+
+def _expert_staging(experts: Sequence[Block], placed: dict[str, str], prefetch: int) -> int:
+    """Room on the main device for the disk experts being read: the running one and ``prefetch`` read ahead."""
+    return staging((b.nbytes for b in experts if placed[b.name] == "disk"), (), 1 + prefetch)
+
+
 def pinned_to_disk(pins: dict[str, str]) -> list[str]:
     return sorted(name for name, device in pins.items() if device == "disk")
 
@@ -115,9 +223,15 @@ def map_reserves(device_map: dict[str, str], blocks: Sequence[Block], kv_bytes: 
                  main_device: str, prefetch: int = 0) -> dict[str, dict[str, int]]:
     """What a map itself needs kept free: each device's KV cache, and staging room for disk blocks.
 
-    A disk block's KV cache lives on the main device, where it runs, so it is part of the staging room.
+    A disk block's KV cache lives on the main device, where it runs, so it is part of the staging room. Experts on
+    disk have room of their own there, as they are read on demand, apart from the layers' order.
     """
     out: dict[str, dict[str, int]] = {}
+    experts = [b for b in blocks if b.expert]
+    if experts:
+        blocks = [b for b in blocks if not b.expert]
+        if held := _expert_staging(experts, device_map, prefetch):
+            out[main_device] = {EXPERT_STAGING: held}
     for block, nbytes in kv_bytes.items():
         device = device_map.get(block)
         if nbytes and device not in (None, "disk"):

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from runner.plan.compute import LOOKUPS
+from runner.plan.experts import disk_read_per_step, expert_layers
 from runner.plan.planned import Planned
 from runner.config.sizes import format_bytes
 from runner.data.writes import reclaim, temp_path
@@ -66,7 +67,9 @@ def step_cost(planned: Planned, rates: Rates) -> StepCost:
     runtime, itemsize = planned.config.runtime, planned.dtype.itemsize
     rows = runtime.rows_in_flight
     owners = {b.name: b for b in layout.blocks}
-    disk = sum(b.nbytes for b in layout.blocks if devices[b.name] == "disk")
+    # Disk experts are read only when a row routes to one (runner.plan.experts); every other disk block, always.
+    disk = (sum(b.nbytes for b in layout.blocks if devices[b.name] == "disk" and not b.expert)
+            + disk_read_per_step(expert_layers(layout, devices), rows))
     to_gpu = sum(_streamed_bytes(b, owners) for b in layout.blocks
                  if compute[b.name].streamed and compute[b.name].device.startswith("cuda:")
                  and planned.hardware.get(compute[b.name].device).simulated is False)
@@ -74,7 +77,8 @@ def step_cost(planned: Planned, rates: Rates) -> StepCost:
     for b in layout.blocks:
         weights = 0 if b.class_name in LOOKUPS else _streamed_bytes(b, owners) // itemsize
         attention = planned.request.kv_bytes.get(b.name, 0) // itemsize // 2  # half the planned length, on average
-        flops[compute[b.name].device] = flops.get(compute[b.name].device, 0) + 2 * rows * weights + 2 * attention
+        tokens = rows * b.share if b.expert else rows  # an expert computes only the tokens routed to it
+        flops[compute[b.name].device] = flops.get(compute[b.name].device, 0) + round(2 * tokens * weights) + 2 * attention
     seconds = {
         "disk": disk / rates.disk if disk and rates.disk else 0.0,
         "host_to_device": to_gpu / rates.host_to_device if to_gpu and rates.host_to_device else 0.0,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,24 +29,55 @@ class MapCheck:
 
 
 def resolve_pins(pins: dict[str, str], layout: ModelLayout, hardware: Hardware) -> dict[str, str]:
-    """A partial map (module -> device) as block -> device. A pin on a module covers every block under it.
+    """A partial map (module -> device) as block -> device. A pin on a module covers every block under it; a more
+    specific pin wins (``model.layers.0=cpu`` with ``model.layers.0.mlp.experts=disk``). A ``*`` in a key stands for
+    one part of a module name: ``model.layers.*.mlp.experts`` pins every layer's experts.
 
     Raises:
-        MapError: an unknown module or device, overlapping pins, or a pin inside an unsplittable block.
+        MapError: an unknown module or device, a pattern matching nothing, overlapping pins, or a pin inside an
+            unsplittable block (or inside one expert).
     """
-    errors = _name_errors(pins, layout, hardware)
+    pins, errors = expand_patterns(pins, layout)
+    errors += _name_errors(pins, layout, hardware)
     blocks: dict[str, str] = {}
-    for key, device in pins.items():
+    for key, device in sorted(pins.items(), key=lambda kv: len(ancestors(kv[0]))):  # outer pins first
         under = [b.name for b in layout.blocks if covers(key, b.name)]
-        inside = [b for b in layout.blocks if b.name != key and covers(b.name, key)]
-        if inside:
-            errors.append(f"device_map.{_shown(key)}: it is inside block {inside[0].name} ({inside[0].class_name}), "
-                          f"which cannot be split; pin {inside[0].name or '(the whole model)'} instead")
+        inside = max((b for b in layout.blocks if b.name != key and covers(b.name, key)), key=lambda b: len(b.name),
+                     default=None)
+        if inside is not None and not (under and placed_apart(key, layout)):
+            what = f"expert {inside.name}" if inside.expert else f"block {inside.name} ({inside.class_name})"
+            errors.append(f"device_map.{_shown(key)}: it is inside {what}, which cannot be split across devices; "
+                          f"pin {inside.name or '(the whole model)'} instead")
         for name in under:
             blocks[name] = device
     if errors:
         raise MapError(*errors)
     return blocks
+
+
+def expand_patterns(pins: dict[str, str], layout: ModelLayout) -> tuple[dict[str, str], list[str]]:
+    """Pins with every ``*`` key replaced by the module names it matches (``*``: one dotted part); the errors."""
+    out, errors = {}, []
+    names = sorted(layout.modules)
+    for key, device in pins.items():
+        if "*" not in key:
+            out[key] = device
+            continue
+        pattern = re.compile(r"[^.]+".join(re.escape(part) for part in key.split("*")) + r"\Z")
+        matched = [n for n in names if pattern.match(n)]
+        if not matched:
+            errors.append(f"device_map.{_shown(key)}: the pattern matches no module of the model ('*' stands for "
+                          "one part of a dotted name, as in model.layers.*.mlp.experts)")
+        for name in matched:
+            out.setdefault(name, device)
+    return out, errors
+
+
+def placed_apart(key: str, layout: ModelLayout) -> bool:
+    """Whether a map key names experts only: one expert, or a list of them (``model.layers.3.mlp.experts``), which a
+    key for the layer around them may also cover."""
+    experts = layout.expert_names
+    return any(a in experts for a in ancestors(key)) or key in layout.expert_lists
 
 
 def check_map(device_map: dict[str, str], layout: ModelLayout, hardware: Hardware,
@@ -119,6 +151,8 @@ def _hop_warnings(block_devices: dict[str, str], layout: ModelLayout, activation
     warnings, visited = [], []
     previous = None
     for block in layout.blocks:
+        if block.expert:  # its output returns to its layer's device: no hop along the forward order
+            continue
         device = main_device if block_devices[block.name] == "disk" else block_devices[block.name]
         if not device.startswith("cuda:"):
             continue
@@ -148,7 +182,7 @@ def _name_errors(device_map: dict[str, str], layout: ModelLayout, hardware: Hard
                           f"expected one of {', '.join(hardware.names)}")
     for key in sorted(device_map):
         for outer in ancestors(key)[1:]:
-            if outer in device_map:
+            if outer in device_map and not placed_apart(key, layout):
                 errors.append(f"device_map: {_shown(outer)} and {_shown(key)} overlap; map each module once")
     return errors
 

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from runner.infer.kv_cache import LayerCache, attend
+from runner.plan.blocks import Experts
 
 
 class RMSNorm(nn.Module):
@@ -199,8 +200,8 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.shape = shape
         self.gate = nn.Linear(hidden, shape.experts, bias=False)
-        self.experts = nn.ModuleList(GatedMLP(hidden, shape.intermediate, shape.activation)
-                                     for _ in range(shape.experts))
+        self.experts = Experts((GatedMLP(hidden, shape.intermediate, shape.activation) for _ in range(shape.experts)),
+                               shape.per_token)
         if shape.shared_intermediate:
             self.shared_expert = GatedMLP(hidden, shape.shared_intermediate, shape.activation)
             self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
@@ -223,11 +224,14 @@ class SparseMoE(nn.Module):
             order = chosen.reshape(-1).argsort(stable=True)
             counts = torch.bincount(chosen.reshape(-1), minlength=self.shape.experts).tolist()
             tokens, slot_weights = order // per_token, weights.reshape(-1)[order, None]
+            self.experts.route([e for e, n in enumerate(counts) if n])
             start = 0
             for e, n in enumerate(counts):
                 if n:
                     rows = tokens[start:start + n]
-                    out.index_add_(0, rows, self.experts[e](flat[rows]) * slot_weights[start:start + n])
+                    # An expert placed apart (runner.plan.blocks.Experts) computes where it sits; its output comes back.
+                    computed = self.experts[e](flat[rows]).to(out.device)
+                    out.index_add_(0, rows, computed * slot_weights[start:start + n])
                     start += n
         if self.shape.shared_intermediate:
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
