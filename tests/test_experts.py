@@ -165,3 +165,9 @@ def test_mode_plan_shows_each_layers_experts_per_tier(moe, tmp_path):
         assert layer["tiers"] == tiers and layer["per_token"] == 2
     assert 0 < plan["experts"]["disk_bytes_per_token"] <= plan["experts"]["disk_bytes_per_step"]
     assert "experts:" in outcome.text
+
+
+def test_experts_stay_with_their_layer_when_asked(moe, tmp_path):
+    result = engine(moe, tmp_path, "hardware=cpu", "offload.experts_apart=false").loaded
+    assert not result.layout.has_experts
+    assert all(".experts." not in b.name for b in result.layout.blocks)

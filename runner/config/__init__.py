@@ -78,6 +78,7 @@ class PlacementSpec:
     allow_disk: bool = True
     prefetch: int = 1               # disk blocks read ahead of the one running
     direct_io: bool = True          # disk blocks bypass the page cache unless already in it
+    experts_apart: bool = True      # a mixture's experts are placement units of their own (runner.plan.blocks)
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,7 @@ def _typed(c: dict[str, Any]) -> RunConfig:
         allow_disk=c["offload"]["allow_disk"],
         prefetch=c["offload"]["prefetch"],
         direct_io=c["offload"]["direct_io"],
+        experts_apart=c["offload"]["experts_apart"],
     )
     model = c["model"]
     return RunConfig(

@@ -89,8 +89,9 @@ def tensor_nbytes(t: torch.Tensor, dtype: torch.dtype) -> int:
     return t.numel() * itemsize
 
 
-def describe_model(model: nn.Module, no_split: tuple[str, ...], dtype: torch.dtype) -> ModelLayout:
-    """Blocks, tensor sizes and ties of a (meta) model.
+def describe_model(model: nn.Module, no_split: tuple[str, ...], dtype: torch.dtype,
+                   experts_apart: bool = True) -> ModelLayout:
+    """Blocks, tensor sizes and ties of a (meta) model; with ``experts_apart``, each expert a block of its own.
 
     Raises:
         BuildError: ``no_split`` names a class the model does not contain (a typo there
@@ -117,7 +118,7 @@ def describe_model(model: nn.Module, no_split: tuple[str, ...], dtype: torch.dty
         else:
             owner[id(t)] = slot
 
-    blocks = _split(model, "", set(no_split))
+    blocks = _split(model, "", set(no_split), experts_apart)
     slot_block = {slot: b.name for b in blocks for slot in b.tensors}
     result = []
     for b in blocks:
@@ -128,15 +129,17 @@ def describe_model(model: nn.Module, no_split: tuple[str, ...], dtype: torch.dty
     return ModelLayout(tuple(result), modules, sizes, ties, frozenset(non_persistent))
 
 
-def _split(module: nn.Module, name: str, no_split: set[str]) -> list[Block]:
+def _split(module: nn.Module, name: str, no_split: set[str], experts_apart: bool) -> list[Block]:
     slots = tuple(_slots(module, name))
     if not slots:
         return []
     children = [(n, c) for n, c in module.named_children() if any(True for _ in _slots(c, ""))]
     has_own = any(t is not None for t in list(module._parameters.values()) + list(module._buffers.values()))
     if type(module).__name__ in no_split or not children or has_own:
-        return _apart_from_experts(module, name, slots)
-    return [b for child_name, child in children for b in _split(child, f"{name}.{child_name}" if name else child_name, no_split)]
+        return _apart_from_experts(module, name, slots) if experts_apart else [Block(name, type(module).__name__, 0,
+                                                                                     slots)]
+    return [b for child_name, child in children
+            for b in _split(child, f"{name}.{child_name}" if name else child_name, no_split, experts_apart)]
 
 
 def _apart_from_experts(module: nn.Module, name: str, slots: tuple[str, ...]) -> list[Block]:

@@ -108,7 +108,7 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None, la
         checkpoint = quantization.wrap(checkpoint) if checkpoint is not None else None
     with timed(timings, "plan"):
         cfg = replace(cfg, model=replace(cfg.model, no_split_module_classes=no_split_classes(cfg.model, model)))
-        layout = describe_model(model, cfg.model.no_split_module_classes, dtype)
+        layout = describe_model(model, cfg.model.no_split_module_classes, dtype, cfg.placement.experts_apart)
         trace = forward_order(model, layout)
         layout = layout.in_order(trace.order)
         hardware = detect_hardware(cfg.hardware, cfg.placement.max_memory, offload_folder(cfg, run_dir), launch)

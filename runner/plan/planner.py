@@ -129,12 +129,12 @@ def _dense_then_experts(request: PlanRequest) -> Plan:
         with_room = merge_reserves(request.reserves, {request.main_device: {EXPERT_STAGING: held}} if held else {})
         plan = _plan_blocks(replace(request, blocks=dense, reserves=with_room,
                                     pins={n: d for n, d in request.pins.items() if n not in names}))
+        _check_first_layer_resident(request, dense, plan.device_map, experts[0].within)
         placed = _place_experts(request, experts, plan.loads, merge_reserves(with_room, plan.reserves))
         needed = _expert_staging(experts, placed, request.prefetch)
         if needed <= held:
             break
         held = needed
-    _check_first_layer_resident(request, dense, plan.device_map, experts[0].within)
     order_index = {b.name: i for i, b in enumerate(request.blocks)}
     device_map = dict(sorted({**plan.device_map, **placed}.items(), key=lambda kv: order_index[kv[0]]))
     loads = dict(plan.loads)
