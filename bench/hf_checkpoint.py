@@ -50,6 +50,13 @@ CHECKPOINTS = {
         dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
              intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
              rope_theta=10000.0, tie_word_embeddings=False), "LlamaConfig"),
+    # Qwen3-MoE-shaped, 2.4 GB in fp32: 32 experts of 6.3 MB per layer, 4 per token; its config.json picks the class.
+    "qwen3moe": HFCheckpoint(
+        "qwen3-moe-2b", "Qwen3MoeForCausalLM", "Qwen3MoeDecoderLayer", (),
+        dict(hidden_size=1024, num_hidden_layers=10, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+             intermediate_size=2048, moe_intermediate_size=512, num_experts=32, num_experts_per_tok=4,
+             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=32000,
+             max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False), "Qwen3MoeConfig"),
 }
 
 

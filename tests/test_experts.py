@@ -171,3 +171,10 @@ def test_experts_stay_with_their_layer_when_asked(moe, tmp_path):
     result = engine(moe, tmp_path, "hardware=cpu", "offload.experts_apart=false").loaded
     assert not result.layout.has_experts
     assert all(".experts." not in b.name for b in result.layout.blocks)
+
+
+def test_a_pattern_in_an_override_key_says_how_to_write_it(tmp_path):
+    outcome, errors = run_in_process(tmp_path, "+device_map.model.layers.*.mlp.experts=cpu", "mode=plan")
+    assert outcome is None and len(errors) == 1
+    assert errors[0].endswith("; a device_map pattern goes in a mapping: '+device_map={model.layers.*.mlp.experts: "
+                              "cpu}'")

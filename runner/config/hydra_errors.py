@@ -16,7 +16,10 @@ def config_error_line(e: BaseException, sweep: bool) -> str | None:
     """The one line for an error Hydra raised while composing or starting the job; None for anything else (the
     runner's own code raised it: a bug, whose traceback stays)."""
     if isinstance(e, (HydraException, OmegaConfBaseException)):
-        return f"error: config: {one_line(str(e) or str(e.__cause__) or type(e).__name__)}"
+        line = f"error: config: {one_line(str(e) or str(e.__cause__) or type(e).__name__)}"
+        if "device_map." in str(e) and "*" in str(e).split("=")[0]:  # a key with '*' is no override Hydra parses
+            line += ("; a device_map pattern goes in a mapping: '+device_map={model.layers.*.mlp.experts: cpu}'")
+        return line
     if isinstance(e, (ValueError, TypeError)) and raised_by_hydra(e):  # a group given a number or a list: task=1
         return f"error: config: {one_line(str(e))}; {GROUP_HINT}"
     if isinstance(e, OSError) and raised_by_hydra(e):
