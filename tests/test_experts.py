@@ -178,3 +178,26 @@ def test_a_pattern_in_an_override_key_says_how_to_write_it(tmp_path):
     assert outcome is None and len(errors) == 1
     assert errors[0].endswith("; a device_map pattern goes in a mapping: '+device_map={model.layers.*.mlp.experts: "
                               "cpu}'")
+
+
+def test_micro_batches_share_each_disk_expert_read(moe, tmp_path):
+    """Two micro-batches in a column: a disk expert either routes to is read once for both, and kept for the
+    second until the layer has run for both."""
+    from runner.infer.column import Call, column
+
+    rows, mask = left_padded(PROMPTS[:2])
+    spread = engine(moe, tmp_path / "spread", "hardware=sim_2gpu", "runtime.seq_len=16", "runtime.micro_batches=2",
+                    "+device_map={model.layers.*.mlp.experts: disk}").loaded
+    devices, sizes = spread.check.block_devices, {b.name: b.nbytes for b in spread.layout.blocks}
+    calls = [Call(rows[i:i + 1, -2:], mask[i:i + 1, -2:]) for i in range(2)]
+    routed = [set(routed_experts(spread.model, c.idx, c.attention_mask)) for c in calls]
+    streams = spread.streams.experts
+    before, baseline = streams.loaded_bytes, spread.ledger.current["cpu"]
+    with torch.inference_mode():
+        together = column(spread.model, calls, spread.streams)
+        alone = [spread.model(c.idx, attention_mask=c.attention_mask) for c in calls]
+    union = {name for name in routed[0] | routed[1] if devices[name] == "disk"}
+    each = sum(sizes[name] for r in routed for name in r if devices[name] == "disk")
+    assert union and streams.loaded_bytes - before - each == sum(sizes[name] for name in union)
+    assert all(torch.equal(t, a) for t, a in zip(together, alone))
+    assert spread.ledger.current["cpu"] == baseline

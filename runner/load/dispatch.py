@@ -73,6 +73,7 @@ def _route_streamed_experts(model: nn.Module, streamed: dict[str, DiskBlock], ex
             own = {i: streamed[f"{name}.{i}"] for i in range(len(module)) if f"{name}.{i}" in streamed}
             if own:
                 module.on_route = lambda routed, own=own: experts.route([own[i] for i in routed if i in own])
+                module.on_done = lambda own=own: experts.layer_done(list(own.values()))
 
 
 def _load_block(plan: LoadPlan, block: Block, checkpoint: Checkpoint, ledger: MemoryLedger,

@@ -170,6 +170,7 @@ class Prefetcher:
         self.buffer_bytes = max((b.reads.nbytes for b in blocks if b.reads), default=0)
         self.free_buffers: list[torch.Tensor] = []
         self.made_buffers = 0
+        self.extra_buffers = 0  # beyond depth + 1: experts kept for a column's micro-batches (RoutedExperts)
         self.held: dict[str, tuple[torch.Tensor | None, torch.cuda.Event | None, Staging | None]] = {}
         # On a real GPU: depth + 1 staging buffers the size of the biggest block, made on first use and reused.
         self.staging_bytes = max((b.host_bytes for b in blocks if b.device.type == "cuda"), default=0)
@@ -186,14 +187,18 @@ class Prefetcher:
         """Within this block, each streamed block brought in serves ``micro_batches`` forwards before it is dropped:
         the caller runs that many micro-batches through every block in turn (``runner.infer.column``), so weight
         traffic per token falls by that factor. Whatever is still held at the end (a forward that raised) goes."""
-        self.sharing = micro_batches
+        every = (self, self.experts) if self.experts is not None else (self,)
+        for streams in every:
+            streams.sharing = micro_batches
         try:
             yield
         finally:
-            self.sharing = 1
-            for streams in (self, self.experts) if self.experts is not None else (self,):
+            for streams in every:
+                streams.sharing = 1
                 for block in [b for b in streams.blocks if b.name in streams.held]:
                     streams.after(block, last=True)
+            if self.experts is not None:
+                self.experts.layer_runs.clear()
 
     def before(self, block: DiskBlock) -> None:
         """Put the block's weights in place (waiting for a prefetch, or reading now), then read ahead."""
@@ -279,7 +284,7 @@ class Prefetcher:
             return None
         if self.free_buffers:
             return self.free_buffers.pop()
-        if self.made_buffers > self.depth:  # all in use (cannot happen in forward order): read without one
+        if self.made_buffers > self.depth + self.extra_buffers:  # all in use (not in forward order): read without one
             return None
         self.made_buffers += 1
         return aligned_buffer(self.buffer_bytes, pin=block.device.type == "cuda")
@@ -287,13 +292,21 @@ class Prefetcher:
 
 class RoutedExperts(Prefetcher):
     """Experts streamed from disk: read only when a token is routed to them. The layer names its routed experts
-    before it runs them (``route``), and the next ``depth`` of those are read while one computes. Each is dropped
-    right after it runs: which experts the next micro-batch routes to is not known, so none is held for it."""
+    before it runs them (``route``), and the next ``depth`` of those are read while one computes. Alone, each is
+    dropped right after it runs. Within ``shared_by(K)`` the experts read for a layer stay until the layer has run
+    for all K micro-batches (``layer_done``): each is read once per step for every micro-batch routing to it."""
 
     def __init__(self, blocks: list[DiskBlock], depth: int, ledger: MemoryLedger, compute: str, direct: bool = True):
         super().__init__(blocks, depth, ledger, compute, direct)
         self.queue: list[DiskBlock] = []
-
+        self.layer_runs: dict[str, int] = {}  # a layer's first expert -> forwards through the layer in this column
+        per_layer: dict[str, int] = {}
+        for b in blocks:
+            layer = b.name.rpartition(".")[0]
+            per_layer[layer] = per_layer.get(layer, 0) + 1
+        # Within a column a layer's disk experts may all be in at once, each in a buffer of its own: one read
+        # path for every expert, so an expert computes the same whichever micro-batch brought it in.
+        self.extra_buffers = max(per_layer.values(), default=1) - 1
     def route(self, blocks: list[DiskBlock]) -> None:
         """These experts run next, in this order: start reading the first of them."""
         self.queue = blocks
@@ -306,7 +319,20 @@ class RoutedExperts(Prefetcher):
         return self.queue[position + 1:position + 1 + self.depth]
 
     def after(self, block: DiskBlock, last: bool = False) -> None:
-        super().after(block, last=True)
+        if last or self.sharing == 1:
+            super().after(block, last=True)
+
+    def layer_done(self, experts: list[DiskBlock]) -> None:
+        """The layer holding ``experts`` has run once more: after its K-th run in a column, its experts go."""
+        if self.sharing == 1:
+            return
+        key = experts[0].name
+        self.layer_runs[key] = self.layer_runs.get(key, 0) + 1
+        if self.layer_runs[key] >= self.sharing:
+            del self.layer_runs[key]
+            for block in experts:
+                if block.name in self.held:
+                    super().after(block, last=True)
 
 
 def streamed_blocks(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger, *, folder: Path,

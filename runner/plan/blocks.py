@@ -30,11 +30,17 @@ class Experts(nn.ModuleList):
         super().__init__(modules)
         self.per_token = per_token  # experts each token runs through (top-k)
         self.on_route: Callable[[list[int]], None] | None = None  # set by the loader (runner.load.dispatch)
+        self.on_done: Callable[[], None] | None = None
 
     def route(self, routed: list[int]) -> None:
         """The experts this forward runs, in the order it runs them."""
         if self.on_route is not None:
             self.on_route(routed)
+
+    def done(self) -> None:
+        """This forward has run every expert it routed to."""
+        if self.on_done is not None:
+            self.on_done()
 
 
 @dataclass(frozen=True)

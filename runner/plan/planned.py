@@ -123,14 +123,14 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None, la
                 # Only generation keeps keys and values between forwards; scoring and embedding run one forward.
                 kv_bytes=kv_bytes(model, layout, trace, cfg.model.no_split_module_classes, shape, dtype.itemsize)
                 if cfg.task.decodes and keeps_kv_cache(model) else {},
-                allow_disk=cfg.placement.allow_disk, prefetch=cfg.placement.prefetch)
+                allow_disk=cfg.placement.allow_disk, prefetch=cfg.placement.prefetch, micro_batches=shape.micro_batches)
 
         request = request_for(cfg.runtime)
         activation_bytes = {name: n * dtype.itemsize for name, n in trace.input_elems.items()}
         if cfg.mode == "check":  # the map comes from a file, to be validated as it is
             assert cfg.map_file is not None  # load_config requires it in this mode
             check = check_map(load_map_file(cfg.map_file), layout, hardware, request.reserves, activation_bytes,
-                              request.kv_bytes, request.prefetch)
+                              request.kv_bytes, request.prefetch, request.micro_batches)
             the_plan = Plan(check.block_devices, _weights_per_device(layout, check.block_devices, hardware),
                             check.reserves, "check")
         else:

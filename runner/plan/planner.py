@@ -37,6 +37,7 @@ class PlanRequest:
     kv_bytes: dict[str, int] = field(default_factory=dict)         # block -> KV cache it keeps where it computes
     allow_disk: bool = True
     prefetch: int = 0                     # disk blocks held ahead of the running one: each needs staging room
+    micro_batches: int = 1                # K > 1: a layer's disk experts stay in for all K (runner.load.offload)
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def _dense_then_experts(request: PlanRequest) -> Plan:
                                     pins={n: d for n, d in request.pins.items() if n not in names}))
         _check_first_layer_resident(request, dense, plan.device_map, experts[0].within)
         placed = _place_experts(request, experts, plan.loads, merge_reserves(with_room, plan.reserves))
-        needed = _expert_staging(experts, placed, request.prefetch)
+        needed = _expert_staging(experts, placed, request.prefetch, request.micro_batches)
         if needed <= held:
             break
         held = needed
@@ -141,7 +142,8 @@ def _dense_then_experts(request: PlanRequest) -> Plan:
     for block in experts:
         loads[placed[block.name]] += block.nbytes
     reserves = merge_reserves(request.reserves, map_reserves(device_map, request.blocks, request.kv_bytes,
-                                                             request.main_device, request.prefetch))
+                                                             request.main_device, request.prefetch,
+                                                             request.micro_batches))
     used = set(device_map.values()) | ({request.main_device} if "disk" in device_map.values() else set())
     return Plan(device_map, loads, {d: r for d, r in reserves.items() if d in used}, request.strategy)
 
@@ -210,9 +212,16 @@ def _place_experts(request: PlanRequest, experts: list[Block], loads: dict[str, 
 EXPERT_STAGING = "expert_staging"
 
 
-def _expert_staging(experts: Sequence[Block], placed: dict[str, str], prefetch: int) -> int:
-    """Room on the main device for the disk experts being read: the running one and ``prefetch`` read ahead."""
-    return staging((b.nbytes for b in experts if placed[b.name] == "disk"), (), 1 + prefetch)
+def _expert_staging(experts: Sequence[Block], placed: dict[str, str], prefetch: int, micro_batches: int = 1) -> int:
+    """Room on the main device for the disk experts being read: the running one and ``prefetch`` read ahead; with
+    micro-batches, every disk expert of the layer running (kept for all of them) and ``prefetch`` more."""
+    on_disk = [b for b in experts if placed[b.name] == "disk"]
+    if micro_batches == 1 or not on_disk:
+        return staging((b.nbytes for b in on_disk), (), 1 + prefetch)
+    per_layer: dict[str | None, int] = {}
+    for b in on_disk:
+        per_layer[b.within] = per_layer.get(b.within, 0) + 1
+    return min(len(on_disk), max(per_layer.values()) + prefetch) * max(b.nbytes for b in on_disk)
 
 
 def pinned_to_disk(pins: dict[str, str]) -> list[str]:
@@ -220,7 +229,7 @@ def pinned_to_disk(pins: dict[str, str]) -> list[str]:
 
 
 def map_reserves(device_map: dict[str, str], blocks: Sequence[Block], kv_bytes: dict[str, int],
-                 main_device: str, prefetch: int = 0) -> dict[str, dict[str, int]]:
+                 main_device: str, prefetch: int = 0, micro_batches: int = 1) -> dict[str, dict[str, int]]:
     """What a map itself needs kept free: each device's KV cache, and staging room for disk blocks.
 
     A disk block's KV cache lives on the main device, where it runs, so it is part of the staging room. Experts on
@@ -230,7 +239,7 @@ def map_reserves(device_map: dict[str, str], blocks: Sequence[Block], kv_bytes: 
     experts = [b for b in blocks if b.expert]
     if experts:
         blocks = [b for b in blocks if not b.expert]
-        if held := _expert_staging(experts, device_map, prefetch):
+        if held := _expert_staging(experts, device_map, prefetch, micro_batches):
             out[main_device] = {EXPERT_STAGING: held}
     for block, nbytes in kv_bytes.items():
         device = device_map.get(block)

@@ -83,7 +83,7 @@ def placed_apart(key: str, layout: ModelLayout) -> bool:
 def check_map(device_map: dict[str, str], layout: ModelLayout, hardware: Hardware,
               reserves: dict[str, dict[str, int]] | None = None,
               activation_bytes: dict[str, int] | None = None, kv_bytes: dict[str, int] | None = None,
-              prefetch: int = 0) -> MapCheck:
+              prefetch: int = 0, micro_batches: int = 1) -> MapCheck:
     """Validate a full map (module or tensor names -> device) for this model and hardware.
 
     ``reserves`` (device -> reason -> bytes) count against the budgets; a map that did not come from
@@ -123,7 +123,7 @@ def check_map(device_map: dict[str, str], layout: ModelLayout, hardware: Hardwar
 
     if kv_bytes is not None and not errors:
         reserves = merge_reserves(reserves or {}, map_reserves(block_devices, layout.blocks, kv_bytes,
-                                                                hardware.main_device, prefetch))
+                                                                hardware.main_device, prefetch, micro_batches))
     loads = {name: 0 for name in hardware.names}
     for slot, nbytes in layout.tensor_bytes.items():
         if slot not in layout.ties and slot in slot_device and slot_device[slot] in loads:

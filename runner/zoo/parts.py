@@ -233,6 +233,7 @@ class SparseMoE(nn.Module):
                     computed = self.experts[e](flat[rows]).to(out.device)
                     out.index_add_(0, rows, computed * slot_weights[start:start + n])
                     start += n
+        self.experts.done()
         if self.shape.shared_intermediate:
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         return out.view_as(x)
