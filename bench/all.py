@@ -313,6 +313,22 @@ def read_quant(raw: dict[str, Any]) -> dict[str, Figure]:
     return out
 
 
+def read_moe(raw: dict[str, Any]) -> dict[str, Figure]:
+    out: dict[str, Figure] = {}
+    cpu = raw.get("cpu", {})
+    apart, whole, acc = (cpu.get(k, {}).get("tokens_per_s") for k in ("experts apart", "whole layers", "accelerate"))
+    if apart and acc:
+        out["MoE: experts apart >= 3x Accelerate, both in a memory cgroup"] = at_least(apart / acc, 3,
+                                                                                      f"{apart / acc:.2f}x")
+    if apart and whole:
+        out["MoE: experts apart >= 1.5x whole layers"] = at_least(apart / whole, 1.5, f"{apart / whole:.2f}x")
+    r = cpu.get("experts apart", {})
+    if r.get("predicted") and r.get("decode_tokens_per_s"):
+        error = r["predicted"] / r["decode_tokens_per_s"] - 1
+        out["MoE: the plan's prediction within 30%"] = at_most(abs(error), 0.3, f"{error:+.0%}")
+    return out
+
+
 # -- the benches, cheapest first ---------------------------------------------------------------------------------------
 
 BENCHES = [
@@ -352,6 +368,9 @@ BENCHES = [
            "16 and 64 sequences: >= 1.2x llama.cpp and >= 1.0x the fp32 path",
            "peak RSS <= import baseline + 1.3x the file", "perplexity: int8 within 1%, int4 within 5% of fp32"),
           read_quant, needs=("transformers",), timeout_s=1200),
+    Bench("moe_bench", ("--prompts", "32", "--new-tokens", "8"),
+          ("MoE: experts apart >= 3x Accelerate, both in a memory cgroup", "MoE: experts apart >= 1.5x whole layers",
+           "MoE: the plan's prediction within 30%"), read_moe, needs=("accelerate", "transformers"), timeout_s=1800),
     # the pipeline on the transformers-written gpt2-large the other benches wrote: no synthetic 3 GB to write
     Bench("parallel_bench", ("--quick", "--checkpoint", "hf-gpt2"),
           ("data parallel, 2 ranks >= 1.8x one process", "pipeline, 2 ranks >= 1.6x one process"), read_parallel,

@@ -67,7 +67,7 @@ def overrides(args: dict, ids: list[list[int]]) -> list[str]:
     return ["checkpoint=local", f"checkpoint.path={args['folder']}", *hardware, "dtype=float32",
             f"runtime.batch_size={args['batch']}", f"runtime.seq_len={max(map(len, ids)) + args['new_tokens']}",
             f"task.max_new_tokens={args['new_tokens']}", f"offload.folder={args['offload']}",
-            f"offload.experts_apart={str(args['apart']).lower()}"]
+            f"offload.experts_apart={str(args['apart']).lower()}", *args.get("extra", [])]
 
 
 def runner_cap(args: dict) -> int:
@@ -116,6 +116,8 @@ def runner_side(args: dict) -> dict:
             "bound": cost.bound, "tiers": tiers,
             "expert_bytes_read": streams.experts.loaded_bytes if streams and streams.experts else 0,
             "layer_bytes_read": streams.loaded_bytes if streams else 0, "forwards": stats.steps + 1,
+            "reads": {"layers": dict(streams.reader.counts) if streams else {},
+                      "experts": dict(streams.experts.reader.counts) if streams and streams.experts else {}},
             "planned_disk_per_step": disk_read_per_step(expert_layers(layout, devices), stats.decode_rows
                                                         // max(stats.steps, 1)),
             "peak_rss": tb.peak_rss(), "first": [c.output_tokens[:6] for c in out[:2]]}
@@ -194,8 +196,8 @@ def compare(results: dict, label: str) -> list[str]:
         extra = ""
         if "predicted" in r:
             extra = (f"; decode {r['decode_tokens_per_s']:.2f} tokens/s, predicted {r['predicted']:.2f} "
-                     f"({r['bound']}-bound); read per forward: experts {r['expert_bytes_read'] / r['forwards'] / MB:.0f}"
-                     f" MiB, whole blocks {r['layer_bytes_read'] / r['forwards'] / MB:.0f} MiB; on disk "
+                     f"({r['bound']}-bound); read per forward: experts "
+                     f"{r['expert_bytes_read'] / r['forwards'] / MB:.0f} MiB, whole blocks {r['layer_bytes_read'] / r['forwards'] / MB:.0f} MiB; on disk "
                      f"{r['tiers'].get('disk', 0) / MB:.0f} MiB")
         lines.append(f"{label} {name}: {r['tokens_per_s']:.2f} tokens/s end to end (load {r['load_s']:.1f} s, "
                      f"generate {r['generate_s']:.1f} s){extra}{limit}")
@@ -222,6 +224,10 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-accelerate", action="store_true")
+    parser.add_argument("--experts-prefetch", type=int, help="offload.prefetch for the experts-apart side")
+    parser.add_argument("--only", choices=["experts apart", "whole layers"], help="one runner side")
+    parser.add_argument("--cgroup-gb", type=float, help="every side's memory cgroup in GB (default: the runner's "
+                                                        "max_memory.cpu for this shape + 0.6 GB)")
     parser.add_argument("--sim-gpus", action="store_true", help="also both runner sides over sim_2gpu and the CPU")
     parser.add_argument("--work", type=Path, default=Path("/tmp/moe-bench"))
     parser.add_argument("--json", type=Path)
@@ -243,20 +249,23 @@ def main() -> int:
         results: dict = {}
         cpu_weights = weights - 2 * gpu_bytes
         for name, apart in (("experts apart", True), ("whole layers", False)):
+            if args.only and name != args.only:
+                continue
             side = {**shape, "work": str(args.work / label / name.replace(" ", "-")), "apart": apart,
                     "offload": str(args.work / label / name.replace(" ", "-") / "offload"),
-                    "cpu_weights": cpu_weights, "gpu_bytes": gpu_bytes}
+                    "cpu_weights": cpu_weights, "gpu_bytes": gpu_bytes,
+                    "extra": [f"offload.prefetch={args.experts_prefetch}"] if apart and args.experts_prefetch else []}
             cap = run("cap", side, None)
             if "error" in cap:
                 results[name] = cap
                 continue
             side["cap"] = cap["cap"]
-            limit = cap["cap"] + tb.SLACK
+            limit = int(args.cgroup_gb * GB) if args.cgroup_gb else cap["cap"] + tb.SLACK
             results[name] = run("runner", side, limit)
             if label == "cpu" and name == "experts apart":
                 out["cgroup_limit"] = limit
             print(f"{label} {name}: {tb._brief(results[name])}", flush=True)
-        if label == "cpu" and not args.skip_accelerate and "cgroup_limit" in out:
+        if label == "cpu" and not args.skip_accelerate and not args.only and "cgroup_limit" in out:
             side = {**shape, "work": str(args.work / "accelerate"), "offload": str(args.work / "accelerate" / "off"),
                     "cpu_weights": cpu_weights}
             results["accelerate"] = run("accelerate", side, out["cgroup_limit"])

@@ -81,8 +81,16 @@ def moe(request, tmp_path_factory):
     return folder
 
 
-SPREAD = ("hardware=sim_2gpu", "+max_memory.0=400KB", "+max_memory.1=260KB", "max_memory.cpu=180KB",
-          "runtime.seq_len=16", "offload.prefetch=1")
+# Budgets (and, for Qwen3-MoE's smaller experts, one pin) that spread each family's experts over the simulated GPUs,
+# the CPU and disk.
+SPREAD = {"mixtral": ("hardware=sim_2gpu", "+max_memory.0=700KB", "+max_memory.1=200KB", "max_memory.cpu=250KB",
+                      "runtime.seq_len=16", "offload.prefetch=1"),
+          "qwen3_moe": ("hardware=sim_2gpu", "+max_memory.0=560KB", "+max_memory.1=200KB", "max_memory.cpu=150KB",
+                        "runtime.seq_len=16", "offload.prefetch=1", "+device_map={model.layers.2.mlp.experts.3: disk}")}
+
+
+def spread_of(folder) -> tuple[str, ...]:
+    return SPREAD[folder.name.rstrip("0123456789")]
 
 
 def engine(folder, tmp_path, *overrides):
@@ -105,7 +113,7 @@ def routed_experts(model, rows, mask) -> list[str]:
 def test_experts_spread_over_gpus_cpu_and_disk_give_the_all_resident_outputs(moe, tmp_path):
     rows, mask = left_padded(PROMPTS)
     resident = engine(moe, tmp_path / "all", "hardware=cpu").loaded
-    spread = engine(moe, tmp_path / "spread", *SPREAD).loaded
+    spread = engine(moe, tmp_path / "spread", *spread_of(moe)).loaded
     devices = spread.check.block_devices
     tiers = {devices[b.name] for b in spread.layout.blocks if b.expert}
     assert {"cpu", "disk"} < tiers and tiers - {"cpu", "disk"} <= {"cuda:0", "cuda:1"}  # and a GPU or two
@@ -118,7 +126,7 @@ def test_experts_spread_over_gpus_cpu_and_disk_give_the_all_resident_outputs(moe
 
 def test_a_step_reads_exactly_the_routed_disk_experts(moe, tmp_path):
     rows, mask = left_padded(PROMPTS[:1])
-    spread = engine(moe, tmp_path / "spread", *SPREAD).loaded
+    spread = engine(moe, tmp_path / "spread", "hardware=cpu", "+device_map={model.layers.*.mlp.experts: disk}").loaded
     devices, sizes = spread.check.block_devices, {b.name: b.nbytes for b in spread.layout.blocks}
     ran = routed_experts(spread.model, rows[:, -1:], mask[:, -1:])  # one token: a few experts per layer
     streams = spread.streams.experts
@@ -153,7 +161,7 @@ def test_bad_expert_pins_are_one_line(moe, tmp_path, pin, expected):
 
 def test_mode_plan_shows_each_layers_experts_per_tier(moe, tmp_path):
     outcome, errors = run_in_process(tmp_path, "checkpoint=local", f"checkpoint.path={moe}", "mode=plan",
-                                     "dtype=float32", *SPREAD)
+                                     "dtype=float32", *spread_of(moe))
     assert errors == []
     plan = json.loads((tmp_path / "plan.json").read_text())
     blocks = {b["name"]: b["device"] for b in plan["blocks"]}

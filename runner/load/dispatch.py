@@ -19,6 +19,8 @@ from torch import nn
 
 from runner.plan.blocks import Block, Experts, get_slot, set_slot
 from runner.load.checkpoint import Checkpoint
+from runner.load.checkpoint.reads import SpanReader, aligned_buffer, plan_reads
+from runner.plan.experts import experts_ahead
 from runner.plan.hardware import Hardware
 from runner.load.memory import MemoryLedger
 from runner.load.offload import DiskBlock, LoadPlan, Prefetcher, RoutedExperts, streamed_blocks
@@ -48,16 +50,18 @@ def dispatch(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger, *, of
     prefetcher = Prefetcher([d for d in streamed if d.name not in experts], prefetch, ledger, main, direct_io)
     by_name = {d.name: d for d in streamed}
     if any(d.name in experts for d in streamed):
-        prefetcher.experts = RoutedExperts([d for d in streamed if d.name in experts], prefetch, ledger, main,
-                                           direct_io)
+        prefetcher.experts = RoutedExperts([d for d in streamed if d.name in experts], experts_ahead(prefetch),
+                                           ledger, main, direct_io)
         _route_streamed_experts(model, by_name, prefetcher.experts)
     resident = [s for b in layout.blocks if b.name not in by_name for s in b.tensors
                 if s not in layout.ties and s not in layout.non_persistent]
-    checkpoint.read_ahead(resident)  # page the resident weights in while this thread works
+    private = any(d.name in experts and plan.check.block_devices[d.name] == "disk" for d in streamed)
+    if not private:
+        checkpoint.read_ahead(resident)  # page the resident weights in while this thread works
     for block in layout.blocks:
         target = torch_device(plan.compute[block.name].device, hardware)
         if block.name not in by_name:
-            _load_block(plan, block, checkpoint, ledger, target)
+            _load_block(plan, block, checkpoint, ledger, target, private)
         streams = prefetcher.experts if block.expert and block.name in by_name else prefetcher
         _install_hooks(model.get_submodule(block.name), target, by_name.get(block.name), streams)
     for alias, owner in layout.ties.items():  # the owner is loaded by now, wherever it lives
@@ -77,14 +81,18 @@ def _route_streamed_experts(model: nn.Module, streamed: dict[str, DiskBlock], ex
 
 
 def _load_block(plan: LoadPlan, block: Block, checkpoint: Checkpoint, ledger: MemoryLedger,
-                device: torch.device) -> None:
-    """The block's tensors onto ``device``, counted against the device its weights are stored on."""
+                device: torch.device, private: bool = False) -> None:
+    """The block's tensors onto ``device``, counted against the device its weights are stored on; with ``private``,
+    read into memory of their own rather than mapped (``_read_direct``)."""
     layout, stored = plan.layout, plan.check.block_devices[block.name]
+    direct = _read_direct(plan, block, checkpoint) if private and device.type == "cpu" else {}
     for slot in block.tensors:
         if slot in layout.ties:
             continue
         if slot in layout.non_persistent:  # built for real on the CPU by the builder
             tensor = get_slot(plan.model, slot).to(device)
+        elif slot in direct:
+            tensor = direct[slot]
         else:
             entry = checkpoint.entries[slot]
             cast = entry.dtype.is_floating_point and entry.dtype != plan.dtype
@@ -94,6 +102,27 @@ def _load_block(plan: LoadPlan, block: Block, checkpoint: Checkpoint, ledger: Me
             tensor = cast_and_move(read(slot), plan.dtype, device)
         ledger.allocate(stored, layout.tensor_bytes[slot], slot)
         set_slot(plan.model, slot, tensor)
+
+
+def _read_direct(plan: LoadPlan, block: Block, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """A resident block's tensors stored in the compute dtype, read with ``O_DIRECT`` into memory of its own; {}
+    where they are not plain safetensors bytes in that dtype (they load the ordinary way).
+
+    For a mixture with experts on disk: a mapped tensor's faults make the kernel read ahead past it (8 MiB is
+    common), into its neighbours in the file, which are experts, some planned on disk. Their cached pages crowd
+    a memory limit, which then evicts the mapped weights only to fault them in again, every step."""
+    keys = [s for s in block.tensors if s not in plan.layout.ties and s not in plan.layout.non_persistent]
+    located = checkpoint.locate(keys)
+    if located is None or any(loc.dtype != plan.dtype for loc in located.values()):
+        return {}
+    reads = plan_reads(located)
+    if reads is None:
+        return {}
+    reader = SpanReader(direct=True)
+    try:
+        return reader.read(reads, aligned_buffer(reads.nbytes))
+    finally:
+        reader.close()
 
 
 def cast_and_move(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -298,6 +298,12 @@ class RoutedExperts(Prefetcher):
 
     def __init__(self, blocks: list[DiskBlock], depth: int, ledger: MemoryLedger, compute: str, direct: bool = True):
         super().__init__(blocks, depth, ledger, compute, direct)
+        if depth > 1:  # small reads: several at once keep the device's queue full (runner.plan.experts)
+            self.pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="experts")
+        # Read from the device even when cached: an expert's neighbours in the file are experts too, and using
+        # cached pages sets off readahead into them, which grows the page cache expert by expert under a memory
+        # limit that then evicts resident weights.
+        self.reader = SpanReader(direct, use_cache=False)
         self.queue: list[DiskBlock] = []
         self.layer_runs: dict[str, int] = {}  # a layer's first expert -> forwards through the layer in this column
         per_layer: dict[str, int] = {}

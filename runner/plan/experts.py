@@ -12,6 +12,15 @@ from runner.config.sizes import format_bytes
 from runner.plan.blocks import ModelLayout
 
 
+# Disk experts read ahead per unit of ``offload.prefetch``: an expert is a small read, and several at once keep the
+# device's queue full (a whole block's single read is split into many requests in flight anyway).
+EXPERTS_AHEAD = 4
+
+
+def experts_ahead(prefetch: int) -> int:
+    return EXPERTS_AHEAD * prefetch
+
+
 @dataclass(frozen=True)
 class LayerExperts:
     layer: str                 # the block of the layer routing to them

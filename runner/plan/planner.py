@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from runner.plan.blocks import Block
 from runner.errors import PlanError
 from runner.plan.hardware import Device, cap_override
+from runner.plan.experts import experts_ahead
 from runner.plan.optimal import Problem, best_partition, staging
 from runner.plan.room import room_left
 from runner.config.sizes import format_bytes
@@ -160,10 +161,10 @@ def _check_first_layer_resident(request: PlanRequest, dense: tuple[Block, ...], 
     on_disk = sum(b.nbytes for b in dense if placed[b.name] == "disk")
     size = next(b.nbytes for b in dense if b.name == layer)
     where = "the GPUs and the CPU" if any(d.kind == "gpu" for d in request.devices) else "the CPU"
-    raise PlanError(f"the dense parts of {layer} ({format_bytes(size)}: attention, norms, router) fit nowhere but disk: "
-                    f"the dense parts of every layer need {format_bytes(on_disk)} more room on {where} to stay "
-                    f"resident while experts are offloaded; raise max_memory.cpu by that much (or pin {layer}=disk to stream "
-                    "whole layers)")
+    raise PlanError(f"the dense parts of {layer} ({format_bytes(size)}: attention, norms, router) fit nowhere but "
+                    f"disk: the dense parts of every layer need {format_bytes(on_disk)} more room on {where} to stay "
+                    f"resident while experts are offloaded; raise max_memory.cpu by that much (or pin {layer}=disk "
+                    "to stream whole layers)")
 
 
 def _place_experts(request: PlanRequest, experts: list[Block], loads: dict[str, int],
@@ -201,8 +202,8 @@ def _place_experts(request: PlanRequest, experts: list[Block], loads: dict[str, 
                 raise PlanError(f"the experts need {format_bytes(left)} more than the GPUs and the CPU hold after "
                                 "the dense parts (offload.allow_disk is false); raise max_memory, use a smaller "
                                 "dtype or quantize=int8, or set offload.allow_disk=true")
-            raise PlanError(f"expert {block.name} ({format_bytes(block.nbytes)}) fits no device after the dense parts; "
-                            "room left: " + ", ".join(f"{d} {format_bytes(max(room[d], 0))}" for d in room)
+            raise PlanError(f"expert {block.name} ({format_bytes(block.nbytes)}) fits no device after the dense "
+                            "parts; room left: " + ", ".join(f"{d} {format_bytes(max(room[d], 0))}" for d in room)
                             + "; raise max_memory (disk included)")
         placed[block.name] = tiers[tier]
         room[tiers[tier]] -= block.nbytes
@@ -213,15 +214,17 @@ EXPERT_STAGING = "expert_staging"
 
 
 def _expert_staging(experts: Sequence[Block], placed: dict[str, str], prefetch: int, micro_batches: int = 1) -> int:
-    """Room on the main device for the disk experts being read: the running one and ``prefetch`` read ahead; with
-    micro-batches, every disk expert of the layer running (kept for all of them) and ``prefetch`` more."""
+    """Room on the main device for the disk experts being read: the running one and those read ahead
+    (``experts_ahead``); with micro-batches, every disk expert of the layer running (kept for all of them) and
+    those read ahead."""
     on_disk = [b for b in experts if placed[b.name] == "disk"]
+    ahead = experts_ahead(prefetch)
     if micro_batches == 1 or not on_disk:
-        return staging((b.nbytes for b in on_disk), (), 1 + prefetch)
+        return staging((b.nbytes for b in on_disk), (), 1 + ahead)
     per_layer: dict[str | None, int] = {}
     for b in on_disk:
         per_layer[b.within] = per_layer.get(b.within, 0) + 1
-    return min(len(on_disk), max(per_layer.values()) + prefetch) * max(b.nbytes for b in on_disk)
+    return min(len(on_disk), max(per_layer.values()) + ahead) * max(b.nbytes for b in on_disk)
 
 
 def pinned_to_disk(pins: dict[str, str]) -> list[str]:

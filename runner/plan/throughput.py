@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from runner.config.sizes import format_bytes
 from runner.data.writes import reclaim, temp_path
 
 PROBE_BYTES = 256 << 20   # read to time a disk: past its caches, short of a second
+PROBE_CHUNK = 16 << 20    # in pieces this big,
+PROBE_READERS = 4         # this many at once
+DISK_KEY = f"disk-{PROBE_READERS}x{PROBE_CHUNK >> 20}MiB"  # the figure's name in rates.json (one per way of timing)
 PROBE_WIDTH = 4096        # the widest weight the compute probe multiplies by (bigger models: same rate per FLOP)
 
 
@@ -78,7 +82,8 @@ def step_cost(planned: Planned, rates: Rates) -> StepCost:
         weights = 0 if b.class_name in LOOKUPS else _streamed_bytes(b, owners) // itemsize
         attention = planned.request.kv_bytes.get(b.name, 0) // itemsize // 2  # half the planned length, on average
         tokens = rows * b.share if b.expert else rows  # an expert computes only the tokens routed to it
-        flops[compute[b.name].device] = flops.get(compute[b.name].device, 0) + round(2 * tokens * weights) + 2 * attention
+        flops[compute[b.name].device] = (flops.get(compute[b.name].device, 0) + round(2 * tokens * weights)
+                                         + 2 * attention)
     seconds = {
         "disk": disk / rates.disk if disk and rates.disk else 0.0,
         "host_to_device": to_gpu / rates.host_to_device if to_gpu and rates.host_to_device else 0.0,
@@ -125,10 +130,10 @@ def measure_rates(planned: Planned, cache: Path) -> Rates:
         files = [f for f in planned.checkpoint.files if f.is_file()] if planned.checkpoint is not None else []
         if files:  # the blocks are read from the checkpoint: time a read of its biggest file
             biggest = max(files, key=lambda f: f.stat().st_size)
-            disk = _cached(cache, f"disk:{os.stat(biggest).st_dev}", lambda: _disk_rate(biggest))
+            disk = _cached(cache, f"{DISK_KEY}:{os.stat(biggest).st_dev}", lambda: _disk_rate(biggest))
         else:  # written later (synthetic weights): time the disk they will be written to
             folder = _nearest_folder(cache)
-            disk = _cached(cache, f"disk:{os.stat(folder).st_dev}", lambda: _probe_rate(folder))
+            disk = _cached(cache, f"{DISK_KEY}:{os.stat(folder).st_dev}", lambda: _probe_rate(folder))
     main = planned.hardware.main_device
     to_gpu = None
     if main.startswith("cuda:") and not planned.hardware.get(main).simulated:
@@ -167,27 +172,38 @@ def _cached(cache: Path, key: str, measure) -> float | None:
 
 
 def _disk_rate(file: Path) -> float:
-    """Bytes/s of a cold read of up to ``PROBE_BYTES`` of ``file``, past the page cache where the disk allows."""
+    """Bytes/s of a cold read of up to ``PROBE_BYTES`` of ``file``, past the page cache where the disk allows: in
+    ``PROBE_CHUNK`` pieces, ``PROBE_READERS`` at once, as streamed blocks and experts are read (a big block's one
+    read is split into many requests in flight; experts are read several at once)."""
     from runner.load.checkpoint.reads import ALIGN, aligned_buffer, pread_full
 
     size = min(file.stat().st_size // ALIGN * ALIGN, PROBE_BYTES)
-    buffer = memoryview(aligned_buffer(max(size, ALIGN)).numpy())
+    chunk = min(PROBE_CHUNK, max(size, ALIGN))
+    buffers = [memoryview(aligned_buffer(chunk).numpy()) for _ in range(PROBE_READERS)]
+    offsets = list(range(0, max(size, ALIGN), chunk))
+    flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
     try:
-        fd = os.open(file, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        fd = os.open(file, flags)
     except OSError:
         fd = os.open(file, os.O_RDONLY)
     try:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
-        start = time.perf_counter()
+
+        def timed_reads(fd: int) -> float:
+            start = time.perf_counter()
+            with ThreadPoolExecutor(PROBE_READERS) as pool:
+                got = sum(pool.map(lambda i: pread_full(fd, buffers[i % PROBE_READERS],
+                                                        offsets[i], min(chunk, size - offsets[i])),
+                                   range(len(offsets))))
+            return got / max(time.perf_counter() - start, 1e-6)
+
         try:
-            got = pread_full(fd, buffer, 0, size)
+            return timed_reads(fd)
         except OSError:  # O_DIRECT refused at read time: time a buffered read instead
             os.close(fd)
             fd = os.open(file, os.O_RDONLY)
-            start = time.perf_counter()
-            got = pread_full(fd, buffer, 0, size)
-        return got / max(time.perf_counter() - start, 1e-6)
+            return timed_reads(fd)
     finally:
         os.close(fd)
 

@@ -105,8 +105,11 @@ def aligned_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
 class SpanReader:
     """Reads ``BlockReads``, through descriptors kept open for the run. Thread-safe."""
 
-    def __init__(self, direct: bool = True):
+    def __init__(self, direct: bool = True, use_cache: bool = True):
         self.direct = direct and hasattr(os, "O_DIRECT")
+        # False: every span read straight from the device, cached or not. Using a cached span (mapped, or copied
+        # out) can set off the kernel's readahead past it, into bytes nobody asked for.
+        self.use_cache = use_cache or not self.direct
         self.nowait = hasattr(os, "RWF_NOWAIT")
         self._fds: dict[tuple[Path, bool], int] = {}
         self._sizes: dict[Path, int] = {}
@@ -143,7 +146,7 @@ class SpanReader:
                    cold: bool) -> tuple[torch.Tensor, bool]:
         """One span's bytes, and whether a page-cache probe missed."""
         into = view[span.at: span.at + span.need]
-        cached = _cached(self._fd(span.file, False), span)
+        cached = _cached(self._fd(span.file, False), span) if self.use_cache else False
         if cached and map_cached:
             try:
                 mapped = self._map(span)
