@@ -36,12 +36,14 @@ def torch_device(name: str, hardware: Hardware) -> torch.device:
 
 
 def dispatch(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger, *, offload_folder: Path,
-             prefetch: int = 1, direct_io: bool = True) -> Prefetcher:
+             prefetch: int = 1, direct_io: bool = True, expert_cache: int = 0) -> Prefetcher:
     """Load every resident block of ``plan.model`` onto its device, prepare streamed blocks, and install the hooks;
     the prefetcher that streams blocks in (``Prefetcher.shared_by`` lets micro-batches share each load).
 
     Disk blocks that need converting are written to ``offload_folder``. Streamed blocks are read ``prefetch`` ahead
     of the one running, with ``O_DIRECT`` when ``direct_io`` and their bytes are not in the page cache already.
+    Streamed experts read in stay in up to ``expert_cache`` bytes of the main device, for when they are routed to
+    again.
     """
     model, layout, hardware = plan.model, plan.layout, plan.hardware
     main = hardware.main_device
@@ -51,7 +53,7 @@ def dispatch(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger, *, of
     by_name = {d.name: d for d in streamed}
     if any(d.name in experts for d in streamed):
         prefetcher.experts = RoutedExperts([d for d in streamed if d.name in experts], experts_ahead(prefetch),
-                                           ledger, main, direct_io)
+                                           ledger, main, direct_io, cache_bytes=expert_cache)
         _route_streamed_experts(model, by_name, prefetcher.experts)
     resident = [s for b in layout.blocks if b.name not in by_name for s in b.tensors
                 if s not in layout.ties and s not in layout.non_persistent]

@@ -18,6 +18,7 @@ from runner.load.memory import MemoryLedger, plan_held, reset_peak_rss, transien
 from runner.load.offload import Prefetcher
 from runner.plan.blocks import ModelLayout
 from runner.plan.planned import Planned, offload_folder, timed
+from runner.plan.room import room_left
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,11 @@ def load(planned: Planned, run_dir: Path) -> Loaded:
     with timed(timings, "load"), plan_held(planned.hardware, planned.check.loads, planned.plan.reserves,
                                             "loading the weights"):
         with transients_unmapped():
+            main = planned.hardware.main_device
+            spare = room_left(planned.hardware.get(main), planned.check.loads[main], planned.plan.reserves)
             streams = dispatch(planned, checkpoint, ledger, offload_folder=offload_folder(cfg, run_dir),
-                               prefetch=cfg.placement.prefetch, direct_io=cfg.placement.direct_io)
+                               prefetch=cfg.placement.prefetch, direct_io=cfg.placement.direct_io,
+                               expert_cache=max(spare, 0))  # the room the plan left free
     fields = {k: getattr(planned, k) for k in Planned.__dataclass_fields__}
     return Loaded(**{**fields, "checkpoint": checkpoint, "keys": keys}, ledger=ledger, baseline_rss=baseline,
                      streams=streams)

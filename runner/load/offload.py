@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -294,10 +295,20 @@ class RoutedExperts(Prefetcher):
     """Experts streamed from disk: read only when a token is routed to them. The layer names its routed experts
     before it runs them (``route``), and the next ``depth`` of those are read while one computes. Alone, each is
     dropped right after it runs. Within ``shared_by(K)`` the experts read for a layer stay until the layer has run
-    for all K micro-batches (``layer_done``): each is read once per step for every micro-batch routing to it."""
+    for all K micro-batches (``layer_done``): each is read once per step for every micro-batch routing to it.
 
-    def __init__(self, blocks: list[DiskBlock], depth: int, ledger: MemoryLedger, compute: str, direct: bool = True):
+    With ``cache_bytes`` (room the plan left free on the main device), dropped experts stay in memory, least
+    recently used first to go, and an expert routed to again is not read again (CPU compute only)."""
+
+    def __init__(self, blocks: list[DiskBlock], depth: int, ledger: MemoryLedger, compute: str, direct: bool = True,
+                 cache_bytes: int = 0):
         super().__init__(blocks, depth, ledger, compute, direct)
+        on_cpu = all(b.device.type == "cpu" for b in blocks)
+        self.cache_bytes = cache_bytes if on_cpu else 0
+        self.cached: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()  # name -> its tensors, oldest first
+        self.cached_buffers: dict[str, torch.Tensor | None] = {}
+        self.cached_total = 0
+        self.hits = self.misses = 0
         if depth > 1:  # small reads: several at once keep the device's queue full (runner.plan.experts)
             self.pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="experts")
         # Read from the device even when cached: an expert's neighbours in the file are experts too, and using
@@ -311,12 +322,30 @@ class RoutedExperts(Prefetcher):
             layer = b.name.rpartition(".")[0]
             per_layer[layer] = per_layer.get(layer, 0) + 1
         # Within a column a layer's disk experts may all be in at once, each in a buffer of its own: one read
-        # path for every expert, so an expert computes the same whichever micro-batch brought it in.
-        self.extra_buffers = max(per_layer.values(), default=1) - 1
+        # path for every expert, so an expert computes the same whichever micro-batch brought it in. Experts kept
+        # in the cache keep theirs.
+        self.extra_buffers = max(per_layer.values(), default=1) - 1 + self.cache_bytes // max(self.buffer_bytes, 1)
     def route(self, blocks: list[DiskBlock]) -> None:
         """These experts run next, in this order: start reading the first of them."""
         self.queue = blocks
         self._read_ahead(blocks[:self.depth])
+
+    def before(self, block: DiskBlock) -> None:
+        if block.name in self.held or block.name not in self.cached:
+            if block.name not in self.held:
+                self.misses += 1
+            super().before(block)
+            return
+        self.hits += 1  # in memory still: attached again, its bytes still counted
+        tensors = self.cached.pop(block.name)
+        self.cached_total -= block.nbytes
+        self.held[block.name] = (self.cached_buffers.pop(block.name), None, None)
+        self.uses[block.name] = 0
+        block.attach(tensors)
+        self._read_ahead(self._ahead(block))
+
+    def _read_ahead(self, blocks: list[DiskBlock]) -> None:
+        super()._read_ahead([b for b in blocks if b.name not in self.cached])
 
     def _ahead(self, block: DiskBlock) -> list[DiskBlock]:
         if block not in self.queue:
@@ -326,7 +355,26 @@ class RoutedExperts(Prefetcher):
 
     def after(self, block: DiskBlock, last: bool = False) -> None:
         if last or self.sharing == 1:
+            self._drop(block)
+
+    def _drop(self, block: DiskBlock) -> None:
+        """Into the cache if it has room for the block, else out."""
+        if block.nbytes > self.cache_bytes or block.name not in self.held:
             super().after(block, last=True)
+            return
+        tensors = {key: get_slot(block.module, slot) for slot, key in block.slots.items()}
+        block.detach()
+        self.cached_buffers[block.name] = self.held.pop(block.name)[0]
+        self.cached[block.name] = tensors
+        self.cached_total += block.nbytes
+        while self.cached_total > self.cache_bytes:  # the least recently used go
+            name, _ = self.cached.popitem(last=False)
+            nbytes = self.blocks[self.index[name]].nbytes
+            self.cached_total -= nbytes
+            buffer = self.cached_buffers.pop(name)
+            if buffer is not None:
+                self.free_buffers.append(buffer)
+            self.ledger.release(self.compute, nbytes)
 
     def layer_done(self, experts: list[DiskBlock]) -> None:
         """The layer holding ``experts`` has run once more: after its K-th run in a column, its experts go."""
@@ -338,7 +386,7 @@ class RoutedExperts(Prefetcher):
             del self.layer_runs[key]
             for block in experts:
                 if block.name in self.held:
-                    super().after(block, last=True)
+                    self._drop(block)
 
 
 def streamed_blocks(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger, *, folder: Path,

@@ -47,17 +47,19 @@ def compute_plan(blocks: tuple[Block, ...], block_devices: dict[str, str], main_
         elif block.tied_to is not None:  # its bytes are counted with the owner: a copy would move them unplanned
             out[block.name] = Compute("cpu", False, f"shares its weights with {block.tied_to}, which stays in place")
         else:
-            moved = 2 * tokens * activation_bytes.get(block.name, 0)  # there and back
-            on_cpu = moved / HOST_TO_DEVICE + 2 * tokens * (block.nbytes // itemsize) / CPU_FLOPS
+            # An expert sees only the tokens routed to it (Fiddler's case: few tokens, and it computes in place).
+            routed = max(1, round(tokens * block.share)) if block.expert else tokens
+            moved = 2 * routed * activation_bytes.get(block.name, 0)  # there and back
+            on_cpu = moved / HOST_TO_DEVICE + 2 * routed * (block.nbytes // itemsize) / CPU_FLOPS
             copied = block.nbytes / HOST_TO_DEVICE
             kv = kv_bytes.get(block.name, 0)
             if copied < on_cpu and (1 + prefetch) * block.nbytes + kv <= room:
                 room -= kv
                 out[block.name] = Compute(main_device, True, f"copying its {format_bytes(block.nbytes)} of weights to "
-                                          f"{main_device} (~{copied * 1e3:.3g} ms) costs less than computing {tokens} "
+                                          f"{main_device} (~{copied * 1e3:.3g} ms) costs less than computing {routed} "
                                           f"tokens on the CPU (~{on_cpu * 1e3:.3g} ms with their activations)")
             else:
-                why = (f"{tokens} tokens there, with their {format_bytes(moved)} of activations (~{on_cpu * 1e3:.3g} "
+                why = (f"{routed} tokens there, with their {format_bytes(moved)} of activations (~{on_cpu * 1e3:.3g} "
                        f"ms), cost less than copying its {format_bytes(block.nbytes)} of weights (~{copied * 1e3:.3g} "
                        "ms)" if copied >= on_cpu else f"{main_device} has no room to copy it in")
                 out[block.name] = Compute("cpu", False, f"computes on the CPU: {why}")

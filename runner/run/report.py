@@ -18,6 +18,7 @@ import runner
 from runner.plan.explain import compact_map, plan_document
 from runner.infer.generate import GenerationStats
 from runner.load.loaded import Loaded
+from runner.load.offload import RoutedExperts
 from runner.plan.planned import Planned
 from runner.load.memory import peak_rss
 from runner.plan.room import reserved
@@ -89,10 +90,20 @@ def report_document(result: Loaded) -> dict:
         "devices": devices,
         "checkpoint": _checkpoint_document(result),
         "warnings": [*result.check.warnings, *memory_warnings(devices)],
+        **({"experts": experts_document(result.streams.experts)}
+           if result.streams is not None and result.streams.experts is not None else {}),
         "timings": result.timings,
         "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
         "config": cfg.resolved,
     }
+
+
+def experts_document(experts: RoutedExperts) -> dict:
+    """Streamed experts so far: how many were read in and their bytes, and how often the cache spared a read."""
+    routed = experts.hits + experts.misses
+    return {"loads": experts.loads, "bytes_read": experts.loaded_bytes,
+            "cache": {"bytes": experts.cache_bytes, "hits": experts.hits, "misses": experts.misses,
+                      "hit_rate": round(experts.hits / routed, 4) if routed else 0.0}}
 
 
 def _checkpoint_document(result: Loaded) -> dict:
