@@ -115,6 +115,7 @@ def runner_side(args: dict) -> dict:
             "decode_tokens_per_s": stats.decode_rows / stats.decode_s, "predicted": cost.tokens_per_s,
             "bound": cost.bound, "tiers": tiers,
             "expert_bytes_read": streams.experts.loaded_bytes if streams and streams.experts else 0,
+            "expert_bytes_unused": streams.experts.unused_bytes if streams and streams.experts else 0,
             "layer_bytes_read": streams.loaded_bytes if streams else 0, "forwards": stats.steps + 1,
             "reads": {"layers": dict(streams.reader.counts) if streams else {},
                       "experts": dict(streams.experts.reader.counts) if streams and streams.experts else {}},
@@ -223,6 +224,7 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, help="rows in flight (default: every prompt in one batch)")
     parser.add_argument("--skip-accelerate", action="store_true")
     parser.add_argument("--experts-prefetch", type=int, help="offload.prefetch for the experts-apart side")
     parser.add_argument("--only", choices=["experts apart", "whole layers"], help="one runner side")
@@ -240,8 +242,8 @@ def main() -> int:
     weights, dense, experts = budget(folder)
     print(f"Qwen3-MoE-shaped checkpoint (transformers-written): dense {dense / MB:.0f} MiB, experts "
           f"{experts / MB:.0f} MiB; budget for weights {weights / MB:.0f} MiB (dense + a quarter of the experts); "
-          f"{args.prompts} prompts x {args.new_tokens} new tokens, one batch", flush=True)
-    shape = dict(folder=str(folder), rows=args.prompts, batch=args.prompts, prompt_tokens=args.prompt_tokens,
+          f"{args.prompts} prompts x {args.new_tokens} new tokens, batches of {args.batch or args.prompts}", flush=True)
+    shape = dict(folder=str(folder), rows=args.prompts, batch=args.batch or args.prompts, prompt_tokens=args.prompt_tokens,
                  new_tokens=args.new_tokens, threads=args.threads)
     out: dict = {}
     lines: list[str] = []

@@ -73,13 +73,19 @@ def dispatch(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger, *, of
 
 def _route_streamed_experts(model: nn.Module, streamed: dict[str, DiskBlock], experts: RoutedExperts) -> None:
     """Each ``Experts`` list holding streamed experts tells ``experts`` which of them a forward routes to, in the
-    order it runs them, so they are read ahead of their turn."""
+    order it runs them, so they are read ahead of their turn; and when it is done, so that the next list's are
+    read while the layers between run."""
+    lists = []
     for name, module in model.named_modules():
         if isinstance(module, Experts):
             own = {i: streamed[f"{name}.{i}"] for i in range(len(module)) if f"{name}.{i}" in streamed}
             if own:
-                module.on_route = lambda routed, own=own: experts.route([own[i] for i in routed if i in own])
-                module.on_done = lambda own=own: experts.layer_done(list(own.values()))
+                lists.append((module, own))
+    for (module, own), (_, upcoming) in zip(lists, [*lists[1:], (None, {})]):
+        module.on_route = lambda routed, own=own: experts.route([own[i] for i in routed if i in own],
+                                                               share=sum(i in own for i in routed) / len(own))
+        module.on_done = lambda own=own, upcoming=upcoming: experts.layer_done(list(own.values()),
+                                                                               list(upcoming.values()))
 
 
 def _load_block(plan: LoadPlan, block: Block, checkpoint: Checkpoint, ledger: MemoryLedger,

@@ -291,6 +291,9 @@ class Prefetcher:
         return aligned_buffer(self.buffer_bytes, pin=block.device.type == "cuda")
 
 
+GUESS_ALL = 0.9  # a layer that routed to this share of its streamed experts has the next read ahead before routing
+
+
 class RoutedExperts(Prefetcher):
     """Experts streamed from disk: read only when a token is routed to them. The layer names its routed experts
     before it runs them (``route``), and the next ``depth`` of those are read while one computes. Alone, each is
@@ -309,6 +312,8 @@ class RoutedExperts(Prefetcher):
         self.cached_buffers: dict[str, torch.Tensor | None] = {}
         self.cached_total = 0
         self.hits = self.misses = 0
+        self.routed_share = 0.0  # of the last layer's streamed experts, the share it routed to
+        self.unused_bytes = 0    # read ahead for a layer on a guess, and not routed to
         if depth > 1:  # small reads: several at once keep the device's queue full (runner.plan.experts)
             self.pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="experts")
         # Read from the device even when cached: an expert's neighbours in the file are experts too, and using
@@ -325,10 +330,23 @@ class RoutedExperts(Prefetcher):
         # path for every expert, so an expert computes the same whichever micro-batch brought it in. Experts kept
         # in the cache keep theirs.
         self.extra_buffers = max(per_layer.values(), default=1) - 1 + self.cache_bytes // max(self.buffer_bytes, 1)
-    def route(self, blocks: list[DiskBlock]) -> None:
-        """These experts run next, in this order: start reading the first of them."""
-        self.queue = blocks
+    def route(self, blocks: list[DiskBlock], share: float = 0.0) -> None:
+        """These experts run next, in this order (``share``: of the layer's streamed experts): start reading the
+        first of them. Reads guessed ahead for this layer that it does not route to are let go."""
+        wanted = {b.name for b in blocks}
+        for name in [n for n in self.pending if n not in wanted]:
+            self._let_go(name)
+        self.queue, self.routed_share = blocks, share
         self._read_ahead(blocks[:self.depth])
+
+    def _let_go(self, name: str) -> None:
+        """A read guessed ahead and not wanted: finished, and its buffer and bytes given back."""
+        buffer, _, _ = self.pending.pop(name).result()
+        if buffer is not None:
+            self.free_buffers.append(buffer)
+        nbytes = self.blocks[self.index[name]].nbytes
+        self.ledger.release(self.compute, nbytes)
+        self.unused_bytes += nbytes
 
     def before(self, block: DiskBlock) -> None:
         if block.name in self.held or block.name not in self.cached:
@@ -376,17 +394,21 @@ class RoutedExperts(Prefetcher):
                 self.free_buffers.append(buffer)
             self.ledger.release(self.compute, nbytes)
 
-    def layer_done(self, experts: list[DiskBlock]) -> None:
-        """The layer holding ``experts`` has run once more: after its K-th run in a column, its experts go."""
-        if self.sharing == 1:
-            return
-        key = experts[0].name
-        self.layer_runs[key] = self.layer_runs.get(key, 0) + 1
-        if self.layer_runs[key] >= self.sharing:
+    def layer_done(self, experts: list[DiskBlock], upcoming: list[DiskBlock]) -> None:
+        """The layer holding ``experts`` has run once more: after its K-th run in a column, its experts go. Then,
+        when it routed to nearly all of them (many rows in flight), the next layer will too: the first of its
+        streamed experts (``upcoming``) are read while the layers between run."""
+        if self.sharing > 1:
+            key = experts[0].name
+            self.layer_runs[key] = self.layer_runs.get(key, 0) + 1
+            if self.layer_runs[key] < self.sharing:
+                return
             del self.layer_runs[key]
             for block in experts:
                 if block.name in self.held:
                     self._drop(block)
+        if self.routed_share >= GUESS_ALL:
+            self._read_ahead(upcoming[:self.depth])
 
 
 def streamed_blocks(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger, *, folder: Path,

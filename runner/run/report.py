@@ -101,7 +101,7 @@ def report_document(result: Loaded) -> dict:
 def experts_document(experts: RoutedExperts) -> dict:
     """Streamed experts so far: how many were read in and their bytes, and how often the cache spared a read."""
     routed = experts.hits + experts.misses
-    return {"loads": experts.loads, "bytes_read": experts.loaded_bytes,
+    return {"loads": experts.loads, "bytes_read": experts.loaded_bytes, "bytes_read_unused": experts.unused_bytes,
             "cache": {"bytes": experts.cache_bytes, "hits": experts.hits, "misses": experts.misses,
                       "hit_rate": round(experts.hits / routed, 4) if routed else 0.0}}
 
