@@ -137,19 +137,21 @@ def accelerate_side(args: dict) -> dict:
     load_s = time.perf_counter() - start
     from runner.infer.generate import left_pad
 
-    input_ids, mask = left_pad([tuple(p) for p in ids], 0)
-    longest = input_ids.shape[1]
     begin = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(input_ids, attention_mask=mask, max_new_tokens=args["new_tokens"],
-                             min_new_tokens=args["new_tokens"], do_sample=False, pad_token_id=0)
+    tokens, first = 0, []
+    for start in range(0, len(ids), args["batch"]):  # the runner's rows in flight, batch by batch
+        input_ids, mask = left_pad([tuple(p) for p in ids[start:start + args["batch"]]], 0)
+        longest = input_ids.shape[1]
+        with torch.inference_mode():
+            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=args["new_tokens"],
+                                 min_new_tokens=args["new_tokens"], do_sample=False, pad_token_id=0)
+        tokens += (out.shape[1] - longest) * out.shape[0]
+        first += [out[i, longest:longest + 6].tolist() for i in range(out.shape[0])]
     generate_s = time.perf_counter() - begin
-    tokens = (out.shape[1] - longest) * len(ids)
     placed = getattr(model, "hf_device_map", {})
     return {"load_s": load_s, "generate_s": generate_s, "tokens": tokens,
             "tokens_per_s": tokens / (load_s + generate_s), "peak_rss": tb.peak_rss(),
-            "on_disk": sum(1 for d in placed.values() if d == "disk"),
-            "first": [out[i, longest:longest + 6].tolist() for i in range(2)]}
+            "on_disk": sum(1 for d in placed.values() if d == "disk"), "first": first[:2]}
 
 
 def child(side: str, args: dict) -> None:
