@@ -233,6 +233,7 @@ def main() -> int:
     parser.add_argument("--cgroup-gb", type=float, help="every side's memory cgroup in GB (default: the runner's "
                                                         "max_memory.cpu for this shape + 0.6 GB)")
     parser.add_argument("--sim-gpus", action="store_true", help="also both runner sides over sim_2gpu and the CPU")
+    parser.add_argument("--sim-only", action="store_true", help="with --sim-gpus: only those")
     parser.add_argument("--work", type=Path, default=Path("/tmp/moe-bench"))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -249,9 +250,12 @@ def main() -> int:
                  new_tokens=args.new_tokens, threads=args.threads)
     out: dict = {}
     lines: list[str] = []
-    for label, gpu_bytes in [("cpu", 0)] + ([("sim_2gpu", weights // 4)] if args.sim_gpus else []):
+    # sim_2gpu: each GPU holds half the dense parts and a sixteenth of the experts, beside its reserves (activations
+    # of the batch's prefill, logits, expert staging: ~260 MiB at 64 x 32); the CPU an eighth of the experts.
+    sim = ("sim_2gpu", dense // 2 + experts // 16 + 260 * MB)
+    for label, gpu_bytes in ([("cpu", 0)] if not args.sim_only else []) + ([sim] if args.sim_gpus else []):
         results: dict = {}
-        cpu_weights = weights - 2 * gpu_bytes
+        cpu_weights = weights if not gpu_bytes else experts // 8
         for name, apart in (("experts apart", True), ("whole layers", False)):
             if args.only and name != args.only:
                 continue
@@ -264,7 +268,8 @@ def main() -> int:
                 results[name] = cap
                 continue
             side["cap"] = cap["cap"]
-            limit = int(args.cgroup_gb * GB) if args.cgroup_gb else cap["cap"] + tb.SLACK
+            # Simulated GPUs are the process's own memory: their budgets count in the group too.
+            limit = int(args.cgroup_gb * GB) if args.cgroup_gb else cap["cap"] + 2 * gpu_bytes + tb.SLACK
             results[name] = run("runner", side, limit)
             if label == "cpu" and name == "experts apart":
                 out["cgroup_limit"] = limit

@@ -145,6 +145,12 @@ def _dense_then_experts(request: PlanRequest) -> Plan:
     reserves = merge_reserves(request.reserves, map_reserves(device_map, request.blocks, request.kv_bytes,
                                                              request.main_device, request.prefetch,
                                                              request.micro_batches))
+    main = next(d for d in request.devices if d.name == request.main_device)
+    if held and room_left(main, loads[main.name], reserves) < 0:
+        left = room_left(main, loads[main.name], reserves) + held
+        raise PlanError(f"{main.name}: reading experts in from disk needs {format_bytes(held)} there (the running one "
+                        f"and {experts_ahead(request.prefetch)} read ahead), and {format_bytes(max(left, 0))} is left "
+                        f"after its reserves; raise it ({cap_override(main.name)}) or lower offload.prefetch")
     used = set(device_map.values()) | ({request.main_device} if "disk" in device_map.values() else set())
     return Plan(device_map, loads, {d: r for d, r in reserves.items() if d in used}, request.strategy)
 
