@@ -230,3 +230,11 @@ def test_experts_read_in_stay_in_the_room_the_plan_left_free(moe, tmp_path):
     assert errors == []
     experts = json.loads((tmp_path / "run" / "report.json").read_text())["experts"]
     assert experts["loads"] > 0 and experts["cache"]["hits"] > 0 and 0 < experts["cache"]["hit_rate"] < 1
+
+
+def test_a_main_device_without_room_to_read_experts_into_is_one_line():
+    with pytest.raises(PlanError) as raised:
+        plan(gpu=5, cpu=100)
+    assert raised.value.lines == ("cuda:0: reading experts in from disk needs 8 B there (the running one and 0 read "
+                                  "ahead), and 5 B is left after its reserves; raise it (+max_memory.0=<size>) or "
+                                  "lower offload.prefetch",)
