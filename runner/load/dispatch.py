@@ -64,6 +64,9 @@ def dispatch(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger, *, of
         target = torch_device(plan.compute[block.name].device, hardware)
         if block.name not in by_name:
             _load_block(plan, block, checkpoint, ledger, target, private)
+        if block.expert and block.name not in by_name and target == torch_device(
+                plan.compute[block.within].device, hardware):
+            continue  # resident where its layer computes: its inputs are there already, no hook to pay per call
         streams = prefetcher.experts if block.expert and block.name in by_name else prefetcher
         _install_hooks(model.get_submodule(block.name), target, by_name.get(block.name), streams)
     for alias, owner in layout.ties.items():  # the owner is loaded by now, wherever it lives
