@@ -7,6 +7,7 @@ accelerate) and their children import what they measure, when they measure it.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -320,3 +321,25 @@ def gb(n: float | None) -> str:
 
 def ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or not b else f"{a / b:.2f}x"
+
+
+def run_child(script: str, side: str, args: dict, group_name: str, limit: int | None, tail: int = 2000) -> dict:
+    """``script --child side args`` in a fresh process, in a memory group of ``limit`` bytes when given (its record
+    under ``cgroup``); the child's ``RESULT`` line, or an ``error`` with its exit code and last output."""
+    cmd = [sys.executable, script, "--child", side, json.dumps(args)]
+    group = MemoryGroup(group_name, limit) if limit else None
+    if group:
+        with group:
+            if group.warning:
+                print(group.warning, flush=True)
+            proc = subprocess.run(group.wrap(cmd), capture_output=True, text=True)
+    else:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    memory = {"cgroup": group.record()} if group else {}
+    if group:
+        print(f"  {side}: {group.describe()}", flush=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return {**json.loads(line[7:]), **memory}
+    killed = " (OOM-killed in its memory cgroup)" if group and group.usage and group.usage.oom_kills else ""
+    return {"error": f"exit code {proc.returncode}{killed}: " + (proc.stderr or proc.stdout)[-tail:], **memory}

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py (which puts this checkout's runner first)
 import hf_checkpoint  # noqa: E402
 import throughput_bench as tb  # noqa: E402
-from common import GB, MemoryGroup, evict, quiet  # noqa: E402
+from common import GB, evict, quiet, run_child  # noqa: E402
 
 NAME = "qwen3moe"
 VOCAB = 32000
@@ -50,10 +51,7 @@ def budget(folder: Path) -> tuple[int, int, int]:
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(file, "pt") as f:
             for key in f.keys():
-                shape = f.get_slice(key).get_shape()
-                n = 4
-                for d in shape:
-                    n *= d
+                n = 4 * math.prod(f.get_slice(key).get_shape())  # fp32
                 if ".experts." in key:
                     experts += n
                 else:
@@ -162,25 +160,9 @@ def child(side: str, args: dict) -> None:
 
 def run(side: str, args: dict, limit: int | None) -> dict:
     """One side in a fresh process, in a memory group of ``limit`` bytes when given; its RESULT."""
-    import subprocess
-
     Path(args["work"]).mkdir(parents=True, exist_ok=True)
     evict(Path(args["folder"]), Path(args["work"]))
-    cmd = [sys.executable, __file__, "--child", side, json.dumps(args)]
-    group = MemoryGroup(f"moe-{side}", limit) if limit else None
-    if group:
-        with group:
-            if group.warning:
-                print(group.warning, flush=True)
-            proc = subprocess.run(group.wrap(cmd), capture_output=True, text=True)
-    else:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    memory = {"cgroup": group.record()} if group else {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return {**json.loads(line[7:]), **memory}
-    killed = " (OOM-killed in its memory cgroup)" if group and group.usage and group.usage.oom_kills else ""
-    return {"error": f"exit code {proc.returncode}{killed}: " + (proc.stderr or proc.stdout)[-1500:], **memory}
+    return run_child(__file__, side, args, f"moe-{side}", limit, tail=1500)
 
 
 def verdict(ok: bool, text: str) -> str:

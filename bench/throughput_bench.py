@@ -38,14 +38,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py (which puts this checkout's runner first)
 import hf_checkpoint  # noqa: E402
-from common import GB, RUNTIME_ALLOWANCE, MemoryGroup, evict, files_under, quiet  # noqa: E402
+from common import GB, RUNTIME_ALLOWANCE, evict, files_under, quiet, run_child  # noqa: E402
 
 WEIGHTS_BUDGET = 1 << 30
 SLACK = RUNTIME_ALLOWANCE  # the issue's "+ 0.6 GB" of runtime above the budget, the KV cache and two blocks
@@ -190,23 +189,7 @@ def run(side: str, folder: Path, work: Path, **args) -> dict:
 def _child(side: str, args: dict, limit: int | None) -> dict:
     """``--child side args`` in a fresh process (in a memory group of ``limit`` bytes, if given); its RESULT."""
     evict(Path(args["folder"]), Path(args["work"]))
-    cmd = [sys.executable, __file__, "--child", side, json.dumps(args)]
-    group = MemoryGroup(f"throughput-{side}", limit) if limit else None
-    if group:
-        with group:
-            if group.warning:
-                print(group.warning, flush=True)
-            proc = subprocess.run(group.wrap(cmd), capture_output=True, text=True)
-    else:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    memory = {"cgroup": group.record()} if group else {}
-    if group:
-        print(f"  {side}: {group.describe()}", flush=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return {**json.loads(line[7:]), **memory}
-    killed = " (OOM-killed in its memory cgroup)" if group and group.usage and group.usage.oom_kills else ""
-    return {"error": f"exit code {proc.returncode}{killed}: " + (proc.stderr or proc.stdout)[-2000:], **memory}
+    return run_child(__file__, side, args, f"throughput-{side}", limit)
 
 
 def main() -> None:

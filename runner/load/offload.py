@@ -159,14 +159,16 @@ class Prefetcher:
     so a model called again and again (generation) never waits for its first disk block.
     """
 
-    def __init__(self, blocks: list[DiskBlock], depth: int, ledger: MemoryLedger, compute: str, direct: bool = True):
+    def __init__(self, blocks: list[DiskBlock], depth: int, ledger: MemoryLedger, compute: str, direct: bool = True,
+                 *, readers: int = 1, use_cache: bool = True):
+        """``readers``: threads reading ahead; ``use_cache``: use bytes already in the page cache (``SpanReader``)."""
         self.blocks, self.depth, self.ledger, self.compute = blocks, depth, ledger, compute
-        self.reader = SpanReader(direct)
+        self.reader = SpanReader(direct, use_cache)
         cuda = next((b.device for b in blocks if b.device.type == "cuda"), None)
         self.stream = torch.cuda.Stream(cuda) if cuda is not None else None  # host-to-device copies, off the compute
         self.index = {b.name: i for i, b in enumerate(blocks)}
         self.pending: dict[str, Future] = {}
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if depth else None
+        self.pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="prefetch") if depth else None
         # depth + 1 read buffers, the size of the biggest block, made on first use and reused: pinned for CUDA.
         self.buffer_bytes = max((b.reads.nbytes for b in blocks if b.reads), default=0)
         self.free_buffers: list[torch.Tensor] = []
@@ -305,7 +307,11 @@ class RoutedExperts(Prefetcher):
 
     def __init__(self, blocks: list[DiskBlock], depth: int, ledger: MemoryLedger, compute: str, direct: bool = True,
                  cache_bytes: int = 0):
-        super().__init__(blocks, depth, ledger, compute, direct)
+        # Small reads: several at once keep the device's queue full (runner.plan.experts). Read from the device even
+        # when cached: an expert's neighbours in the file are experts too, and using cached pages sets off readahead
+        # into them, which grows the page cache expert by expert under a memory limit that then evicts resident
+        # weights.
+        super().__init__(blocks, depth, ledger, compute, direct, readers=max(depth, 1), use_cache=False)
         on_cpu = all(b.device.type == "cpu" for b in blocks)
         self.cache_bytes = cache_bytes if on_cpu else 0
         self.cached: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()  # name -> its tensors, oldest first
@@ -314,12 +320,6 @@ class RoutedExperts(Prefetcher):
         self.hits = self.misses = 0
         self.routed_share = 0.0  # of the last layer's streamed experts, the share it routed to
         self.unused_bytes = 0    # read ahead for a layer on a guess, and not routed to
-        if depth > 1:  # small reads: several at once keep the device's queue full (runner.plan.experts)
-            self.pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="experts")
-        # Read from the device even when cached: an expert's neighbours in the file are experts too, and using
-        # cached pages sets off readahead into them, which grows the page cache expert by expert under a memory
-        # limit that then evicts resident weights.
-        self.reader = SpanReader(direct, use_cache=False)
         self.queue: list[DiskBlock] = []
         self.layer_runs: dict[str, int] = {}  # a layer's first expert -> forwards through the layer in this column
         per_layer: dict[str, int] = {}
@@ -330,6 +330,7 @@ class RoutedExperts(Prefetcher):
         # path for every expert, so an expert computes the same whichever micro-batch brought it in. Experts kept
         # in the cache keep theirs.
         self.extra_buffers = max(per_layer.values(), default=1) - 1 + self.cache_bytes // max(self.buffer_bytes, 1)
+
     def route(self, blocks: list[DiskBlock], share: float = 0.0) -> None:
         """These experts run next, in this order (``share``: of the layer's streamed experts): start reading the
         first of them. Reads guessed ahead for this layer that it does not route to are let go."""

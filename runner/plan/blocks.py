@@ -72,7 +72,7 @@ class ModelLayout:
 
     @property
     def has_experts(self) -> bool:
-        return any(b.expert for b in self.blocks)
+        return bool(self.expert_names)
 
     @functools.cached_property
     def expert_names(self) -> frozenset[str]:
@@ -150,9 +150,9 @@ def _split(module: nn.Module, name: str, no_split: set[str], experts_apart: bool
 
 def _apart_from_experts(module: nn.Module, name: str, slots: tuple[str, ...]) -> list[Block]:
     """An unsplittable module as one block, less the members of its ``Experts`` lists: a block each, after it."""
-    experts = [Block(f"{name}.{path}.{i}" if name else f"{path}.{i}", type(member).__name__, 0,
-                     tuple(_slots(member, f"{name}.{path}.{i}" if name else f"{path}.{i}")), within=name,
-                     share=m.per_token / len(m))
+    prefix = f"{name}." if name else ""
+    experts = [Block(f"{prefix}{path}.{i}", type(member).__name__, 0, tuple(_slots(member, f"{prefix}{path}.{i}")),
+                     within=name, share=m.per_token / len(m))
                for path, m in module.named_modules() if isinstance(m, Experts) and path for i, member in enumerate(m)]
     if not experts:
         return [Block(name, type(module).__name__, 0, slots)]

@@ -187,7 +187,7 @@ def _place_experts(request: PlanRequest, experts: list[Block], loads: dict[str, 
         if block.name in request.pins:
             placed[block.name] = request.pins[block.name]
             room[placed[block.name]] -= block.nbytes
-    over = [d for d, left in room.items() if left < 0 and d in {placed[b.name] for b in experts if b.name in placed}]
+    over = [d for d, left in room.items() if left < 0 and d in set(placed.values())]
     if over:
         raise PlanError(f"{over[0]}: the experts pinned there need {format_bytes(-room[over[0]])} more than the room "
                         f"the dense parts leave; pin fewer experts there or raise it ({cap_override(over[0])})")
