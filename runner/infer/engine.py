@@ -33,6 +33,7 @@ from runner.infer.embed import Encoder, Pooling, embed, encoder
 from runner.infer.generate import Completion, GenerationStats, Request, generate
 from runner.infer.model import CausalLM, causal_lm, context_length
 from runner.infer.pipelined import PipelinedLM
+from runner.infer.prefixes import PREFIX_POSITIONS, PrefixCache
 from runner.infer.prompts import encode_prompts, fit, fit_tokens, plan_inputs
 from runner.infer.sampling import SamplingParams
 from runner.load.memory import plan_held
@@ -67,6 +68,7 @@ class Engine:
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="runner-"))
         self.launch = launch
         self.stats = GenerationStats()
+        self.prefixes = PrefixCache(PREFIX_POSITIONS)  # prompt prefixes' keys and values, kept across calls
         planned, self._tokenizer = Engine.plan(config, self.run_dir, launch, tokenizer=False)
         self._headers = planned.checkpoint
         self.config = planned.config
@@ -211,7 +213,7 @@ class Engine:
         runtime = self.config.runtime
         return generate(self.lm, self.tokenizer, requests, params, batch_size=runtime.batch_size,
                         micro_batches=runtime.micro_batches, seed=self.config.seed, stats=self.stats,
-                        streams=self.streams, stagger=self.stagger)
+                        streams=self.streams, stagger=self.stagger, room=self.seq_len, prefixes=self.prefixes)
 
     def score_batch(self, requests: list[ScoreRequest]) -> list[Score]:
         """Scoring: one forward over the batch, each request's log-likelihood."""

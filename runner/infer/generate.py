@@ -1,16 +1,23 @@
-"""Batched generation: prompts sorted by length into batches, left-padded, decoded step by step over a KV cache.
+"""Batched generation with continuous batching: rows in flight stay full until the requests run out.
 
-Each batch is prefilled in one forward (after the prefix all its prompts share, such as a chat template's
-system turn, prefilled once and copied to every row), then every step feeds one token per row. With
-micro-batches, K batches decode together as a column: each step runs all of them through each block
-while it is in (``runner.infer.column``). A row that stops
-(end of sequence, a stop token or string, or ``max_new_tokens``) leaves the batch: its cache rows are
-dropped, so it costs nothing more. Results come back in input order.
+Requests wait longest first. A batch takes as many as it has free rows; they are prefilled apart (in groups of
+similar length, so little padding is computed, after the prefix they share: ``runner.infer.prefixes``), and
+their keys and values are written into the batch's free rows, right-aligned on the columns the running rows span
+(``KVCache.place``). Every decode step then feeds one token per row. A row that stops (end of sequence, a stop
+token or string, or ``max_new_tokens``) frees its row; once an eighth of a batch's rows are free (half, with
+weights streamed in, where every refill forward reads them all), the next waiting requests take them. When no
+request waits, finished rows leave the batch and cost nothing more. Results come back in input order; each
+request's tokens depend only on its prompt and its own seeded sampler, not on the rows beside it.
+
+With micro-batches, K batches decode together as a column: each step runs all of them through each block while
+it is in (``runner.infer.column``). A cache that cannot take rows in place (a transformers one) runs its batches
+one after another instead: each is filled once, prefix shared within it, and drains.
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -19,15 +26,21 @@ import torch
 
 from runner.infer.column import Call, Streams, column
 from runner.infer.finite import check_rows
-from runner.infer.model import Cache, CausalLM
+from runner.infer.model import Cache, CausalLM, SlotCache
+from runner.infer.prefixes import PrefixCache, shared_prefix
 from runner.infer.sampling import SamplingParams, choose, request_generator
 from runner.infer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
-# A shared prefix shorter than this is recomputed per row: one more forward would cost more than it saves.
-SHARED_PREFIX_MIN = 16
+# A batch is refilled once 1/REFILL_SHARE of its rows are free: each refill is one more forward (one more read of
+# every streamed weight, hence the smaller share when weights stream in).
+REFILL_SHARE, STREAMED_REFILL_SHARE = 8, 2
+# A prefill forward's fixed cost, in padded token rows: splitting a fill into groups of like length pays when it
+# saves more padding than this per extra forward (SmolLM2 on 2 cores: a forward of 64 rows x 1 token ~ 30 ms of
+# weight traffic, ~30 tokens' compute).
+SPLIT_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -59,7 +72,10 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     steps: int = 0                 # decode forwards
-    decode_rows: int = 0           # rows those forwards computed: finished rows leave the batch
+    decode_rows: int = 0           # rows those forwards computed for a request still going
+    refills: int = 0               # fills of a batch that was already running
+    prefix_lookups: int = 0        # groups of prompts that asked the job's prefix cache
+    prefix_hits: int = 0           # ... and found a prefix kept from an earlier group
 
 
 @dataclass
@@ -97,24 +113,56 @@ class _Row:
 @torch.inference_mode()
 def generate(lm: CausalLM, tokenizer: Tokenizer, requests: list[Request], params: SamplingParams, *,
              batch_size: int, seed: int, stats: GenerationStats | None = None, micro_batches: int = 1,
-             streams: Streams | None = None, stagger: int = 0) -> list[Completion]:
-    """Every request's completion, in input order. Batches hold ``batch_size`` requests of similar length; with
-    ``micro_batches`` K > 1, K batches decode together as a column, each streamed block brought in (by ``streams``)
-    once per step for all of them, or, with ``stagger`` > 0, as a pipeline over the GPUs (``runner.infer.column``)."""
+             streams: Streams | None = None, stagger: int = 0, room: int | None = None,
+             prefixes: PrefixCache | None = None) -> list[Completion]:
+    """Every request's completion, in input order.
+
+    Args:
+        batch_size: rows a batch holds; with ``micro_batches`` K > 1, K batches decode together as a column, each
+            streamed block brought in (by ``streams``) once per step for all of them, or, with ``stagger`` > 0, as a
+            pipeline over the GPUs (``runner.infer.column``).
+        room: positions each row may use in the cache (the plan's ``runtime.seq_len``); more than a request needs
+            lets the batch's columns run on longer before they are compacted.
+        prefixes: the job's prefix cache, kept across calls (default: none kept).
+    """
     stats = stats if stats is not None else GenerationStats()
+    if not requests:
+        return []
     stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else tokenizer.eos_ids)
     seed = params.seed if params.seed is not None else seed
-    by_length = sorted(requests, key=lambda r: (len(r.tokens), r.index))
+    span = max(len(r.tokens) for r in requests) + params.max_new_tokens
+    capacity = max(span, min(room or span, 2 * span))
+    decoding = _Decoding(lm, tokenizer, params, stop_ids, stats, _Schedule(streams, stagger),
+                         prefixes if prefixes is not None else PrefixCache(0),
+                         split_tokens=SPLIT_TOKENS if streams is None else 1 << 30)
+    # Longest first: a request that joins later fits within the columns the running rows already span.
+    waiting = deque(_Row(r, request_generator(seed, r.index)) for r in sorted(requests, key=lambda r: (-len(r.tokens), r.index)))
+    refill_at = max(1, batch_size // (REFILL_SHARE if streams is None else STREAMED_REFILL_SHARE))
+    batches = [_MicroBatch(lm.new_cache(capacity)) for _ in range(micro_batches)]
     done: dict[int, Completion] = {}
-    per_column = batch_size * micro_batches
-    for first in range(0, len(by_length), per_column):
-        rows = [_Row(r, request_generator(seed, r.index)) for r in by_length[first:first + per_column]]
-        micro = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-        _decode_column(lm, tokenizer, micro, params, stop_ids, stats, _Schedule(streams, stagger))
-        for row in rows:
-            done[row.request.index] = row.completion(tokenizer)
-        log.info("%d batch(es) of up to %d: %d new tokens", len(micro), batch_size, sum(len(r.tokens) for r in rows))
+    while True:
+        fills = []
+        for b in batches:
+            free = batch_size - b.live
+            if waiting and (not b.live or (isinstance(b.cache, SlotCache) and free >= refill_at)):
+                if not b.live:
+                    b.reset(lm.new_cache(capacity))
+                fills.append((b, [waiting.popleft() for _ in range(min(free, len(waiting)))]))
+        if fills:
+            decoding.fill(fills)
+        for b in batches:
+            done.update((row.request.index, row.completion(tokenizer)) for row in b.release())
+            if not waiting:
+                b.drop_free()
+        running = [b for b in batches if b.live]
+        if not running:
+            if waiting:
+                continue
+            break
+        decoding.step(running)
     stats.requests += len(requests)
+    log.info("%d request(s) in batches of up to %d: %d new tokens", len(requests), batch_size,
+             sum(len(c.output_tokens) for c in done.values()))
     return [done[r.index] for r in requests]
 
 
@@ -126,92 +174,249 @@ class _Schedule:
     stagger: int
 
     def run(self, lm: CausalLM, calls: list[Call]) -> list[torch.Tensor]:
-        return column(lm, calls, self.streams, self.stagger)
+        return column(lm, calls, self.streams, self.stagger) if calls else []
+
+
+class _MicroBatch:
+    """One batch of a column: its rows (None: a finished row's, free), their cache, and the attention mask over
+    the cache's columns (1: a real token of that row)."""
+
+    def __init__(self, cache: Cache):
+        self.reset(cache)
+
+    def reset(self, cache: Cache) -> None:
+        self.cache = cache
+        self.rows: list[_Row | None] = []
+        self.mask: torch.Tensor | None = None
+
+    @property
+    def live(self) -> int:
+        """Rows still decoding."""
+        return sum(1 for r in self.rows if r is not None)
+
+    def going(self) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if r is not None and r.reason is None]
+
+    def release(self) -> list[_Row]:
+        """The rows that stopped; their rows are free."""
+        out = []
+        for i, r in enumerate(self.rows):
+            if r is not None and r.reason is not None:
+                out.append(r)
+                self.rows[i] = None
+        return out
+
+    def drop_free(self) -> None:
+        """Free rows leave the batch, and their cache rows with them: no request waits for them."""
+        kept = [i for i, r in enumerate(self.rows) if r is not None]
+        if len(kept) < len(self.rows):
+            keep = torch.tensor(kept, dtype=torch.long)
+            self.cache.keep(keep)
+            self.rows = [self.rows[i] for i in kept]
+            self.mask = self.mask[keep] if self.mask is not None else None
+
+    def make_room(self, n: int) -> None:
+        """Enough free rows for ``n`` new requests: new rows past the end when the free ones are too few (only in a
+        batch's first fill, before its cache has rows: a refill takes free rows only)."""
+        free = sum(1 for r in self.rows if r is None)
+        self.rows.extend([None] * max(0, n - free))
+
+    def slots_for(self, n: int) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if r is None][:n]
+
+    def rebase(self, width: int) -> None:
+        """Every row right-aligned on ``width`` columns, cache and mask alike (``SlotCache.rebase``)."""
+        assert isinstance(self.cache, SlotCache) and self.mask is not None
+        length = self.mask.shape[1]
+        self.cache.rebase(width)
+        kept = min(length, width)
+        mask = self.mask.new_zeros(self.mask.shape[0], width)
+        mask[:, width - kept:] = self.mask[:, length - kept:]
+        self.mask = mask
+
+    def compact(self) -> None:
+        """Drop the leading columns no running row uses, so the next token has a column."""
+        going = self.going()
+        width = int(self.mask[torch.tensor(going)].sum(1).max()) if going and self.mask is not None else 0
+        self.rebase(width)
+
+    def place(self, group: _Group, slots: list[int]) -> None:
+        """A group prefilled apart takes ``slots``: its rows' real tokens right-aligned on the cache's length."""
+        assert isinstance(self.cache, SlotCache)
+        width = group.width
+        if self.cache.length and width > self.cache.length:
+            self.rebase(width)
+        rows = len(self.rows)
+        self.cache.place(group.cache, torch.tensor(slots), group.columns(), rows)
+        length = self.cache.length
+        mask = torch.zeros(rows, length, dtype=torch.long)
+        if self.mask is not None:
+            mask[:self.mask.shape[0], length - self.mask.shape[1]:] = self.mask
+        for slot, row, n in zip(slots, group.rows, group.lengths()):
+            self.rows[slot] = row
+            mask[slot] = 0
+            mask[slot, length - n:] = 1
+        self.mask = mask
 
 
 @dataclass
-class _MicroBatch:
-    """One batch of a column: the rows still decoding, their cache, and their attention mask so far."""
+class _Group:
+    """Requests prefilled together: left-padded after the prefix they share, in a cache of their own (or, for a
+    cache that cannot take rows in place, the batch's own)."""
 
     rows: list[_Row]
-    cache: Cache
-    mask: torch.Tensor | None = None
+    prefix: int = 0                # leading tokens every row shares, computed once
+    cache: Cache | None = None
+
+    @property
+    def prompts(self) -> list[tuple[int, ...]]:
+        return [r.request.tokens for r in self.rows]
+
+    @property
+    def width(self) -> int:
+        return max(len(p) for p in self.prompts)
+
+    def lengths(self) -> list[int]:
+        return [len(p) for p in self.prompts]
+
+    def call(self, pad_id: int) -> Call:
+        ids, mask = left_pad([p[self.prefix:] for p in self.prompts], pad_id)
+        mask = torch.cat([mask.new_ones(len(self.rows), self.prefix), mask], dim=1)  # the prefix, then each row's own
+        return Call(ids, mask, self.cache, logits_to_keep=1)
+
+    def columns(self) -> torch.Tensor:
+        """``[rows, width]``: for each row, the cache columns of its real tokens, right-aligned (the prefix, then
+        its own tokens after its padding); the columns before a shorter row's first are never read."""
+        width, out = self.width, []
+        for n in self.lengths():
+            own = torch.arange(width - (n - self.prefix), width)
+            out.append(torch.cat([torch.zeros(width - n, dtype=torch.long), torch.arange(self.prefix), own]))
+        return torch.stack(out)
 
 
-def _decode_column(lm: CausalLM, tokenizer: Tokenizer, micro: list[list[_Row]], params: SamplingParams,
-                   stop_ids: frozenset[int], stats: GenerationStats, schedule: _Schedule) -> None:
-    start = time.perf_counter()
-    prompts = [[r.request.tokens for r in rows] for rows in micro]
-    capacity = max(len(p) for ps in prompts for p in ps) + params.max_new_tokens
-    batches = [_MicroBatch(rows, lm.new_cache(capacity)) for rows in micro]
-    shared = shared_prefix([p for ps in prompts for p in ps])
-    if shared:  # computed once per batch (a chat template's system turn), then copied to every row
-        prefix = torch.tensor([prompts[0][0][:shared]])
-        schedule.run(lm, [Call(prefix, cache=b.cache, logits_to_keep=1) for b in batches])
-        for b in batches:
-            b.cache.repeat_rows(len(b.rows))
-        stats.prefix_tokens_reused += shared * (sum(len(b.rows) for b in batches) - len(batches))
-    calls = []
-    for b, ps in zip(batches, prompts):
-        ids, mask = left_pad([p[shared:] for p in ps], tokenizer.pad_id or 0)
-        b.mask = torch.cat([mask.new_ones(len(ps), shared), mask], dim=1)  # the prefix, then each row's own tokens
-        calls.append(Call(ids, b.mask, b.cache, logits_to_keep=1))
-    outputs = schedule.run(lm, calls)
-    stats.batches += len(batches)
-    stats.prompt_tokens += sum(len(p) for ps in prompts for p in ps)
-    stats.prefill_s += time.perf_counter() - start
-    start = time.perf_counter()
-    while True:
+class _Decoding:
+    """What a generate call does to its batches: fill them (prefill) and step them (decode)."""
+
+    def __init__(self, lm: CausalLM, tokenizer: Tokenizer, params: SamplingParams, stop_ids: frozenset[int],
+                 stats: GenerationStats, schedule: _Schedule, prefixes: PrefixCache, *, split_tokens: int):
+        self.lm, self.tokenizer, self.params, self.stop_ids = lm, tokenizer, params, stop_ids
+        self.stats, self.schedule, self.prefixes, self.split_tokens = stats, schedule, prefixes, split_tokens
+
+    def fill(self, fills: list[tuple[_MicroBatch, list[_Row]]]) -> None:
+        """Prefill each batch's new rows, choose their first tokens, and put them in the batch."""
+        start = time.perf_counter()
+        groups = []
+        for b, rows in fills:
+            self.stats.batches += 1
+            self.stats.refills += bool(b.live)
+            slots = isinstance(b.cache, SlotCache)
+            b.make_room(len(rows))
+            parts = like_lengths(rows, self.split_tokens) if slots else [rows]
+            groups += [(b, _Group(part, cache=None if slots else b.cache)) for part in parts]
+        self._prefixes(groups)
+        for _, g in groups:
+            if g.cache is None:
+                g.cache = self.lm.new_cache(g.width)
+        outputs = self.schedule.run(self.lm, [g.call(self.tokenizer.pad_id or 0) for _, g in groups])
+        for (b, g), logits in zip(groups, outputs):
+            self._choose(g.rows, list(range(len(g.rows))), logits)
+            if g.cache is b.cache:  # filled in place
+                b.rows, b.mask = list(g.rows), g.call(0).attention_mask
+            else:
+                b.place(g, b.slots_for(len(g.rows)))
+        self.stats.prompt_tokens += sum(len(r.request.tokens) for _, rows in fills for r in rows)
+        self.stats.prefill_s += time.perf_counter() - start
+
+    def _prefixes(self, groups: list[tuple[_MicroBatch, _Group]]) -> None:
+        """Each group's shared prefix: kept from an earlier group, or computed once now (one row) and kept."""
+        computing: dict[tuple[int, ...], Cache] = {}
         calls = []
-        for b, logits in zip(batches, outputs):
-            check_rows(logits[:, -1], lambda row, b=b: _rerun(lm, b.rows[row]), "the next-token logits")
-            chosen = _next_tokens(b, logits, params, stop_ids, tokenizer)
-            if b.rows:
-                assert b.mask is not None
-                b.mask = torch.cat([b.mask, b.mask.new_ones(len(b.rows), 1)], dim=1)
-                calls.append(Call(torch.tensor(chosen)[:, None], b.mask, b.cache, logits_to_keep=1))
-        batches = [b for b in batches if b.rows]
-        if not batches:
-            break
-        outputs = schedule.run(lm, calls)
-        stats.steps += 1
-        stats.decode_rows += sum(len(b.rows) for b in batches)
-    stats.output_tokens += sum(len(r.tokens) for rows in micro for r in rows)
-    stats.decode_s += time.perf_counter() - start
+        for b, g in groups:
+            prompts = g.prompts
+            if g.cache is None:
+                self.stats.prefix_lookups += 1
+                found = self.prefixes.find(prompts)
+                if found is not None:
+                    self.stats.prefix_hits += 1
+                    tokens, cache = found
+                    g.prefix, g.cache = len(tokens), cache.seeded(len(g.rows), g.width)
+                    self.stats.prefix_tokens_reused += len(tokens) * len(g.rows)
+                    continue
+            shared = shared_prefix(prompts)
+            if not shared:
+                continue
+            tokens = prompts[0][:shared]
+            g.prefix = shared
+            self.stats.prefix_tokens_reused += shared * (len(g.rows) - 1)
+            if g.cache is not None:  # the batch's own cache: the prefix row goes there
+                calls.append(Call(torch.tensor([tokens]), cache=g.cache, logits_to_keep=1))
+            elif tokens not in computing:
+                computing[tokens] = self.lm.new_cache(shared)
+                calls.append(Call(torch.tensor([tokens]), cache=computing[tokens], logits_to_keep=1))
+        self.schedule.run(self.lm, calls)
+        for b, g in groups:
+            if not g.prefix:
+                continue
+            if g.cache is b.cache:  # a cache that cannot take rows in place: the prefix row, repeated
+                b.cache.repeat_rows(len(g.rows))
+            elif g.cache is None:
+                tokens = g.prompts[0][:g.prefix]
+                self.prefixes.keep(tokens, computing[tokens])
+                g.cache = computing[tokens].seeded(len(g.rows), g.width)
+
+    def step(self, running: list[_MicroBatch]) -> None:
+        """One decode step: a token for every running row."""
+        start = time.perf_counter()
+        calls = []
+        for b in running:
+            assert b.mask is not None
+            if isinstance(b.cache, SlotCache) and b.cache.length + 1 > b.cache.capacity:
+                b.compact()
+            b.mask = torch.cat([b.mask, b.mask.new_ones(len(b.rows), 1)], dim=1)
+            pad = self.tokenizer.pad_id or 0
+            tokens = [r.tokens[-1] if r is not None else pad for r in b.rows]
+            calls.append(Call(torch.tensor(tokens)[:, None], b.mask, b.cache, logits_to_keep=1))
+        outputs = self.schedule.run(self.lm, calls)
+        for b, logits in zip(running, outputs):
+            going = b.going()
+            self.stats.decode_rows += len(going)
+            self._choose([b.rows[i] for i in going], going, logits)  # type: ignore[misc]
+        self.stats.steps += 1
+        self.stats.decode_s += time.perf_counter() - start
+
+    def _choose(self, rows: list[_Row], at: list[int], logits: torch.Tensor) -> None:
+        """Each row's next token, from its row ``at`` of ``logits``."""
+        last = logits[:, -1]
+        if len(at) < last.shape[0]:
+            last = last[torch.tensor(at, device=last.device)]
+        check_rows(last, lambda k: _rerun(self.lm, rows[k]), "the next-token logits")
+        chosen = choose(last.float().cpu(), self.params, [r.generator for r in rows])
+        for row, token in zip(rows, chosen):
+            row.add(token, self.params, self.stop_ids, self.tokenizer)
+
+
+def like_lengths(rows: list[_Row], split_tokens: int) -> list[list[_Row]]:
+    """``rows`` sorted by prompt length and cut into groups, each prefilled as one left-padded forward: the cut
+    that computes the fewest padded token rows, counting ``split_tokens`` for each forward."""
+    rows = sorted(rows, key=lambda r: (len(r.request.tokens), r.request.index))
+    lengths = [len(r.request.tokens) for r in rows]
+    best = [0] + [1 << 62] * len(rows)  # best[j]: the cost of the first j rows
+    cut = [0] * (len(rows) + 1)
+    for j in range(1, len(rows) + 1):
+        for i in range(j):  # the last group is rows[i:j], padded to the longest, lengths[j - 1]
+            cost = best[i] + (j - i) * lengths[j - 1] + split_tokens
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(rows)
+    while j:
+        groups.append(rows[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
 
 
 def _rerun(lm: CausalLM, row: _Row) -> Callable[[], torch.Tensor]:
     """One row's forward again, alone and without a cache: its prompt and what it generated so far."""
     return lambda: lm(torch.tensor([row.request.tokens + tuple(row.tokens)]))
-
-
-def _next_tokens(batch: _MicroBatch, logits: torch.Tensor, params: SamplingParams, stop_ids: frozenset[int],
-                 tokenizer: Tokenizer) -> list[int]:
-    """Each row's next token; rows that stop leave the batch, and their cache rows with them. The tokens of the
-    rows still going, in their order."""
-    chosen = choose(logits[:, -1].float().cpu(), params, [r.generator for r in batch.rows])
-    for row, token in zip(batch.rows, chosen):
-        row.add(token, params, stop_ids, tokenizer)
-    going = [i for i, r in enumerate(batch.rows) if r.reason is None]
-    if going and len(going) < len(batch.rows):
-        keep = torch.tensor(going)
-        batch.cache.keep(keep)
-        assert batch.mask is not None
-        batch.mask = batch.mask[keep]
-    batch.rows = [batch.rows[i] for i in going]
-    return [chosen[i] for i in going]
-
-
-def shared_prefix(prompts: list[tuple[int, ...]], least: int = SHARED_PREFIX_MIN) -> int:
-    """How many leading tokens every prompt of the batch shares, when at least ``least`` and the batch has two
-    prompts or more; else 0. Each row keeps one token of its own, whose logits start its completion."""
-    if len(prompts) < 2:
-        return 0
-    first, shortest = prompts[0], min(len(p) for p in prompts) - 1
-    n = 0
-    while n < shortest and all(p[n] == first[n] for p in prompts):
-        n += 1
-    return n if n >= least else 0
 
 
 def left_pad(sequences: list[tuple[int, ...]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

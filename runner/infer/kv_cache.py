@@ -53,6 +53,46 @@ class LayerCache:
         if self.keys is not None and self.values is not None:
             self.keys, self.values = self.keys.repeat(n, 1, 1, 1), self.values.repeat(n, 1, 1, 1)
 
+    def place(self, source: LayerCache, slots: torch.Tensor, columns: torch.Tensor, rows: int) -> None:
+        """Source row i's columns ``columns[i]`` become this cache's last ``w`` columns of row ``slots[i]``
+        (``columns`` is ``[n, w]``). A cache not yet written is made here with ``rows`` rows, its length ``w``."""
+        assert source.keys is not None and source.values is not None
+        n, w = columns.shape
+        if self.keys is None:
+            shape = (rows, source.keys.shape[1], self.capacity, source.keys.shape[3])
+            # zeros, not empty: a free slot's columns are never read for a real row, but stay finite
+            self.keys = source.keys.new_zeros(shape)
+            self.values = source.values.new_zeros(shape)
+            self.length = w
+        assert self.values is not None and w <= self.length
+        index = columns.to(source.keys.device)[:, None, :, None].expand(n, source.keys.shape[1], w, source.keys.shape[3])
+        slots = slots.to(self.keys.device)
+        self.keys[slots, :, self.length - w:self.length] = source.keys.gather(2, index)
+        self.values[slots, :, self.length - w:self.length] = source.values.gather(2, index)
+
+    def rebase(self, width: int) -> None:
+        """Every row's last ``min(length, width)`` columns moved to end at column ``width``, the new length:
+        fewer columns drop leading ones no row uses, more add room on the left for a longer prompt."""
+        if width > self.capacity:
+            raise GenerateError(f"the KV cache holds {self.capacity} positions and a row needs {width}; "
+                                "lower the prompt length or max_new_tokens, or raise runtime.seq_len")
+        kept = min(self.length, width)
+        if self.keys is not None and self.values is not None and kept and width != self.length:
+            for t in (self.keys, self.values):
+                t[:, :, width - kept:width] = t[:, :, self.length - kept:self.length].clone()
+        self.length = width
+
+    def seeded(self, rows: int, capacity: int) -> LayerCache:
+        """A new cache of ``rows`` rows whose first columns hold this one-row cache's (a shared prefix)."""
+        out = LayerCache(capacity)
+        if self.keys is not None and self.values is not None:
+            shape = (rows, self.keys.shape[1], capacity, self.keys.shape[3])
+            out.keys, out.values = self.keys.new_empty(shape), self.values.new_empty(shape)
+            out.keys[:, :, :self.length] = self.keys[:, :, :self.length]
+            out.values[:, :, :self.length] = self.values[:, :, :self.length]
+        out.length = self.length
+        return out
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
@@ -82,6 +122,23 @@ class KVCache:
     def repeat_rows(self, n: int) -> None:
         for layer in self._layers.values():
             layer.repeat_rows(n)
+
+    def place(self, source: KVCache, slots: torch.Tensor, columns: torch.Tensor, rows: int) -> None:
+        """Continuous batching: new requests' keys and values (``source``, prefilled apart) written into free rows
+        (``slots``), right-aligned on this cache's length (``LayerCache.place``)."""
+        for index, layer in source._layers.items():
+            self.layer(index).place(layer, slots, columns, rows)
+
+    def rebase(self, width: int) -> None:
+        """Right-align every row on ``width`` columns (``LayerCache.rebase``)."""
+        for layer in self._layers.values():
+            layer.rebase(width)
+
+    def seeded(self, rows: int, capacity: int) -> KVCache:
+        """A cache of ``rows`` rows, each starting with this one-row cache's positions (a prefix they share)."""
+        out = KVCache(capacity)
+        out._layers = {i: layer.seeded(rows, capacity) for i, layer in self._layers.items()}
+        return out
 
     @property
     def nbytes(self) -> int:

@@ -8,7 +8,7 @@ wrapped in ``TransformersLM`` and generates through its own ``past_key_values``.
 from __future__ import annotations
 
 import inspect
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -25,6 +25,20 @@ class Cache(Protocol):
     def keep(self, rows: torch.Tensor) -> None: ...
 
     def repeat_rows(self, n: int) -> None: ...
+
+
+@runtime_checkable
+class SlotCache(Cache, Protocol):
+    """A cache whose rows are slots (continuous batching): a finished row's slot takes the keys and values of a
+    request prefilled apart, right-aligned on the cache's length (``runner.infer.kv_cache.KVCache``)."""
+
+    capacity: int  # positions each row can hold
+
+    def place(self, source: Any, slots: torch.Tensor, columns: torch.Tensor, rows: int) -> None: ...
+
+    def rebase(self, width: int) -> None: ...
+
+    def seeded(self, rows: int, capacity: int) -> Any: ...
 
 
 @runtime_checkable
