@@ -53,6 +53,11 @@ class ColumnLM(Protocol):
 class Streams(Protocol):
     """What brings streamed blocks in (``runner.load.offload.Prefetcher``): it can keep each load for K uses."""
 
+    @property
+    def streaming(self) -> bool:
+        """Whether a forward brings weights in at all."""
+        ...
+
     def shared_by(self, micro_batches: int) -> AbstractContextManager[None]: ...
 
 

@@ -132,12 +132,13 @@ def generate(lm: CausalLM, tokenizer: Tokenizer, requests: list[Request], params
     seed = params.seed if params.seed is not None else seed
     span = max(len(r.tokens) for r in requests) + params.max_new_tokens
     capacity = max(span, min(room or span, 2 * span))
+    streamed = streams is not None and streams.streaming
     decoding = _Decoding(lm, tokenizer, params, stop_ids, stats, _Schedule(streams, stagger),
                          prefixes if prefixes is not None else PrefixCache(0),
-                         split_tokens=SPLIT_TOKENS if streams is None else 1 << 30)
+                         split_tokens=1 << 30 if streamed else SPLIT_TOKENS)
     # Longest first: a request that joins later fits within the columns the running rows already span.
     waiting = deque(_Row(r, request_generator(seed, r.index)) for r in sorted(requests, key=lambda r: (-len(r.tokens), r.index)))
-    refill_at = max(1, batch_size // (REFILL_SHARE if streams is None else STREAMED_REFILL_SHARE))
+    refill_at = max(1, batch_size // (STREAMED_REFILL_SHARE if streamed else REFILL_SHARE))
     batches = [_MicroBatch(lm.new_cache(capacity)) for _ in range(micro_batches)]
     done: dict[int, Completion] = {}
     while True:

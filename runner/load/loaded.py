@@ -16,6 +16,7 @@ from runner.load.build import build_skeleton
 from runner.load.dispatch import dispatch
 from runner.load.memory import MemoryLedger, plan_held, reset_peak_rss, transients_unmapped
 from runner.load.offload import Prefetcher
+from runner.load.packed import pack_linears
 from runner.plan.blocks import ModelLayout
 from runner.plan.planned import Planned, offload_folder, timed
 from runner.plan.room import room_left
@@ -57,6 +58,13 @@ def load(planned: Planned, run_dir: Path) -> Loaded:
             streams = dispatch(planned, checkpoint, ledger, offload_folder=offload_folder(cfg, run_dir),
                                prefetch=cfg.placement.prefetch, direct_io=cfg.placement.direct_io,
                                expert_cache=max(spare, 0))  # the room the plan left free
+        if not streams.streaming and "cpu" in planned.hardware.names:  # the room left is not the experts' cache
+            cpu = planned.hardware.get("cpu")
+            blocks = {b for b, c in planned.compute.items()
+                      if c.device == "cpu" and planned.check.block_devices.get(b) == "cpu"}
+            room = room_left(cpu, planned.check.loads.get("cpu", 0), planned.plan.reserves)
+            pack_linears(planned.model, planned.layout, cpu_blocks=blocks, room=room, ledger=ledger,
+                         rows=cfg.runtime.rows_in_flight)
     fields = {k: getattr(planned, k) for k in Planned.__dataclass_fields__}
     return Loaded(**{**fields, "checkpoint": checkpoint, "keys": keys}, ledger=ledger, baseline_rss=baseline,
                      streams=streams)

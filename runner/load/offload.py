@@ -185,6 +185,11 @@ class Prefetcher:
         self.loaded_bytes = 0           # and their bytes
         self.experts: RoutedExperts | None = None  # experts streamed on demand, apart from the forward order
 
+    @property
+    def streaming(self) -> bool:
+        """Whether a forward brings weights in at all (nothing does when every block is resident)."""
+        return bool(self.blocks) or self.experts is not None
+
     @contextlib.contextmanager
     def shared_by(self, micro_batches: int) -> Iterator[None]:
         """Within this block, each streamed block brought in serves ``micro_batches`` forwards before it is dropped:
