@@ -134,6 +134,7 @@ class RuntimeSpec:
     log_every: float = 30.0  # seconds between progress lines off a terminal
     micro_batches: int = 1  # generation: batches decoded together, each streamed block loaded once for all of them
     deterministic: bool = True  # torch's deterministic algorithms where it has them: a replay gives the same bytes
+    prefix_cache: int | None = None  # generation: positions of shared prompt prefixes kept across the job; None: auto
 
     @property
     def rows_in_flight(self) -> int:
@@ -275,7 +276,8 @@ def _typed(c: dict[str, Any]) -> RunConfig:
         seed=c["seed"],
         runtime=RuntimeSpec(int(c["runtime"]["batch_size"]), _whole(c["runtime"]["seq_len"]),
                             float(c["runtime"]["log_every"]), int(c["runtime"]["micro_batches"]),
-                            bool(c["runtime"].get("deterministic", True))),
+                            bool(c["runtime"].get("deterministic", True)),
+                            _whole(c["runtime"].get("prefix_cache"))),
         data=_data(c["data"]),
         resume=c["resume"],
         force=bool(c.get("force", False)),

@@ -33,7 +33,7 @@ from runner.infer.embed import Encoder, Pooling, embed, encoder
 from runner.infer.generate import Completion, GenerationStats, Request, generate
 from runner.infer.model import CausalLM, causal_lm, context_length
 from runner.infer.pipelined import PipelinedLM
-from runner.infer.prefixes import PREFIX_POSITIONS, PrefixCache
+from runner.infer.prefixes import PrefixCache
 from runner.infer.prompts import encode_prompts, fit, fit_tokens, plan_inputs
 from runner.infer.sampling import SamplingParams
 from runner.load.memory import plan_held
@@ -68,9 +68,10 @@ class Engine:
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="runner-"))
         self.launch = launch
         self.stats = GenerationStats()
-        self.prefixes = PrefixCache(PREFIX_POSITIONS)  # prompt prefixes' keys and values, kept across calls
         planned, self._tokenizer = Engine.plan(config, self.run_dir, launch, tokenizer=False)
         self._headers = planned.checkpoint
+        # prompt prefixes' keys and values, kept across calls in the room the plan leaves for them
+        self.prefixes = PrefixCache(planned.prefixes.positions if planned.prefixes else 0)
         self.config = planned.config
         self.model = planned.model
         (self._encoder if isinstance(config.task, EmbedTask) else self._lm)()  # the wrong model fails before loading

@@ -11,7 +11,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-PREFIX_POSITIONS = 1024  # positions of prefixes kept across a job (one row each)
 # A shared prefix shorter than this is recomputed per row: one more forward would cost more than it saves.
 SHARED_PREFIX_MIN = 16
 

@@ -28,12 +28,14 @@ SAMPLE = 1 << 20  # a cheap hash reads this much at the start, middle and end of
 
 
 def manifest(config: RunConfig, *, checkpoint: dict[str, Any], hardware: Hardware, tokenizer: Tokenizer | None,
-             device_map: dict[str, str]) -> dict[str, Any]:
-    """The manifest of a run; ``checkpoint`` is the checkpoint's fingerprint (source, revision, files)."""
+             device_map: dict[str, str], dtype: str) -> dict[str, Any]:
+    """The manifest of a run; ``checkpoint`` is the checkpoint's fingerprint (source, revision, files); ``dtype``
+    the type it computed in (``dtype: auto`` resolves by hardware, and a replay pins what the run chose)."""
     full = config.full_hash
     return {
         "config": config.resolved,
         "overrides": list(config.overrides),
+        "dtype": dtype,
         "cwd": os.getcwd(),  # relative paths in the config (data.path, checkpoint.path) are read from here
         "runner": {"version": runner.__version__, **git_commit(Path(runner.__file__).parent)},
         "versions": versions(),

@@ -58,11 +58,12 @@ def load(planned: Planned, run_dir: Path) -> Loaded:
             streams = dispatch(planned, checkpoint, ledger, offload_folder=offload_folder(cfg, run_dir),
                                prefetch=cfg.placement.prefetch, direct_io=cfg.placement.direct_io,
                                expert_cache=max(spare, 0))  # the room the plan left free
-        if not streams.streaming and "cpu" in planned.hardware.names:  # the room left is not the experts' cache
+        if cfg.task.decodes and not streams.streaming and "cpu" in planned.hardware.names:  # nor the experts' room
             cpu = planned.hardware.get("cpu")
             blocks = {b for b, c in planned.compute.items()
                       if c.device == "cpu" and planned.check.block_devices.get(b) == "cpu"}
             room = room_left(cpu, planned.check.loads.get("cpu", 0), planned.plan.reserves)
+            room -= planned.prefixes.nbytes if planned.prefixes else 0  # the prefix cache's, first
             pack_linears(planned.model, planned.layout, cpu_blocks=blocks, room=room, ledger=ledger,
                          rows=cfg.runtime.rows_in_flight)
     fields = {k: getattr(planned, k) for k in Planned.__dataclass_fields__}

@@ -5,9 +5,11 @@ every call, which at decode sizes (tens of rows) costs about as much as the prod
 reordered weight (``torch.ops.mkldnn._reorder_linear_weight``) and multiply against it directly. On 2 AVX2 cores, a
 SmolLM2 decode step at 64 rows then runs its projections ~1.3x faster and its 49k-word head ~2x.
 
-The packed weight is a second copy, so it is made only where the plan leaves room for it: blocks that compute on
-the CPU, resident (nothing streamed in per forward), in float32, while the CPU's free room after weights and
-reserves holds them. The original weight stays for everything else that reads it (a tied embedding, scoring).
+The packed weight is a second copy, so it is made only where it pays and the plan leaves room for it: generation
+with at least ``PACK_ROWS`` rows in flight (one row's products are bound by reading the weight, packed or not),
+blocks that compute on the CPU, resident (nothing streamed in per forward), in float32, while the CPU's free room
+after weights and reserves holds them. The original weight stays for everything else that reads it (a tied
+embedding, scoring).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from runner.load.memory import MemoryLedger
 from runner.plan.blocks import ModelLayout
 
 log = logging.getLogger(__name__)
+PACK_ROWS = 16  # rows in flight from which packed products pay for their copy (SmolLM2, 2 AVX2 cores: ~1.3x at 64)
 
 
 class PackedLinear(nn.Linear):
@@ -40,7 +43,7 @@ def pack_linears(model: nn.Module, layout: ModelLayout, *, cpu_blocks: set[str],
                  ledger: MemoryLedger) -> int:
     """Pack the float32 linears of ``cpu_blocks`` (resident blocks that compute on the CPU), in forward order, while
     their packed copies fit in ``room`` bytes; each is booked on the ledger's CPU. The bytes packed."""
-    if not torch.backends.mkldnn.is_available() or room <= 0:
+    if not torch.backends.mkldnn.is_available() or room <= 0 or rows < PACK_ROWS:
         return 0
     packed = count = 0
     for linear in _linears(model, layout, cpu_blocks):

@@ -5,6 +5,7 @@ Used by ``mode=plan`` (``plan.json`` and the screen) and by the run report.
 from __future__ import annotations
 
 from runner.plan.planned import Planned
+from runner.plan.arithmetic import emulated_bf16_warning
 from runner.plan.blocks import ModelLayout
 from runner.plan.experts import expert_layers, expert_lines, experts_document
 from runner.plan.room import room_left
@@ -126,7 +127,10 @@ def explanation(planned: Planned) -> list[str]:
 def notices(planned: Planned) -> list[str]:
     """The must-notices that apply to this plan."""
     layout, plan, devices = planned.layout, planned.plan, planned.check.block_devices
-    out = []
+    out = [f"dtype: {str(planned.dtype).removeprefix('torch.')} ({planned.dtype_why})"] if planned.dtype_why else []
+    emulated = emulated_bf16_warning(planned.dtype, planned.hardware)
+    if emulated:
+        out.append(emulated)
     for block in layout.blocks:
         if block.tied_to:
             out.append(f"tied weights: {block.name} shares its weight with {block.tied_to}; both on "

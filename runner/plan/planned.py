@@ -24,6 +24,7 @@ from runner.load.build import build_skeleton, model_class, no_split_classes, res
 from runner.load.architecture import choose_model
 from runner.load.checkpoint import Checkpoint, KeyReport, check_keys, open_stored, seen_as
 from runner.load.checkpoint.synthetic import synthetic_checkpoint
+from runner.plan.arithmetic import auto_dtype, emulated_bf16_warning
 from runner.plan.blocks import ModelLayout, describe_model
 from runner.plan.compute import Compute, compute_plan, kv_where_computed
 from runner.plan.hardware import Hardware, detect_hardware, offload_folder_problem
@@ -38,6 +39,7 @@ from runner.run import launch as collective
 from runner.run.launch import Launch
 
 log = logging.getLogger(__name__)
+PREFIX_AUTO = 4096  # positions of prompt prefixes kept across a job when runtime.prefix_cache is null
 
 
 @dataclass
@@ -58,6 +60,8 @@ class Planned:
     keys: KeyReport | None
     timings: dict[str, float] = field(default_factory=dict)
     quantization: Quantization = Quantization(None)  # which weights are kept quantized, and as what
+    dtype_why: str = ""  # how the compute dtype was chosen (runner.plan.arithmetic)
+    prefixes: PrefixRoom | None = None  # generation's prefix cache, in the room the plan leaves free
 
 
 def open_source(cfg: RunConfig) -> tuple[RunConfig, Checkpoint | None]:
@@ -102,7 +106,11 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None, la
     if cfg.parallel.mode == "pipeline":  # this rank's stage only, from here on
         cfg, model, checkpoint = _pipeline_stage(cfg, model, checkpoint, launch)
     cfg = _within_context(cfg, context_length(model))
-    dtype = _compute_dtype(cfg, checkpoint)
+    hardware = detect_hardware(cfg.hardware, cfg.placement.max_memory, offload_folder(cfg, run_dir), launch)
+    dtype, dtype_why = _compute_dtype(cfg, checkpoint, hardware)
+    emulated = emulated_bf16_warning(dtype, hardware)
+    if emulated:
+        log.warning(emulated)
     with timed(timings, "build"):
         quantization = quantize_model(model, checkpoint, cfg.quantize, keep_gguf=cfg.dtype == "auto", dtype=dtype)
         checkpoint = quantization.wrap(checkpoint) if checkpoint is not None else None
@@ -111,7 +119,6 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None, la
         layout = describe_model(model, cfg.model.no_split_module_classes, dtype, cfg.placement.experts_apart)
         trace = forward_order(model, layout)
         layout = layout.in_order(trace.order)
-        hardware = detect_hardware(cfg.hardware, cfg.placement.max_memory, offload_folder(cfg, run_dir), launch)
         pins = resolve_pins(cfg.placement.device_map, layout, hardware)
 
         def request_for(shape: RuntimeSpec) -> PlanRequest:
@@ -156,8 +163,45 @@ def plan(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None = None, la
                                                                 request.kv_bytes))
         if quantization.kept:
             _check_quantized_on_cpu(compute, hardware, cfg.quantize)
+        prefixes = _prefix_positions(cfg, request, hardware, check.loads, the_plan.reserves)
     return Planned(cfg, model, dtype, hardware, layout, trace, request, the_plan, check, compute, checkpoint, keys,
-                   timings, quantization)
+                   timings, quantization, dtype_why, prefixes)
+
+
+def _prefix_positions(cfg: RunConfig, request: PlanRequest, hardware: Hardware, loads: dict[str, int],
+                      reserves: dict[str, dict[str, int]]) -> PrefixRoom:
+    """The positions of prompt prefixes generation keeps across the job (``runtime.prefix_cache``), in the room the
+    plan leaves free on the devices that compute: as set, or (null) what half that room holds, up to
+    ``PREFIX_AUTO``.
+
+    Raises:
+        PlanError: a set size whose keys and values do not fit that room.
+    """
+    runtime = cfg.runtime
+    assert runtime.seq_len is not None  # derived before planning
+    if not cfg.task.decodes or not request.kv_bytes or runtime.prefix_cache == 0:
+        return PrefixRoom(0, 0)
+    per_position = sum(request.kv_bytes.values()) / (runtime.rows_in_flight * runtime.seq_len)
+    free = sum(max(room_left(d, loads.get(d.name, 0), reserves), 0) for d in hardware.devices if d.kind != "disk")
+    fits = int(free // per_position)
+    if runtime.prefix_cache is None:
+        positions = min(PREFIX_AUTO, fits // 2)
+    elif runtime.prefix_cache > fits:
+        raise PlanError(f"runtime.prefix_cache: {runtime.prefix_cache} positions of prefix keys and values need "
+                        f"{format_bytes(runtime.prefix_cache * per_position)}, and the plan leaves "
+                        f"{format_bytes(free)} free beside weights and reserves ({fits} positions); lower "
+                        "runtime.prefix_cache (0: none kept), or raise max_memory")
+    else:
+        positions = runtime.prefix_cache
+    return PrefixRoom(positions, int(positions * per_position))
+
+
+@dataclass(frozen=True)
+class PrefixRoom:
+    """The job's prefix cache: positions, and the bytes of keys and values they take at most."""
+
+    positions: int
+    nbytes: int
 
 
 def _check_quantized_on_cpu(compute: dict[str, Compute], hardware: Hardware, setting: str | None) -> None:
@@ -290,15 +334,16 @@ def _shape_to_blame(request: PlanRequest, runtime: RuntimeSpec, fits: Callable[[
             f"{format_bytes(sum(d.budget for d in compute))} in all; {fix}")
 
 
-def _compute_dtype(cfg: RunConfig, checkpoint: Checkpoint | None) -> torch.dtype:
-    """``dtype: auto`` is the checkpoint's own (a synthetic one's is in its spec)."""
+def _compute_dtype(cfg: RunConfig, checkpoint: Checkpoint | None, hardware: Hardware) -> tuple[torch.dtype, str]:
+    """The compute dtype and why: as set, or for ``dtype: auto`` from the checkpoint's own (a synthetic one's is in
+    its spec) and the hardware (``runner.plan.arithmetic``)."""
     if cfg.dtype != "auto":
-        return getattr(torch, cfg.dtype)
+        return getattr(torch, cfg.dtype), f"set: dtype={cfg.dtype}"
     dtype = checkpoint.dtype if checkpoint else getattr(torch, cfg.checkpoint.dtype)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise CheckpointError(f"dtype: auto would compute in the checkpoint's {str(dtype).removeprefix('torch.')}, "
                               "which the runner does not run; set dtype=float32, float16 or bfloat16")
-    return dtype
+    return auto_dtype(dtype, hardware)
 
 
 @contextlib.contextmanager

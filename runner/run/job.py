@@ -200,7 +200,8 @@ def _write_reports(engine: Engine, run_dir: Path, job: dict[str, Any], config: R
                              parallel=parallel)
     return paths | write_manifest(run_dir, config, checkpoint=engine.loaded.checkpoint.fingerprint(),
                                   hardware=engine.loaded.hardware, tokenizer=engine.tokenizer,
-                                  device_map=device_map_document(engine.loaded)["device_map"])
+                                  device_map=device_map_document(engine.loaded)["device_map"],
+                                  dtype=str(engine.loaded.dtype).removeprefix("torch."))
 
 
 def _finish_share(launch: Launch, engine: Engine, run_dir: Path, stats: JobStats, share: Share,

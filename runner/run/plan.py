@@ -27,7 +27,8 @@ def run(config: RunConfig, run_dir: Path) -> tuple[str, dict[str, Path]]:
     checkpoint = planned.checkpoint
     paths = write_manifest(run_dir, config, checkpoint=checkpoint.fingerprint() if checkpoint else
                            {"source": config.checkpoint.source, "files": []}, hardware=planned.hardware,
-                           tokenizer=tokenizer, device_map=compact_map(planned.check.block_devices, planned.layout))
+                           tokenizer=tokenizer, device_map=compact_map(planned.check.block_devices, planned.layout),
+                           dtype=str(planned.dtype).removeprefix("torch."))
     if not config.task.decodes or config.mode != "plan":  # a decode step's cost is generation's
         return text, write_plan(planned, run_dir) | paths
     rates = measure_rates(planned, runner_cache())

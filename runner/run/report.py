@@ -132,6 +132,8 @@ def write_job_report(result: Loaded, run_dir: Path, job: dict, generation: Gener
 def generation_document(stats: GenerationStats) -> dict:
     decode_tokens = stats.output_tokens - (stats.requests if stats.output_tokens else 0)  # the first is prefill's
     return {**asdict(stats),
+            # groups of prompts prefilled after a prefix the job kept (None: the cache was never asked)
+            "prefix_hit_rate": round(stats.prefix_hits / stats.prefix_lookups, 4) if stats.prefix_lookups else None,
             "tokens_per_s": round(stats.output_tokens / max(stats.prefill_s + stats.decode_s, 1e-9), 2),
             "decode_tokens_per_s": round(decode_tokens / max(stats.decode_s, 1e-9), 2)}
 
