@@ -162,6 +162,7 @@ def generate(lm: CausalLM, tokenizer: Tokenizer, requests: list[Request], params
             break
         decoding.step(running)
     stats.requests += len(requests)
+    stats.output_tokens += sum(len(c.output_tokens) for c in done.values())
     log.info("%d request(s) in batches of up to %d: %d new tokens", len(requests), batch_size,
              sum(len(c.output_tokens) for c in done.values()))
     return [done[r.index] for r in requests]

@@ -39,6 +39,8 @@ from runner.run.job_stats import JobStats, format_job, format_lines, job_documen
 from runner.run.report import device_map_document, format_summary, write_job_report
 from runner.run.rows import Item, RowTask
 
+RUN_COLUMNS = 4  # generation: rows handed to one run of the task, in rows in flight (what waits to take a free row)
+
 
 @dataclass(frozen=True)
 class Role:
@@ -298,9 +300,11 @@ def _run_window(task: RowTask, window: list[Row], items: list[Item], bad: list[R
         if out.todo(row) and share.writes_bad_rows:
             out.put(row.number, task.error_line(row))
             stats.skipped += 1
-    # One run of the task takes every micro-batch of a column (generation), in length order. Every rank forms the
-    # same batches; each runs its share of them.
-    for batch in length_batches(items, config.runtime.rows_in_flight, length=lambda i: i.tokens, group=lambda i: i.group):
+    # One run of the task takes every micro-batch of a column (generation), in length order; for generation,
+    # RUN_COLUMNS columns' worth, so rows that finish early make room for waiting ones (continuous batching). Every
+    # rank forms the same batches; each runs its share of them.
+    rows = config.runtime.rows_in_flight * (RUN_COLUMNS if config.task.decodes else 1)
+    for batch in length_batches(items, rows, length=lambda i: i.tokens, group=lambda i: i.group):
         todo = [i for i in batch if out.todo(i.row)]
         if not share.take() or not todo:
             continue  # another rank's, or every row already written; a batch with one row to do runs whole
