@@ -329,6 +329,27 @@ def read_moe(raw: dict[str, Any]) -> dict[str, Figure]:
     return out
 
 
+def read_batch(raw: dict[str, Any]) -> dict[str, Figure]:
+    out: dict[str, Figure] = {}
+    results = raw.get("results", {})
+
+    def rate(job: str, side: str) -> float | None:
+        return results.get(job, {}).get(side, {}).get("tokens_per_s")
+
+    for job, target in (("ignore-eos/float32", "64 in flight, EOS ignored, fp32: >= 1.0x vLLM"),
+                        ("ignore-eos/bfloat16", "64 in flight, EOS ignored, bf16: >= 1.0x vLLM"),
+                        ("eos/float32", "64 prompts, EOS respected: >= 1.0x vLLM")):
+        ours, theirs = rate(job, "runner"), rate(job, "vllm")
+        if ours and theirs:
+            out[target] = at_least(ours / theirs, 1.0, f"{ours / theirs:.2f}x")
+    for job, need, target in (("eos/float32", 1.3, "64 prompts, EOS respected: >= 1.3x the runner before"),
+                              ("prefix/float32", 1.5, "512 prompts, one system prompt: >= 1.5x the runner before")):
+        ours, before = rate(job, "runner"), rate(job, "before")
+        if ours and before:
+            out[target] = at_least(ours / before, need, f"{ours / before:.2f}x")
+    return out
+
+
 # -- the benches, cheapest first ---------------------------------------------------------------------------------------
 
 BENCHES = [
@@ -371,6 +392,11 @@ BENCHES = [
     Bench("moe_bench", ("--prompts", "32", "--new-tokens", "8"),
           ("MoE: experts apart >= 3x Accelerate, both in a memory cgroup", "MoE: experts apart >= 1.5x whole layers",
            "MoE: the plan's prediction within 30%"), read_moe, needs=("accelerate", "transformers"), timeout_s=1800),
+    Bench("batch_bench", ("--repeats", "1", "--dtypes", "float32", "--eos-tokens", "128"),
+          ("64 in flight, EOS ignored, fp32: >= 1.0x vLLM", "64 in flight, EOS ignored, bf16: >= 1.0x vLLM",
+           "64 prompts, EOS respected: >= 1.0x vLLM", "64 prompts, EOS respected: >= 1.3x the runner before",
+           "512 prompts, one system prompt: >= 1.5x the runner before"), read_batch, needs=("transformers",),
+          timeout_s=1800),
     # the pipeline on the transformers-written gpt2-large the other benches wrote: no synthetic 3 GB to write
     Bench("parallel_bench", ("--quick", "--checkpoint", "hf-gpt2"),
           ("data parallel, 2 ranks >= 1.8x one process", "pipeline, 2 ranks >= 1.6x one process"), read_parallel,

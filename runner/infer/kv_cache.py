@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from runner.errors import GenerateError
+from runner.plan.arithmetic import cpu_bf16
 from runner.infer.column import Steps, run_steps
 
 
@@ -314,6 +315,8 @@ def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     the cache. The fused kernel walks (row, head) pairs one query at a time and costs ~1.5x this at 64 rows."""
     B, H, _, D = q.shape
     kv = k.shape[1]
+    if q.dtype in (torch.bfloat16, torch.float16) and not cpu_bf16():  # emulated half products: ~4x slower
+        return _one_query(q.float(), k.float(), v.float(), mask, scale).to(q.dtype)
     grouped = q.view(B, kv, H // kv, D)  # query heads that share a key head, side by side
     scores = torch.matmul(grouped, k.transpose(-1, -2)) * (scale if scale is not None else D ** -0.5)
     if mask is not None:  # [B, 1, 1, S] booleans: masked-out keys weigh nothing

@@ -30,6 +30,11 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX or AVX-512 BF16)."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
 def native_bf16(hardware: Hardware) -> tuple[bool, str]:
     """Whether the main device multiplies bf16 natively, and the evidence, in words."""
     main = hardware.get(hardware.main_device)
