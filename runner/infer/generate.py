@@ -153,7 +153,7 @@ def generate(lm: CausalLM, tokenizer: Tokenizer, requests: list[Request], params
             decoding.fill(fills)
         for b in batches:
             done.update((row.request.index, row.completion(tokenizer)) for row in b.release())
-            if not waiting:
+            if not waiting or not isinstance(b.cache, SlotCache):  # no request will take a free row
                 b.drop_free()
         running = [b for b in batches if b.live]
         if not running:
@@ -209,9 +209,10 @@ class _MicroBatch:
         return out
 
     def drop_free(self) -> None:
-        """Free rows leave the batch, and their cache rows with them: no request waits for them."""
+        """Free rows leave the batch, and their cache rows with them: no request waits for them. They leave an
+        eighth of the batch at a time (or all at once), so moving the rows that stay is paid rarely."""
         kept = [i for i, r in enumerate(self.rows) if r is not None]
-        if len(kept) < len(self.rows):
+        if len(self.rows) - len(kept) >= max(1, len(self.rows) // REFILL_SHARE) or not kept:
             keep = torch.tensor(kept, dtype=torch.long)
             self.cache.keep(keep)
             self.rows = [self.rows[i] for i in kept]

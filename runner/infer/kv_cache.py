@@ -44,10 +44,17 @@ class LayerCache:
         return self.keys[:, :, :end], self.values[:, :, :end]
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Drop the rows not listed (finished sequences), so they cost no more compute."""
+        """Drop the rows not listed (finished sequences), so they cost no more compute. The kept rows move to the
+        front of the same buffers, their written columns only: nothing is allocated at full capacity again."""
         if self.keys is not None and self.values is not None:
             rows = rows.to(self.keys.device)
-            self.keys, self.values = self.keys[rows], self.values[rows]
+            n = len(rows)
+            if n and bool((rows == torch.arange(n, device=rows.device)).all()):
+                self.keys, self.values = self.keys[:n], self.values[:n]  # already in front: a view
+                return
+            for t in (self.keys, self.values):
+                t[:n, :, :self.length] = t[rows, :, :self.length]  # gathered first, then written
+            self.keys, self.values = self.keys[:n], self.values[:n]
 
     def repeat_rows(self, n: int) -> None:
         """One cached row (a prefix every sequence shares) becomes ``n`` rows."""

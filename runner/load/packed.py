@@ -40,6 +40,8 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.weight.dtype or x.device.type != "cpu" or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
+        if x.dtype == self.packed.dtype:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.packed_bias, "none", [], "")
         out = torch.ops.mkldnn._linear_pointwise(x.to(self.packed.dtype), self.packed, self.packed_bias, "none", [], "")
         return out.to(x.dtype)
 
