@@ -56,7 +56,7 @@ def test_a_finished_rows_place_is_taken_and_every_row_gets_the_tokens_it_gets_al
 def test_columns_are_compacted_when_a_batch_runs_past_its_cache(tiny):
     """A long job in a small cache: the batch's columns run out many times over and are compacted each time."""
     params = SamplingParams(max_new_tokens=12, stop_token_ids=tuple(stop_tokens(tiny, PROMPTS, 12)))
-    requests = requests_of(tiny, PROMPTS * 3)
+    requests = requests_of(tiny, PROMPTS * 2)
     alone = generate(tiny.lm, tiny.tokenizer, requests, params, batch_size=1, seed=0)
     span = max(len(r.tokens) for r in requests) + 12
     together = generate(tiny.lm, tiny.tokenizer, requests, params, batch_size=4, seed=0, room=span)

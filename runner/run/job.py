@@ -303,7 +303,8 @@ def _run_window(task: RowTask, window: list[Row], items: list[Item], bad: list[R
     # One run of the task takes every micro-batch of a column (generation), in length order; for generation,
     # RUN_COLUMNS columns' worth, so rows that finish early make room for waiting ones (continuous batching). Every
     # rank forms the same batches; each runs its share of them.
-    rows = config.runtime.rows_in_flight * (RUN_COLUMNS if config.task.decodes else 1)
+    in_flight = config.runtime.rows_in_flight
+    rows = in_flight * (RUN_COLUMNS if config.task.decodes and in_flight > 1 else 1)  # one row in flight: no refill
     for batch in length_batches(items, rows, length=lambda i: i.tokens, group=lambda i: i.group):
         todo = [i for i in batch if out.todo(i.row)]
         if not share.take() or not todo:
