@@ -161,10 +161,10 @@ def generate(lm: CausalLM, tokenizer: Tokenizer, requests: list[Request], params
                 continue
             break
         decoding.step(running)
+    new_tokens = sum(len(c.output_tokens) for c in done.values())
     stats.requests += len(requests)
-    stats.output_tokens += sum(len(c.output_tokens) for c in done.values())
-    log.info("%d request(s) in batches of up to %d: %d new tokens", len(requests), batch_size,
-             sum(len(c.output_tokens) for c in done.values()))
+    stats.output_tokens += new_tokens
+    log.info("%d request(s) in batches of up to %d: %d new tokens", len(requests), batch_size, new_tokens)
     return [done[r.index] for r in requests]
 
 
@@ -320,11 +320,11 @@ class _Decoding:
         for _, g in groups:
             if g.cache is None:
                 g.cache = self.lm.new_cache(g.width)
-        outputs = self.schedule.run(self.lm, [g.call(self.tokenizer.pad_id or 0) for _, g in groups])
-        for (b, g), logits in zip(groups, outputs):
+        calls = [g.call(self.tokenizer.pad_id or 0) for _, g in groups]
+        for (b, g), call, logits in zip(groups, calls, self.schedule.run(self.lm, calls)):
             self._choose(g.rows, list(range(len(g.rows))), logits)
             if g.cache is b.cache:  # filled in place
-                b.rows, b.mask = list(g.rows), g.call(0).attention_mask
+                b.rows, b.mask = list(g.rows), call.attention_mask
             else:
                 b.place(g, b.slots_for(len(g.rows)))
         self.stats.prompt_tokens += sum(len(r.request.tokens) for _, rows in fills for r in rows)
