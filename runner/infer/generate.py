@@ -29,6 +29,7 @@ from runner.infer.finite import check_rows
 from runner.infer.model import Cache, CausalLM, SlotCache
 from runner.infer.prefixes import PrefixCache, shared_prefix
 from runner.infer.sampling import SamplingParams, choose, request_generator
+from runner.infer.slots import PrefillGroup, Slots, like_lengths
 from runner.infer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,14 @@ class _Row:
     text: str | None = None
     reason: FinishReason | None = None
 
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        return self.request.tokens
+
+    @property
+    def stopped(self) -> bool:
+        return self.reason is not None
+
     def add(self, token: int, params: SamplingParams, stop_ids: frozenset[int], tokenizer: Tokenizer) -> None:
         self.tokens.append(token)
         if token in stop_ids:
@@ -139,7 +148,7 @@ def generate(lm: CausalLM, tokenizer: Tokenizer, requests: list[Request], params
     # Longest first: a request that joins later fits within the columns the running rows already span.
     waiting = deque(_Row(r, request_generator(seed, r.index)) for r in sorted(requests, key=lambda r: (-len(r.tokens), r.index)))
     refill_at = max(1, batch_size // (STREAMED_REFILL_SHARE if streamed else REFILL_SHARE))
-    batches = [_MicroBatch(lm.new_cache(capacity)) for _ in range(micro_batches)]
+    batches: list[Slots[_Row]] = [Slots(lm.new_cache(capacity)) for _ in range(micro_batches)]
     done: dict[int, Completion] = {}
     while True:
         fills = []
@@ -179,124 +188,6 @@ class _Schedule:
         return column(lm, calls, self.streams, self.stagger) if calls else []
 
 
-class _MicroBatch:
-    """One batch of a column: its rows (None: a finished row's, free), their cache, and the attention mask over
-    the cache's columns (1: a real token of that row)."""
-
-    def __init__(self, cache: Cache):
-        self.reset(cache)
-
-    def reset(self, cache: Cache) -> None:
-        self.cache = cache
-        self.rows: list[_Row | None] = []
-        self.mask: torch.Tensor | None = None
-
-    @property
-    def live(self) -> int:
-        """Rows still decoding."""
-        return sum(1 for r in self.rows if r is not None)
-
-    def going(self) -> list[int]:
-        return [i for i, r in enumerate(self.rows) if r is not None and r.reason is None]
-
-    def release(self) -> list[_Row]:
-        """The rows that stopped; their rows are free."""
-        out = []
-        for i, r in enumerate(self.rows):
-            if r is not None and r.reason is not None:
-                out.append(r)
-                self.rows[i] = None
-        return out
-
-    def drop_free(self) -> None:
-        """Free rows leave the batch, and their cache rows with them: no request waits for them. They leave an
-        eighth of the batch at a time (or all at once), so moving the rows that stay is paid rarely."""
-        kept = [i for i, r in enumerate(self.rows) if r is not None]
-        if len(self.rows) - len(kept) >= max(1, len(self.rows) // REFILL_SHARE) or not kept:
-            keep = torch.tensor(kept, dtype=torch.long)
-            self.cache.keep(keep)
-            self.rows = [self.rows[i] for i in kept]
-            self.mask = self.mask[keep] if self.mask is not None else None
-
-    def make_room(self, n: int) -> None:
-        """Enough free rows for ``n`` new requests: new rows past the end when the free ones are too few (only in a
-        batch's first fill, before its cache has rows: a refill takes free rows only)."""
-        free = sum(1 for r in self.rows if r is None)
-        self.rows.extend([None] * max(0, n - free))
-
-    def slots_for(self, n: int) -> list[int]:
-        return [i for i, r in enumerate(self.rows) if r is None][:n]
-
-    def rebase(self, width: int) -> None:
-        """Every row right-aligned on ``width`` columns, cache and mask alike (``SlotCache.rebase``)."""
-        assert isinstance(self.cache, SlotCache) and self.mask is not None
-        length = self.mask.shape[1]
-        self.cache.rebase(width)
-        kept = min(length, width)
-        mask = self.mask.new_zeros(self.mask.shape[0], width)
-        mask[:, width - kept:] = self.mask[:, length - kept:]
-        self.mask = mask
-
-    def compact(self) -> None:
-        """Drop the leading columns no running row uses, so the next token has a column."""
-        going = self.going()
-        width = int(self.mask[torch.tensor(going)].sum(1).max()) if going and self.mask is not None else 0
-        self.rebase(width)
-
-    def place(self, group: _Group, slots: list[int]) -> None:
-        """A group prefilled apart takes ``slots``: its rows' real tokens right-aligned on the cache's length."""
-        assert isinstance(self.cache, SlotCache)
-        width = group.width
-        if self.cache.length and width > self.cache.length:
-            self.rebase(width)
-        rows = len(self.rows)
-        self.cache.place(group.cache, torch.tensor(slots), group.columns(), rows)
-        length = self.cache.length
-        mask = torch.zeros(rows, length, dtype=torch.long)
-        if self.mask is not None:
-            mask[:self.mask.shape[0], length - self.mask.shape[1]:] = self.mask
-        for slot, row, n in zip(slots, group.rows, group.lengths()):
-            self.rows[slot] = row
-            mask[slot] = 0
-            mask[slot, length - n:] = 1
-        self.mask = mask
-
-
-@dataclass
-class _Group:
-    """Requests prefilled together: left-padded after the prefix they share, in a cache of their own (or, for a
-    cache that cannot take rows in place, the batch's own)."""
-
-    rows: list[_Row]
-    prefix: int = 0                # leading tokens every row shares, computed once
-    cache: Cache | None = None
-
-    @property
-    def prompts(self) -> list[tuple[int, ...]]:
-        return [r.request.tokens for r in self.rows]
-
-    @property
-    def width(self) -> int:
-        return max(len(p) for p in self.prompts)
-
-    def lengths(self) -> list[int]:
-        return [len(p) for p in self.prompts]
-
-    def call(self, pad_id: int) -> Call:
-        ids, mask = left_pad([p[self.prefix:] for p in self.prompts], pad_id)
-        mask = torch.cat([mask.new_ones(len(self.rows), self.prefix), mask], dim=1)  # the prefix, then each row's own
-        return Call(ids, mask, self.cache, logits_to_keep=1)
-
-    def columns(self) -> torch.Tensor:
-        """``[rows, width]``: for each row, the cache columns of its real tokens, right-aligned (the prefix, then
-        its own tokens after its padding); the columns before a shorter row's first are never read."""
-        width, out = self.width, []
-        for n in self.lengths():
-            own = torch.arange(width - (n - self.prefix), width)
-            out.append(torch.cat([torch.zeros(width - n, dtype=torch.long), torch.arange(self.prefix), own]))
-        return torch.stack(out)
-
-
 class _Decoding:
     """What a generate call does to its batches: fill them (prefill) and step them (decode)."""
 
@@ -305,7 +196,7 @@ class _Decoding:
         self.lm, self.tokenizer, self.params, self.stop_ids = lm, tokenizer, params, stop_ids
         self.stats, self.schedule, self.prefixes, self.split_tokens = stats, schedule, prefixes, split_tokens
 
-    def fill(self, fills: list[tuple[_MicroBatch, list[_Row]]]) -> None:
+    def fill(self, fills: list[tuple[Slots[_Row], list[_Row]]]) -> None:
         """Prefill each batch's new rows, choose their first tokens, and put them in the batch."""
         start = time.perf_counter()
         groups = []
@@ -315,7 +206,7 @@ class _Decoding:
             slots = isinstance(b.cache, SlotCache)
             b.make_room(len(rows))
             parts = like_lengths(rows, self.split_tokens) if slots else [rows]
-            groups += [(b, _Group(part, cache=None if slots else b.cache)) for part in parts]
+            groups += [(b, PrefillGroup(part, cache=None if slots else b.cache)) for part in parts]
         self._prefixes(groups)
         for _, g in groups:
             if g.cache is None:
@@ -330,7 +221,7 @@ class _Decoding:
         self.stats.prompt_tokens += sum(len(r.request.tokens) for _, rows in fills for r in rows)
         self.stats.prefill_s += time.perf_counter() - start
 
-    def _prefixes(self, groups: list[tuple[_MicroBatch, _Group]]) -> None:
+    def _prefixes(self, groups: list[tuple[Slots[_Row], PrefillGroup[_Row]]]) -> None:
         """Each group's shared prefix: kept from an earlier group, or computed once now (one row) and kept."""
         computing: dict[tuple[int, ...], Cache] = {}
         calls = []
@@ -367,7 +258,7 @@ class _Decoding:
                 self.prefixes.keep(tokens, computing[tokens])
                 g.cache = computing[tokens].seeded(len(g.rows), g.width)
 
-    def step(self, running: list[_MicroBatch]) -> None:
+    def step(self, running: list[Slots[_Row]]) -> None:
         """One decode step: a token for every running row."""
         start = time.perf_counter()
         calls = []
@@ -398,37 +289,6 @@ class _Decoding:
             row.add(token, self.params, self.stop_ids, self.tokenizer)
 
 
-def like_lengths(rows: list[_Row], split_tokens: int) -> list[list[_Row]]:
-    """``rows`` sorted by prompt length and cut into groups, each prefilled as one left-padded forward: the cut
-    that computes the fewest padded token rows, counting ``split_tokens`` for each forward."""
-    rows = sorted(rows, key=lambda r: (len(r.request.tokens), r.request.index))
-    lengths = [len(r.request.tokens) for r in rows]
-    best = [0] + [1 << 62] * len(rows)  # best[j]: the cost of the first j rows
-    cut = [0] * (len(rows) + 1)
-    for j in range(1, len(rows) + 1):
-        for i in range(j):  # the last group is rows[i:j], padded to the longest, lengths[j - 1]
-            cost = best[i] + (j - i) * lengths[j - 1] + split_tokens
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], len(rows)
-    while j:
-        groups.append(rows[cut[j]:j])
-        j = cut[j]
-    return groups[::-1]
-
-
 def _rerun(lm: CausalLM, row: _Row) -> Callable[[], torch.Tensor]:
     """One row's forward again, alone and without a cache: its prompt and what it generated so far."""
     return lambda: lm(torch.tensor([row.request.tokens + tuple(row.tokens)]))
-
-
-def left_pad(sequences: list[tuple[int, ...]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, longest]`` ids right-aligned on ``pad_id``, and the mask of real tokens (1) against padding (0)."""
-    longest = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if s:
-            ids[i, longest - len(s):] = torch.tensor(s)
-            mask[i, longest - len(s):] = 1
-    return ids, mask
