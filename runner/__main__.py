@@ -34,6 +34,9 @@ def main() -> int:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra's own errors reach us, to be said in one line
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, set before CUDA starts
     signal.signal(signal.SIGTERM, Interrupted.raise_for)
+    # Python leaves SIGINT ignored when it starts ignored (a background job of a script): a batch job stops on it
+    # all the same, saying what is kept.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     outcomes: list[Outcome] = []
     try:
         launch, sys.argv = joined(sys.argv)
