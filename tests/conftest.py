@@ -9,10 +9,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from runner.config import RunConfig, load_config
-from runner.lab.status import Outcome
+# pytest-xdist runs a worker per core. torch's default of a thread per core in every worker (and in every process a
+# test starts) oversubscribes the cores, and its threads spin waiting for each other: the suite took 1.75x as long.
+# So each worker, and what it starts, gets its share of the cores; set before torch is first imported.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
+from hydra import compose, initialize_config_dir  # noqa: E402 -- after the thread count
+
+from runner.config import RunConfig, load_config  # noqa: E402
+from runner.lab.status import Outcome  # noqa: E402
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
