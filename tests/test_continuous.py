@@ -80,6 +80,56 @@ def test_a_prefix_is_kept_across_calls_and_changes_no_token(tmp_path):
     assert none.stats.prefix_hits == 0
 
 
+def test_rows_continuing_a_shared_prefix_attend_as_if_each_held_a_copy():
+    """Cascade attention (grouped-query heads, padded rows, rows that do not continue the prefix) against each row
+    alone through the fused kernel, its keys the prefix's and then its own real ones; and the written-out form
+    the other paths take."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from runner.infer.kv_cache import PrefixView, _one_query
+
+    torch.manual_seed(0)
+    B, H, kv, D, P, S = 5, 6, 2, 8, 7, 4
+    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, kv, S, D), torch.randn(B, kv, S, D)
+    prefix = PrefixView(torch.randn(1, kv, P, D), torch.randn(1, kv, P, D),
+                        torch.tensor([True, False, True, True, False]))
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[0, :2] = mask[1, :1] = False
+    cascade = _one_query(q, k, v, mask[:, None, None, :], None, prefix)
+    keys, values, joined = prefix.joined(k, v, mask[:, None, None, :], 1)
+    written_out = sdpa(q, keys, values, attn_mask=joined, enable_gqa=True)
+    for b in range(B):
+        real = torch.cat([prefix.rows[b].expand(P), mask[b]])
+        alone = sdpa(q[b:b + 1], keys[b:b + 1, :, real], values[b:b + 1, :, real], enable_gqa=True)
+        torch.testing.assert_close(cascade[b:b + 1], alone, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(written_out[b:b + 1], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_continuing_a_prefix_kept_once_get_the_tokens_they_get_alone(tiny):
+    """Refills into a running batch whose rows continue one prefix, kept once and not copied into each row: each
+    row's tokens are those it gets alone (its positions count the prefix; its columns hold its own tokens)."""
+    from runner.infer.prefixes import PrefixCache
+
+    prompts = [SYSTEM + p for p in PROMPTS if len(p.encode()) <= 20]  # 15, within the 64 positions
+    params = SamplingParams(max_new_tokens=8, stop_token_ids=tuple(stop_tokens(tiny, prompts, 8)))
+    requests = requests_of(tiny, prompts)
+    alone = generate(tiny.lm, tiny.tokenizer, requests, params, batch_size=1, seed=0)
+    caches = []
+    new_cache = tiny.lm.new_cache
+    tiny.lm.new_cache = lambda capacity: caches.append(new_cache(capacity)) or caches[-1]
+    try:
+        stats = GenerationStats()
+        together = generate(tiny.lm, tiny.tokenizer, requests, params, batch_size=4, seed=0, stats=stats,
+                            prefixes=PrefixCache(256))
+    finally:
+        del tiny.lm.new_cache
+    assert [c.output_tokens for c in together] == [c.output_tokens for c in alone]
+    assert stats.refills > 0 and stats.prefix_hits > 0
+    system = tuple(tiny.tokenizer.encode(SYSTEM))
+    shared = [c.shared for c in caches if c.shared is not None]
+    assert shared and all(s.tokens[:len(system)] == system for s in shared)
+
+
 def test_a_prefix_cache_that_does_not_fit_the_plan_is_refused_in_one_line(tmp_path):
     with pytest.raises(PlanError, match=r"^runtime\.prefix_cache: 100000000 positions of prefix keys and values "
                                         r"need .+, and the plan leaves .+ free beside weights and reserves "

@@ -233,7 +233,7 @@ class _Decoding:
                 if found is not None:
                     self.stats.prefix_hits += 1
                     tokens, cache = found
-                    g.prefix, g.cache = len(tokens), cache.seeded(len(g.rows), g.width)
+                    g.prefix, g.source, g.cache = len(tokens), cache, cache.seeded(len(g.rows), g.width)
                     self.stats.prefix_tokens_reused += len(tokens) * len(g.rows)
                     continue
             shared = shared_prefix(prompts)
@@ -256,7 +256,7 @@ class _Decoding:
             elif g.cache is None:
                 tokens = g.prompts[0][:g.prefix]
                 self.prefixes.keep(tokens, computing[tokens])
-                g.cache = computing[tokens].seeded(len(g.rows), g.width)
+                g.source, g.cache = computing[tokens], computing[tokens].seeded(len(g.rows), g.width)
 
     def step(self, running: list[Slots[_Row]]) -> None:
         """One decode step: a token for every running row."""
@@ -264,7 +264,7 @@ class _Decoding:
         calls = []
         for b in running:
             assert b.mask is not None
-            if isinstance(b.cache, SlotCache) and b.cache.length + 1 > b.cache.capacity:
+            if b.needs_compaction():
                 b.compact()
             b.mask = torch.cat([b.mask, b.mask.new_ones(len(b.rows), 1)], dim=1)
             pad = self.tokenizer.pad_id or 0

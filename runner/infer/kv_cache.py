@@ -5,6 +5,10 @@ computes on (a disk-streamed block computes on the main device, so its cache liv
 for a fixed ``capacity`` of positions: a decode step writes one column in place and never
 copies what is already cached. Rows are aligned on the right (prompts are left-padded), so
 every row of a batch shares one write position; padding is masked out of attention.
+
+A batch's rows may continue one prefix kept once (``SharedPrefix``: a system prompt the job's prefix cache holds)
+instead of each holding a copy: their own columns start after it, their positions count it, and a decode step
+reads its keys and values once for all rows (cascade attention).
 """
 from __future__ import annotations
 
@@ -21,11 +25,22 @@ from runner.infer.column import Steps, run_steps
 class LayerCache:
     """One attention layer's keys and values, ``[batch, kv_heads, capacity, head_dim]``."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, index: int = 0, shared: SharedPrefix | None = None):
         self.capacity = capacity
+        self.index = index                          # the layer's, in the model
+        self.shared = shared                        # the batch's shared prefix, if any
         self.length = 0
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
+
+    def prefix(self) -> PrefixView | None:
+        """The shared prefix's keys and values for this layer, when a row of the batch continues it."""
+        if self.shared is None or not self.shared.active:
+            return None
+        source = self.shared.source.layer(self.index)
+        assert source.keys is not None and source.values is not None
+        end = source.length
+        return PrefixView(source.keys[:1, :, :end], source.values[:1, :, :end], self.shared.rows)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys and values after the cached ones; all of them, for attention."""
@@ -92,7 +107,7 @@ class LayerCache:
 
     def seeded(self, rows: int, capacity: int) -> LayerCache:
         """A new cache of ``rows`` rows whose first columns hold this one-row cache's (a shared prefix)."""
-        out = LayerCache(capacity)
+        out = LayerCache(capacity, self.index)
         if self.keys is not None and self.values is not None:
             shape = (rows, self.keys.shape[1], capacity, self.keys.shape[3])
             out.keys, out.values = self.keys.new_empty(shape), self.values.new_empty(shape)
@@ -106,16 +121,67 @@ class LayerCache:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
 
 
-class KVCache:
-    """The per-layer caches of one batch; a layer's is made when the layer first asks for it."""
+@dataclass(frozen=True)
+class PrefixView:
+    """One layer's view of a shared prefix: its keys and values ``[1, kv_heads, P, head_dim]``, and which rows of
+    the batch continue it (``[batch]`` booleans)."""
 
-    def __init__(self, capacity: int):
+    keys: torch.Tensor
+    values: torch.Tensor
+    rows: torch.Tensor
+
+    def joined(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values and a ``[B, 1, T, P + S]`` mask with the prefix written out in front of every row's own
+        columns: what attention without a cascade reads (several tokens, a GPU, soft-capped scores)."""
+        B, S, P = k.shape[0], k.shape[2], self.keys.shape[2]
+        own = mask if mask is not None else (  # None: causal over a fresh sequence, or one token that sees all
+            torch.ones(tokens, S, dtype=torch.bool, device=k.device).tril(S - tokens)[None, None])
+        before = self.rows.to(k.device).view(B, 1, 1, 1).expand(B, 1, tokens, P)
+        mask = torch.cat([before, own.to(k.device).expand(B, 1, tokens, S)], dim=-1)
+        expand = (B, -1, -1, -1)
+        return (torch.cat([self.keys.expand(*expand), k], dim=2), torch.cat([self.values.expand(*expand), v], dim=2),
+                mask)
+
+
+class SharedPrefix:
+    """A prefix some rows of a batch continue: its keys and values stay in ``source`` (a one-row cache, the job's
+    prefix cache's entry), not copied into each row. Those rows' own columns start after it."""
+
+    def __init__(self, tokens: tuple[int, ...], source: KVCache):
+        self.tokens, self.source = tokens, source
+        self.rows = torch.zeros(0, dtype=torch.bool)
+        self.active = False  # a row continues it
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def mark(self, slots: torch.Tensor, continues: bool, rows: int) -> None:
+        if len(self.rows) < rows:
+            self.rows = torch.cat([self.rows, self.rows.new_zeros(rows - len(self.rows))])
+        self.rows[slots] = continues
+        self.active = bool(self.rows.any())
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.rows = self.rows[rows.cpu()] if len(self.rows) else self.rows
+        self.active = bool(self.rows.any())
+
+
+class KVCache:
+    """The per-layer caches of one batch; a layer's is made when the layer first asks for it.
+    ``shares_prefixes``: rows may continue a ``SharedPrefix`` (the model's attention allows it: no sliding window,
+    whose positions count the cache's own columns)."""
+
+    def __init__(self, capacity: int, shares_prefixes: bool = False):
         self.capacity = capacity
+        self.shares_prefixes = shares_prefixes
+        self.shared: SharedPrefix | None = None
         self._layers: dict[int, LayerCache] = {}
 
     def layer(self, index: int) -> LayerCache:
         if index not in self._layers:
-            self._layers[index] = LayerCache(self.capacity)
+            self._layers[index] = LayerCache(self.capacity, index, self.shared)
         return self._layers[index]
 
     @property
@@ -126,16 +192,42 @@ class KVCache:
     def keep(self, rows: torch.Tensor) -> None:
         for layer in self._layers.values():
             layer.keep(rows)
+        if self.shared is not None:
+            self.shared.keep(rows)
 
     def repeat_rows(self, n: int) -> None:
         for layer in self._layers.values():
             layer.repeat_rows(n)
 
-    def place(self, source: KVCache, slots: torch.Tensor, columns: torch.Tensor, rows: int) -> None:
+    def share(self, tokens: tuple[int, ...], source: KVCache) -> bool:
+        """Whether rows placed here may continue ``tokens`` (kept in ``source``, one row) without a copy: the
+        batch's shared prefix is that one, or it has none yet and now takes it."""
+        if not self.shares_prefixes or not tokens:
+            return False
+        if self.shared is None:
+            self.shared = SharedPrefix(tokens, source)
+            for layer in self._layers.values():
+                layer.shared = self.shared
+        return self.shared.tokens == tokens
+
+    def place(self, source: KVCache, slots: torch.Tensor, columns: torch.Tensor, rows: int,
+              continues: bool = False) -> None:
         """Continuous batching: new requests' keys and values (``source``, prefilled apart) written into free rows
-        (``slots``), right-aligned on this cache's length (``LayerCache.place``)."""
+        (``slots``), right-aligned on this cache's length (``LayerCache.place``). ``continues``: the rows continue
+        the shared prefix (``share``), and ``columns`` lists only what comes after it."""
         for index, layer in source._layers.items():
             self.layer(index).place(layer, slots, columns, rows)
+        if self.shared is not None:
+            self.shared.mark(slots, continues, rows)
+        else:
+            assert not continues, "share() the prefix first"
+
+    def position_offsets(self) -> torch.Tensor | None:
+        """``[batch, 1]``: what each row's positions start from (the shared prefix's length for the rows that
+        continue it), or None."""
+        if self.shared is None or not self.shared.active:
+            return None
+        return (self.shared.rows.long() * self.shared.length)[:, None]
 
     def rebase(self, width: int) -> None:
         """Right-align every row on ``width`` columns (``LayerCache.rebase``)."""
@@ -144,7 +236,7 @@ class KVCache:
 
     def seeded(self, rows: int, capacity: int) -> KVCache:
         """A cache of ``rows`` rows, each starting with this one-row cache's positions (a prefix they share)."""
-        out = KVCache(capacity)
+        out = KVCache(capacity, self.shares_prefixes)
         out._layers = {i: layer.seeded(rows, capacity) for i, layer in self._layers.items()}
         return out
 
@@ -174,7 +266,12 @@ class ZooCausalLM:
 
     def new_cache(self, capacity: int) -> KVCache:
         """An empty cache for up to ``capacity`` positions; each layer's fills on the device it computes on."""
-        return KVCache(capacity)
+        return KVCache(capacity, shares_prefixes=self.shares_prefixes())
+
+    def shares_prefixes(self) -> bool:
+        """Whether a batch's rows may continue a prefix kept once (``SharedPrefix``): not with a sliding window,
+        which counts positions on the cache's own columns."""
+        return True
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -239,6 +336,7 @@ class Step:
     positions: torch.Tensor       # [batch or 1, tokens]
     mask: torch.Tensor | None     # from ``step_mask``; None: plain causal
     tokens: int = 0               # new this step
+    reach: int = 0                # positions the furthest row spans after it (a shared prefix counted)
     windowed: dict[int, torch.Tensor | None] = field(default_factory=dict)  # masks by window, made once per forward
 
     def layer_cache(self, cache: KVCache | None, index: int) -> LayerCache | None:
@@ -264,9 +362,14 @@ def step(idx: torch.Tensor, attention_mask: torch.Tensor | None, positions: torc
     """The positions and mask of a forward over ``idx [B, T]`` after what ``cache`` holds."""
     start = cache.length if cache is not None else 0
     tokens = idx.shape[1]
+    reach = start + tokens
     if positions is None:
         positions = step_positions(attention_mask, start, tokens, idx.device)
-    return Step(start, positions, step_mask(attention_mask, start, tokens), tokens)
+        offsets = cache.position_offsets() if cache is not None else None
+        if offsets is not None:  # the rows that continue a shared prefix count its positions first
+            positions = positions + offsets.to(positions.device)
+            reach = int(positions[:, -1].max()) + 1
+    return Step(start, positions, step_mask(attention_mask, start, tokens), tokens, reach)
 
 
 def step_positions(attention_mask: torch.Tensor | None, start: int, tokens: int, device: torch.device) -> torch.Tensor:
@@ -301,12 +404,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache 
     there are fewer key heads). ``mask`` from ``Step.mask_for``; None means causal. ``scale``: None is
     1/sqrt(D). ``softcap``: scores pass through ``softcap * tanh(scores / softcap)`` before the softmax (Gemma 2),
     which the fused kernel cannot do."""
+    prefix = None
     if cache is not None:
         k, v = cache.append(k, v)
+        prefix = cache.prefix()
+    if prefix is not None and (softcap is not None or q.shape[2] != 1 or q.device.type != "cpu"):
+        k, v, mask = prefix.joined(k, v, mask, q.shape[2])
+        prefix = None
     if softcap is not None:
         return _capped_attention(q, k, v, mask, scale, softcap)
     if q.shape[2] == 1 and q.device.type == "cpu":
-        return _one_query(q, k, v, mask, scale)
+        return _one_query(q, k, v, mask, scale, prefix)
     gqa = k.shape[1] != q.shape[1]
     if mask is not None:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.device),
@@ -317,18 +425,31 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache 
 
 
 def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-               scale: float | None) -> torch.Tensor:
+               scale: float | None, prefix: PrefixView | None = None) -> torch.Tensor:
     """A decode step's attention on the CPU: each key head's query heads as the rows of one matrix product over
-    the cache. The fused kernel walks (row, head) pairs one query at a time and costs ~1.5x this at 64 rows."""
+    the cache. The fused kernel walks (row, head) pairs one query at a time and costs ~1.5x this at 64 rows.
+    A shared prefix's keys are multiplied by every row's queries at once, so they are read once per step, not
+    once per row; one softmax then spans the prefix and each row's own columns."""
     B, H, _, D = q.shape
     kv = k.shape[1]
     if q.dtype in (torch.bfloat16, torch.float16) and not cpu_bf16():  # emulated half products: ~4x slower
-        return _one_query(q.float(), k.float(), v.float(), mask, scale).to(q.dtype)
+        up = PrefixView(prefix.keys.float(), prefix.values.float(), prefix.rows) if prefix is not None else None
+        return _one_query(q.float(), k.float(), v.float(), mask, scale, up).to(q.dtype)
+    scale = scale if scale is not None else D ** -0.5
     grouped = q.view(B, kv, H // kv, D)  # query heads that share a key head, side by side
-    scores = torch.matmul(grouped, k.transpose(-1, -2)) * (scale if scale is not None else D ** -0.5)
+    scores = torch.matmul(grouped, k.transpose(-1, -2)) * scale
     if mask is not None:  # [B, 1, 1, S] booleans: masked-out keys weigh nothing
         scores = scores.masked_fill(~mask.to(q.device).view(B, 1, 1, -1), float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1), v).view(B, H, 1, D)
+    if prefix is None:
+        return torch.matmul(torch.softmax(scores, dim=-1), v).view(B, H, 1, D)
+    P = prefix.keys.shape[2]
+    by_head = grouped.transpose(0, 1).reshape(kv, -1, D)  # [kv, B * groups, D]: every row's queries at once
+    shared = (torch.matmul(by_head, prefix.keys[0].transpose(-1, -2)) * scale).view(kv, B, -1, P).transpose(0, 1)
+    shared = shared.masked_fill(~prefix.rows.view(B, 1, 1, 1), float("-inf"))
+    weights = torch.softmax(torch.cat([shared, scores], dim=-1), dim=-1)
+    own = torch.matmul(weights[..., P:], v)
+    from_prefix = torch.matmul(weights[..., :P].transpose(0, 1).reshape(kv, -1, P), prefix.values[0])
+    return (own + from_prefix.view(kv, B, -1, D).transpose(0, 1)).reshape(B, H, 1, D)
 
 
 def _capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -14,6 +14,9 @@ from runner.infer.model import Cache, SlotCache
 # With no request waiting, finished rows leave once 1/DROP_SHARE of a batch's rows are free: moving the rows that
 # stay is paid rarely.
 DROP_SHARE = 8
+# Dead leading columns are dropped once they outnumber the used ones and number at least this many (fewer cost a
+# step less to read than to move).
+DEAD_COLUMNS = 32
 
 
 class Occupant(Protocol):
@@ -50,12 +53,15 @@ class Slots(Generic[R]):
         return [i for i, r in enumerate(self.rows) if r is not None and not r.stopped]
 
     def release(self) -> list[R]:
-        """The rows that stopped; their rows are free."""
+        """The rows that stopped; their rows are free, their mask cleared (a free row's positions then stay at
+        its shared prefix's length, if any: within every position table)."""
         out = []
         for i, r in enumerate(self.rows):
             if r is not None and r.stopped:
                 out.append(r)
                 self.rows[i] = None
+                if self.mask is not None:
+                    self.mask[i] = 0
         return out
 
     def drop_free(self) -> None:
@@ -87,20 +93,35 @@ class Slots(Generic[R]):
         mask[:, width - kept:] = self.mask[:, length - kept:]
         self.mask = mask
 
+    def used(self) -> int:
+        """Columns the running rows use: the longest row's tokens (the leading columns before it are dead)."""
+        going = self.going()
+        return int(self.mask[torch.tensor(going)].sum(1).max()) if going and self.mask is not None else 0
+
+    def needs_compaction(self) -> bool:
+        """The next token has no column, or dead leading columns (rows joined after a long row left, or behind a
+        shared prefix) outnumber the used ones: every decode step reads them, a compaction moves the rest once."""
+        if not isinstance(self.cache, SlotCache):
+            return False
+        length, used = self.cache.length, self.used()
+        return length + 1 > self.cache.capacity or length - used >= max(used, DEAD_COLUMNS)
+
     def compact(self) -> None:
         """Drop the leading columns no running row uses, so the next token has a column."""
-        going = self.going()
-        width = int(self.mask[torch.tensor(going)].sum(1).max()) if going and self.mask is not None else 0
-        self.rebase(width)
+        self.rebase(self.used())
 
     def place(self, group: PrefillGroup[R], slots: list[int]) -> None:
-        """A group prefilled apart takes ``slots``: its rows' real tokens right-aligned on the cache's length."""
+        """A group prefilled apart takes ``slots``: its rows' real tokens right-aligned on the cache's length. Rows
+        whose prefix the batch shares (``SlotCache.share``) take only the tokens after it."""
         assert isinstance(self.cache, SlotCache) and group.cache is not None
-        width = group.width
+        prefix = group.prompts[0][:group.prefix]
+        continues = group.source is not None and self.cache.share(prefix, group.source)
+        skip = group.prefix if continues else 0
+        width = group.width - skip
         if self.cache.length and width > self.cache.length:
             self.rebase(width)
         rows = len(self.rows)
-        self.cache.place(group.cache, torch.tensor(slots), group.columns(), rows)
+        self.cache.place(group.cache, torch.tensor(slots), group.columns(skip), rows, continues)
         length = self.cache.length
         mask = torch.zeros(rows, length, dtype=torch.long)
         if self.mask is not None:
@@ -108,7 +129,7 @@ class Slots(Generic[R]):
         for slot, row, n in zip(slots, group.rows, group.lengths()):
             self.rows[slot] = row
             mask[slot] = 0
-            mask[slot, length - n:] = 1
+            mask[slot, length - (n - skip):] = 1
         self.mask = mask
 
 
@@ -120,6 +141,7 @@ class PrefillGroup(Generic[R]):
     rows: list[R]
     prefix: int = 0                # leading tokens every row shares, computed once
     cache: Cache | None = None
+    source: Cache | None = None    # the prefix's own one-row cache (kept by the job's prefix cache)
 
     @property
     def prompts(self) -> list[tuple[int, ...]]:
@@ -137,13 +159,14 @@ class PrefillGroup(Generic[R]):
         mask = torch.cat([mask.new_ones(len(self.rows), self.prefix), mask], dim=1)  # the prefix, then each row's own
         return Call(ids, mask, self.cache, logits_to_keep=1)
 
-    def columns(self) -> torch.Tensor:
-        """``[rows, width]``: for each row, the cache columns of its real tokens, right-aligned (the prefix, then
-        its own tokens after its padding); the columns before a shorter row's first are never read."""
+    def columns(self, skip: int = 0) -> torch.Tensor:
+        """``[rows, width - skip]``: for each row, the cache columns of its real tokens after its first ``skip``,
+        right-aligned (the rest of the prefix, then its own tokens after its padding); the columns before a
+        shorter row's first are never read."""
         width, out = self.width, []
         for n in self.lengths():
             own = torch.arange(width - (n - self.prefix), width)
-            out.append(torch.cat([torch.zeros(width - n, dtype=torch.long), torch.arange(self.prefix), own]))
+            out.append(torch.cat([torch.zeros(width - n, dtype=torch.long), torch.arange(skip, self.prefix), own]))
         return torch.stack(out)
 
 

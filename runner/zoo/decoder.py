@@ -168,6 +168,9 @@ class Decoder(ZooCausalLM, nn.Module):
             yield
         return self.stage_output(x, keep, self.model.norm)
 
+    def shares_prefixes(self) -> bool:
+        return all(w is None for w in self.shape.windows)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(x)
         cap = self.shape.final_softcap

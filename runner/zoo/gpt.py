@@ -104,8 +104,8 @@ class GPT(ZooCausalLM, nn.Module):
                      cache: KVCache | None, keep: int, hidden: torch.Tensor | None = None) -> Steps:
         """``hidden_states``, yielding after each block (of this pipeline stage's, when it is one)."""
         s = step(idx, attention_mask, positions, cache)
-        if s.start + idx.shape[1] > self.block_size:
-            raise ValueError(f"sequence of {s.start + idx.shape[1]} tokens is longer than block_size {self.block_size}")
+        if s.reach > self.block_size:
+            raise ValueError(f"sequence of {s.reach} tokens is longer than block_size {self.block_size}")
         layers = self.own_layers(len(self.transformer.h))
         if self.embeds():
             tok = self.transformer.wte(idx)
