@@ -38,8 +38,11 @@ LONG_GENERATION = ("model=gpt2mini", "task.max_new_tokens=250", "runtime.seq_len
 SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143)]
 
 
-def start(cli, run_dir: Path, cache: Path, *overrides: str) -> subprocess.Popen:
-    return cli.start(*overrides, f"hydra.run.dir={run_dir}", env={**cli.env, "RUNNER_CACHE": str(cache)})
+def start(cli, run_dir: Path, cache: Path, *overrides: str, sigint_ignored: bool = False) -> subprocess.Popen:
+    """``sigint_ignored``: the run starts with SIGINT ignored, as a script's background job does."""
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
+    return cli.start(*overrides, f"hydra.run.dir={run_dir}", env={**cli.env, "RUNNER_CACHE": str(cache)},
+                     preexec_fn=ignore)
 
 
 def signal_when(proc: subprocess.Popen, pattern: str, signum: int, after: str | None = None) -> tuple[int, str]:
@@ -71,7 +74,9 @@ def dead_pid() -> int:
 @pytest.mark.parametrize("signum,code", SIGNALS, ids=["SIGINT", "SIGTERM"])
 def test_signal_during_synthetic_write(cli, signum, code, tmp_path):
     cache = tmp_path / "cache"
-    proc = start(cli, tmp_path / "run", cache, *BIG_SYNTHETIC, "task.max_new_tokens=2", "data.prompts=[Hi]")
+    # SIGINT goes to a run that started with it ignored: the runner stops on it all the same
+    proc = start(cli, tmp_path / "run", cache, *BIG_SYNTHETIC, "task.max_new_tokens=2", "data.prompts=[Hi]",
+                 sigint_ignored=signum == signal.SIGINT)
     rc, err = signal_when(proc, f"{cache}/synthetic/.tmp-*-{proc.pid}/model-00001-of-*.safetensors", signum)
     assert rc == code, rc
     name = signal.Signals(signum).name
