@@ -181,7 +181,7 @@ def accelerate_side(folder: Path, arch: dict, ids: list[list[int]], cuda: bool) 
                                             dtype=torch.float16 if cuda else torch.float32).eval()
     sync()
     loaded = time.perf_counter() - start
-    from runner.infer.generate import left_pad
+    from runner.infer.slots import left_pad
 
     input_ids, mask = left_pad([tuple(p) for p in ids], 0)  # as the runner pads: the same rows on both sides
     longest = input_ids.shape[1]

@@ -190,7 +190,7 @@ def run_transformers(job: dict[str, Any]):
     import torch
     from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
-    from runner.infer.generate import left_pad
+    from runner.infer.slots import left_pad
     model = AutoModelForCausalLM.from_pretrained(job["folder"], dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None  # random weights: run every row to max_new_tokens, as the runner does
     pad = SPECIAL_ID[0]

@@ -110,7 +110,7 @@ def run_transformers(model, groups, ids: list[list[int]], pad_id: int, stop_ids:
     """transformers' ``generate`` over the same groups; with ``record``, each row's top-2 logits per step go there."""
     import torch
 
-    from runner.infer.generate import left_pad
+    from runner.infer.slots import left_pad
     out: Outputs = {}
     with torch.inference_mode():
         for group in groups:
@@ -131,7 +131,7 @@ def run_plain(lm, groups, ids: list[list[int]], pad_id: int, stop_ids: frozenset
     """The zoo model driven by hand: left-padded prefill, argmax, finished rows dropped from the batch and the cache."""
     import torch
 
-    from runner.infer.generate import left_pad
+    from runner.infer.slots import left_pad
     out: Outputs = {}
     prefill = decode = 0.0
     with torch.inference_mode():

@@ -148,7 +148,7 @@ def accelerate_side(args: dict) -> dict:
     model = load_checkpoint_and_dispatch(model, checkpoint=str(folder), device_map=device_map,
                                          offload_folder=args["offload"], no_split_module_classes=[block])
     loaded = time.perf_counter() - start
-    from runner.infer.generate import left_pad
+    from runner.infer.slots import left_pad
 
     input_ids, mask = left_pad([tuple(p) for p in ids], 0)  # as the runner pads: the same rows on both sides
     longest = input_ids.shape[1]
