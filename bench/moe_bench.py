@@ -133,7 +133,7 @@ def accelerate_side(args: dict) -> dict:
         args["folder"], dtype=torch.float32, device_map="auto", max_memory={"cpu": args["cpu_weights"]},
         offload_folder=args["offload"]).eval()
     load_s = time.perf_counter() - start
-    from runner.infer.generate import left_pad
+    from runner.infer.slots import left_pad
 
     begin = time.perf_counter()
     tokens, first = 0, []
