@@ -311,7 +311,7 @@ def step_costs(lm, vocab: int, steps: int, rounds: int, positions=(32, 512), bat
             for b in batches:
                 for p in positions if r % 2 == 0 else positions[::-1]:
                     cache = copy.deepcopy(templates[p])
-                    cache.keep(torch.zeros(b, dtype=torch.long))
+                    cache.repeat_rows(b)
                     mask = torch.ones(b, p, dtype=torch.long)
                     token = torch.randint(0, vocab, (b, 1), generator=gen)
                     per = []
