@@ -86,7 +86,8 @@ def test_rows_continuing_a_shared_prefix_attend_as_if_each_held_a_copy():
     the other paths take."""
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    from runner.infer.kv_cache import PrefixView, _one_query
+    from runner.infer.attention import _one_query
+    from runner.infer.kv_cache import PrefixView
 
     torch.manual_seed(0)
     B, H, kv, D, P, S = 5, 6, 2, 8, 7, 4

@@ -17,7 +17,8 @@ from torch.nn import functional as F
 
 from runner.load.checkpoint.files import TensorEntry
 from runner.infer.column import Steps
-from runner.infer.kv_cache import KVCache, LayerCache, ZooCausalLM, attend, step
+from runner.infer.attention import attend
+from runner.infer.kv_cache import KVCache, LayerCache, ZooCausalLM, step
 from runner.load.checkpoint.names import NameMap, Source
 from runner.errors import CheckpointError
 

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from runner.infer.kv_cache import LayerCache, attend
+from runner.infer.attention import attend
+from runner.infer.kv_cache import LayerCache
 from runner.plan.blocks import Experts
 
 
