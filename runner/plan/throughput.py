@@ -30,17 +30,13 @@ from runner.plan.experts import disk_read_per_step, expert_layers
 from runner.plan.planned import Planned
 from runner.config.sizes import format_bytes
 from runner.data.writes import reclaim, temp_path
+from runner.config.resources import runner_cache  # noqa: F401  (runner.run.plan and the benches take it here)
 
 PROBE_BYTES = 256 << 20   # read to time a disk: past its caches, short of a second
 PROBE_CHUNK = 16 << 20    # in pieces this big,
 PROBE_READERS = 4         # this many at once
 DISK_KEY = f"disk-{PROBE_READERS}x{PROBE_CHUNK >> 20}MiB"  # the figure's name in rates.json (one per way of timing)
 PROBE_WIDTH = 4096        # the widest weight the compute probe multiplies by (bigger models: same rate per FLOP)
-
-
-def runner_cache() -> Path:
-    """The runner's cache folder, as the configs name it: ``$RUNNER_CACHE``, else ``~/.cache/runner``."""
-    return Path(os.environ.get("RUNNER_CACHE") or "~/.cache/runner").expanduser()
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,8 @@
 
 Recipe (``quantize_model``), run on the skeleton before it is planned:
 1. each ``nn.Linear`` and ``nn.Embedding`` weight gets a form from how it is stored and ``quantize``:
-   - a GGUF's Q4_0, Q4_1 and Q4_K linear weights stay ``int4``, repacked as they are;
-   - its Q8_0 weights, its embeddings and any Q4 weight the int4 kernel cannot take keep their values exactly as
-     ``int8g`` (int8 in groups of 32, an fp32 scale and low each): an embedding is read by rows;
+   - a GGUF's Q4_0 and Q4_1 weights (embeddings too) stay ``int4h``, Q4_K ones ``int4``, repacked as they are;
+   - its Q8_0 weights keep their values exactly as ``int8g`` (int8 in groups of 32, an fp16 scale each);
    - other quantized types (Q5_K, Q6_K, ...) are dequantized to the compute dtype, as before;
    - ``quantize=int8|int4`` rounds full-precision weights, embeddings to ``int8``;
 2. those modules are swapped for ``QuantLinear`` and ``QuantEmbedding`` on meta (a tied head shares its
@@ -26,7 +25,7 @@ from runner.errors import ConfigError
 from runner.load.checkpoint.base import Checkpoint
 from runner.quant.checkpoint import Kept, QuantizedCheckpoint
 from runner.quant.formats import FORMATS
-from runner.quant.gguf_blocks import FOUR_BIT, KEPT
+from runner.quant.gguf_blocks import FOUR_BIT
 from runner.quant.modules import QuantEmbedding, QuantLinear, tied_head
 
 __all__ = ["Kept", "Quantization", "QuantizedCheckpoint", "quantize_model"]
@@ -102,18 +101,19 @@ def quantize_model(model: nn.Module, checkpoint: Checkpoint | None, setting: str
 
 def _form(module: nn.Module, stored_type: str | None, setting: str | None) -> tuple[str | None, bool, str]:
     """(form or None to leave it, from the stored blocks, what the plan says) for one weight."""
-    fits_int4 = isinstance(module, nn.Linear) and FORMATS["int4"].fits(module.out_features, module.in_features)
+    rows, columns = (module.out_features, module.in_features) if isinstance(module, nn.Linear) else \
+        (module.num_embeddings, module.embedding_dim)
     if stored_type is None:
         if setting is None:
             return None, False, "as stored"
-        if setting == "int4" and fits_int4:
+        if setting == "int4" and isinstance(module, nn.Linear) and FORMATS["int4"].fits(rows, columns):
             return "int4", False, FORMATS["int4"].describe
         return "int8", False, FORMATS["int8"].describe + ("" if setting == "int8" or isinstance(module, nn.Embedding)
-                                                          else " (the int4 kernel cannot take its shape)")
-    if stored_type in FOUR_BIT and fits_int4:
-        return "int4", True, FORMATS["int4"].describe + ", repacked"
-    columns = module.in_features if isinstance(module, nn.Linear) else module.embedding_dim
-    if stored_type in KEPT and FORMATS["int8g"].fits(1, columns):
+                                                          else " (its input width is not whole groups of 32)")
+    if stored_type in FOUR_BIT and FORMATS["int4"].fits(rows, columns):
+        form = "int4" if stored_type == "Q4_K" else "int4h"  # Q4_K's scales are products: not fp16 numbers
+        return form, True, FORMATS[form].describe + ", repacked"
+    if stored_type == "Q8_0" and FORMATS["int8g"].fits(rows, columns):
         return "int8g", True, FORMATS["int8g"].describe + ", the stored values"
     return None, False, "dequantized (no kept form)"
 

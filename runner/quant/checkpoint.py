@@ -16,7 +16,7 @@ import torch
 from runner.errors import CheckpointError
 from runner.load.checkpoint.base import Checkpoint, SeenThrough, TensorEntry
 from runner.load.checkpoint.reads import Located
-from runner.quant.formats import FORMATS, Int4, Int8Groups, WeightFormat
+from runner.quant.formats import FORMATS, WeightFormat
 from runner.quant.gguf_blocks import block_values
 
 
@@ -37,7 +37,8 @@ class Kept:
         return FORMATS[self.form]
 
 
-CHUNK = 1024  # rows packed at a time: a multiple of the int4 kernel's row blocks (32 or 64), so chunks pack alike
+LAYOUT = "panels-16"  # the quantized parts' layout, in the fingerprint: converted disk blocks of another are not reused
+CHUNK = 1024  # rows packed at a time: whole panels, so chunks pack alike
 
 
 class QuantizedCheckpoint(SeenThrough):
@@ -59,11 +60,9 @@ class QuantizedCheckpoint(SeenThrough):
         self._last: tuple[str, dict[str, torch.Tensor]] | None = None  # a weight's parts are read one after another
 
     def fingerprint(self) -> dict:
-        # The packed int4 layout is torch's, per CPU capability: another torch or CPU may pack otherwise.
         forms = "\n".join(sorted(f"{k.weight}:{k.form}:{int(k.from_blocks)}" for k in self.kept.values()))
-        packer = f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()}"
         return {**self.inner.fingerprint(),
-                "quantized": {"torch": packer, "forms": hashlib.sha256(forms.encode()).hexdigest()[:16]}}
+                "quantized": {"layout": LAYOUT, "forms": hashlib.sha256(forms.encode()).hexdigest()[:16]}}
 
     def read(self, key: str) -> torch.Tensor:
         if key not in self._part_of:
@@ -94,11 +93,9 @@ class QuantizedCheckpoint(SeenThrough):
         rows, columns = self.inner.entries[keep.weight].shape
         if keep.from_blocks:
             kind = self.inner.stored_type(keep.weight)
-            packer = Int4 if keep.form == "int4" else Int8Groups
-
             def make(start: int, stop: int) -> dict[str, torch.Tensor]:
                 try:
-                    return packer.pack(*block_values(kind, self.inner.read_blocks(keep.weight, start, stop), columns))
+                    return keep.format.pack(*block_values(kind, self.inner.read_blocks(keep.weight, start, stop), columns))
                 except ValueError as e:
                     raise CheckpointError(f"{self.inner.files[0]}: tensor {keep.weight}: {e}; the file is damaged, "
                                           "re-download it") from e
@@ -112,5 +109,5 @@ class QuantizedCheckpoint(SeenThrough):
             stop = min(start + CHUNK, rows)
             for name, made in make(start, stop).items():
                 part, out = parts[name]
-                out.narrow(part.row_dim, start, stop - start).copy_(made)
+                out.narrow(0, start // part.rows_per_index, len(made)).copy_(made)
         return {name: out for name, (_, out) in parts.items()}

@@ -1,18 +1,20 @@
-"""The forms a weight is kept in when it stays quantized, and the matmul each is computed by.
+"""The forms a weight is kept in when it stays quantized, and how each is multiplied.
 
-- ``int4``: 4-bit values in groups of 32 along the input dimension, each group with a scale and an offset
-  (``w = (q - 8) * scale + offset``): GGUF's Q4_0, Q4_1 and Q4_K hold exactly this shape of number, and
-  ``quantize=int4`` rounds to it. Packed once, on load, into the layout of torch's CPU kernel
-  ``_weight_int4pack_mm_for_cpu``.
-- ``int8``: 8-bit values with one scale per output row (``w = q * scale``), computed by ``_weight_int8pack_mm``;
-  ``quantize=int8``, and embeddings (a row is read by its token id, which the packed int4 layout cannot do).
-- ``int8g``: GGUF's stored values held exactly, int8 in groups of 32 with an fp32 scale and low each: Q8_0, GGUF
-  embeddings, and Q4 weights the int4 kernel cannot take; computed group by group by the int8 kernel.
+Every form is one layout, panels of 16 output rows (``runner/native/kernels.c`` describes the bytes), with a
+scale and a low per row and group of k's: a value ``q`` means ``q * scale + low``.
 
-Both kernels take bf16 activations (their fp32 paths are 5-20x slower on this class of CPU), so a quantized
-matmul rounds its input to bf16 and returns the compute dtype. Scales and offsets are bf16, as the kernels take
-them, but held as their raw 16 bits in an int16 tensor: every part of a quantized weight is an integer tensor, so
-nothing that casts floating weights to the compute dtype (loading, the offload store, streaming) touches them.
+- ``int4h``: 4-bit values (0..15) in groups of 32 along K, fp16 scales and lows: GGUF's Q4_0 and Q4_1, whose
+  scales and lows are fp16 numbers, held exactly in the file's own 0.625 bytes a weight.
+- ``int4``: the same with fp32 scales and lows: Q4_K (its scales are products of two stored numbers) and
+  ``quantize=int4``.
+- ``int8``: 8-bit values with one fp32 scale per row and no low (``quantize=int8``, and its embeddings).
+- ``int8g``: 8-bit values in groups of 32, an fp16 scale each and no low: GGUF's Q8_0, held exactly.
+
+Activations stay in the compute dtype's values and are multiplied in fp32 by the runner's C kernels
+(``runner.native``): a quantized model gives the logits of its dequantized fp32 run, to fp32 rounding. Without a C
+compiler, a weight is dequantized for each product instead. Scales are stored as the bits of their values in an
+integer tensor: every part of a quantized weight is an integer tensor, so nothing that casts floating weights to
+the compute dtype (loading, the offload store, streaming) touches them.
 """
 from __future__ import annotations
 
@@ -20,8 +22,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch.nn import functional as F
 
-GROUP = 32  # int4's group along the input dimension: GGUF's Q4 blocks (and Q4_K's sub-blocks)
+from runner.native import HALF, LOWS, kernels
+
+PANEL = 16  # output rows per panel
+GROUP = 32  # k's per group of the grouped forms: GGUF's blocks (and Q4_K's sub-blocks)
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,7 @@ class Part:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    row_dim: int = 0  # the dimension that runs over the weight's output rows (a weight is packed in row chunks)
+    rows_per_index: int = 1  # output rows per index of dimension 0 (a weight is made in chunks of rows)
 
     @property
     def nbytes(self) -> int:
@@ -41,155 +47,117 @@ class Part:
         return n
 
 
-def bf16_bits(t: torch.Tensor) -> torch.Tensor:
-    """``t`` rounded to bf16, its bits as int16 (how scales are stored)."""
-    return t.to(torch.bfloat16).contiguous().view(torch.int16)
+def panels(rows: int) -> int:
+    return -(-rows // PANEL)
 
 
-def from_bits(bits: torch.Tensor) -> torch.Tensor:
-    """The bf16 values int16 ``bits`` hold (a view, no copy)."""
-    return bits.view(torch.bfloat16)
+@dataclass(frozen=True)
+class Panels:
+    """Values of ``bits`` bits in panels of 16 rows, a scale and a low per row and group of ``group`` k's
+    (``group=None``: one group spanning the row); scales in fp16 (``half``) or fp32; ``lows=False``: all zero, not
+    stored."""
 
+    name: str
+    describe: str
+    bits: int
+    group: int | None
+    half: bool = False
+    lows: bool = True
 
-class Int4:
-    """4-bit values in groups of 32 along K, a bf16 scale and offset per group; the CPU int4 kernel computes it."""
+    def _group(self, columns: int) -> int:
+        return self.group or columns
 
-    name = "int4"
-    describe = "int4, groups of 32"
+    @property
+    def _scale_dtypes(self) -> tuple[torch.dtype, torch.dtype]:
+        """(the scales' values, the integer tensor holding their bits)"""
+        return (torch.float16, torch.int16) if self.half else (torch.float32, torch.int32)
 
-    @staticmethod
-    def fits(rows: int, columns: int) -> bool:
-        """The kernel's limits: whole groups along K, and output rows in multiples of 16."""
-        return columns % GROUP == 0 and rows % 16 == 0 and rows > 0
+    @property
+    def flags(self) -> int:
+        return (HALF if self.half else 0) | (LOWS if self.lows else 0)
 
-    @staticmethod
-    def parts(rows: int, columns: int) -> tuple[Part, ...]:
-        return (Part("qweight", torch.uint8, (rows, columns // 2)),
-                Part("scales", torch.int16, (columns // GROUP, rows, 2), row_dim=1))
+    def fits(self, rows: int, columns: int) -> bool:
+        return rows > 0 and columns > 0 and columns % self._group(columns) == 0
 
-    @staticmethod
-    def pack(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Values ``q`` (0..15, ``[N, K]``) meaning ``q * scale + low`` per group (``scale``, ``low``: ``[N, K/32]``),
-        in the kernel's packed form. Its offset is the value of ``q = 8``: ``low + 8 * scale``."""
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
-        scales = torch.stack([scale.t(), (low + 8 * scale).t()], -1)
-        return {"qweight": packed, "scales": bf16_bits(scales)}
+    def parts(self, rows: int, columns: int) -> tuple[Part, ...]:
+        p, groups = panels(rows), columns // self._group(columns)
+        return (Part("qweight", torch.uint8, (p, columns * PANEL * self.bits // 8), PANEL),
+                Part("scales", self._scale_dtypes[1], (p, groups * PANEL * (2 if self.lows else 1)), PANEL))
 
-    @staticmethod
-    def quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A floating ``[N, K]`` weight rounded to 4 bits per group's range (min to max, 16 steps)."""
-        rows, columns = w.shape
-        groups = w.float().reshape(rows, columns // GROUP, GROUP)
-        low, high = groups.amin(-1), groups.amax(-1)
-        # Rounded to the bf16 the kernel will use before the values are chosen against them. Not widened: weights
-        # already on a 16-level grid (a dequantized Q4 checkpoint) keep it exactly, which a wider grid would shift.
-        scale = ((high - low) / 15).clamp(min=torch.finfo(torch.bfloat16).tiny).bfloat16().float()
-        offset = (low + 8 * scale).bfloat16().float()
-        q = torch.clamp(torch.round((groups - offset[..., None]) / scale[..., None]) + 8, 0, 15)
-        return Int4.pack(q.reshape(rows, columns).to(torch.uint8), scale, offset - 8 * scale)
-
-    @staticmethod
-    def linear(x: torch.Tensor, parts: dict[str, torch.Tensor], rows: int) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, parts["qweight"], GROUP, from_bits(parts["scales"]))
-        return out.to(x.dtype).reshape(*x.shape[:-1], rows)
-
-
-class Int8:
-    """8-bit values with a bf16 scale per output row; ``_weight_int8pack_mm`` computes it, and a row is read alone
-    (an embedding's)."""
-
-    name = "int8"
-    describe = "int8, a scale per row"
-
-    @staticmethod
-    def fits(rows: int, columns: int) -> bool:
-        return rows > 0 and columns > 0
-
-    @staticmethod
-    def parts(rows: int, columns: int) -> tuple[Part, ...]:
-        return Part("qweight", torch.int8, (rows, columns)), Part("scales", torch.int16, (rows,))
-
-    @staticmethod
-    def quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A floating ``[N, K]`` weight rounded per row to 255 steps symmetric about zero."""
-        w = w.float()
-        scale = (w.abs().amax(-1) / 127).clamp(min=torch.finfo(torch.bfloat16).tiny).bfloat16().float()
-        q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
-        return {"qweight": q, "scales": bf16_bits(scale)}
-
-    @staticmethod
-    def linear(x: torch.Tensor, parts: dict[str, torch.Tensor], rows: int) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        out = torch._weight_int8pack_mm(flat, parts["qweight"], from_bits(parts["scales"]))
-        return out.to(x.dtype).reshape(*x.shape[:-1], rows)
-
-    @staticmethod
-    def rows(ids: torch.Tensor, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """The weight's rows ``ids`` (an embedding lookup), dequantized to ``dtype``."""
-        q, scale = parts["qweight"][ids], from_bits(parts["scales"])[ids]
-        return (q.to(dtype) * scale.to(dtype).unsqueeze(-1))
-
-
-def f32_bits(t: torch.Tensor) -> torch.Tensor:
-    return t.float().contiguous().view(torch.int32)
-
-
-class Int8Groups:
-    """Values of up to 8 bits in groups of 32 along K, each group with an fp32 scale and low (``w = q * scale +
-    low``): GGUF's Q8_0, and any Q4 block a row is read from (an embedding) or the int4 kernel cannot take, held
-    exactly. Computed group by group by the int8 kernel (bf16 scales), plus each group's low times the sum of its
-    inputs; a row (an embedding's) is read exactly."""
-
-    name = "int8g"
-    describe = "int8, groups of 32"
-
-    @staticmethod
-    def fits(rows: int, columns: int) -> bool:
-        return columns % GROUP == 0 and rows > 0
-
-    @staticmethod
-    def parts(rows: int, columns: int) -> tuple[Part, ...]:
-        groups = columns // GROUP
-        return tuple(Part(name, dtype, shape, row_dim=1) for name, dtype, shape in (
-            ("qweight", torch.int8, (groups, rows, GROUP)), ("scales", torch.int32, (groups, rows)),
-            ("lows", torch.int32, (groups, rows)), ("kernel_scales", torch.int16, (groups, rows))))
-
-    @staticmethod
-    def pack(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Values ``q`` (``[N, K]``, each fitting int8) meaning ``q * scale + low`` per group of 32."""
+    def pack(self, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Values ``q`` (``[N, K]``: 0..15 for 4 bits, int8's range for 8) meaning ``q * scale + low`` per group
+        (``scale``, ``low``: ``[N, K / group]``; ``low`` is dropped in a form without lows), in panels; a last
+        panel short of 16 rows is padded with zeros."""
         rows, columns = q.shape
-        grouped = q.to(torch.int8).reshape(rows, columns // GROUP, GROUP).transpose(0, 1).contiguous()
-        return {"qweight": grouped, "scales": f32_bits(scale.t()), "lows": f32_bits(low.t()),
-                "kernel_scales": bf16_bits(scale.t())}
+        pad = panels(rows) * PANEL - rows
+        q, scale, low = (F.pad(t, (0, 0, 0, pad)) for t in (q.to(torch.int16), scale.float(), low.float()))
+        lanes = q.view(-1, PANEL, columns).transpose(1, 2)                       # [P, K, 16]
+        if self.bits == 4:
+            packed = (lanes[..., :8] | (lanes[..., 8:] << 4)).to(torch.uint8)   # row j low nibble, j + 8 high
+        else:
+            packed = lanes.to(torch.int8).view(torch.uint8)
+        held = [scale, low] if self.lows else [scale]
+        by_group = torch.stack([t.view(-1, PANEL, t.shape[1]).transpose(1, 2) for t in held], dim=2)  # [P, G, ., 16]
+        values, bits = self._scale_dtypes
+        return {"qweight": packed.reshape(len(packed), -1).contiguous(),
+                "scales": by_group.to(values).reshape(len(by_group), -1).contiguous().view(bits)}
 
-    @staticmethod
-    def quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A floating ``[N, K]`` weight rounded per group: 4 bits over the group's range (min to max, 16 levels),
+        8 bits symmetric about zero (255 levels)."""
         rows, columns = w.shape
-        groups = w.float().reshape(rows, columns // GROUP, GROUP)
-        scale = (groups.abs().amax(-1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-        q = torch.clamp(torch.round(groups / scale[..., None]), -127, 127).reshape(rows, columns)
-        return Int8Groups.pack(q, scale, torch.zeros_like(scale))
+        groups = w.float().reshape(rows, -1, self._group(columns))
+        values = self._scale_dtypes[0]
+        tiny = torch.finfo(values).tiny
+        if self.bits == 4:
+            low, high = groups.amin(-1).to(values).float(), groups.amax(-1)
+            scale = ((high - low) / 15).clamp(min=tiny).to(values).float()  # values chosen against the held scale
+            q = torch.clamp(torch.round((groups - low[..., None]) / scale[..., None]), 0, 15)
+        else:
+            scale = (groups.abs().amax(-1) / 127).clamp(min=tiny).to(values).float()
+            low = torch.zeros_like(scale)
+            q = torch.clamp(torch.round(groups / scale[..., None]), -127, 127)
+        return self.pack(q.reshape(rows, columns), scale, low)
 
-    @staticmethod
-    def linear(x: torch.Tensor, parts: dict[str, torch.Tensor], rows: int) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        grouped = flat.to(torch.bfloat16).reshape(flat.shape[0], -1, GROUP)
-        q, scales = parts["qweight"], from_bits(parts["kernel_scales"])
-        out = flat.new_zeros(flat.shape[0], rows, dtype=torch.float32)
-        for g in range(q.shape[0]):
-            out += torch._weight_int8pack_mm(grouped[:, g].contiguous(), q[g], scales[g])
-        lows = parts["lows"].view(torch.float32)
-        if lows.any():
-            out += flat.float().reshape(flat.shape[0], -1, GROUP).sum(-1) @ lows
+    def values(self, parts: dict[str, torch.Tensor], panel: torch.Tensor, lane: torch.Tensor,
+               columns: int) -> torch.Tensor:
+        """The fp32 weights of the rows at ``panel`` and ``lane`` (equal shapes ``S``) -> ``[*S, K]``."""
+        by_k = parts["qweight"].view(len(parts["qweight"]), columns, -1)          # [P, K, bytes per k]
+        k = torch.arange(columns)
+        if self.bits == 4:
+            byte = by_k[panel[..., None], k, (lane % 8)[..., None]].to(torch.int16)
+            q = (byte >> (4 * (lane // 8))[..., None]) & 0x0F
+        else:
+            q = by_k[panel[..., None], k, lane[..., None]].view(torch.int8)
+        group = self._group(columns)
+        held = parts["scales"].view(self._scale_dtypes[0]).view(len(by_k), columns // group, -1, PANEL)
+        scale, low = (held[panel[..., None], torch.arange(columns // group), i, lane[..., None]].float()
+                      for i in ((0, 1) if self.lows else (0, 0)))
+        w = q.float() * scale.repeat_interleave(group, -1)
+        return w + low.repeat_interleave(group, -1) if self.lows else w
+
+    def dequantize(self, parts: dict[str, torch.Tensor], rows: int, columns: int) -> torch.Tensor:
+        """The whole ``[N, K]`` weight in fp32."""
+        index = torch.arange(rows)
+        return self.values(parts, index // PANEL, index % PANEL, columns)
+
+    def rows(self, ids: torch.Tensor, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The weight's rows ``ids`` (an embedding lookup), dequantized to ``dtype``."""
+        columns = parts["qweight"].shape[1] * 8 // (PANEL * self.bits)
+        return self.values(parts, ids // PANEL, ids % PANEL, columns).to(dtype)
+
+    def linear(self, x: torch.Tensor, parts: dict[str, torch.Tensor], rows: int) -> torch.Tensor:
+        columns = x.shape[-1]
+        flat = x.reshape(-1, columns)
+        if flat.dtype != torch.float32 or flat.stride(-1) != 1:
+            flat = flat.float().contiguous()
+        native = kernels()
+        if native is None:
+            out = F.linear(flat, self.dequantize(parts, rows, columns))
+        else:
+            out = native.qmm(flat, parts["qweight"], parts["scales"], rows, self.bits, self._group(columns),
+                             self.flags)
         return out.to(x.dtype).reshape(*x.shape[:-1], rows)
-
-    @staticmethod
-    def rows(ids: torch.Tensor, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        q = parts["qweight"][:, ids]                                    # [G, *ids, 32]
-        scale, low = parts["scales"].view(torch.float32)[:, ids], parts["lows"].view(torch.float32)[:, ids]
-        w = q.float() * scale.unsqueeze(-1) + low.unsqueeze(-1)
-        return w.movedim(0, -2).flatten(-2).to(dtype)
 
 
 class WeightFormat(Protocol):
@@ -200,8 +168,10 @@ class WeightFormat(Protocol):
 
     def fits(self, rows: int, columns: int) -> bool: ...
     def parts(self, rows: int, columns: int) -> tuple[Part, ...]: ...
+    def pack(self, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> dict[str, torch.Tensor]: ...
     def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]: ...
     def linear(self, x: torch.Tensor, parts: dict[str, torch.Tensor], rows: int) -> torch.Tensor: ...
+    def dequantize(self, parts: dict[str, torch.Tensor], rows: int, columns: int) -> torch.Tensor: ...
 
 
 class RowFormat(WeightFormat, Protocol):
@@ -210,4 +180,9 @@ class RowFormat(WeightFormat, Protocol):
     def rows(self, ids: torch.Tensor, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor: ...
 
 
-FORMATS: dict[str, WeightFormat] = {"int4": Int4(), "int8": Int8(), "int8g": Int8Groups()}
+FORMATS: dict[str, Panels] = {
+    "int4h": Panels("int4h", "int4, groups of 32, fp16 scales", bits=4, group=GROUP, half=True),
+    "int4": Panels("int4", "int4, groups of 32", bits=4, group=GROUP),
+    "int8": Panels("int8", "int8, a scale per row", bits=8, group=None, lows=False),
+    "int8g": Panels("int8g", "int8, groups of 32", bits=8, group=GROUP, half=True, lows=False),
+}

@@ -1,0 +1,121 @@
+"""The runner's C kernels (``kernels.c``): built with the machine's C compiler on first use, kept in the cache.
+
+Recipe (``kernels()``):
+1. the build is named by a hash of the source, the compiler's version and the flags, so an edited source, another
+   compiler or another CPU class builds anew, and a cache shared between machines never loads a foreign build;
+2. it is compiled under a temporary name and renamed into place, so two processes building at once each end with
+   a whole library;
+3. it is loaded with ctypes. OpenMP comes from the ``libgomp.so.1`` torch has already loaded, so the kernels run
+   on torch's threads (``torch.set_num_threads`` applies) instead of a second pool contending for the cores.
+
+Without a C compiler (``CC``, else ``gcc``, ``cc``) the runner still works: ``kernels()`` is None, a warning says
+once what that costs and what to install, and callers take their torch path.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from runner.config.resources import runner_cache
+from runner.data.writes import temp_path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.c")
+HALF, LOWS = 1, 2  # qmm's flags: the scales are fp16; lows are stored
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+@dataclass(frozen=True)
+class Build:
+    compiler: str
+    flags: tuple[str, ...]
+
+    @property
+    def vectorized(self) -> bool:
+        return "-mavx2" in self.flags
+
+
+def build_for_this_cpu(portable: bool = False) -> Build | None:
+    """The compiler and flags for this machine (None: no C compiler). ``portable``: no instruction-set flags."""
+    compiler = next((c for c in (os.environ.get("CC"), "gcc", "cc") if c and shutil.which(c)), None)
+    if compiler is None:
+        return None
+    flags = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fopenmp"]
+    if not portable and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    return Build(compiler, tuple(flags))
+
+
+class Kernels:
+    """The loaded library's entry points, with their argument types."""
+
+    def __init__(self, path: Path, build: Build):
+        self.path, self.build = path, build
+        self._lib = ctypes.CDLL(str(path))
+        self._qmm = self._lib.runner_qmm
+        self._qmm.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int32, _I64, ctypes.c_int32, _PTR,
+                              _I64]
+        self._qmm.restype = ctypes.c_int
+        self.avx2 = bool(self._lib.runner_native_avx2())
+
+    def qmm(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, rows: int, bits: int,
+            group: int, flags: int) -> torch.Tensor:
+        """``x [M, K]`` (fp32, rows contiguous) times a panel-held weight of ``rows`` output rows -> ``[M, rows]``.
+        ``flags``: ``HALF`` (fp16 scales) | ``LOWS`` (lows stored), as ``kernels.c`` defines them.
+
+        Raises:
+            MemoryError: a per-thread buffer for one panel could not be allocated.
+        """
+        m, k = x.shape
+        out = torch.empty(m, rows, dtype=torch.float32)
+        if self._qmm(x.data_ptr(), m, k, x.stride(0), qweight.data_ptr(), scales.data_ptr(), rows, bits, group,
+                     flags, out.data_ptr(), rows):
+            raise MemoryError(f"could not allocate {k * 64} bytes for a quantized matmul's panel buffer")
+        return out
+
+
+def build(spec: Build, folder: Path) -> Path:
+    """Compile ``kernels.c`` with ``spec`` into ``folder`` (named by a hash of what went into it), unless there.
+
+    Raises:
+        OSError: the compiler failed (its message is in the error) or the folder cannot be written.
+    """
+    version = subprocess.run([spec.compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *spec.flags]).encode()).hexdigest()[:16]
+    path = folder / f"kernels-{key}.so"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    done = subprocess.run([spec.compiler, *spec.flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+    if done.returncode:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"{spec.compiler} failed on {SOURCE.name}: {done.stderr.strip().splitlines()[-1:]}")
+    tmp.replace(path)
+    return path
+
+
+@functools.cache
+def kernels() -> Kernels | None:
+    """This machine's kernels, built once per cache (None, with a warning, when they cannot be built)."""
+    spec = build_for_this_cpu()
+    if spec is None:
+        log.warning("no C compiler (set CC, or install gcc): quantized weights are dequantized for every matmul "
+                    "instead of computed by the runner's kernels, several times slower")
+        return None
+    try:
+        return Kernels(build(spec, runner_cache() / "native"), spec)
+    except OSError as e:
+        log.warning("the runner's C kernels could not be built (%s): quantized weights are dequantized for every "
+                    "matmul instead, several times slower", e)
+        return None

@@ -1,0 +1,340 @@
+/* Matmuls over weights kept quantized in panels, with fp32 activations and fp32 accumulation.
+ *
+ * A weight [N, K] is held in panels of 16 output rows. Within a panel, k runs slowest and the 16 rows fastest, so
+ * one k's 16 values are one small load:
+ *   - 4 bits: 8 bytes per k; row j (0..7) in the low nibble of byte j, row j + 8 in its high nibble;
+ *   - 8 bits: 16 signed bytes per k, row j in byte j.
+ * Values mean q * scale + low, with one scale and one low per row and group of `group` k's: per panel and group,
+ * 16 scales then 16 lows, fp32 or fp16 (flag HALF); without flag LOWS the lows are zero and not stored. The 4-bit
+ * values are unsigned (0..15), the 8-bit ones signed.
+ *
+ * One row of activations (decode, one sequence) streams the weights once: the values are widened to fp32 in
+ * registers, multiplied into per-group sums, and each group's sums scaled once (the lows meet the group's sum of
+ * activations). Several rows dequantize a panel once into a per-thread buffer and run a 6 x 16 register tile
+ * over it, so the unpacking is shared by every row.
+ *
+ * Built on first use by runner.native (gcc -O3, -mavx2 -mfma where the CPU has them); the portable build is the
+ * same arithmetic in plain loops.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define PANEL 16
+#define TILE 6
+#define HALF 1  /* scales (and lows) are fp16 */
+#define LOWS 2  /* lows are stored */
+
+static inline int64_t bytes_per_k(int bits) { return bits == 4 ? 8 : 16; }
+static inline int64_t scale_bytes(int flags) { return PANEL * (flags & LOWS ? 2 : 1) * (flags & HALF ? 2 : 4); }
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0x1F) bits = sign | 0x7F800000 | (man << 13);               /* inf, nan */
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);         /* normal */
+    else if (!man) bits = sign;                                            /* zero */
+    else {                                                                 /* subnormal: normalise */
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* one panel and group's 16 scales and 16 lows as fp32 */
+static inline void scales_plain(const uint8_t *s, int flags, float sc[PANEL], float lo[PANEL]) {
+    for (int j = 0; j < PANEL; j++) {
+        if (flags & HALF) {
+            uint16_t a, b;
+            memcpy(&a, s + 2 * j, 2);
+            memcpy(&b, s + 2 * (PANEL + j), 2);
+            sc[j] = half_to_float(a);
+            lo[j] = flags & LOWS ? half_to_float(b) : 0.0f;
+        } else {
+            memcpy(sc + j, s + 4 * j, 4);
+            if (flags & LOWS) memcpy(lo + j, s + 4 * (PANEL + j), 4);
+            else lo[j] = 0.0f;
+        }
+    }
+}
+
+/* Per-thread dequantized panel, grown as needed and kept: allocating it per call would fault its pages in again. */
+static __thread float *scratch;
+static __thread int64_t scratch_len;
+
+static float *panel_buffer(int64_t floats) {
+    if (scratch_len < floats) {
+        free(scratch);
+        scratch = aligned_alloc(64, (size_t)((floats * 4 + 63) / 64 * 64));
+        scratch_len = scratch ? floats : 0;
+    }
+    return scratch;
+}
+
+/* ---- widening one k's 16 values to fp32 ------------------------------------------------------------------- */
+
+static inline void values(const uint8_t *w, int bits, float *out16) {
+    if (bits == 4) {
+        for (int j = 0; j < 8; j++) {
+            out16[j] = (float)(w[j] & 0x0F);
+            out16[j + 8] = (float)(w[j] >> 4);
+        }
+    } else {
+        for (int j = 0; j < 16; j++) out16[j] = (float)(int8_t)w[j];
+    }
+}
+
+#ifdef __AVX2__
+static inline void scales_avx2(const uint8_t *s, int flags, __m256 *s0, __m256 *s1, __m256 *l0, __m256 *l1) {
+    if (flags & HALF) {
+        const __m128i *h = (const __m128i *)s;
+        *s0 = _mm256_cvtph_ps(_mm_loadu_si128(h));
+        *s1 = _mm256_cvtph_ps(_mm_loadu_si128(h + 1));
+        *l0 = flags & LOWS ? _mm256_cvtph_ps(_mm_loadu_si128(h + 2)) : _mm256_setzero_ps();
+        *l1 = flags & LOWS ? _mm256_cvtph_ps(_mm_loadu_si128(h + 3)) : _mm256_setzero_ps();
+    } else {
+        const float *f = (const float *)s;
+        *s0 = _mm256_loadu_ps(f);
+        *s1 = _mm256_loadu_ps(f + 8);
+        *l0 = flags & LOWS ? _mm256_loadu_ps(f + 16) : _mm256_setzero_ps();
+        *l1 = flags & LOWS ? _mm256_loadu_ps(f + 24) : _mm256_setzero_ps();
+    }
+}
+
+static inline void values_avx2(const uint8_t *w, int bits, __m256 *lo, __m256 *hi) {
+    if (bits == 4) {
+        __m128i v = _mm_loadl_epi64((const __m128i *)w);
+        __m128i mask = _mm_set1_epi8(0x0F);
+        *lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(v, mask)));
+        *hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), mask)));
+    } else {
+        __m128i v = _mm_loadu_si128((const __m128i *)w);
+        *lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+        *hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+    }
+}
+#endif
+
+/* ---- one panel, few rows: values widened in registers, scaled per group ----------------------------------- */
+
+/* out[m][0..16) = the panel's 16 outputs for row m (m < rows <= 3). `sums` holds each row's activation sum per
+ * group (rows x groups). */
+static inline __attribute__((always_inline)) void panel_few(const float *x, const int rows, int64_t K,
+                                                           int64_t ldx, const uint8_t *w, const uint8_t *sl,
+                                                           int bits, int flags, int64_t group, const float *sums,
+                                                           float out[][PANEL]) {
+    const int64_t groups = K / group, step = bytes_per_k(bits), sstep = scale_bytes(flags);
+#ifdef __AVX2__
+    __m256 r[3][2];
+    for (int m = 0; m < 3; m++) r[m][0] = r[m][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        /* two chains per half-panel and row (even and odd k), so the FMAs do not wait on each other */
+        __m256 a[3][4];
+        for (int m = 0; m < 3; m++) a[m][0] = a[m][1] = a[m][2] = a[m][3] = _mm256_setzero_ps();
+        const uint8_t *wg = w + g * group * step;
+        int64_t k = 0;
+        for (; k + 1 < group; k += 2) {
+            __m256 lo0, hi0, lo1, hi1;
+            values_avx2(wg + k * step, bits, &lo0, &hi0);
+            values_avx2(wg + (k + 1) * step, bits, &lo1, &hi1);
+            const int64_t c = g * group + k;
+            for (int m = 0; m < 3; m++) {
+                if (m >= rows) break;
+                __m256 x0 = _mm256_broadcast_ss(x + m * ldx + c), x1 = _mm256_broadcast_ss(x + m * ldx + c + 1);
+                a[m][0] = _mm256_fmadd_ps(lo0, x0, a[m][0]);
+                a[m][1] = _mm256_fmadd_ps(hi0, x0, a[m][1]);
+                a[m][2] = _mm256_fmadd_ps(lo1, x1, a[m][2]);
+                a[m][3] = _mm256_fmadd_ps(hi1, x1, a[m][3]);
+            }
+        }
+        for (; k < group; k++) {
+            __m256 lo0, hi0;
+            values_avx2(wg + k * step, bits, &lo0, &hi0);
+            for (int m = 0; m < 3; m++) {
+                if (m >= rows) break;
+                __m256 x0 = _mm256_broadcast_ss(x + m * ldx + g * group + k);
+                a[m][0] = _mm256_fmadd_ps(lo0, x0, a[m][0]);
+                a[m][1] = _mm256_fmadd_ps(hi0, x0, a[m][1]);
+            }
+        }
+        __m256 s0, s1, l0, l1;
+        scales_avx2(sl + g * sstep, flags, &s0, &s1, &l0, &l1);
+        for (int m = 0; m < 3; m++) {
+            if (m >= rows) break;
+            __m256 sum = _mm256_broadcast_ss(sums + m * groups + g);
+            r[m][0] = _mm256_fmadd_ps(_mm256_add_ps(a[m][0], a[m][2]), s0, _mm256_fmadd_ps(l0, sum, r[m][0]));
+            r[m][1] = _mm256_fmadd_ps(_mm256_add_ps(a[m][1], a[m][3]), s1, _mm256_fmadd_ps(l1, sum, r[m][1]));
+        }
+    }
+    for (int m = 0; m < rows; m++) {
+        _mm256_storeu_ps(out[m], r[m][0]);
+        _mm256_storeu_ps(out[m] + 8, r[m][1]);
+    }
+#else
+    float v[PANEL];
+    for (int m = 0; m < rows; m++)
+        for (int j = 0; j < PANEL; j++) out[m][j] = 0.0f;
+    for (int64_t g = 0; g < groups; g++) {
+        float a[3][PANEL] = {{0}};
+        for (int64_t k = 0; k < group; k++) {
+            values(w + (g * group + k) * step, bits, v);
+            for (int m = 0; m < rows; m++) {
+                const float xv = x[m * ldx + g * group + k];
+                for (int j = 0; j < PANEL; j++) a[m][j] += v[j] * xv;
+            }
+        }
+        float sc[PANEL], lo[PANEL];
+        scales_plain(sl + g * sstep, flags, sc, lo);
+        for (int m = 0; m < rows; m++)
+            for (int j = 0; j < PANEL; j++) out[m][j] += a[m][j] * sc[j] + lo[j] * sums[m * groups + g];
+    }
+#endif
+}
+
+/* ---- one panel, many rows: dequantized once, then a register tile per 6 rows ------------------------------ */
+
+static void dequantize_panel(const uint8_t *w, const uint8_t *sl, int bits, int flags, int64_t K, int64_t group,
+                             float *buf) {
+    const int64_t step = bytes_per_k(bits), sstep = scale_bytes(flags);
+    for (int64_t g = 0; g < K / group; g++) {
+#ifdef __AVX2__
+        __m256 s0, s1, l0, l1;
+        scales_avx2(sl + g * sstep, flags, &s0, &s1, &l0, &l1);
+        for (int64_t k = g * group; k < (g + 1) * group; k++) {
+            __m256 lo, hi;
+            values_avx2(w + k * step, bits, &lo, &hi);
+            _mm256_store_ps(buf + k * PANEL, _mm256_fmadd_ps(lo, s0, l0));
+            _mm256_store_ps(buf + k * PANEL + 8, _mm256_fmadd_ps(hi, s1, l1));
+        }
+#else
+        float v[PANEL], sc[PANEL], lo[PANEL];
+        scales_plain(sl + g * sstep, flags, sc, lo);
+        for (int64_t k = g * group; k < (g + 1) * group; k++) {
+            values(w + k * step, bits, v);
+            for (int j = 0; j < PANEL; j++) buf[k * PANEL + j] = v[j] * sc[j] + lo[j];
+        }
+#endif
+    }
+}
+
+/* rows (<= TILE) of x against a dequantized panel; constant `rows` lets the compiler keep the tile in registers */
+static inline __attribute__((always_inline)) void tile(const float *x, int rows, int64_t K, int64_t ldx,
+                                                       const float *buf, float *out, int64_t ldo, int64_t width) {
+#ifdef __AVX2__
+    __m256 acc[TILE][2];
+    for (int m = 0; m < rows; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m256 w0 = _mm256_load_ps(buf + k * PANEL), w1 = _mm256_load_ps(buf + k * PANEL + 8);
+        for (int m = 0; m < rows; m++) {
+            __m256 xv = _mm256_broadcast_ss(x + m * ldx + k);
+            acc[m][0] = _mm256_fmadd_ps(w0, xv, acc[m][0]);
+            acc[m][1] = _mm256_fmadd_ps(w1, xv, acc[m][1]);
+        }
+    }
+    for (int m = 0; m < rows; m++) {
+        if (width == PANEL) {
+            _mm256_storeu_ps(out + m * ldo, acc[m][0]);
+            _mm256_storeu_ps(out + m * ldo + 8, acc[m][1]);
+        } else {
+            float t[PANEL];
+            _mm256_storeu_ps(t, acc[m][0]);
+            _mm256_storeu_ps(t + 8, acc[m][1]);
+            memcpy(out + m * ldo, t, (size_t)width * sizeof(float));
+        }
+    }
+#else
+    for (int m = 0; m < rows; m++) {
+        float acc[PANEL] = {0};
+        for (int64_t k = 0; k < K; k++) {
+            const float xv = x[m * ldx + k];
+            for (int j = 0; j < PANEL; j++) acc[j] += buf[k * PANEL + j] * xv;
+        }
+        memcpy(out + m * ldo, acc, (size_t)width * sizeof(float));
+    }
+#endif
+}
+
+static void panel_many(const float *x, int64_t rows, int64_t K, int64_t ldx, const float *buf, float *out,
+                       int64_t ldo, int64_t width) {
+    int64_t m = 0;
+    for (; m + TILE <= rows; m += TILE) tile(x + m * ldx, TILE, K, ldx, buf, out + m * ldo, ldo, width);
+    switch (rows - m) {
+        case 5: tile(x + m * ldx, 5, K, ldx, buf, out + m * ldo, ldo, width); break;
+        case 4: tile(x + m * ldx, 4, K, ldx, buf, out + m * ldo, ldo, width); break;
+        case 3: tile(x + m * ldx, 3, K, ldx, buf, out + m * ldo, ldo, width); break;
+        case 2: tile(x + m * ldx, 2, K, ldx, buf, out + m * ldo, ldo, width); break;
+        case 1: tile(x + m * ldx, 1, K, ldx, buf, out + m * ldo, ldo, width); break;
+        default: break;
+    }
+}
+
+/* ---- the entry point ------------------------------------------------------------------------------------- */
+
+#define FEW 3  /* up to this many rows, values are widened in registers; beyond, a panel is dequantized once */
+
+/* out[M, N] (row stride ldo) = x[M, K] (row stride ldx) @ W^T, W held as described above (flags: HALF, LOWS).
+ * Returns 0, or -1 when a buffer could not be allocated. */
+int runner_qmm(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *qweight, const uint8_t *scales,
+               int64_t N, int32_t bits, int64_t group, int32_t flags, float *out, int64_t ldo) {
+    const int64_t panels = (N + PANEL - 1) / PANEL, groups = K / group;
+    const int64_t panel_bytes = K * bytes_per_k(bits), panel_scales = groups * scale_bytes(flags);
+    int failed = 0;
+    if (M <= FEW) {
+        float sums[FEW * 4096];
+        float *s = groups * M <= (int64_t)(sizeof sums / sizeof *sums) ? sums : malloc((size_t)(groups * M) * 4);
+        if (!s) return -1;
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t g = 0; g < groups; g++) {
+                float t = 0.0f;
+                for (int64_t k = 0; k < group; k++) t += x[m * ldx + g * group + k];
+                s[m * groups + g] = t;
+            }
+        #pragma omp parallel for schedule(static)
+        for (int64_t p = 0; p < panels; p++) {
+            float res[FEW][PANEL];
+            const uint8_t *w = qweight + p * panel_bytes;
+            const uint8_t *sl = scales + p * panel_scales;
+            /* a constant row count per call, so each row's sums stay in registers */
+            if (M == 1) panel_few(x, 1, K, ldx, w, sl, bits, flags, group, s, res);
+            else if (M == 2) panel_few(x, 2, K, ldx, w, sl, bits, flags, group, s, res);
+            else panel_few(x, 3, K, ldx, w, sl, bits, flags, group, s, res);
+            const int64_t width = N - p * PANEL < PANEL ? N - p * PANEL : PANEL;
+            for (int64_t m = 0; m < M; m++) memcpy(out + m * ldo + p * PANEL, res[m], (size_t)width * 4);
+        }
+        if (s != sums) free(s);
+        return 0;
+    }
+    #pragma omp parallel
+    {
+        float *buf = panel_buffer(K * PANEL);
+        if (!buf) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; p++) {
+            if (!buf) continue;
+            const int64_t width = N - p * PANEL < PANEL ? N - p * PANEL : PANEL;
+            dequantize_panel(qweight + p * panel_bytes, scales + p * panel_scales, bits, flags, K, group, buf);
+            panel_many(x, M, K, ldx, buf, out + p * PANEL, ldo, width);
+        }
+    }
+    return failed ? -1 : 0;
+}
+
+/* The build's own check: 1 where the AVX2 path was compiled in. */
+int runner_native_avx2(void) {
+#ifdef __AVX2__
+    return 1;
+#else
+    return 0;
+#endif
+}
