@@ -1,4 +1,5 @@
-"""The runner's C kernels (``kernels.c``): built with the machine's C compiler on first use, kept in the cache.
+"""The runner's C kernels: ``qmm.c``, matmuls over weights kept quantized, and ``decode.c``, a decoder layer's
+decode step in one call. Built with the machine's C compiler on first use, kept in the cache.
 
 Recipe (``kernels()``):
 1. the build is named by a hash of the source, the compiler's version and the flags, so an edited source, another
@@ -9,7 +10,8 @@ Recipe (``kernels()``):
    on torch's threads (``torch.set_num_threads`` applies) instead of a second pool contending for the cores.
 
 Without a C compiler (``CC``, else ``gcc``, ``cc``) the runner still works: ``kernels()`` is None, a warning says
-once what that costs and what to install, and callers take their torch path.
+once what that costs and what to install, and callers take their torch path. ``RUNNER_NATIVE=0`` turns the kernels
+off on purpose (the torch path, to compare or debug).
 """
 from __future__ import annotations
 
@@ -30,9 +32,35 @@ from runner.data.writes import temp_path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels.c")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "qmm.c", HERE / "decode.c")
+HEADER = HERE / "native.h"
 HALF, LOWS = 1, 2  # qmm's flags: the scales are fp16; lows are stored
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_I64, _I32, _F32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
+
+
+class QLinear(ctypes.Structure):
+    """``decode.c``'s ``QLinear``: a projection held in panels."""
+
+    _fields_ = [("qweight", _PTR), ("scales", _PTR), ("bias", _PTR), ("rows", _I64), ("columns", _I64),
+                ("group", _I64), ("bits", _I32), ("flags", _I32)]
+
+
+class QLayer(ctypes.Structure):
+    """``decode.c``'s ``QLayer``: a decoder layer's sizes and weights."""
+
+    _fields_ = [("hidden", _I64), ("heads", _I64), ("kv_heads", _I64), ("head_dim", _I64), ("intermediate", _I64),
+                ("eps", _F32), ("scale", _F32), ("input_norm", _PTR), ("post_norm", _PTR), ("q_norm", _PTR),
+                ("k_norm", _PTR), *((name, QLinear) for name in ("q", "k", "v", "o", "gate", "up", "down"))]
+
+
+class QStep(ctypes.Structure):
+    """``decode.c``'s ``QStep``: one decode step's rows, rotary tables, cache and masks."""
+
+    _fields_ = [("rows", _I64), ("cos", _PTR), ("sin", _PTR), ("rope_stride", _I64), ("rotated", _I64),
+                ("keys", _PTR), ("values", _PTR), ("capacity", _I64), ("column", _I64), ("mask", _PTR),
+                ("prefix_keys", _PTR), ("prefix_values", _PTR), ("prefix_length", _I64), ("prefix_stride", _I64),
+                ("prefix_rows", _PTR)]
 
 
 @dataclass(frozen=True)
@@ -66,12 +94,15 @@ class Kernels:
         self._qmm.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int32, _I64, ctypes.c_int32, _PTR,
                               _I64]
         self._qmm.restype = ctypes.c_int
+        self._decode = self._lib.runner_decode_layer
+        self._decode.argtypes = [ctypes.POINTER(QLayer), ctypes.POINTER(QStep), _PTR]
+        self._decode.restype = ctypes.c_int
         self.avx2 = bool(self._lib.runner_native_avx2())
 
     def qmm(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, rows: int, bits: int,
             group: int, flags: int) -> torch.Tensor:
         """``x [M, K]`` (fp32, rows contiguous) times a panel-held weight of ``rows`` output rows -> ``[M, rows]``.
-        ``flags``: ``HALF`` (fp16 scales) | ``LOWS`` (lows stored), as ``kernels.c`` defines them.
+        ``flags``: ``HALF`` (fp16 scales) | ``LOWS`` (lows stored), as ``native.h`` defines them.
 
         Raises:
             MemoryError: a per-thread buffer for one panel could not be allocated.
@@ -84,30 +115,46 @@ class Kernels:
         return out
 
 
+    def decode_layer(self, layer: QLayer, step: QStep, x: torch.Tensor) -> None:
+        """One decode step of a layer over ``x [M, hidden]`` (fp32, contiguous), updated in place.
+
+        Raises:
+            MemoryError: the step's work space could not be allocated.
+        """
+        if self._decode(ctypes.byref(layer), ctypes.byref(step), x.data_ptr()):
+            raise MemoryError(f"could not allocate a decode step's work space for {step.rows} row(s)")
+
+
 def build(spec: Build, folder: Path) -> Path:
-    """Compile ``kernels.c`` with ``spec`` into ``folder`` (named by a hash of what went into it), unless there.
+    """Compile the kernels with ``spec`` into ``folder`` (named by a hash of what went into it), unless there.
 
     Raises:
         OSError: the compiler failed (its message is in the error) or the folder cannot be written.
     """
     version = subprocess.run([spec.compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *spec.flags]).encode()).hexdigest()[:16]
+    texts = [p.read_text() for p in (*SOURCES, HEADER)]
+    key = hashlib.sha256("\0".join([*texts, version, *spec.flags]).encode()).hexdigest()[:16]
     path = folder / f"kernels-{key}.so"
     if path.exists():
         return path
     folder.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
-    done = subprocess.run([spec.compiler, *spec.flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+    done = subprocess.run([spec.compiler, *spec.flags, *map(str, SOURCES), "-o", str(tmp), "-lm"],
+                          capture_output=True, text=True)
     if done.returncode:
         tmp.unlink(missing_ok=True)
-        raise OSError(f"{spec.compiler} failed on {SOURCE.name}: {done.stderr.strip().splitlines()[-1:]}")
+        raise OSError(f"{spec.compiler} failed on {', '.join(p.name for p in SOURCES)}: "
+                      f"{done.stderr.strip().splitlines()[-1:]}")
     tmp.replace(path)
     return path
 
 
 @functools.cache
 def kernels() -> Kernels | None:
-    """This machine's kernels, built once per cache (None, with a warning, when they cannot be built)."""
+    """This machine's kernels, built once per cache (None, with a warning, when they cannot be built; None,
+    quietly, under ``RUNNER_NATIVE=0``)."""
+    if os.environ.get("RUNNER_NATIVE", "1") == "0":
+        return None
     spec = build_for_this_cpu()
     if spec is None:
         log.warning("no C compiler (set CC, or install gcc): quantized weights are dequantized for every matmul "

@@ -1,6 +1,6 @@
 """The forms a weight is kept in when it stays quantized, and how each is multiplied.
 
-Every form is one layout, panels of 16 output rows (``runner/native/kernels.c`` describes the bytes), with a
+Every form is one layout, panels of 16 output rows (``runner/native/qmm.c`` describes the bytes), with a
 scale and a low per row and group of k's: a value ``q`` means ``q * scale + low``.
 
 - ``int4h``: 4-bit values (0..15) in groups of 32 along K, fp16 scales and lows: GGUF's Q4_0 and Q4_1, whose

@@ -22,6 +22,7 @@ from runner.infer.column import Steps
 from runner.infer.kv_cache import KVCache, LayerCache, ZooCausalLM, step
 from runner.load.checkpoint.base import TensorEntry
 from runner.load.checkpoint.names import NameMap, Source
+from runner.zoo.native_layer import UNDECIDED, NativeLayer
 from runner.zoo.parts import (AttentionShape, Attention, ExpertsShape, GatedMLP, RMSNorm, Rope, RotaryEmbedding,
                               SparseMoE)
 
@@ -65,9 +66,14 @@ class DecoderLayer(nn.Module):
             self.mlp: nn.Module = SparseMoE(s.hidden, s.experts)
         else:
             self.mlp = GatedMLP(s.hidden, s.intermediate, s.activation, s.fused_gate_up)
+        self.native: NativeLayer | None | object = UNDECIDED
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None,
                 cache: LayerCache | None = None) -> torch.Tensor:
+        if self.native is UNDECIDED and not x.is_meta:  # decided once the weights are real
+            self.native = NativeLayer.of(self)
+        if isinstance(self.native, NativeLayer) and self.native.takes(x, rope, cache):
+            return self.native.step(x, rope, mask, cache)  # a decode step in one C call (runner/native/decode.c)
         attended = self.self_attn(self.input_layernorm(x), rope, mask, cache)
         if not self.sandwich:
             x = x + attended

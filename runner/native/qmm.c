@@ -13,23 +13,12 @@
  * activations). Several rows dequantize a panel once into a per-thread buffer and run a 6 x 16 register tile
  * over it, so the unpacking is shared by every row.
  *
- * Built on first use by runner.native (gcc -O3, -mavx2 -mfma where the CPU has them); the portable build is the
- * same arithmetic in plain loops.
+ * Built on first use by runner.native (gcc -O3, -mavx2 -mfma -mf16c where the CPU has them); the portable build
+ * is the same arithmetic in plain loops.
  */
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
+#include "native.h"
 
-#define PANEL 16
 #define TILE 6
-#define HALF 1  /* scales (and lows) are fp16 */
-#define LOWS 2  /* lows are stored */
 
 static inline int64_t bytes_per_k(int bits) { return bits == 4 ? 8 : 16; }
 static inline int64_t scale_bytes(int flags) { return PANEL * (flags & LOWS ? 2 : 1) * (flags & HALF ? 2 : 4); }
@@ -280,10 +269,8 @@ static void panel_many(const float *x, int64_t rows, int64_t K, int64_t ldx, con
 
 #define FEW 3  /* up to this many rows, values are widened in registers; beyond, a panel is dequantized once */
 
-/* out[M, N] (row stride ldo) = x[M, K] (row stride ldx) @ W^T, W held as described above (flags: HALF, LOWS).
- * Returns 0, or -1 when a buffer could not be allocated. */
-int runner_qmm(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *qweight, const uint8_t *scales,
-               int64_t N, int32_t bits, int64_t group, int32_t flags, float *out, int64_t ldo) {
+int qmm_into(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *qweight, const uint8_t *scales,
+             int64_t N, int32_t bits, int64_t group, int32_t flags, float *out, int64_t ldo) {
     const int64_t panels = (N + PANEL - 1) / PANEL, groups = K / group;
     const int64_t panel_bytes = K * bytes_per_k(bits), panel_scales = groups * scale_bytes(flags);
     int failed = 0;
@@ -328,6 +315,12 @@ int runner_qmm(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t 
         }
     }
     return failed ? -1 : 0;
+}
+
+/* The entry point for Python (runner.native.Kernels.qmm). */
+int runner_qmm(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *qweight, const uint8_t *scales,
+               int64_t N, int32_t bits, int64_t group, int32_t flags, float *out, int64_t ldo) {
+    return qmm_into(x, M, K, ldx, qweight, scales, N, bits, group, flags, out, ldo);
 }
 
 /* The build's own check: 1 where the AVX2 path was compiled in. */

@@ -1,0 +1,196 @@
+/* One decode step of a decoder layer for M rows of one new token each, its projections kept quantized: what
+ * Python would dispatch as ~60 small operations per layer, in one call.
+ *
+ * The layer is Llama's shape: RMSNorm, grouped-query attention with rotary embeddings (Hugging Face's
+ * rotate-half form, over the first `rotated` dims of each head), a SiLU-gated MLP, residuals around both. Qwen2's
+ * q/k/v biases and Qwen3's per-head q/k norms are switches. The arithmetic follows runner.zoo.parts step by step
+ * in fp32, so the tokens are the Python path's (to fp32 rounding).
+ *
+ * Attention reads the layer's cache in place, [rows, kv_heads, capacity, head_dim]: this token's keys and values
+ * are written at `column`, then each row attends to columns 0..column its mask allows, and, for the rows that
+ * continue a shared prefix, to that prefix's keys first (one softmax over both, as runner.infer.attention does).
+ */
+#include "native.h"
+#include <math.h>
+
+typedef struct {
+    const uint8_t *qweight;
+    const uint8_t *scales;
+    const float *bias;  /* NULL: none */
+    int64_t rows, columns, group;
+    int32_t bits, flags;
+} QLinear;
+
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, intermediate;
+    float eps, scale;                     /* the norms' epsilon; attention's score scale */
+    const float *input_norm, *post_norm;  /* [hidden] */
+    const float *q_norm, *k_norm;         /* [head_dim]: per-head norms (Qwen3), or NULL */
+    QLinear q, k, v, o, gate, up, down;
+} QLayer;
+
+typedef struct {
+    int64_t rows;                            /* M */
+    const float *cos, *sin;                  /* [M or 1, rotated]: the rotary tables at each row's position */
+    int64_t rope_stride, rotated;            /* the tables' row stride (0: one row for all); dims rotated */
+    float *keys, *values;                    /* the layer's cache, [>= M, kv_heads, capacity, head_dim] */
+    int64_t capacity, column;                /* this token's column; attention reads columns 0..column */
+    const uint8_t *mask;                     /* [M, column + 1]: 1 where a row may attend; NULL: everywhere */
+    const float *prefix_keys, *prefix_values;  /* a shared prefix, [kv_heads, *, head_dim] by prefix_stride */
+    int64_t prefix_length, prefix_stride;    /* its columns; floats from one kv head to the next */
+    const uint8_t *prefix_rows;              /* [M]: 1 where the row continues the prefix */
+} QStep;
+
+/* The caller's work space (decode steps run on one thread at a time), kept between calls. */
+static float *work;
+static int64_t work_len;
+
+static float *workspace(int64_t floats) {
+    if (work_len < floats) {
+        free(work);
+        work = aligned_alloc(64, (size_t)((floats * 4 + 63) / 64 * 64));
+        work_len = work ? floats : 0;
+    }
+    return work;
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float s = 0.0f;
+#ifdef __AVX2__
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    __m256 acc = _mm256_add_ps(acc0, acc1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    s = _mm_cvtss_f32(h);
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline void axpy(float a, const float *x, float *y, int64_t n) {
+    int64_t i = 0;
+#ifdef __AVX2__
+    __m256 av = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* out = weight * (x * rsqrt(mean(x^2) + eps)), as runner.zoo.parts.RMSNorm in fp32 */
+static void rms_norm(const float *x, const float *weight, float *out, int64_t n, float eps) {
+    const float r = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = weight[i] * (x[i] * r);
+}
+
+static int linear(const QLinear *l, const float *x, int64_t M, float *out) {
+    if (qmm_into(x, M, l->columns, l->columns, l->qweight, l->scales, l->rows, l->bits, l->group, l->flags, out,
+                 l->rows))
+        return -1;
+    if (l->bias)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t j = 0; j < l->rows; j++) out[m * l->rows + j] += l->bias[j];
+    return 0;
+}
+
+/* x * cos + rotate_half(x) * sin over the first `rotated` dims, in place */
+static void rotate(float *x, const float *cos, const float *sin, int64_t rotated) {
+    const int64_t half = rotated / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] + (-b) * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+/* one row's query head against its cache (and the prefix), into y */
+static void attend_one(const QLayer *L, const QStep *s, int64_t m, int64_t h, const float *q, float *y,
+                       float *scores) {
+    const int64_t D = L->head_dim, g = h / (L->heads / L->kv_heads), S = s->column + 1;
+    const int64_t P = s->prefix_keys && s->prefix_rows[m] ? s->prefix_length : 0;
+    const float *keys = s->keys + (m * L->kv_heads + g) * s->capacity * D;
+    const float *values = s->values + (m * L->kv_heads + g) * s->capacity * D;
+    const uint8_t *mask = s->mask ? s->mask + m * S : NULL;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < P; j++) {
+        scores[j] = dot(q, s->prefix_keys + g * s->prefix_stride + j * D, D) * L->scale;
+        top = scores[j] > top ? scores[j] : top;
+    }
+    for (int64_t j = 0; j < S; j++) {
+        scores[P + j] = mask && !mask[j] ? -INFINITY : dot(q, keys + j * D, D) * L->scale;
+        top = scores[P + j] > top ? scores[P + j] : top;
+    }
+    memset(y, 0, (size_t)D * sizeof(float));
+    if (top == -INFINITY) return;  /* a freed row that sees nothing: its output is never used */
+    float total = 0.0f;
+    for (int64_t j = 0; j < P + S; j++) {
+        scores[j] = expf(scores[j] - top);
+        total += scores[j];
+    }
+    for (int64_t j = 0; j < P; j++) axpy(scores[j] / total, s->prefix_values + g * s->prefix_stride + j * D, y, D);
+    for (int64_t j = 0; j < S; j++)
+        if (scores[P + j] != 0.0f) axpy(scores[P + j] / total, values + j * D, y, D);
+}
+
+/* x [M, hidden] (updated in place: the layer's output). Returns 0, or -1 when memory ran out. */
+int runner_decode_layer(const QLayer *L, const QStep *s, float *x) {
+    const int64_t M = s->rows, H = L->hidden, D = L->head_dim, heads = L->heads, kv = L->kv_heads;
+    const int64_t qw = heads * D, kw = kv * D, I = L->intermediate;
+    float *base = workspace(M * (2 * H + 2 * qw + 2 * kw + 2 * I));
+    if (!base) return -1;
+    float *h = base, *q = h + M * H, *k = q + M * qw, *v = k + M * kw, *y = v + M * kw, *out = y + M * qw;
+    float *gate = out + M * H, *up = gate + M * I;
+
+    /* attention */
+    for (int64_t m = 0; m < M; m++) rms_norm(x + m * H, L->input_norm, h + m * H, H, L->eps);
+    if (linear(&L->q, h, M, q) || linear(&L->k, h, M, k) || linear(&L->v, h, M, v)) return -1;
+    for (int64_t m = 0; m < M; m++) {
+        const float *cos = s->cos + m * s->rope_stride, *sin = s->sin + m * s->rope_stride;
+        for (int64_t i = 0; i < heads; i++) {
+            float *qh = q + m * qw + i * D;
+            if (L->q_norm) rms_norm(qh, L->q_norm, qh, D, L->eps);
+            rotate(qh, cos, sin, s->rotated);
+        }
+        for (int64_t i = 0; i < kv; i++) {
+            float *kh = k + m * kw + i * D;
+            if (L->k_norm) rms_norm(kh, L->k_norm, kh, D, L->eps);
+            rotate(kh, cos, sin, s->rotated);
+            const int64_t at = ((m * kv + i) * s->capacity + s->column) * D;
+            memcpy(s->keys + at, kh, (size_t)D * sizeof(float));
+            memcpy(s->values + at, v + m * kw + i * D, (size_t)D * sizeof(float));
+        }
+    }
+    const int64_t width = s->column + 1 + (s->prefix_keys ? s->prefix_length : 0);
+    int failed = 0;
+    #pragma omp parallel
+    {
+        float *scores = malloc((size_t)width * sizeof(float));
+        if (!scores) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t item = 0; item < M * heads; item++) {
+            if (!scores) continue;
+            const int64_t m = item / heads, i = item % heads;
+            attend_one(L, s, m, i, q + m * qw + i * D, y + m * qw + i * D, scores);
+        }
+        free(scores);
+    }
+    if (failed || linear(&L->o, y, M, out)) return -1;
+    for (int64_t j = 0; j < M * H; j++) x[j] += out[j];
+
+    /* the gated MLP */
+    for (int64_t m = 0; m < M; m++) rms_norm(x + m * H, L->post_norm, h + m * H, H, L->eps);
+    if (linear(&L->gate, h, M, gate) || linear(&L->up, h, M, up)) return -1;
+    #pragma omp parallel for schedule(static) if (M * I > 65536)
+    for (int64_t j = 0; j < M * I; j++) gate[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
+    if (linear(&L->down, gate, M, out)) return -1;
+    for (int64_t j = 0; j < M * H; j++) x[j] += out[j];
+    return 0;
+}

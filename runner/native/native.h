@@ -1,0 +1,25 @@
+/* What the runner's C kernels share: the panel layout's constants and the quantized matmul (qmm.c), which the
+ * decode step (decode.c) calls for its projections. */
+#ifndef RUNNER_NATIVE_H
+#define RUNNER_NATIVE_H
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define PANEL 16  /* output rows per panel */
+#define HALF 1    /* scales (and lows) are fp16 */
+#define LOWS 2    /* lows are stored */
+
+/* out[M, N] (row stride ldo) = x[M, K] (row stride ldx) @ W^T, W held in panels (qmm.c describes them).
+ * Returns 0, or -1 when a buffer could not be allocated. */
+int qmm_into(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *qweight, const uint8_t *scales,
+             int64_t N, int32_t bits, int64_t group, int32_t flags, float *out, int64_t ldo);
+
+#endif

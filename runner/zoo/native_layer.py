@@ -1,0 +1,125 @@
+"""A decoder layer's decode step in one call to the runner's C kernels (``runner/native/decode.c``), where the layer
+and the step allow it; ``DecoderLayer.forward`` runs its Python form otherwise.
+
+At one row of a small model, a decode step's ~60 small PyTorch operations per layer cost more than its weights
+take to read; in C they cost next to nothing. The layer qualifies when it is Llama's shape (``decode.c`` lists the
+switches it takes) and every projection is kept quantized in panels; a step qualifies when it is one new token per
+row, in fp32 on the CPU, over a cache already written. Pointers into the layer's weights are gathered once and
+gathered again if the weights move (a layer streamed from disk lands somewhere new each time).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from runner.errors import GenerateError
+from runner.infer.kv_cache import LayerCache
+from runner.native import Kernels, QLayer, QLinear, QStep, kernels
+from runner.quant.formats import Panels
+from runner.quant.modules import QuantLinear
+
+UNDECIDED = object()  # a layer's C step before its weights are real (DecoderLayer.native)
+_PROJECTIONS = (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
+                ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
+                ("down", "mlp.down_proj"))
+
+
+def _address(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class NativeLayer:
+    """The C form of one ``DecoderLayer``'s decode step."""
+
+    def __init__(self, layer: nn.Module, native: Kernels, projections: list[QuantLinear]):
+        self.layer, self.native, self.projections = layer, native, projections
+        self._held: tuple[int, ...] = ()   # the weights' addresses the struct was built from
+        self._struct = QLayer()
+
+    @staticmethod
+    def of(layer: nn.Module) -> NativeLayer | None:
+        """The layer's C step, or None when its shape or weights are not what ``decode.c`` computes."""
+        from runner.zoo.parts import GatedMLP
+
+        native = kernels()
+        attention, mlp = layer.self_attn, layer.mlp
+        s = attention.shape
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        if s.qk_norm == "head":
+            norms += [attention.q_norm, attention.k_norm]
+        plain = (native is not None and not layer.sandwich and isinstance(mlp, GatedMLP) and not mlp.fused
+                 and mlp.act is F.silu and not s.fused_qkv and s.qk_norm in (None, "head") and s.softcap is None
+                 and all(n.offset == 0.0 and n.eps == layer.input_layernorm.eps for n in norms))
+        if not plain:
+            return None
+        projections = [layer.get_submodule(name) for _, name in _PROJECTIONS]
+        if not all(isinstance(p, QuantLinear) and isinstance(p.format, Panels) for p in projections):
+            return None
+        floats = [n.weight for n in norms] + [p.bias for p in projections if p.bias is not None]
+        if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in floats):
+            return None
+        assert native is not None
+        return NativeLayer(layer, native, projections)
+
+    def takes(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: LayerCache | None) -> bool:
+        """Whether this call is a step the C form computes: one new token per row, fp32 on the CPU, over a cache
+        already written in fp32."""
+        cos = rope[0]
+        return (cache is not None and cache.keys is not None and x.dim() == 3 and x.shape[1] == 1
+                and x.dtype == torch.float32 and x.device.type == "cpu" and cos.dtype == torch.float32
+                and cache.keys.dtype == torch.float32 and cache.keys.shape[0] == x.shape[0]
+                and cache.keys.is_contiguous() and cache.values is not None and cache.values.is_contiguous())
+
+    def step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+             cache: LayerCache) -> torch.Tensor:
+        """The layer's output for ``x [B, 1, hidden]``; this token's keys and values are written to ``cache``."""
+        assert cache.keys is not None and cache.values is not None
+        column = cache.length
+        if column + 1 > cache.capacity:
+            raise GenerateError(f"the KV cache holds {cache.capacity} positions and this step needs {column + 1}; "
+                                "lower the prompt length or max_new_tokens, or raise runtime.seq_len")
+        rows = x.shape[0]
+        cos, sin = (t.reshape(-1, t.shape[-1]).contiguous() for t in rope)
+        held = [cos, sin]
+        step = QStep(rows=rows, cos=cos.data_ptr(), sin=sin.data_ptr(), rotated=cos.shape[-1],
+                     rope_stride=cos.shape[-1] if len(cos) > 1 else 0,  # one table row: every row's position
+                     keys=cache.keys.data_ptr(), values=cache.values.data_ptr(), capacity=cache.capacity,
+                     column=column)
+        if mask is not None:
+            allowed = mask.expand(rows, 1, 1, column + 1).reshape(rows, column + 1).to(torch.uint8).contiguous()
+            held.append(allowed)
+            step.mask = allowed.data_ptr()
+        prefix = cache.prefix()
+        if prefix is not None:
+            continues = prefix.rows.to(torch.uint8).contiguous()
+            held.append(continues)
+            step.prefix_keys, step.prefix_values = prefix.keys.data_ptr(), prefix.values.data_ptr()
+            step.prefix_length, step.prefix_stride = prefix.keys.shape[2], prefix.keys.stride(1)
+            step.prefix_rows = continues.data_ptr()
+        out = x.reshape(rows, -1).clone(memory_format=torch.contiguous_format)
+        self.native.decode_layer(self._weights(), step, out)
+        cache.length = column + 1
+        return out.view_as(x)
+
+    def _weights(self) -> QLayer:
+        """The struct of the layer's sizes and weights, gathered again when a weight has moved."""
+        layer, projections = self.layer, self.projections
+        addresses = tuple(p.qweight.data_ptr() for p in projections)
+        if addresses == self._held:
+            return self._struct
+        attention, s = layer.self_attn, layer.self_attn.shape
+        struct = QLayer(hidden=s.hidden, heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim,
+                        intermediate=layer.mlp.down_proj.in_features, eps=layer.input_layernorm.eps,
+                        scale=s.scale if s.scale is not None else s.head_dim ** -0.5,
+                        input_norm=layer.input_layernorm.weight.data_ptr(),
+                        post_norm=layer.post_attention_layernorm.weight.data_ptr())
+        if s.qk_norm == "head":
+            struct.q_norm, struct.k_norm = attention.q_norm.weight.data_ptr(), attention.k_norm.weight.data_ptr()
+        for (field, _), p in zip(_PROJECTIONS, projections):
+            fmt = p.format
+            setattr(struct, field, QLinear(qweight=p.qweight.data_ptr(), scales=p.scales.data_ptr(),
+                                           bias=_address(p.bias), rows=p.out_features, columns=p.in_features,
+                                           group=fmt.group or p.in_features, bits=fmt.bits, flags=fmt.flags))
+        self._struct, self._held = struct, addresses
+        return struct

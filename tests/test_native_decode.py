@@ -1,0 +1,97 @@
+"""A decoder layer's decode step in C (``runner/native/decode.c``) gives the tokens of its Python form.
+
+Tiny checkpoints transformers writes (``test_families``), quantized as they stream in, generate greedily with
+continuous batching (rows of unlike lengths, left padding, refills, a prefix shared across the job) once with the
+C step and once with every layer on its Python path; the tokens must be the same and the logits of each decode
+step within fp32 rounding.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import compose_config
+from runner.infer.engine import Engine
+from runner.infer.generate import Request
+from runner.infer.sampling import SamplingParams
+from runner.zoo import native_layer
+from runner.zoo.decoder import DecoderLayer
+
+transformers = pytest.importorskip("transformers")
+from test_families import FAMILIES, byte_tokenizer, write_checkpoint  # noqa: E402 -- after the skip
+
+SYSTEM = "You are a terse assistant. Answer in one line: "  # a prefix every prompt shares, kept across the job
+QUESTIONS = ["why is the sky blue?", "name a prime", "what rhymes with cat, and why does it?", "hi", "count to five",
+             "what is the capital of a country that has a long coastline?"]
+
+
+@pytest.fixture(autouse=True)
+def _native_kernels():
+    if native_layer.kernels() is None:
+        pytest.skip("no C compiler: the runner's kernels are not built")
+
+
+def _generate(engine: Engine, native: bool, steps: list) -> list[list[int]]:
+    layers = [m for m in engine.model.modules() if isinstance(m, DecoderLayer)]
+    for layer in layers:  # undecided: the first forward decides again; None: the Python path
+        layer.native = native_layer.UNDECIDED if native else None
+    tok = byte_tokenizer()
+    requests = [Request(i, "", tuple(tok.encode(SYSTEM + q).ids)) for i, q in enumerate(QUESTIONS)]
+    done = engine.complete(requests, SamplingParams(max_new_tokens=10, ignore_eos=True))
+    return [list(c.output_tokens) for c in done]
+
+
+@pytest.mark.parametrize("model_type, quantize", [("llama", "int4"), ("qwen3", "int8"), ("mistral", "int4"),
+                                                  ("qwen2", "int8"), ("phi3", "int4")])
+def test_the_c_decode_step_gives_the_python_steps_tokens(model_type, quantize, tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoint"
+    write_checkpoint(folder, model_type, FAMILIES[model_type])
+    engine = Engine(compose_config("checkpoint=local", f"checkpoint.path={folder}", "dtype=float32", "hardware=cpu",
+                                   f"quantize={quantize}", "runtime.batch_size=3"), tmp_path / "run")
+    steps: list[bool] = []  # per C step: whether rows continued a shared prefix
+    real_step = native_layer.NativeLayer.step
+
+    def counted(self, x, rope, mask, cache):
+        steps.append(cache.prefix() is not None)
+        return real_step(self, x, rope, mask, cache)
+
+    monkeypatch.setattr(native_layer.NativeLayer, "step", counted)
+    with_c = _generate(engine, True, steps)
+    c_steps = len(steps)
+    python = _generate(engine, False, steps)
+    assert len(steps) == c_steps  # the Python run made no C step
+    assert with_c == python
+    layers = [m for m in engine.model.modules() if isinstance(m, DecoderLayer)]
+    if model_type == "phi3":  # a fused qkv projection and partial rotary: not decode.c's shape
+        assert c_steps == 0
+        return
+    assert c_steps >= 3 * 9  # every layer, every decode step
+    if engine.model.shares_prefixes():  # no sliding window: rows continue the job's kept prefix
+        assert any(steps), "no C step read a shared prefix"
+
+
+def test_logits_of_a_c_step_equal_the_python_steps(tmp_path):
+    folder = tmp_path / "checkpoint"
+    write_checkpoint(folder, "qwen3", FAMILIES["qwen3"])
+    engine = Engine(compose_config("checkpoint=local", f"checkpoint.path={folder}", "dtype=float32", "hardware=cpu",
+                                   "quantize=int4"), tmp_path / "run")
+    model = engine.model
+    tok = byte_tokenizer()
+    prompts = [tok.encode(SYSTEM + q).ids for q in QUESTIONS[:3]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    layers = [m for m in model.modules() if isinstance(m, DecoderLayer)]
+    logits = {}
+    for native in (True, False):
+        for layer in layers:
+            layer.native = native_layer.UNDECIDED if native else None
+        cache = model.new_cache(width + 4)
+        with torch.inference_mode():
+            model(ids, attention_mask=mask, cache=cache)
+            nxt = torch.tensor([[65], [66], [67]])
+            logits[native] = model(nxt, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1),
+                                   cache=cache)
+        assert all(isinstance(layer.native, native_layer.NativeLayer) for layer in layers) == native
+    span = logits[False].max() - logits[False].min()
+    assert (logits[True] - logits[False]).abs().max() / span < 1e-5
