@@ -116,7 +116,7 @@ def test_without_kernels_a_weight_is_dequantized_for_each_product(compiler, monk
     assert "quantized weights are dequantized for every matmul" in caplog.text
 
 
-@pytest.mark.parametrize("form", ["int8", "int8g", "int4", "int4h"])
+@pytest.mark.parametrize("form", ["int8", "int8g", "int4"])
 def test_rounding_full_precision_weights_stays_within_half_a_step(form):
     w = torch.randn(64, 256)
     fmt = FORMATS[form]
