@@ -139,7 +139,8 @@ def offload(args: argparse.Namespace, out: dict) -> list[str]:
     import throughput_bench as tb
 
     folder = hf_checkpoint.ensure("hf-gpt2")
-    shape = dict(rows=64, prompt_tokens=32, new_tokens=32, batch=64, threads=args.threads)
+    shape = dict(rows=64, prompt_tokens=32, new_tokens=32, batch=64, threads=args.threads,
+                 **({"cgroup_bytes": int(args.cgroup_gb * GB)} if args.cgroup_gb else {}))
     work = args.work / "offload"
     tb.run("runner", folder, work / "int8", quantize="int8", **shape)  # writes the int8 offload store, untimed
     sides = {"fp32": tb.run("runner", folder, work / "fp32", **shape),
@@ -254,6 +255,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--offload", action="store_true", help="also part 2, gpt2-large offload (~15 min)")
     parser.add_argument("--quality", action="store_true", help="also part 3, perplexity (~3 min)")
+    parser.add_argument("--cgroup-gb", type=float, help="part 2: every side's memory cgroup in GB (default: the "
+                                                        "runner's max_memory.cpu + its reserves + 0.6 GB)")
     parser.add_argument("--only", choices=["offload", "quality"], help="run that part alone")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("RUNNER_CACHE", "/tmp")) / "quant-bench")
     parser.add_argument("--json", type=Path)

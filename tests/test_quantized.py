@@ -23,12 +23,13 @@ ROWS, COLUMNS = 48, 512
 
 def blocks_of(kind: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``[ROWS, bytes]`` of ``kind`` blocks and what gguf dequantizes them to. gguf writes Q4_0, Q4_1 and Q8_0;
-    Q4_K's blocks are random bytes with sane fp16 ``d`` and ``dmin`` (any 6-bit scales and 4-bit values are valid)."""
+    the K types' blocks are random bytes with sane fp16 ``d`` (and ``dmin``): any scales and values are valid."""
     rng = np.random.default_rng(seed)
     kind_type = getattr(gguf.GGMLQuantizationType, kind)
-    if kind == "Q4_K":
-        raw = rng.integers(0, 256, (ROWS, COLUMNS // 256, 144), dtype=np.uint8)
-        for start in (0, 2):  # d, dmin
+    if kind.endswith("_K"):
+        size, halves = {"Q4_K": (144, (0, 2)), "Q5_K": (176, (0, 2)), "Q6_K": (210, (208,))}[kind]
+        raw = rng.integers(0, 256, (ROWS, COLUMNS // 256, size), dtype=np.uint8)
+        for start in halves:  # d (and dmin)
             raw[..., start:start + 2] = rng.uniform(1e-3, 2e-2, raw.shape[:2]).astype(np.float16)[..., None].view(
                 np.uint8)
         raw = raw.reshape(ROWS, -1)
@@ -39,14 +40,16 @@ def blocks_of(kind: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def weights(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     rows, columns = q.shape
-    return (q.float().view(rows, -1, 32) * scale[..., None] + low[..., None]).view(rows, columns)
+    group = columns // scale.shape[1]
+    return (q.float().view(rows, -1, group) * scale[..., None] + low[..., None]).view(rows, columns)
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
-def test_block_values_are_exactly_what_gguf_dequantizes(kind):
+@pytest.mark.parametrize("kind, least, most", [("Q4_0", 0, 15), ("Q4_1", 0, 15), ("Q4_K", 0, 15), ("Q5_K", 0, 31),
+                                               ("Q6_K", -32, 31), ("Q8_0", -127, 127)])
+def test_block_values_are_exactly_what_gguf_dequantizes(kind, least, most):
     raw, want = blocks_of(kind)
     q, scale, low = block_values(kind, torch.from_numpy(raw), COLUMNS)
-    assert q.min() >= (-127 if kind == "Q8_0" else 0) and q.max() <= (127 if kind == "Q8_0" else 15)
+    assert q.min() == least and q.max() == most  # every value the type holds occurs in 48 x 512 random ones
     assert torch.equal(weights(q, scale, low), torch.from_numpy(want))
 
 
@@ -67,7 +70,8 @@ def built(request, runner_cache) -> native.Kernels:
     return native.Kernels(native.build(spec, runner_cache / "native"), spec)
 
 
-@pytest.mark.parametrize("kind, form", [("Q4_0", "int4h"), ("Q4_1", "int4h"), ("Q4_K", "int4"), ("Q8_0", "int8g")])
+@pytest.mark.parametrize("kind, form", [("Q4_0", "int4h"), ("Q4_1", "int4h"), ("Q4_K", "int4"), ("Q5_K", "q5k"),
+                                        ("Q6_K", "q6k"), ("Q8_0", "int8g")])
 def test_kept_blocks_hold_what_gguf_dequantizes_and_multiply_as_fp32_does(kind, form, built):
     raw, want = blocks_of(kind)
     fmt = FORMATS[form]
@@ -220,7 +224,7 @@ def test_a_gguf_type_that_cannot_be_computed_is_one_line(tmp_path):
     save(writer)
     outcome, errors = run_in_process(tmp_path / "run", "mode=plan", "checkpoint=gguf", f"checkpoint.path={path}")
     assert errors == [f"error: checkpoint: {path}: tensor token_embd.weight is stored as GGUF type Q8_K, which the runner cannot compute "
-                      "(it keeps Q4_0, Q4_1, Q4_K and Q8_0 quantized and dequantizes Q5_K, Q6_K and the other types "
+                      "(it keeps Q4_0, Q4_1, Q4_K, Q5_K, Q6_K and Q8_0 quantized and dequantizes the other types "
                       "llama.cpp writes for models); re-quantize the file with llama.cpp's llama-quantize (e.g. "
                       "Q4_K_M or Q8_0)"]
 

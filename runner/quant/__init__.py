@@ -3,8 +3,9 @@
 Recipe (``quantize_model``), run on the skeleton before it is planned:
 1. each ``nn.Linear`` and ``nn.Embedding`` weight gets a form from how it is stored and ``quantize``:
    - a GGUF's Q4_0 and Q4_1 weights (embeddings too) stay ``int4h``, Q4_K ones ``int4``, repacked as they are;
-   - its Q8_0 weights keep their values exactly as ``int8g`` (int8 in groups of 32, an fp16 scale each);
-   - other quantized types (Q5_K, Q6_K, ...) are dequantized to the compute dtype, as before;
+   - its Q8_0 weights keep their values exactly as ``int8g`` (int8 in groups of 32, an fp16 scale each), Q5_K and
+     Q6_K ones as ``q5k`` and ``q6k`` (their 5- and 6-bit values in int8, fp32 scales);
+   - other quantized types (Q2_K, Q3_K, IQ types, ...) are dequantized to the compute dtype, as before;
    - ``quantize=int8|int4`` rounds full-precision weights, embeddings to ``int8``;
 2. those modules are swapped for ``QuantLinear`` and ``QuantEmbedding`` on meta (a tied head shares its
    embedding's table), so the planner, the ledger and the offload store count the quantized bytes;
@@ -113,8 +114,9 @@ def _form(module: nn.Module, stored_type: str | None, setting: str | None) -> tu
     if stored_type in FOUR_BIT and FORMATS["int4"].fits(rows, columns):
         form = "int4" if stored_type == "Q4_K" else "int4h"  # Q4_K's scales are products: not fp16 numbers
         return form, True, FORMATS[form].describe + ", repacked"
-    if stored_type == "Q8_0" and FORMATS["int8g"].fits(rows, columns):
-        return "int8g", True, FORMATS["int8g"].describe + ", the stored values"
+    form = {"Q8_0": "int8g", "Q5_K": "q5k", "Q6_K": "q6k"}.get(stored_type)
+    if form is not None and FORMATS[form].fits(rows, columns):
+        return form, True, FORMATS[form].describe + ", the stored values"
     return None, False, "dequantized (no kept form)"
 
 

@@ -460,7 +460,7 @@ def _check_computable(t, path: Path) -> None:
     if kind.name in _FLOAT or kind in quants._type_traits:  # gguf's table of the types it can dequantize
         return
     raise CheckpointError(f"{path}: tensor {t.name} is stored as GGUF type {kind.name}, which the runner cannot "
-                          "compute (it keeps Q4_0, Q4_1, Q4_K and Q8_0 quantized and dequantizes Q5_K, Q6_K and the "
+                          "compute (it keeps Q4_0, Q4_1, Q4_K, Q5_K, Q6_K and Q8_0 quantized and dequantizes the "
                           "other types llama.cpp writes for models); re-quantize the file with llama.cpp's "
                           "llama-quantize (e.g. Q4_K_M or Q8_0)")
 
