@@ -260,3 +260,14 @@ def test_a_weight_packed_in_row_chunks_is_the_weight_packed_whole(monkeypatch):
         assert torch.equal(chunked.read(key), want), key
     assert torch.equal(whole["a.qweight"],
                        FORMATS["int4"].pack(*block_values("Q4_1", torch.from_numpy(raw), COLUMNS))["qweight"])
+
+
+def test_a_quantized_plan_counts_the_flops_of_its_weights_shapes_not_their_bytes(tmp_path):
+    from runner.plan.throughput import Rates, step_cost
+
+    plans = {dtype: plan(compose_config("hardware=cpu", f"dtype={dtype}"), tmp_path / dtype)
+             for dtype in ("auto", "float32")}
+    assert plans["auto"].quantization.kept and not plans["float32"].quantization.kept
+    rates = Rates(disk=None, host_to_device=None, flops={"cpu": 1e9})
+    flops = {dtype: step_cost(p, rates).flops["cpu"] for dtype, p in plans.items()}
+    assert flops["auto"] == flops["float32"] > 2 * 100e6  # SmolLM2's 135M weights, a sixth of them read by row

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from runner.plan.blocks import Block
 from runner.config.sizes import format_bytes
 
-LOOKUPS = ("Embedding", "EmbeddingBag")
+LOOKUPS = ("Embedding", "EmbeddingBag", "QuantEmbedding")  # blocks that read rows of their table
 HOST_TO_DEVICE = 25e9  # bytes/s over PCIe 4.0 x16 from pinned memory, as measured on common machines
 CPU_FLOPS = 200e9      # FLOP/s of a many-core server CPU on a matmul; a GPU is two or three orders faster
 

@@ -19,18 +19,22 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from runner.plan.blocks import Block
 from runner.plan.compute import LOOKUPS
 from runner.plan.experts import disk_read_per_step, expert_layers
 from runner.plan.planned import Planned
 from runner.config.sizes import format_bytes
 from runner.data.writes import reclaim, temp_path
 from runner.config.resources import runner_cache  # noqa: F401  (runner.run.plan and the benches take it here)
+from runner.quant.formats import FORMATS, WeightFormat
+from runner.quant.modules import QuantLinear
 
 PROBE_BYTES = 256 << 20   # read to time a disk: past its caches, short of a second
 PROBE_CHUNK = 16 << 20    # in pieces this big,
@@ -75,7 +79,7 @@ def step_cost(planned: Planned, rates: Rates) -> StepCost:
                  and planned.hardware.get(compute[b.name].device).simulated is False)
     flops: dict[str, int] = {}
     for b in layout.blocks:
-        weights = 0 if b.class_name in LOOKUPS else _streamed_bytes(b, owners) // itemsize
+        weights = 0 if b.class_name in LOOKUPS else _weights(planned, b, owners)
         attention = planned.request.kv_bytes.get(b.name, 0) // itemsize // 2  # half the planned length, on average
         tokens = rows * b.share if b.expert else rows  # an expert computes only the tokens routed to it
         flops[compute[b.name].device] = (flops.get(compute[b.name].device, 0) + round(2 * tokens * weights)
@@ -116,6 +120,17 @@ def _advice(planned: Planned, seconds: dict[str, float], bound: str, disk: int) 
     return out
 
 
+def _weights(planned: Planned, block: Block, owners: dict[str, Block]) -> int:
+    """The weights a block multiplies by per row: its bytes in the compute dtype, where a quantized linear counts
+    by its shape (its packed bytes are a fraction of a weight each)."""
+    weights = _streamed_bytes(block, owners) // planned.dtype.itemsize
+    for m in planned.model.get_submodule(block.name).modules():
+        if isinstance(m, QuantLinear):
+            packed = sum(getattr(m, p).numel() * getattr(m, p).element_size() for p in m.parts)
+            weights += m.in_features * m.out_features - packed // planned.dtype.itemsize
+    return weights
+
+
 def measure_rates(planned: Planned, cache: Path) -> Rates:
     """This machine's rates for the plan: disk and host-to-device from ``cache`` (measured and kept there the first
     time), compute measured now at the step's shape."""
@@ -135,12 +150,15 @@ def measure_rates(planned: Planned, cache: Path) -> Rates:
     if main.startswith("cuda:") and not planned.hardware.get(main).simulated:
         to_gpu = _cached(cache, f"h2d:{torch.cuda.get_device_name(main)}", lambda: _h2d_rate(torch.device(main)))
     width = min(max(planned.trace.input_elems.values(), default=1024), PROBE_WIDTH)
+    # Weights kept quantized multiply at their kernel's rate, not fp32's: the form most weights are kept in.
+    forms = Counter(k.form for k in planned.quantization.kept.values())
+    form = FORMATS[forms.most_common(1)[0][0]] if forms else None
     flops = {}
     for device in {c.device for c in planned.compute.values()}:
         real = device.startswith("cuda:") and not planned.hardware.get(device).simulated
         # One micro-batch's rows at a time: that is the matmul a step runs (K times over).
         flops[device] = _flop_rate(torch.device(device if real else "cpu"), planned.dtype,
-                                   planned.config.runtime.batch_size, width)
+                                   planned.config.runtime.batch_size, width, form if not real else None)
     return Rates(disk, to_gpu, flops)
 
 
@@ -240,23 +258,32 @@ def _h2d_rate(device: torch.device) -> float:
 
 
 @torch.inference_mode()
-def _flop_rate(device: torch.device, dtype: torch.dtype, rows: int, width: int) -> float:
+def _flop_rate(device: torch.device, dtype: torch.dtype, rows: int, width: int,
+               form: WeightFormat | None = None) -> float:
     """FLOP/s of ``[rows, width] @ [width, 4 width]`` over weights that together outgrow the caches
     (``PROBE_BYTES``): a decode step's matmul, which at few rows is bound by reading its weight from memory, as the
-    step itself is. The median of timed passes, so a busy spell on the machine does not set the figure."""
+    step itself is; with ``form``, the weights are kept in it and multiplied by its kernel. The median of timed
+    passes, so a busy spell on the machine does not set the figure."""
     x = torch.full((rows, width), 0.01, dtype=dtype, device=device)  # the values do not matter, only the shapes
-    per_weight = 4 * width * width * dtype.itemsize
-    weights = [torch.full((width, 4 * width), 0.01, dtype=dtype, device=device)
-               for _ in range(max(1, min(16, PROBE_BYTES // per_weight)))]
+    if form is None:
+        one = torch.full((width, 4 * width), 0.01, dtype=dtype, device=device)
+        multiply = lambda w: x @ w  # noqa: E731
+    else:
+        one = form.quantize(torch.rand(4 * width, width))
+        multiply = lambda w: form.linear(x, w, 4 * width)  # noqa: E731
+    per_weight = sum(t.nbytes for t in one.values()) if isinstance(one, dict) else one.nbytes
+    copies = max(1, min(16, PROBE_BYTES // per_weight))
+    weights = [one] + [{k: t.clone() for k, t in one.items()} if isinstance(one, dict) else one.clone()
+                       for _ in range(copies - 1)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
     for w in weights:  # warm-up: first touch, kernel choice
-        x @ w
+        multiply(w)
     sync(device)
     times = []
     for _ in range(5):
         start = time.perf_counter()
         for w in weights:
-            x @ w
+            multiply(w)
         sync(device)
         times.append(time.perf_counter() - start)
     return 2 * rows * width * 4 * width * len(weights) / sorted(times)[len(times) // 2]
