@@ -13,6 +13,8 @@ from torch.nn import functional as F
 
 from conftest import compose_config, run_in_process
 from runner.infer.engine import Engine
+from runner.infer.generate import Request
+from runner.infer.sampling import SamplingParams
 from runner.plan.planned import plan
 from runner import native
 from runner.quant.formats import FORMATS
@@ -271,3 +273,75 @@ def test_a_quantized_plan_counts_the_flops_of_its_weights_shapes_not_their_bytes
     rates = Rates(disk=None, host_to_device=None, flops={"cpu": 1e9})
     flops = {dtype: step_cost(p, rates).flops["cpu"] for dtype, p in plans.items()}
     assert flops["auto"] == flops["float32"] > 2 * 100e6  # SmolLM2's 135M weights, a sixth of them read by row
+
+
+def _k_blocks(kind: str, rows: int, columns: int, rng: np.random.Generator) -> np.ndarray:
+    """``[rows, bytes]`` of random ``kind`` blocks whose fp16 ``d`` (and ``dmin``) keep the weights small."""
+    size, halves = {"Q4_K": (144, (0, 2)), "Q5_K": (176, (0, 2)), "Q6_K": (210, (208,))}[kind]
+    raw = rng.integers(0, 256, (rows, columns // 256, size), dtype=np.uint8)
+    for start in halves:
+        raw[..., start:start + 2] = rng.uniform(2e-4, 1e-3, raw.shape[:2]).astype(np.float16)[..., None].view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def test_a_q4_k_m_style_gguf_is_held_whole_and_decodes_as_its_dequantized_run(tmp_path):
+    """Q4_K_M files mix Q4_K with Q6_K (and Q5_K in some layers): every one of those stays quantized, and the run
+    (prefill, then decode steps through the C layer step) gives the dequantized fp32 run's logits and tokens."""
+    from test_gguf import TEMPLATE
+
+    hidden, ffn, heads, kv_heads = 256, 512, 4, 2
+    tokens = ["<s>", "</s>"] + [f"t{i}" for i in range(254)]
+    rng = np.random.default_rng(0)
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for setting, value in (("block_count", 2), ("context_length", 64), ("embedding_length", hidden),
+                           ("feed_forward_length", ffn), ("head_count", heads), ("head_count_kv", kv_heads),
+                           ("layer_norm_rms_eps", 1e-5), ("rope_freq_base", 10000.0)):
+        getattr(writer, f"add_{setting}")(value)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges([])
+    writer.add_token_types([3, 3] + [1] * 254)
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    writer.add_chat_template(TEMPLATE)
+    kinds = {"attn_q": ("Q4_K", hidden), "attn_k": ("Q5_K", 128), "attn_v": ("Q6_K", 128),
+             "attn_output": ("Q4_K", hidden), "ffn_gate": ("Q5_K", ffn), "ffn_up": ("Q4_K", ffn)}
+    writer.add_tensor("token_embd.weight", gguf.quants.quantize(
+        rng.standard_normal((len(tokens), hidden)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0),
+        raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    for layer in range(2):
+        for name, (kind, rows) in kinds.items():
+            writer.add_tensor(f"blk.{layer}.{name}.weight", _k_blocks(kind, rows, hidden, rng),
+                              raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+        writer.add_tensor(f"blk.{layer}.ffn_down.weight", _k_blocks("Q6_K", hidden, ffn, rng),
+                          raw_dtype=gguf.GGMLQuantizationType.Q6_K)
+        for norm in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(f"blk.{layer}.{norm}.weight", np.ones(hidden, dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
+    writer.add_tensor("output.weight", _k_blocks("Q6_K", len(tokens), hidden, rng),
+                      raw_dtype=gguf.GGMLQuantizationType.Q6_K)
+    from test_gguf import save
+    save(writer)
+
+    engines = {dtype: Engine(compose_config("checkpoint=gguf", f"checkpoint.path={path}", "hardware=cpu",
+                                            f"dtype={dtype}"), tmp_path / dtype) for dtype in ("auto", "float32")}
+    kept = engines["auto"].loaded
+    assert set(kept.quantization.lines) == {
+        "Q4_K -> int4, groups of 32, repacked: 6 tensor(s)",
+        "Q5_K -> 5-bit values in int8, groups of 32, the stored values: 4 tensor(s)",
+        "Q6_K -> 6-bit values in int8, groups of 16, the stored values: 5 tensor(s)",
+        "Q8_0 -> int8, groups of 32, the stored values: 1 tensor(s)"}
+    assert kept.layout.total_bytes < engines["float32"].loaded.layout.total_bytes / 3
+    ids = torch.tensor([[0, 5, 17, 99, 3, 250, 42, 7]])
+    with torch.inference_mode():
+        logits = {dtype: e.loaded.model(ids) for dtype, e in engines.items()}
+    span = logits["float32"].max() - logits["float32"].min()
+    assert (logits["auto"] - logits["float32"]).abs().max() / span < 1e-4
+    requests = [Request(i, "", tuple(ids[0, :n].tolist())) for i, n in enumerate((3, 8, 5))]
+    outputs = {dtype: [c.output_tokens for c in e.complete(requests, SamplingParams(max_new_tokens=8,
+                                                                                    ignore_eos=True))]
+               for dtype, e in engines.items()}
+    assert outputs["auto"] == outputs["float32"]
+    layers = [m for m in engines["auto"].model.modules() if type(m).__name__ == "DecoderLayer"]
+    assert all(type(layer.native).__name__ == "NativeLayer" for layer in layers)  # decoded by the C step

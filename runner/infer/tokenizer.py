@@ -160,7 +160,7 @@ class BPETokenizer(_Backed):
                                   f"(only {', '.join(_PRE_RULES)}); set tokenizer.path to {_WHAT_PATH_TAKES} of "
                                   "this model")
         tokens: list[str] = fields["ggml.tokens"]
-        merges = [tuple(m.split(" ", 1)) for m in fields["ggml.merges"]]
+        merges = [tuple(m.split(" ", 1)) for m in fields.get("ggml.merges", [])]  # none: a BPE of single tokens
         rule = _REGEX_SPLIT.get(pre)
         tok = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges,
                                               ignore_merges=rule is not None and rule.ignore_merges))
