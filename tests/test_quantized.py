@@ -345,3 +345,18 @@ def test_a_q4_k_m_style_gguf_is_held_whole_and_decodes_as_its_dequantized_run(tm
     assert outputs["auto"] == outputs["float32"]
     layers = [m for m in engines["auto"].model.modules() if type(m).__name__ == "DecoderLayer"]
     assert all(type(layer.native).__name__ == "NativeLayer" for layer in layers)  # decoded by the C step
+
+
+def test_a_build_cut_short_is_reclaimed_and_a_build_is_reused(tmp_path):
+    from runner import native
+
+    spec = native.build_for_this_cpu(portable=True)
+    if spec is None:
+        pytest.skip("no C compiler")
+    dead = tmp_path / ".kernels-0.so.999999999.tmp"  # a pid no process has
+    dead.write_bytes(b"half a library")
+    built = native.build(spec, tmp_path)
+    assert not dead.exists() and built.exists()
+    mtime = built.stat().st_mtime_ns
+    assert native.build(spec, tmp_path) == built and built.stat().st_mtime_ns == mtime  # not compiled again
+    assert native.Kernels(built, spec).avx2 is False  # the portable build

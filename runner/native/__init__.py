@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from runner.config.resources import runner_cache
-from runner.data.writes import temp_path
+from runner.data.writes import reclaim, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ def build(spec: Build, folder: Path) -> Path:
     if path.exists():
         return path
     folder.mkdir(parents=True, exist_ok=True)
+    reclaim(folder)  # a build cut short by a killed process
     tmp = temp_path(path)
     done = subprocess.run([spec.compiler, *spec.flags, *map(str, SOURCES), "-o", str(tmp), "-lm"],
                           capture_output=True, text=True)
