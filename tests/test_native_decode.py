@@ -41,13 +41,16 @@ def _generate(engine: Engine, native: bool, steps: list) -> list[list[int]]:
     return [list(c.output_tokens) for c in done]
 
 
-@pytest.mark.parametrize("model_type, quantize", [("llama", "int4"), ("qwen3", "int8"), ("mistral", "int4"),
-                                                  ("qwen2", "int8"), ("phi3", "int4")])
-def test_the_c_decode_step_gives_the_python_steps_tokens(model_type, quantize, tmp_path, monkeypatch):
+@pytest.mark.parametrize("model_type, quantize, placed", [
+    ("llama", "int4", ()), ("qwen3", "int8", ()), ("mistral", "int4", ()), ("qwen2", "int8", ()), ("phi3", "int4", ()),
+    ("llama", "int4", ("+device_map.model.layers.1=disk",))])  # a layer streamed in: its weights move every step
+def test_the_c_decode_step_gives_the_python_steps_tokens(model_type, quantize, placed, tmp_path, monkeypatch):
     folder = tmp_path / "checkpoint"
     write_checkpoint(folder, model_type, FAMILIES[model_type])
     engine = Engine(compose_config("checkpoint=local", f"checkpoint.path={folder}", "dtype=float32", "hardware=cpu",
-                                   f"quantize={quantize}", "runtime.batch_size=3"), tmp_path / "run")
+                                   f"quantize={quantize}", "runtime.batch_size=3", *placed), tmp_path / "run")
+    if placed:
+        assert engine.loaded.check.block_devices["model.layers.1"] == "disk"
     steps: list[bool] = []  # per C step: whether rows continued a shared prefix
     real_step = native_layer.NativeLayer.step
 

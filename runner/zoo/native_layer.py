@@ -34,7 +34,7 @@ class NativeLayer:
 
     def __init__(self, layer: nn.Module, native: Kernels, projections: list[QuantLinear]):
         self.layer, self.native, self.projections = layer, native, projections
-        self._held: tuple[int, ...] = ()   # the weights' addresses the struct was built from
+        self._held = 0  # the first projection's address when the struct was built
         self._struct = QLayer()
 
     @staticmethod
@@ -103,10 +103,11 @@ class NativeLayer:
         return out.view_as(x)
 
     def _weights(self) -> QLayer:
-        """The struct of the layer's sizes and weights, gathered again when a weight has moved."""
+        """The struct of the layer's sizes and weights, gathered again when its weights have moved (a layer is one
+        block: its weights arrive together, so the first projection's address stands for all of them)."""
         layer, projections = self.layer, self.projections
-        addresses = tuple(p.qweight.data_ptr() for p in projections)
-        if addresses == self._held:
+        address = projections[0].qweight.data_ptr()
+        if address == self._held:
             return self._struct
         attention, s = layer.self_attn, layer.self_attn.shape
         struct = QLayer(hidden=s.hidden, heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim,
@@ -121,5 +122,5 @@ class NativeLayer:
             setattr(struct, field, QLinear(qweight=p.qweight.data_ptr(), scales=p.scales.data_ptr(),
                                            bias=_address(p.bias), rows=p.out_features, columns=p.in_features,
                                            group=fmt.group or p.in_features, bits=fmt.bits, flags=fmt.flags))
-        self._struct, self._held = struct, addresses
+        self._struct, self._held = struct, address
         return struct
