@@ -84,7 +84,8 @@ def test_kept_blocks_hold_what_gguf_dequantizes_and_multiply_as_fp32_does(kind, 
     for m in (1, 2, 3, 4, 7, 13):  # registers alone up to 3 rows; a dequantized panel and tiles of 6 beyond
         x = torch.randn(m, COLUMNS)
         reference = x.double() @ torch.from_numpy(want).double().t()
-        got = built.qmm(x, parts["qweight"], parts["scales"], ROWS, fmt.bits, fmt.group, fmt.flags)
+        got = built.qmm(x, parts["qweight"], parts["scales"], rows=ROWS, bits=fmt.bits, group=fmt.group,
+                        flags=fmt.flags)
         assert got.shape == reference.shape and got.dtype == torch.float32
         assert (got - reference).abs().max() / reference.abs().max() < 1e-5, m  # fp32 rounding, no more
 
@@ -97,7 +98,8 @@ def test_a_last_panel_short_of_sixteen_rows_is_computed_and_read(rows, built):
         held = fmt.dequantize(parts, rows, 64)
         for m in (1, 5):
             x = torch.randn(m, 64)
-            got = built.qmm(x, parts["qweight"], parts["scales"], rows, fmt.bits, fmt.group or 64, fmt.flags)
+            got = built.qmm(x, parts["qweight"], parts["scales"], rows=rows, bits=fmt.bits, group=fmt.group or 64,
+                            flags=fmt.flags)
             assert (got - x @ held.t()).abs().max() < 1e-4, (fmt.name, m)
         assert torch.equal(fmt.rows(torch.tensor([rows - 1]), parts, torch.float32), held[-1:])
 

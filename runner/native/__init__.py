@@ -99,7 +99,7 @@ class Kernels:
         self._decode.restype = ctypes.c_int
         self.avx2 = bool(self._lib.runner_native_avx2())
 
-    def qmm(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, rows: int, bits: int,
+    def qmm(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, *, rows: int, bits: int,
             group: int, flags: int) -> torch.Tensor:
         """``x [M, K]`` (fp32, rows contiguous) times a panel-held weight of ``rows`` output rows -> ``[M, rows]``.
         ``flags``: ``HALF`` (fp16 scales) | ``LOWS`` (lows stored), as ``native.h`` defines them.

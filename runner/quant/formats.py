@@ -158,8 +158,8 @@ class Panels:
         if native is None:
             out = F.linear(flat, self.dequantize(parts, rows, columns))
         else:
-            out = native.qmm(flat, parts["qweight"], parts["scales"], rows, self.bits, self._group(columns),
-                             self.flags)
+            out = native.qmm(flat, parts["qweight"], parts["scales"], rows=rows, bits=self.bits,
+                             group=self._group(columns), flags=self.flags)
         return out.to(x.dtype).reshape(*x.shape[:-1], rows)
 
 
