@@ -12,6 +12,9 @@ sequences):
   ``_convert_weight_to_int4pack_for_cpu``, a scale and an offset per group of 32 along K (Q4_0's and Q4_1's
   block), bf16 activations. Its weight is ``(q - 8) * scale + offset``: Q4_1's ``q * d + m`` is scale ``d``,
   offset ``m + 8d``; Q4_0's ``(q - 8) * d`` is offset 0.
+- ``runner int8`` and ``runner int4``: the runner's own kernels (``runner/native/qmm.c``) on the same values, kept
+  in its panels (``int8``: a scale per row; ``int4h``: groups of 32, fp16 scales as Q4_0/Q4_1 store them), fp32
+  activations. What the runner computes kept weights with; the two above are what it measured before choosing.
 
 Each kernel's output is checked against ``F.linear`` in fp32 on the weights it represents (the error is bf16
 rounding of the activations and of the scales). Times are medians; the figure after each is fp32's time over the
@@ -24,8 +27,15 @@ from __future__ import annotations
 import argparse
 import time
 
+import sys
+from pathlib import Path
+
 import torch
 from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py puts this checkout's runner first
+import common  # noqa: E402,F401
+from runner.quant.formats import FORMATS  # noqa: E402
 
 GROUP = 32  # Q4_0 and Q4_1 blocks
 SHAPES = {  # name: (N, K)
@@ -83,6 +93,8 @@ def main() -> None:
         packed, scales, w4 = int4_weights(w)
         q8, s8, w8 = int8_weights(w)
         w16 = w.bfloat16()
+        kept = {form: FORMATS[form].quantize(w) for form in ("int8", "int4h")}
+        held = {form: FORMATS[form].dequantize(parts, n, k) for form, parts in kept.items()}
         rounds = 10 if n * k > 10**7 else 50
         for rows in args.rows:
             x = torch.randn(rows, k)
@@ -92,6 +104,8 @@ def main() -> None:
                 "bf16": (lambda: F.linear(xb, w16), F.linear(x, w)),
                 "int8": (lambda: torch._weight_int8pack_mm(xb, q8, s8), F.linear(x, w8)),
                 "int4": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, GROUP, scales), F.linear(x, w4)),
+                **{f"runner {form[:4]}": ((lambda form=form: FORMATS[form].linear(x, kept[form], n)),
+                                          F.linear(x, held[form])) for form in kept},
             }
             times = {side: median_ms(f, rounds) for side, (f, _) in sides.items()}
             errors = {side: relative_error(f(), reference) for side, (f, reference) in sides.items()}
