@@ -91,8 +91,7 @@ class Kernels:
         self.path, self.build = path, build
         self._lib = ctypes.CDLL(str(path))
         self._qmm = self._lib.runner_qmm
-        self._qmm.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int32, _I64, ctypes.c_int32, _PTR,
-                              _I64]
+        self._qmm.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I32, _I64, _I32, _PTR, _I64]
         self._qmm.restype = ctypes.c_int
         self._decode = self._lib.runner_decode_layer
         self._decode.argtypes = [ctypes.POINTER(QLayer), ctypes.POINTER(QStep), _PTR]

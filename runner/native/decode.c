@@ -41,18 +41,9 @@ typedef struct {
     const uint8_t *prefix_rows;              /* [M]: 1 where the row continues the prefix */
 } QStep;
 
-/* The caller's work space (decode steps run on one thread at a time), kept between calls. */
-static float *work;
-static int64_t work_len;
-
-static float *workspace(int64_t floats) {
-    if (work_len < floats) {
-        free(work);
-        work = aligned_alloc(64, (size_t)((floats * 4 + 63) / 64 * 64));
-        work_len = work ? floats : 0;
-    }
-    return work;
-}
+/* The calling thread's work space for a step's activations (kept_buffer) */
+static __thread float *work;
+static __thread int64_t work_len;
 
 static inline float dot(const float *a, const float *b, int64_t n) {
     int64_t i = 0;
@@ -141,7 +132,7 @@ static void attend_one(const QLayer *L, const QStep *s, int64_t m, int64_t h, co
 int runner_decode_layer(const QLayer *L, const QStep *s, float *x) {
     const int64_t M = s->rows, H = L->hidden, D = L->head_dim, heads = L->heads, kv = L->kv_heads;
     const int64_t qw = heads * D, kw = kv * D, I = L->intermediate;
-    float *base = workspace(M * (2 * H + 2 * qw + 2 * kw + 2 * I));
+    float *base = kept_buffer(&work, &work_len, M * (2 * H + 2 * qw + 2 * kw + 2 * I));
     if (!base) return -1;
     float *h = base, *q = h + M * H, *k = q + M * qw, *v = k + M * kw, *y = v + M * kw, *out = y + M * qw;
     float *gate = out + M * H, *up = gate + M * I;

@@ -17,6 +17,17 @@
 #define HALF 1    /* scales (and lows) are fp16 */
 #define LOWS 2    /* lows are stored */
 
+/* A buffer of at least `floats` floats, 64-byte aligned, kept in *buffer between calls and grown as needed (its
+ * length in *len): allocating it per call would fault its pages in again. NULL when memory ran out. */
+static inline float *kept_buffer(float **buffer, int64_t *len, int64_t floats) {
+    if (*len < floats) {
+        free(*buffer);
+        *buffer = aligned_alloc(64, (size_t)((floats * 4 + 63) / 64 * 64));
+        *len = *buffer ? floats : 0;
+    }
+    return *buffer;
+}
+
 /* out[M, N] (row stride ldo) = x[M, K] (row stride ldx) @ W^T, W held in panels (qmm.c describes them).
  * Returns 0, or -1 when a buffer could not be allocated. */
 int qmm_into(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *qweight, const uint8_t *scales,

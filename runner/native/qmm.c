@@ -42,11 +42,11 @@ static inline float half_to_float(uint16_t h) {
 static inline void scales_plain(const uint8_t *s, int flags, float sc[PANEL], float lo[PANEL]) {
     for (int j = 0; j < PANEL; j++) {
         if (flags & HALF) {
-            uint16_t a, b;
+            uint16_t a, b = 0;
             memcpy(&a, s + 2 * j, 2);
-            memcpy(&b, s + 2 * (PANEL + j), 2);
+            if (flags & LOWS) memcpy(&b, s + 2 * (PANEL + j), 2);  /* none stored: the next group's scales */
             sc[j] = half_to_float(a);
-            lo[j] = flags & LOWS ? half_to_float(b) : 0.0f;
+            lo[j] = half_to_float(b);
         } else {
             memcpy(sc + j, s + 4 * j, 4);
             if (flags & LOWS) memcpy(lo + j, s + 4 * (PANEL + j), 4);
@@ -55,18 +55,9 @@ static inline void scales_plain(const uint8_t *s, int flags, float sc[PANEL], fl
     }
 }
 
-/* Per-thread dequantized panel, grown as needed and kept: allocating it per call would fault its pages in again. */
+/* Each thread's dequantized panel (kept_buffer) */
 static __thread float *scratch;
 static __thread int64_t scratch_len;
-
-static float *panel_buffer(int64_t floats) {
-    if (scratch_len < floats) {
-        free(scratch);
-        scratch = aligned_alloc(64, (size_t)((floats * 4 + 63) / 64 * 64));
-        scratch_len = scratch ? floats : 0;
-    }
-    return scratch;
-}
 
 /* ---- widening one k's 16 values to fp32 ------------------------------------------------------------------- */
 
@@ -301,7 +292,7 @@ int qmm_into(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *q
     }
     #pragma omp parallel
     {
-        float *buf = panel_buffer(K * PANEL);
+        float *buf = kept_buffer(&scratch, &scratch_len, K * PANEL);
         if (!buf) {
             #pragma omp atomic write
             failed = 1;
