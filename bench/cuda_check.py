@@ -89,7 +89,8 @@ def runner_side(folder: Path, arch: dict, ids: list[list[int]], cuda: bool, micr
     from runner.infer.generate import GenerationStats, Request, generate
     from runner.infer.sampling import SamplingParams
     from runner.run.report import report_document
-    from runner.plan.throughput import measure_rates, runner_cache, step_cost
+    from runner.config.resources import runner_cache
+    from runner.plan.throughput import measure_rates, step_cost
 
     pins = [f"+device_map.{k}={v}" for k, v in split(arch, "cuda:0" if cuda else "cpu").items() if v == "cpu"]
     overrides = ["model=gpt2xl", *(f"model.arch.{k}={v}" for k, v in _zoo_arch(arch).items()), "checkpoint=local",

@@ -87,7 +87,8 @@ def runner_side(args: dict) -> dict:
     from runner.infer.generate import GenerationStats, Request, generate
     from runner.infer.sampling import SamplingParams
     from runner.plan.experts import disk_read_per_step, expert_layers
-    from runner.plan.throughput import measure_rates, runner_cache, step_cost
+    from runner.config.resources import runner_cache
+    from runner.plan.throughput import measure_rates, step_cost
 
     torch.set_num_threads(args["threads"])
     ids = tb.prompts(args["rows"], args["prompt_tokens"], VOCAB)

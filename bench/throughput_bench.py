@@ -95,7 +95,8 @@ def runner_side(args: dict) -> dict:
     from runner.infer.sampling import SamplingParams
     from runner.load.memory import reset_peak_rss
     from runner.infer.engine import Engine
-    from runner.plan.throughput import measure_rates, runner_cache, step_cost
+    from runner.config.resources import runner_cache
+    from runner.plan.throughput import measure_rates, step_cost
 
     torch.set_num_threads(args["threads"])
     ids = prompts(args["rows"], args["prompt_tokens"])

@@ -32,7 +32,6 @@ from runner.plan.experts import disk_read_per_step, expert_layers
 from runner.plan.planned import Planned
 from runner.config.sizes import format_bytes
 from runner.data.writes import reclaim, temp_path
-from runner.config.resources import runner_cache  # noqa: F401  (runner.run.plan and the benches take it here)
 from runner.quant.formats import FORMATS, WeightFormat
 from runner.quant.modules import QuantLinear
 
@@ -266,15 +265,13 @@ def _flop_rate(device: torch.device, dtype: torch.dtype, rows: int, width: int,
     passes, so a busy spell on the machine does not set the figure."""
     x = torch.full((rows, width), 0.01, dtype=dtype, device=device)  # the values do not matter, only the shapes
     if form is None:
-        one = torch.full((width, 4 * width), 0.01, dtype=dtype, device=device)
-        multiply = lambda w: x @ w  # noqa: E731
+        one = {"weight": torch.full((width, 4 * width), 0.01, dtype=dtype, device=device)}
+        multiply = lambda w: x @ w["weight"]  # noqa: E731
     else:
-        one = form.quantize(torch.rand(4 * width, width))
+        one = form.quantize(torch.rand(4 * width, width))  # its parts
         multiply = lambda w: form.linear(x, w, 4 * width)  # noqa: E731
-    per_weight = sum(t.nbytes for t in one.values()) if isinstance(one, dict) else one.nbytes
-    copies = max(1, min(16, PROBE_BYTES // per_weight))
-    weights = [one] + [{k: t.clone() for k, t in one.items()} if isinstance(one, dict) else one.clone()
-                       for _ in range(copies - 1)]
+    copies = max(1, min(16, PROBE_BYTES // sum(t.nbytes for t in one.values())))
+    weights = [one] + [{k: t.clone() for k, t in one.items()} for _ in range(copies - 1)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
     for w in weights:  # warm-up: first touch, kernel choice
         multiply(w)

@@ -25,10 +25,6 @@ KEPT = (*FOUR_BIT, "Q5_K", "Q6_K", "Q8_0")  # the types whose values are read he
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "Q8_0": 34}
 
 
-def group_of(kind: str) -> int:
-    """Weights per scale in ``kind``'s blocks."""
-    return 16 if kind == "Q6_K" else 32
-
 
 def _fp16(blocks: torch.Tensor, start: int) -> torch.Tensor:
     """The fp16 number at byte ``start`` of every block, as float32 ``[..., 1]``."""
@@ -42,7 +38,7 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 
 def block_values(kind: str, blocks: torch.Tensor, columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q [N, K] int16, scale [N, K/g], low [N, K/g])`` of a ``[N, bytes]`` tensor of ``kind`` blocks, ``g`` its
-    group (``group_of``).
+    group: 16 for Q6_K, else 32.
 
     Raises:
         ValueError: the bytes per row are not a whole number of ``kind`` blocks covering ``columns``.

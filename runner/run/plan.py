@@ -9,7 +9,8 @@ from runner.errors import ConfigError
 from runner.infer.engine import Engine
 from runner.lab.manifest import write_manifest
 from runner.plan.explain import compact_map, format_plan
-from runner.plan.throughput import format_step, measure_rates, runner_cache, step_cost
+from runner.config.resources import runner_cache
+from runner.plan.throughput import format_step, measure_rates, step_cost
 from runner.run import cluster
 from runner.run.report import format_map, write_plan
 

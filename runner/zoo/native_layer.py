@@ -18,6 +18,7 @@ from runner.infer.kv_cache import LayerCache
 from runner.native import Kernels, QLayer, QLinear, QStep, kernels
 from runner.quant.formats import Panels
 from runner.quant.modules import QuantLinear
+from runner.zoo.parts import GatedMLP
 
 UNDECIDED = object()  # a layer's C step before its weights are real (DecoderLayer.native)
 _PROJECTIONS = (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
@@ -40,8 +41,6 @@ class NativeLayer:
     @staticmethod
     def of(layer: nn.Module) -> NativeLayer | None:
         """The layer's C step, or None when its shape or weights are not what ``decode.c`` computes."""
-        from runner.zoo.parts import GatedMLP
-
         native = kernels()
         attention, mlp = layer.self_attn, layer.mlp
         s = attention.shape
