@@ -97,4 +97,6 @@ def test_logits_of_a_c_step_equal_the_python_steps(tmp_path):
                                    cache=cache)
         assert all(isinstance(layer.native, native_layer.NativeLayer) for layer in layers) == native
     span = logits[False].max() - logits[False].min()
-    assert (logits[True] - logits[False]).abs().max() / span < 1e-5
+    # activations are rounded to int16 for the projections (qmm.c): the C and Python norms' last-bit differences can
+    # move one value by a step, 2^-16 of its block's range
+    assert (logits[True] - logits[False]).abs().max() / span < 1e-4

@@ -1,4 +1,4 @@
-/* Matmuls over weights kept quantized in panels, with fp32 activations and fp32 accumulation.
+/* Matmuls over weights kept quantized in panels.
  *
  * A weight [N, K] is held in panels of 16 output rows. Within a panel, k runs slowest and the 16 rows fastest, so
  * one k's 16 values are one small load:
@@ -8,15 +8,17 @@
  * 16 scales then 16 lows, fp32 or fp16 (flag HALF); without flag LOWS the lows are zero and not stored. The 4-bit
  * values are unsigned (0..15), the 8-bit ones signed.
  *
- * One row of activations (decode, one sequence) streams the weights once: the values are widened to fp32 in
- * registers, multiplied into per-group sums, and each group's sums scaled once (the lows meet the group's sum of
- * activations). Several rows dequantize a panel once into a per-thread buffer and run a 6 x 16 register tile
- * over it, so the unpacking is shared by every row.
+ * Up to 3 rows of activations (decode of few sequences) stream the weights once, and must do so at memory speed:
+ * widening every value to fp32 costs more instructions than the bytes take to arrive. So the activations are
+ * rounded to int16 per 16 k's, and the values meet them in exact 16-bit multiply-adds (panel_few below). More rows
+ * dequantize a panel once into a per-thread buffer and run a 6 x 16 register tile over it in fp32, so the
+ * unpacking is shared by every row.
  *
  * Built on first use by runner.native (gcc -O3, -mavx2 -mfma -mf16c where the CPU has them); the portable build
  * is the same arithmetic in plain loops.
  */
 #include "native.h"
+#include <math.h>
 
 #define TILE 6
 
@@ -58,6 +60,9 @@ static inline void scales_plain(const uint8_t *s, int flags, float sc[PANEL], fl
 /* Each thread's dequantized panel (kept_buffer) */
 static __thread float *scratch;
 static __thread int64_t scratch_len;
+/* The calling thread's rounded activations (kept_buffer) */
+static __thread float *rounded;
+static __thread int64_t rounded_len;
 
 /* ---- widening one k's 16 values to fp32 ------------------------------------------------------------------- */
 
@@ -103,55 +108,114 @@ static inline void values_avx2(const uint8_t *w, int bits, __m256 *lo, __m256 *h
 }
 #endif
 
-/* ---- one panel, few rows: values widened in registers, scaled per group ----------------------------------- */
+/* ---- one panel, few rows: integer products against activations rounded to int16 -------------------------- */
 
-/* out[m][0..16) = the panel's 16 outputs for row m (m < rows <= 3). `sums` holds each row's activation sum per
- * group (rows x groups). */
-static inline __attribute__((always_inline)) void panel_few(const float *x, const int rows, int64_t K,
-                                                           int64_t ldx, const uint8_t *w, const uint8_t *sl,
+/* Each row of activations is rounded per block of XB k's to int16 against the block's largest magnitude
+ * (x ~ xq * sx, a relative step of 2^-16 of the block's range: 256 times finer than bf16's). A value then meets its
+ * activation in one 16-bit multiply-add: two k's of 16 rows are two 16-lane vectors (pairs of k's side by side),
+ * which multiply into 8 rows' sums each, exactly, in int32. Each block's sums are scaled once by its sx, each
+ * group's once by the weights' scales, and the lows meet the group's sum of rounded activations: the result is
+ * the rounded activations' product with the weights, to fp32 rounding. */
+#define XB 16
+
+static void round_rows(const float *x, int64_t M, int64_t K, int64_t ldx, int16_t *xq, float *sx) {
+    const int64_t blocks = K / XB;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *v = x + m * ldx + b * XB;
+            int16_t *q = xq + m * K + b * XB;
+#ifdef __AVX2__
+            const __m256 sign = _mm256_set1_ps(-0.0f);
+            __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+            __m256 big = _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1));
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(big), _mm256_extractf128_ps(big, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            const float amax = _mm_cvtss_f32(h);
+            const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
+            __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
+            /* packs works within 128-bit lanes: put the 16 values back in order */
+            __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8);
+            _mm256_storeu_si256((__m256i *)q, p);
+#else
+            float amax = 0.0f;
+            for (int k = 0; k < XB; k++) amax = fabsf(v[k]) > amax ? fabsf(v[k]) : amax;
+            const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+            for (int k = 0; k < XB; k++) {
+                float t = nearbyintf(v[k] * inv);
+                q[k] = (int16_t)(t > 32767.0f ? 32767.0f : t < -32767.0f ? -32767.0f : t);
+            }
+#endif
+            sx[m * blocks + b] = amax / 32767.0f;
+        }
+}
+
+/* One k's 16 values as integers (portable build) */
+static inline void values_int(const uint8_t *w, int bits, int32_t *out16) {
+    if (bits == 4) {
+        for (int j = 0; j < 8; j++) {
+            out16[j] = w[j] & 0x0F;
+            out16[j + 8] = w[j] >> 4;
+        }
+    } else {
+        for (int j = 0; j < 16; j++) out16[j] = (int8_t)w[j];
+    }
+}
+
+/* out[m][0..16) = the panel's 16 outputs for row m (m < rows <= 3), from rounded activations xq [rows, K] with
+ * block scales sx [rows, K / XB] and fp32 sums per group `sums` [rows, K / group]. */
+static inline __attribute__((always_inline)) void panel_few(const int16_t *xq, const float *sx, const int rows,
+                                                           int64_t K, const uint8_t *w, const uint8_t *sl,
                                                            int bits, int flags, int64_t group, const float *sums,
                                                            float out[][PANEL]) {
-    const int64_t groups = K / group, step = bytes_per_k(bits), sstep = scale_bytes(flags);
+    const int64_t groups = K / group, blocks = K / XB, step = bytes_per_k(bits), sstep = scale_bytes(flags);
 #ifdef __AVX2__
+    const __m128i pairs = _mm_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+    const __m128i nibble = _mm_set1_epi8(0x0F);
     __m256 r[3][2];
     for (int m = 0; m < 3; m++) r[m][0] = r[m][1] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-        /* two chains per half-panel and row (even and odd k), so the FMAs do not wait on each other */
-        __m256 a[3][4];
-        for (int m = 0; m < 3; m++) a[m][0] = a[m][1] = a[m][2] = a[m][3] = _mm256_setzero_ps();
-        const uint8_t *wg = w + g * group * step;
-        int64_t k = 0;
-        for (; k + 1 < group; k += 2) {
-            __m256 lo0, hi0, lo1, hi1;
-            values_avx2(wg + k * step, bits, &lo0, &hi0);
-            values_avx2(wg + (k + 1) * step, bits, &lo1, &hi1);
-            const int64_t c = g * group + k;
-            for (int m = 0; m < 3; m++) {
-                if (m >= rows) break;
-                __m256 x0 = _mm256_broadcast_ss(x + m * ldx + c), x1 = _mm256_broadcast_ss(x + m * ldx + c + 1);
-                a[m][0] = _mm256_fmadd_ps(lo0, x0, a[m][0]);
-                a[m][1] = _mm256_fmadd_ps(hi0, x0, a[m][1]);
-                a[m][2] = _mm256_fmadd_ps(lo1, x1, a[m][2]);
-                a[m][3] = _mm256_fmadd_ps(hi1, x1, a[m][3]);
+        __m256 f[3][2];
+        for (int m = 0; m < 3; m++) f[m][0] = f[m][1] = _mm256_setzero_ps();
+        for (int64_t b = g * group / XB; b < (g + 1) * group / XB; b++) {
+            __m256i a[3][2];
+            for (int m = 0; m < 3; m++) a[m][0] = a[m][1] = _mm256_setzero_si256();
+            for (int64_t k = b * XB; k < (b + 1) * XB; k += 2) {
+                /* lo: (row j, k), (row j, k + 1) for rows 0..7 as 16 int16; hi: rows 8..15 */
+                __m256i lo, hi;
+                if (bits == 4) {
+                    __m128i v = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(w + k * 8)), pairs);
+                    lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, nibble));
+                    hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), nibble));
+                } else {
+                    __m128i v0 = _mm_loadu_si128((const __m128i *)(w + k * 16));
+                    __m128i v1 = _mm_loadu_si128((const __m128i *)(w + k * 16 + 16));
+                    lo = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(v0, v1));
+                    hi = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(v0, v1));
+                }
+                for (int m = 0; m < 3; m++) {
+                    if (m >= rows) break;
+                    int32_t both;
+                    memcpy(&both, xq + m * K + k, 4);
+                    const __m256i xv = _mm256_set1_epi32(both);
+                    a[m][0] = _mm256_add_epi32(a[m][0], _mm256_madd_epi16(lo, xv));
+                    a[m][1] = _mm256_add_epi32(a[m][1], _mm256_madd_epi16(hi, xv));
+                }
             }
-        }
-        for (; k < group; k++) {
-            __m256 lo0, hi0;
-            values_avx2(wg + k * step, bits, &lo0, &hi0);
             for (int m = 0; m < 3; m++) {
                 if (m >= rows) break;
-                __m256 x0 = _mm256_broadcast_ss(x + m * ldx + g * group + k);
-                a[m][0] = _mm256_fmadd_ps(lo0, x0, a[m][0]);
-                a[m][1] = _mm256_fmadd_ps(hi0, x0, a[m][1]);
+                const __m256 s = _mm256_broadcast_ss(sx + m * blocks + b);
+                f[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[m][0]), s, f[m][0]);
+                f[m][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[m][1]), s, f[m][1]);
             }
         }
         __m256 s0, s1, l0, l1;
         scales_avx2(sl + g * sstep, flags, &s0, &s1, &l0, &l1);
         for (int m = 0; m < 3; m++) {
             if (m >= rows) break;
-            __m256 sum = _mm256_broadcast_ss(sums + m * groups + g);
-            r[m][0] = _mm256_fmadd_ps(_mm256_add_ps(a[m][0], a[m][2]), s0, _mm256_fmadd_ps(l0, sum, r[m][0]));
-            r[m][1] = _mm256_fmadd_ps(_mm256_add_ps(a[m][1], a[m][3]), s1, _mm256_fmadd_ps(l1, sum, r[m][1]));
+            const __m256 sum = _mm256_broadcast_ss(sums + m * groups + g);
+            r[m][0] = _mm256_fmadd_ps(f[m][0], s0, _mm256_fmadd_ps(l0, sum, r[m][0]));
+            r[m][1] = _mm256_fmadd_ps(f[m][1], s1, _mm256_fmadd_ps(l1, sum, r[m][1]));
         }
     }
     for (int m = 0; m < rows; m++) {
@@ -159,22 +223,25 @@ static inline __attribute__((always_inline)) void panel_few(const float *x, cons
         _mm256_storeu_ps(out[m] + 8, r[m][1]);
     }
 #else
-    float v[PANEL];
+    int32_t v[PANEL];
     for (int m = 0; m < rows; m++)
         for (int j = 0; j < PANEL; j++) out[m][j] = 0.0f;
     for (int64_t g = 0; g < groups; g++) {
-        float a[3][PANEL] = {{0}};
-        for (int64_t k = 0; k < group; k++) {
-            values(w + (g * group + k) * step, bits, v);
-            for (int m = 0; m < rows; m++) {
-                const float xv = x[m * ldx + g * group + k];
-                for (int j = 0; j < PANEL; j++) a[m][j] += v[j] * xv;
+        float f[3][PANEL] = {{0}};
+        for (int64_t b = g * group / XB; b < (g + 1) * group / XB; b++) {
+            int32_t a[3][PANEL] = {{0}};
+            for (int64_t k = b * XB; k < (b + 1) * XB; k++) {
+                values_int(w + k * step, bits, v);
+                for (int m = 0; m < rows; m++)
+                    for (int j = 0; j < PANEL; j++) a[m][j] += v[j] * xq[m * K + k];
             }
+            for (int m = 0; m < rows; m++)
+                for (int j = 0; j < PANEL; j++) f[m][j] += (float)a[m][j] * sx[m * blocks + b];
         }
         float sc[PANEL], lo[PANEL];
         scales_plain(sl + g * sstep, flags, sc, lo);
         for (int m = 0; m < rows; m++)
-            for (int j = 0; j < PANEL; j++) out[m][j] += a[m][j] * sc[j] + lo[j] * sums[m * groups + g];
+            for (int j = 0; j < PANEL; j++) out[m][j] += f[m][j] * sc[j] + lo[j] * sums[m * groups + g];
     }
 #endif
 }
@@ -265,15 +332,23 @@ int qmm_into(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *q
     const int64_t panels = (N + PANEL - 1) / PANEL, groups = K / group;
     const int64_t panel_bytes = K * bytes_per_k(bits), panel_scales = groups * scale_bytes(flags);
     int failed = 0;
-    if (M <= FEW) {
-        float sums[FEW * 4096];
-        float *s = groups * M <= (int64_t)(sizeof sums / sizeof *sums) ? sums : malloc((size_t)(groups * M) * 4);
-        if (!s) return -1;
-        for (int64_t m = 0; m < M; m++)
+    if (M <= FEW && group % XB == 0) {
+        /* per row: K int16 values, K / XB block scales, K / group sums (a buffer kept per calling thread) */
+        const int64_t blocks = K / XB;
+        float *space = kept_buffer(&rounded, &rounded_len, M * (K / 2 + blocks + groups));
+        if (!space) return -1;
+        int16_t *xq = (int16_t *)space;
+        float *sx = space + M * K / 2, *sums = sx + M * blocks;
+        round_rows(x, M, K, ldx, xq, sx);
+        for (int64_t m = 0; m < M; m++)  /* the lows meet the rounded activations too: the product is theirs */
             for (int64_t g = 0; g < groups; g++) {
                 float t = 0.0f;
-                for (int64_t k = 0; k < group; k++) t += x[m * ldx + g * group + k];
-                s[m * groups + g] = t;
+                for (int64_t b = g * group / XB; b < (g + 1) * group / XB; b++) {
+                    int32_t n = 0;
+                    for (int64_t k = b * XB; k < (b + 1) * XB; k++) n += xq[m * K + k];
+                    t += (float)n * sx[m * blocks + b];
+                }
+                sums[m * groups + g] = t;
             }
         #pragma omp parallel for schedule(static)
         for (int64_t p = 0; p < panels; p++) {
@@ -281,13 +356,12 @@ int qmm_into(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *q
             const uint8_t *w = qweight + p * panel_bytes;
             const uint8_t *sl = scales + p * panel_scales;
             /* a constant row count per call, so each row's sums stay in registers */
-            if (M == 1) panel_few(x, 1, K, ldx, w, sl, bits, flags, group, s, res);
-            else if (M == 2) panel_few(x, 2, K, ldx, w, sl, bits, flags, group, s, res);
-            else panel_few(x, 3, K, ldx, w, sl, bits, flags, group, s, res);
+            if (M == 1) panel_few(xq, sx, 1, K, w, sl, bits, flags, group, sums, res);
+            else if (M == 2) panel_few(xq, sx, 2, K, w, sl, bits, flags, group, sums, res);
+            else panel_few(xq, sx, 3, K, w, sl, bits, flags, group, sums, res);
             const int64_t width = N - p * PANEL < PANEL ? N - p * PANEL : PANEL;
             for (int64_t m = 0; m < M; m++) memcpy(out + m * ldo + p * PANEL, res[m], (size_t)width * 4);
         }
-        if (s != sums) free(s);
         return 0;
     }
     #pragma omp parallel

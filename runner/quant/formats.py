@@ -13,8 +13,9 @@ scale and a low per row and group of k's: a value ``q`` means ``q * scale + low`
   groups of 16 with a scale) held exactly in 8 bits, fp32 scales: 1.25 bytes a weight against the file's 0.69
   and 0.82, a third of fp32's. Q4_K_M files mix Q4_K with Q6_K, so they are held whole.
 
-Activations stay in the compute dtype's values and are multiplied in fp32 by the runner's C kernels
-(``runner.native``): a quantized model gives the logits of its dequantized fp32 run, to fp32 rounding. Without a C
+The runner's C kernels (``runner.native``) multiply them: from 4 rows up in fp32 against a dequantized panel, the
+logits of the dequantized fp32 run to fp32 rounding; at 1 to 3 rows against activations rounded to int16 per 16
+values (``qmm.c``), within ~1e-4 of the logits' range. Without a C
 compiler, a weight is dequantized for each product instead. Scales are stored as the bits of their values in an
 integer tensor: every part of a quantized weight is an integer tensor, so nothing that casts floating weights to
 the compute dtype (loading, the offload store, streaming) touches them.
