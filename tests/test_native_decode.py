@@ -3,7 +3,7 @@
 Tiny checkpoints transformers writes (``test_families``), quantized as they stream in, generate greedily with
 continuous batching (rows of unlike lengths, left padding, refills, a prefix shared across the job) once with the
 C step and once with every layer on its Python path; the tokens must be the same and the logits of each decode
-step within fp32 rounding.
+step within rounding. Resident layers run their steps in one C call (``NativeStack``), a streamed one alone.
 """
 from __future__ import annotations
 
@@ -51,14 +51,21 @@ def test_the_c_decode_step_gives_the_python_steps_tokens(model_type, quantize, p
                                    f"quantize={quantize}", "runtime.batch_size=3", *placed), tmp_path / "run")
     if placed:
         assert engine.loaded.check.block_devices["model.layers.1"] == "disk"
-    steps: list[bool] = []  # per C step: whether rows continued a shared prefix
-    real_step = native_layer.NativeLayer.step
+    steps: list[bool] = []  # per layer's C step: whether rows continued a shared prefix
+    stacked: list[int] = []  # per call of every layer's C step at once: how many layers
+    real_step, real_stack = native_layer.NativeLayer.step, native_layer.NativeStack.step
 
     def counted(self, x, rope, mask, cache):
         steps.append(cache.prefix() is not None)
         return real_step(self, x, rope, mask, cache)
 
+    def counted_stack(self, x, ropes, masks, caches):
+        steps.extend(cache.prefix() is not None for cache in caches)
+        stacked.append(len(caches))
+        return real_stack(self, x, ropes, masks, caches)
+
     monkeypatch.setattr(native_layer.NativeLayer, "step", counted)
+    monkeypatch.setattr(native_layer.NativeStack, "step", counted_stack)
     with_c = _generate(engine, True, steps)
     c_steps = len(steps)
     python = _generate(engine, False, steps)
@@ -69,6 +76,8 @@ def test_the_c_decode_step_gives_the_python_steps_tokens(model_type, quantize, p
         assert c_steps == 0
         return
     assert c_steps >= 3 * 9  # every layer, every decode step
+    # resident layers run their steps in one call; a layer streamed from disk has a hook, so each runs alone
+    assert stacked == [] if placed else (set(stacked) == {len(layers)} and len(stacked) * len(layers) == c_steps)
     if engine.model.shares_prefixes():  # no sliding window: rows continue the job's kept prefix
         assert any(steps), "no C step read a shared prefix"
 

@@ -60,13 +60,17 @@ def dispatch(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger, *, of
     private = any(d.name in experts and plan.check.block_devices[d.name] == "disk" for d in streamed)
     if not private:
         checkpoint.read_ahead(resident)  # page the resident weights in while this thread works
+    # Every block computing on the CPU (simulated GPUs included): activations never move, and a resident block needs
+    # no hook, which would cost a walk over its arguments per call and keep its decode step out of runner.zoo's
+    # one-call C form (NativeStack runs unhooked layers only).
+    on_cpu = {torch_device(c.device, hardware) for c in plan.compute.values()} == {torch.device("cpu")}
     for block in layout.blocks:
         target = torch_device(plan.compute[block.name].device, hardware)
         if block.name not in by_name:
             _load_block(plan, block, checkpoint, ledger, target, private)
-        if block.expert and block.name not in by_name and target == torch_device(
-                plan.compute[block.within].device, hardware):
-            continue  # resident where its layer computes: its inputs are there already, no hook to pay per call
+        if block.name not in by_name and (on_cpu or block.expert and target == torch_device(
+                plan.compute[block.within].device, hardware)):
+            continue  # resident where its inputs are already: no hook to pay per call
         streams = prefetcher.experts if block.expert and block.name in by_name else prefetcher
         _install_hooks(model.get_submodule(block.name), target, by_name.get(block.name), streams)
     for alias, owner in layout.ties.items():  # the owner is loaded by now, wherever it lives

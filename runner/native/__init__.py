@@ -96,6 +96,9 @@ class Kernels:
         self._decode = self._lib.runner_decode_layer
         self._decode.argtypes = [ctypes.POINTER(QLayer), ctypes.POINTER(QStep), _PTR]
         self._decode.restype = ctypes.c_int
+        self._decode_all = self._lib.runner_decode_layers
+        self._decode_all.argtypes = [ctypes.POINTER(ctypes.POINTER(QLayer)), ctypes.POINTER(QStep), _I64, _PTR]
+        self._decode_all.restype = ctypes.c_int
         self.avx2 = bool(self._lib.runner_native_avx2())
 
     def qmm(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, *, rows: int, bits: int,
@@ -122,6 +125,15 @@ class Kernels:
         """
         if self._decode(ctypes.byref(layer), ctypes.byref(step), x.data_ptr()):
             raise MemoryError(f"could not allocate a decode step's work space for {step.rows} row(s)")
+
+    def decode_layers(self, layers: ctypes.Array, steps: ctypes.Array, x: torch.Tensor) -> None:
+        """``decode_layer`` for each of ``layers`` (pointers to ``QLayer``) in turn, with ``steps[i]``, in one call.
+
+        Raises:
+            MemoryError: a step's work space could not be allocated.
+        """
+        if self._decode_all(layers, steps, len(layers), x.data_ptr()):
+            raise MemoryError(f"could not allocate a decode step's work space for {steps[0].rows} row(s)")
 
 
 def build(spec: Build, folder: Path) -> Path:

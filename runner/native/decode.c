@@ -185,3 +185,11 @@ int runner_decode_layer(const QLayer *L, const QStep *s, float *x) {
     for (int64_t j = 0; j < M * H; j++) x[j] += out[j];
     return 0;
 }
+
+/* Several layers' decode steps in turn over the same x: layers[i] with steps[i]. Returns 0, or -1 when memory ran
+ * out. */
+int runner_decode_layers(const QLayer *const *layers, const QStep *steps, int64_t n, float *x) {
+    for (int64_t i = 0; i < n; i++)
+        if (runner_decode_layer(layers[i], steps + i, x)) return -1;
+    return 0;
+}

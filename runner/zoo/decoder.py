@@ -22,7 +22,7 @@ from runner.infer.column import Steps
 from runner.infer.kv_cache import KVCache, LayerCache, ZooCausalLM, step
 from runner.load.checkpoint.base import TensorEntry
 from runner.load.checkpoint.names import NameMap, Source
-from runner.zoo.native_layer import UNDECIDED, NativeLayer
+from runner.zoo.native_layer import UNDECIDED, NativeLayer, NativeStack
 from runner.zoo.parts import (AttentionShape, Attention, ExpertsShape, GatedMLP, RMSNorm, Rope, RotaryEmbedding,
                               SparseMoE)
 
@@ -129,6 +129,7 @@ class Decoder(ZooCausalLM, nn.Module):
         ropes = list(dict.fromkeys(shape.ropes))
         self._rope_of = [ropes.index(r) for r in shape.ropes]
         self.model = DecoderModel(shape, ropes)
+        self._stack: NativeStack | None = None
         self.lm_head = nn.Linear(shape.hidden, shape.vocab_size, bias=False)
         if shape.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -168,11 +169,27 @@ class Decoder(ZooCausalLM, nn.Module):
             x = self.stage_input(idx, hidden, self.model.layers[layers[0]])
         ropes = self.model.rotary_tables(x, s.positions)
         yield
-        for i in layers:
-            x = self.model.layers[i](x, ropes[self._rope_of[i]], s.mask_for(self.shape.windows[i]),
-                                     s.layer_cache(cache, i))
-            yield
+        calls = [(ropes[self._rope_of[i]], s.mask_for(self.shape.windows[i]), s.layer_cache(cache, i)) for i in layers]
+        stack = self._native_stack(layers)
+        if stack is not None and stack.takes(x, [c[0] for c in calls], [c[2] for c in calls]):
+            x = stack.step(x, *map(list, zip(*calls)))  # the decode step of every layer in one C call
+            for _ in layers:
+                yield
+        else:
+            for i, call in zip(layers, calls):
+                x = self.model.layers[i](x, *call)
+                yield
         return self.stage_output(x, keep, self.model.norm)
+
+    def _native_stack(self, layers: list[int]) -> NativeStack | None:
+        """The C form of ``layers``' decode steps together, when each has one and none is hooked (kept while the
+        same layers qualify)."""
+        natives = NativeStack.bare([self.model.layers[i] for i in layers])
+        if natives is None:
+            return None
+        if self._stack is None or self._stack.layers != natives:
+            self._stack = NativeStack(natives)
+        return self._stack
 
     def shares_prefixes(self) -> bool:
         return all(w is None for w in self.shape.windows)
