@@ -64,7 +64,10 @@ def runner_side(args: dict) -> dict:
     prompts = PROMPTS[:args["prompts"]]
     engine = Engine(compose_config("hardware=cpu", f"runtime.batch_size={args['sequences']}",
                                    f"runtime.seq_len={args['new_tokens'] + 96}",  # the prompts are up to ~80 tokens
-                                   *args["overrides"]), Path(args["work"]))
+                                   *args["overrides"]), Path(args["work"]),
+                    # the tokenizer before the weights, as `python -m runner` reads it (to size the run from its
+                    # prompts, or to check a job's first rows): a cost of the vocabulary, not of the weights
+                    before_load=lambda e: e.tokenizer)
     params = SamplingParams(max_new_tokens=args["new_tokens"], ignore_eos=True)
     engine.generate(prompts[:args["sequences"]], SamplingParams(max_new_tokens=4, ignore_eos=True), chat=True)
     start = time.perf_counter()
