@@ -134,8 +134,9 @@ class NativeStack:
              masks: list[torch.Tensor | None], caches: list[LayerCache]) -> torch.Tensor:
         """The run's output for ``x [B, 1, hidden]``; each layer's keys and values are written to its cache."""
         rows, held = x.shape[0], []
-        tables = {id(r): _tables(r, held) for r in ropes}  # a rotary table or mask shared by layers is made once
-        allowed = {id(m): _allowed(m, rows, caches[0].length, held) for m in masks}
+        # a rotary table or mask that layers share is made once
+        tables = {key: _tables(r, held) for key, r in {id(r): r for r in ropes}.items()}
+        allowed = {key: _allowed(m, rows, caches[0].length, held) for key, m in {id(m): m for m in masks}.items()}
         for i, (rope, mask, cache) in enumerate(zip(ropes, masks, caches)):
             self._steps[i] = _step(rows, tables[id(rope)], allowed[id(mask)], cache, held)
         structs = [layer._weights() for layer in self.layers]

@@ -95,7 +95,7 @@ class GGUFCheckpoint(Checkpoint):
         self.source = "gguf"
         self.revision = None
         self.ignored: dict[str, str] = {}
-        self.metadata = {name: _value(field) for name, field in reader.fields.items()
+        self.metadata = {name: value for name, value in reader.values.items()
                          if not name.startswith("tokenizer.ggml.") or name.endswith("_id")}
         self.arch = self.metadata.get("general.architecture")
         if self.arch not in _FAMILIES:
@@ -171,9 +171,9 @@ class GGUFCheckpoint(Checkpoint):
         a = self.arch
         hidden, heads = self._count(f"{a}.embedding_length"), self._count(f"{a}.attention.head_count")
         layers = self._count(f"{a}.block_count")
-        tokens = self._reader.fields.get("tokenizer.ggml.tokens")
+        tokens = self._reader.values.get("tokenizer.ggml.tokens")
         embed = self.entries.get("model.embed_tokens.weight")
-        vocab = len(tokens.data) if tokens is not None else embed.shape[0] if embed is not None and embed.shape else None
+        vocab = len(tokens) if tokens is not None else embed.shape[0] if embed is not None and embed.shape else None
         config: dict[str, Any] = {
             "model_type": self.model_type,
             "vocab_size": self._count(f"{a}.vocab_size", vocab),
@@ -441,11 +441,10 @@ class GGUFCheckpoint(Checkpoint):
     def tokenizer_fields(self) -> dict[str, Any] | None:
         """Vocabulary, merges, token types, special ids and chat template, for ``runner.infer.tokenizer``; None
         for a file with no vocabulary."""
-        f = self._reader.fields
-        if "tokenizer.ggml.tokens" not in f:
+        values = self._reader.values
+        if "tokenizer.ggml.tokens" not in values:
             return None
-        return {name.removeprefix("tokenizer."): _value(field) for name, field in f.items()
-                if name.startswith("tokenizer.")}
+        return {name.removeprefix("tokenizer."): value for name, value in values.items() if name.startswith("tokenizer.")}
 
 
 def _check_computable(t, path: Path) -> None:
@@ -482,7 +481,10 @@ def _reader(path: Path):
     class Reader(GGUFReader):
         """gguf's reader over a plain array view of its map: parsing slices the map once per key and per
         vocabulary word, and numpy's memmap subclass costs more per slice than the parse itself (SmolLM2's
-        49k-word vocabulary: 3.1 s through the memmap, 1.4 s through the view)."""
+        49k-word vocabulary: 3.1 s through the memmap, 1.4 s through the view). ``values``: its metadata fields
+        as plain Python values (the fields themselves are dropped once read)."""
+
+        values: dict[str, Any]
 
         @property
         def data(self):
@@ -494,9 +496,14 @@ def _reader(path: Path):
             self._view = value.view(np.ndarray)
 
     try:
-        return Reader(str(path))
+        reader = Reader(str(path))
     except (ValueError, OSError, KeyError, IndexError) as e:
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); re-download it") from e
+    # gguf holds every field as numpy arrays, one per vocabulary word and merge (~70 MB for SmolLM2's 49k words);
+    # the plain values take a tenth of that, and nothing reads the arrays again
+    reader.values = {name: _value(field) for name, field in reader.fields.items()}
+    reader.fields.clear()
+    return reader
 
 
 def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
