@@ -173,7 +173,7 @@ class GGUFCheckpoint(Checkpoint):
         layers = self._count(f"{a}.block_count")
         tokens = self._reader.values.get("tokenizer.ggml.tokens")
         embed = self.entries.get("model.embed_tokens.weight")
-        vocab = len(tokens) if tokens is not None else embed.shape[0] if embed is not None and embed.shape else None
+        vocab = len(tokens) if isinstance(tokens, list) else embed.shape[0] if embed is not None and embed.shape else None
         config: dict[str, Any] = {
             "model_type": self.model_type,
             "vocab_size": self._count(f"{a}.vocab_size", vocab),
