@@ -189,3 +189,21 @@ def test_a_missing_file_or_another_architecture_is_refused(tmp_path):
     save(writer)
     with pytest.raises(CheckpointError, match=r"gpt2\.gguf: a GGUF of architecture 'gpt2'; the runner reads GGUF architectures llama, qwen2, "):
         open_gguf(path)
+
+
+def test_a_vocabulary_that_is_not_utf8_is_refused_only_when_used(tmp_path):
+    path = tmp_path / "bytes.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(8)
+    writer.add_head_count(1)
+    writer.add_feed_forward_length(16)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_array("tokenizer.ggml.tokens", [b"a", b"\xff\xfe", b"c"])  # a token that is not UTF-8
+    writer.add_tensor("token_embd.weight", np.zeros((3, 8), dtype=np.float32))
+    save(writer)
+    checkpoint = open_gguf(path)  # the weights and config read; a tokenizer.path would serve
+    assert checkpoint.config()["vocab_size"] == 3
+    with pytest.raises(CheckpointError, match=r"bytes\.gguf: tokenizer field tokenizer\.ggml\.tokens is not UTF-8 "
+                                              r"text \(invalid start byte at byte 0\); set tokenizer\.path"):
+        checkpoint.tokenizer_fields()

@@ -118,6 +118,18 @@ def test_a_last_panel_short_of_sixteen_rows_is_computed_and_read(rows, built):
         assert torch.equal(fmt.rows(torch.tensor([rows - 1]), parts, torch.float32), held[-1:])
 
 
+@pytest.mark.parametrize("rows", [1, 3, 5])
+def test_a_non_finite_activation_gives_non_finite_outputs_for_its_row_alone(rows, built):
+    fmt = FORMATS["int4h"]
+    parts = fmt.quantize(torch.randn(32, 64))
+    x = torch.randn(rows, 64)
+    x[0, 16] = float("nan")      # the first of its block: a max over the block would drop it
+    x[-1, 48:] = float("inf")    # a whole block
+    got = built.qmm(x, parts["qweight"], parts["scales"], rows=32, bits=4, group=32, flags=fmt.flags)
+    assert not got[0].isfinite().any() and not got[-1].isfinite().any()
+    assert got[1:-1].isfinite().all()
+
+
 @pytest.mark.parametrize("compiler", ["none on the PATH", "false"])
 def test_without_kernels_a_weight_is_dequantized_for_each_product(compiler, monkeypatch, caplog):
     fmt = FORMATS["int4"]

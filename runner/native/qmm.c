@@ -18,6 +18,7 @@
  * is the same arithmetic in plain loops.
  */
 #include "native.h"
+#include <float.h>
 #include <math.h>
 
 #define TILE 6
@@ -124,29 +125,44 @@ static void round_rows(const float *x, int64_t M, int64_t K, int64_t ldx, int16_
         for (int64_t b = 0; b < blocks; b++) {
             const float *v = x + m * ldx + b * XB;
             int16_t *q = xq + m * K + b * XB;
+            float amax = 0.0f;
+            int finite = 1;
 #ifdef __AVX2__
-            const __m256 sign = _mm256_set1_ps(-0.0f);
+            const __m256 sign = _mm256_set1_ps(-0.0f), most = _mm256_set1_ps(FLT_MAX);
             __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
-            __m256 big = _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1));
+            __m256 a0 = _mm256_andnot_ps(sign, v0), a1 = _mm256_andnot_ps(sign, v1);
+            /* NaN or Inf anywhere in the block (max_ps would drop a NaN, depending on its lane) */
+            finite = !_mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(a0, most, _CMP_NLE_UQ),
+                                                      _mm256_cmp_ps(a1, most, _CMP_NLE_UQ)));
+            __m256 big = _mm256_max_ps(a0, a1);
             __m128 h = _mm_max_ps(_mm256_castps256_ps128(big), _mm256_extractf128_ps(big, 1));
             h = _mm_max_ps(h, _mm_movehl_ps(h, h));
             h = _mm_max_ss(h, _mm_movehdup_ps(h));
-            const float amax = _mm_cvtss_f32(h);
-            const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
-            __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
+            amax = _mm_cvtss_f32(h);
+#else
+            for (int k = 0; k < XB; k++) {
+                finite &= fabsf(v[k]) <= FLT_MAX;
+                amax = fabsf(v[k]) > amax ? fabsf(v[k]) : amax;
+            }
+#endif
+            /* a block of non-finite values gives NaN (its zeros times a NaN scale), as fp32 would; a block too
+             * small for 32767 / amax to be finite counts as zeros (an error under 1e-30 per value) */
+            const int zeros = !finite || !(amax > 1e-30f);
+            const float inv = zeros ? 0.0f : 32767.0f / amax;
+#ifdef __AVX2__
+            const __m256 iv = _mm256_set1_ps(inv);
+            __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, iv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, iv));
             /* packs works within 128-bit lanes: put the 16 values back in order */
             __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8);
+            if (zeros) p = _mm256_setzero_si256();
             _mm256_storeu_si256((__m256i *)q, p);
 #else
-            float amax = 0.0f;
-            for (int k = 0; k < XB; k++) amax = fabsf(v[k]) > amax ? fabsf(v[k]) : amax;
-            const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
             for (int k = 0; k < XB; k++) {
-                float t = nearbyintf(v[k] * inv);
+                const float t = zeros ? 0.0f : nearbyintf(v[k] * inv);
                 q[k] = (int16_t)(t > 32767.0f ? 32767.0f : t < -32767.0f ? -32767.0f : t);
             }
 #endif
-            sx[m * blocks + b] = amax / 32767.0f;
+            sx[m * blocks + b] = !finite ? NAN : zeros ? 0.0f : amax / 32767.0f;
         }
 }
 
@@ -329,6 +345,7 @@ static void panel_many(const float *x, int64_t rows, int64_t K, int64_t ldx, con
 
 int qmm_into(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *qweight, const uint8_t *scales,
              int64_t N, int32_t bits, int64_t group, int32_t flags, float *out, int64_t ldo) {
+    if (M == 0) return 0;
     const int64_t panels = (N + PANEL - 1) / PANEL, groups = K / group;
     const int64_t panel_bytes = K * bytes_per_k(bits), panel_scales = groups * scale_bytes(flags);
     int failed = 0;

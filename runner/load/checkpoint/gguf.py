@@ -444,6 +444,10 @@ class GGUFCheckpoint(Checkpoint):
         values = self._reader.values
         if "tokenizer.ggml.tokens" not in values:
             return None
+        bad = next((v for v in values.values() if isinstance(v, _NotText)), None)
+        if bad is not None:
+            raise CheckpointError(f"{self.files[0]}: tokenizer field {bad.name} is not UTF-8 text ({bad.error.reason} "
+                                  f"at byte {bad.error.start}); set tokenizer.path to the model's tokenizer.json")
         return {name.removeprefix("tokenizer."): value for name, value in values.items() if name.startswith("tokenizer.")}
 
 
@@ -501,9 +505,25 @@ def _reader(path: Path):
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); re-download it") from e
     # gguf holds every field as numpy arrays, one per vocabulary word and merge (~70 MB for SmolLM2's 49k words);
     # the plain values take a tenth of that, and nothing reads the arrays again
-    reader.values = {name: _value(field) for name, field in reader.fields.items()}
+    reader.values = {}
+    for name, entry in reader.fields.items():
+        try:
+            reader.values[name] = _value(entry)
+        except UnicodeDecodeError as e:
+            if not name.startswith("tokenizer."):
+                raise CheckpointError(f"{path}: metadata field {name} is not UTF-8 text ({e.reason} at byte "
+                                      f"{e.start}); re-convert the file") from e
+            reader.values[name] = _NotText(name, e)  # refused only if the vocabulary is used (tokenizer_fields)
     reader.fields.clear()
     return reader
+
+
+@dataclass(frozen=True)
+class _NotText:
+    """A tokenizer field whose strings are not UTF-8: the file's vocabulary cannot be used."""
+
+    name: str
+    error: UnicodeDecodeError
 
 
 def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
