@@ -76,7 +76,8 @@ def test_the_c_decode_step_gives_the_python_steps_tokens(model_type, quantize, p
         assert c_steps == 0
         return
     assert c_steps >= 3 * 9  # every layer, every decode step
-    # resident layers run their steps in one call; a layer streamed from disk has a hook, so each runs alone
+    # a resident model's layers run their steps in one call; where a layer streams, every block keeps its hook and
+    # each layer runs alone
     assert stacked == [] if placed else (set(stacked) == {len(layers)} and len(stacked) * len(layers) == c_steps)
     if engine.model.shares_prefixes():  # no sliding window: rows continue the job's kept prefix
         assert any(steps), "no C step read a shared prefix"

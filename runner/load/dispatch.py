@@ -60,15 +60,17 @@ def dispatch(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger, *, of
     private = any(d.name in experts and plan.check.block_devices[d.name] == "disk" for d in streamed)
     if not private:
         checkpoint.read_ahead(resident)  # page the resident weights in while this thread works
-    # Every block computing on the CPU (simulated GPUs included): activations never move, and a resident block needs
-    # no hook, which would cost a walk over its arguments per call and keep its decode step out of runner.zoo's
-    # one-call C form (NativeStack runs unhooked layers only).
-    on_cpu = {torch_device(c.device, hardware) for c in plan.compute.values()} == {torch.device("cpu")}
+    # Every block resident and computing on the CPU (simulated GPUs included): activations never move, and no block
+    # needs a hook, which would cost a walk over its arguments per call and keep its decode step out of runner.zoo's
+    # one-call C form (NativeStack runs unhooked layers only). Where anything streams, every block keeps its hook:
+    # without them, moe_bench's experts-apart side (streamed experts) was OOM-killed twice in its 1.57 GB cgroup,
+    # where with them it peaks at the limit and fits; why is not understood.
+    bare = not streamed and {torch_device(c.device, hardware) for c in plan.compute.values()} == {torch.device("cpu")}
     for block in layout.blocks:
         target = torch_device(plan.compute[block.name].device, hardware)
         if block.name not in by_name:
             _load_block(plan, block, checkpoint, ledger, target, private)
-        if block.name not in by_name and (on_cpu or block.expert and target == torch_device(
+        if block.name not in by_name and (bare or block.expert and target == torch_device(
                 plan.compute[block.within].device, hardware)):
             continue  # resident where its inputs are already: no hook to pay per call
         streams = prefetcher.experts if block.expert and block.name in by_name else prefetcher

@@ -107,8 +107,8 @@ class NativeStack:
 
     Per layer and step, Python spends ~40 us around the C call (the module call, its hook, the step's struct): 1.2
     ms of a 30-layer model's ~8 ms step at one row. Run together, only the structs are made per layer. The layers
-    must run bare: a hook on any of them (a block streamed from disk, a diagnosis watching outputs) would be
-    skipped, so ``bare`` sends those steps through the modules one by one.
+    must run bare: a hook on any of them (dispatch's, kept on every block where anything streams; a diagnosis
+    watching outputs) would be skipped, so ``bare`` sends those steps through the modules one by one.
     """
 
     def __init__(self, layers: list[NativeLayer]):
