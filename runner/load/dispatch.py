@@ -62,9 +62,8 @@ def dispatch(plan: LoadPlan, checkpoint: Checkpoint, ledger: MemoryLedger, *, of
         checkpoint.read_ahead(resident)  # page the resident weights in while this thread works
     # Every block resident and computing on the CPU (simulated GPUs included): activations never move, and no block
     # needs a hook, which would cost a walk over its arguments per call and keep its decode step out of runner.zoo's
-    # one-call C form (NativeStack runs unhooked layers only). Where anything streams, every block keeps its hook:
-    # without them, moe_bench's experts-apart side (streamed experts) was OOM-killed twice in its 1.57 GB cgroup,
-    # where with them it peaks at the limit and fits; why is not understood.
+    # one-call C form (NativeStack runs unhooked layers only). Where anything streams, every block keeps its hook, as
+    # before: the stack is for models held wholly in memory, and the streaming paths stay as they were tested.
     bare = not streamed and {torch_device(c.device, hardware) for c in plan.compute.values()} == {torch.device("cpu")}
     for block in layout.blocks:
         target = torch_device(plan.compute[block.name].device, hardware)
