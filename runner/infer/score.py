@@ -115,7 +115,6 @@ def score(lm: CausalLM, requests: Sequence[ScoreRequest], *, pad_id: int) -> lis
     # Logits before the first position any row scores are never used: the head computes only from there on.
     start = min(r.first_scored for r in requests) - 1
     logits = lm(ids, logits_to_keep=width - start if start else 0)  # position p is logits[:, p - start]
-    check_rows(logits, lambda row: (lambda: lm(ids[row:row + 1])), "the logits")
 
     per_token, greedy = [], []
     for row, r in enumerate(requests):
@@ -127,6 +126,11 @@ def score(lm: CausalLM, requests: Sequence[ScoreRequest], *, pad_id: int) -> lis
         per_token.append(predicted.gather(-1, targets[:, None])[:, 0])
         greedy.append((predicted.argmax(dim=-1) == targets).all())
         del predicted  # one row's float32 log-probabilities at a time
+    # NaN or Inf in a row's logits makes its log-probabilities NaN or -inf; checked here, on the scored positions
+    # alone, rather than over the whole [B, T, vocab] logits (0.56 s of each 16-text batch at one thread), which would
+    # also refuse a legitimate -inf logit
+    check_rows(torch.stack([t.sum() for t in per_token]), lambda row: (lambda: lm(ids[row:row + 1])),
+               "the log-probabilities")
     flat = torch.cat(per_token).tolist()  # one transfer from the device for the whole batch
     greedy = torch.stack(greedy).tolist()
     out, at = [], 0
