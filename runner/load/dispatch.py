@@ -6,7 +6,8 @@ loaded once and every slot that shares them is pointed at the same tensor.
 
 Hooks sit on block boundaries only. A block's pre-forward hook moves its inputs to the
 device it computes on; blocks planned on disk are streamed in before they run and
-dropped right after (see ``runner.load.offload``).
+dropped right after (see ``runner.load.offload``). A model held wholly in memory and
+computing on the CPU needs neither, so its blocks get no hook at all.
 """
 from __future__ import annotations
 
