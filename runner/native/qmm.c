@@ -67,15 +67,22 @@ static __thread int64_t rounded_len;
 
 /* ---- widening one k's 16 values to fp32 ------------------------------------------------------------------- */
 
-static inline void values(const uint8_t *w, int bits, float *out16) {
+/* One k's 16 values as integers, and as fp32 (portable build) */
+static inline void values_int(const uint8_t *w, int bits, int32_t *out16) {
     if (bits == 4) {
         for (int j = 0; j < 8; j++) {
-            out16[j] = (float)(w[j] & 0x0F);
-            out16[j + 8] = (float)(w[j] >> 4);
+            out16[j] = w[j] & 0x0F;
+            out16[j + 8] = w[j] >> 4;
         }
     } else {
-        for (int j = 0; j < 16; j++) out16[j] = (float)(int8_t)w[j];
+        for (int j = 0; j < 16; j++) out16[j] = (int8_t)w[j];
     }
+}
+
+static inline void values(const uint8_t *w, int bits, float *out16) {
+    int32_t q[PANEL];
+    values_int(w, bits, q);
+    for (int j = 0; j < PANEL; j++) out16[j] = (float)q[j];
 }
 
 #ifdef __AVX2__
@@ -164,18 +171,6 @@ static void round_rows(const float *x, int64_t M, int64_t K, int64_t ldx, int16_
 #endif
             sx[m * blocks + b] = !finite ? NAN : zeros ? 0.0f : amax / 32767.0f;
         }
-}
-
-/* One k's 16 values as integers (portable build) */
-static inline void values_int(const uint8_t *w, int bits, int32_t *out16) {
-    if (bits == 4) {
-        for (int j = 0; j < 8; j++) {
-            out16[j] = w[j] & 0x0F;
-            out16[j + 8] = w[j] >> 4;
-        }
-    } else {
-        for (int j = 0; j < 16; j++) out16[j] = (int8_t)w[j];
-    }
 }
 
 /* out[m][0..16) = the panel's 16 outputs for row m (m < rows <= 3), from rounded activations xq [rows, K] with
@@ -341,7 +336,7 @@ static void panel_many(const float *x, int64_t rows, int64_t K, int64_t ldx, con
 
 /* ---- the entry point ------------------------------------------------------------------------------------- */
 
-#define FEW 3  /* up to this many rows, values are widened in registers; beyond, a panel is dequantized once */
+#define FEW 3  /* up to this many rows, against int16 activations (panel_few); beyond, a panel is dequantized once */
 
 int qmm_into(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *qweight, const uint8_t *scales,
              int64_t N, int32_t bits, int64_t group, int32_t flags, float *out, int64_t ldo) {
