@@ -17,6 +17,11 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
+# dtype=auto picks bf16 where the CPU has it natively (runner.plan.arithmetic); the suite's exact maps, bytes and
+# logits are those of float32, so every test, and every process a test starts, runs as on a CPU without it. Tests of
+# that choice set it themselves.
+os.environ["RUNNER_NATIVE_BF16"] = "0"
+
 from hydra import compose, initialize_config_dir  # noqa: E402 -- after the thread count
 
 from runner.config import RunConfig, load_config  # noqa: E402

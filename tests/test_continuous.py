@@ -9,7 +9,7 @@ from runner import Engine
 from runner.errors import PlanError
 from runner.infer.generate import GenerationStats, Request, generate
 from runner.infer.sampling import SamplingParams
-from runner.load.packed import PackedLinear
+from runner.load.packed import PackedLinear, PanelLinear
 from runner.plan import arithmetic
 from runner.plan.arithmetic import auto_dtype, emulated_bf16_warning
 from test_generate import PROMPTS
@@ -145,10 +145,12 @@ def test_linears_are_packed_for_batches_and_give_the_unpacked_tokens(tmp_path):
                                      f"runtime.batch_size={rows}", "runtime.seq_len=64"), tmp_path / str(rows))
 
     batched, single = engine(16), engine(1)
-    packed = [m for m in batched.model.modules() if isinstance(m, PackedLinear)]
-    assert packed and not any(isinstance(m, PackedLinear) for m in single.model.modules())
+    forms = (PackedLinear, PanelLinear)  # the runner's panels where its kernels are built, else oneDNN's
+    packed = [m for m in batched.model.modules() if isinstance(m, forms)]
+    assert packed and not any(isinstance(m, forms) for m in single.model.modules())
+    copies = [m.panels if isinstance(m, PanelLinear) else m.weight for m in packed]
     assert batched.loaded.ledger.current["cpu"] == single.loaded.ledger.current["cpu"] + sum(
-        m.weight.numel() * 4 for m in packed)  # the packed copies are booked
+        t.numel() * t.element_size() for t in copies)  # the packed copies are booked
     params = SamplingParams(max_new_tokens=8)
     assert [c.output_tokens for c in batched.generate(PROMPTS, params)] == \
         [c.output_tokens for c in single.generate(PROMPTS, params)]
@@ -157,6 +159,10 @@ def test_linears_are_packed_for_batches_and_give_the_unpacked_tokens(tmp_path):
 def test_dtype_auto_picks_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch):
     hardware = Engine.plan(compose_config("model=gpt2tiny", "hardware=cpu", "runtime.seq_len=64"), tmp_path,
                            tokenizer=False)[0].hardware
+    monkeypatch.setenv("RUNNER_NATIVE_BF16", "1")  # as told, whatever this CPU has
+    dtype, why = auto_dtype(torch.float32, hardware)
+    assert dtype == torch.bfloat16 and "RUNNER_NATIVE_BF16=1" in why
+    monkeypatch.delenv("RUNNER_NATIVE_BF16")  # from here on, the CPU's flags
     monkeypatch.setattr(arithmetic, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert auto_dtype(torch.float32, hardware)[0] == torch.float32
     assert auto_dtype(torch.bfloat16, hardware)[0] == torch.bfloat16  # the checkpoint's own

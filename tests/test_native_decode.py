@@ -1,6 +1,7 @@
 """A decoder layer's decode step in C (``runner/native/decode.c``) gives the tokens of its Python form.
 
-Tiny checkpoints transformers writes (``test_families``), quantized as they stream in, generate greedily with
+Tiny checkpoints transformers writes (``test_families``), quantized as they stream in or packed in float32 or
+bfloat16 panels for batches (``runner.load.packed.PanelLinear``), generate greedily with
 continuous batching (rows of unlike lengths, left padding, refills, a prefix shared across the job) once with the
 C step and once with every layer on its Python path; the tokens must be the same and the logits of each decode
 step within rounding. Resident layers run their steps in one C call (``NativeStack``), a streamed one alone.
@@ -14,6 +15,7 @@ from conftest import compose_config
 from runner.infer.engine import Engine
 from runner.infer.generate import Request
 from runner.infer.sampling import SamplingParams
+from runner.load.packed import PanelLinear
 from runner.zoo import native_layer
 from runner.zoo.decoder import DecoderLayer
 
@@ -43,12 +45,17 @@ def _generate(engine: Engine, native: bool, steps: list) -> list[list[int]]:
 
 @pytest.mark.parametrize("model_type, quantize, placed", [
     ("llama", "int4", ()), ("qwen3", "int8", ()), ("mistral", "int4", ()), ("qwen2", "int8", ()), ("phi3", "int4", ()),
-    ("llama", "int4", ("+device_map.model.layers.1=disk",))])  # a layer streamed in: its weights move every step
+    ("llama", "int4", ("+device_map.model.layers.1=disk",)),  # a layer streamed in: its weights move every step
+    ("llama", "null", ()), ("qwen2", "null", ()), ("qwen3", "null", ())])  # float32 panels: 16 rows pack them
 def test_the_c_decode_step_gives_the_python_steps_tokens(model_type, quantize, placed, tmp_path, monkeypatch):
     folder = tmp_path / "checkpoint"
     write_checkpoint(folder, model_type, FAMILIES[model_type])
+    rows = 16 if quantize == "null" else 3
     engine = Engine(compose_config("checkpoint=local", f"checkpoint.path={folder}", "dtype=float32", "hardware=cpu",
-                                   f"quantize={quantize}", "runtime.batch_size=3", *placed), tmp_path / "run")
+                                   f"quantize={quantize}", f"runtime.batch_size={rows}", *placed), tmp_path / "run")
+    if quantize == "null":
+        assert all(isinstance(m.self_attn.q_proj, PanelLinear) for m in engine.model.modules()
+                   if isinstance(m, DecoderLayer))
     if placed:
         assert engine.loaded.check.block_devices["model.layers.1"] == "disk"
     steps: list[bool] = []  # per layer's C step: whether rows continued a shared prefix
@@ -110,3 +117,40 @@ def test_logits_of_a_c_step_equal_the_python_steps(tmp_path):
     # activations are rounded to int16 for the projections (qmm.c): the C and Python norms' last-bit differences can
     # move one value by a step, 2^-16 of its block's range
     assert (logits[True] - logits[False]).abs().max() / span < 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_logits_of_a_c_step_over_packed_panels_equal_the_python_steps(dtype, tmp_path):
+    if dtype == "bfloat16" and not native_layer.kernels().dense_bf16:
+        pytest.skip("this CPU's build has no bfloat16 dot products (AVX-512 BF16)")
+    folder = tmp_path / "checkpoint"
+    write_checkpoint(folder, "llama", FAMILIES["llama"])
+    engine = Engine(compose_config("checkpoint=local", f"checkpoint.path={folder}", f"dtype={dtype}", "hardware=cpu",
+                                   "runtime.batch_size=16"), tmp_path / "run")
+    model = engine.model
+    tok = byte_tokenizer()
+    prompts = [tok.encode(SYSTEM + q).ids for q in QUESTIONS[:3]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    layers = [m for m in model.modules() if isinstance(m, DecoderLayer)]
+    logits, caches = {}, {}
+    for native in (True, False):
+        for layer in layers:
+            layer.native = native_layer.UNDECIDED if native else None
+        cache = caches[native] = model.new_cache(width + 4)
+        with torch.inference_mode():
+            model(ids, attention_mask=mask, cache=cache)
+            nxt = torch.tensor([[65], [66], [67]])
+            logits[native] = model(nxt, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1),
+                                   cache=cache).float()
+        assert all(isinstance(layer.native, native_layer.NativeLayer) for layer in layers) == native
+    span = logits[False].max() - logits[False].min()
+    error = (logits[True] - logits[False]).abs().max() / span
+    # float32: the same products, summed in another order; bfloat16: the C step keeps its activations in float32
+    # between the products, where the Python path rounds each operation's output to bfloat16
+    assert error < (1e-5 if dtype == "float32" else 2e-2)
+    written = [(caches[n].layer(0).keys[:, :, width].float()) for n in (True, False)]  # this step's keys
+    bound = 2 ** -6 if dtype == "bfloat16" else 1e-6  # bfloat16: two of its steps apart, where the paths round
+    assert (written[0] - written[1]).abs().max() <= bound * written[1].abs().max()
+    assert caches[True].layer(0).keys.dtype == getattr(torch, dtype)

@@ -73,3 +73,21 @@ def test_check_finite_names_each_bad_tensor_before_anything_runs(tmp_path):
     result = Engine(compose_config(*OVERRIDES, f"checkpoint.path={good}", "checkpoint.check_finite=true"),
                      tmp_path / "run2").loaded
     assert "check_finite" in result.timings
+
+
+def test_rows_are_checked_exactly_even_where_a_finite_rows_sum_overflows():
+    from runner.infer.finite import NonFiniteOutput, check_rows
+
+    huge = torch.full((3, 8), 3e38)  # every value finite, each row's sum not
+    check_rows(huge, lambda row: row, "logits")
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        values = huge.clone()
+        values[2, 5] = bad
+        with pytest.raises(NonFiniteOutput) as e:
+            check_rows(values, lambda row: row, "logits")
+        assert e.value.rerun == 2  # the first bad row's
+    values = torch.zeros(4, 8, dtype=torch.bfloat16)
+    values[1, 0] = float("nan")
+    with pytest.raises(NonFiniteOutput) as e:
+        check_rows(values, lambda row: row, "logits")
+    assert e.value.rerun == 1

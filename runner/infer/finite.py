@@ -31,7 +31,13 @@ def check_rows(values: torch.Tensor, rerun_row: Callable[[int], Callable[[], Any
     Raises:
         NonFiniteOutput: with ``rerun_row(row)`` as how to run that row again.
     """
-    finite = torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
+    rows = values.reshape(values.shape[0], -1)
+    # One pass first: a row's sum is finite when all its values are (a NaN or Inf carries through). Only a sum that
+    # is not, which finite values can give by overflowing, pays for the exact check (isfinite is ~4 passes and a
+    # mask: 5 ms a step over 64 rows of a 49k-word vocabulary).
+    if bool(torch.isfinite(rows.sum(dim=1, dtype=torch.float32)).all()):
+        return
+    finite = torch.isfinite(rows).all(dim=1)
     if not bool(finite.all()):
         row = int((~finite).nonzero()[0])
         raise NonFiniteOutput(what, rerun_row(row))

@@ -1,9 +1,13 @@
-"""Resident CPU linears packed once for oneDNN, so no matrix product repacks its weight.
+"""Resident CPU linears packed once, so no matrix product repacks its weight.
 
 A GEMM library first reorders the weight into the blocked layout its kernels read. ``F.linear`` does that on
-every call, which at decode sizes (tens of rows) costs about as much as the product itself. oneDNN can keep the
-reordered weight (``torch.ops.mkldnn._reorder_linear_weight``) and multiply against it directly. On 2 AVX2 cores, a
-SmolLM2 decode step at 64 rows then runs its projections ~1.3x faster and its 49k-word head ~2x.
+every call, which at decode sizes (tens of rows) costs about as much as the product itself. Packed once, a SmolLM2
+decode step at 64 rows runs its projections ~1.3x faster and its 49k-word head ~2x (2 AVX2 cores). Two forms:
+
+- ``PanelLinear``: the runner's own panels (``runner/native/dense.c``), where its kernels compute the weight's
+  dtype. As fast as oneDNN on these sizes, and the decode step's C form (``runner.zoo.native_layer``) reads them
+  directly, so a whole step of every layer runs in one C call.
+- ``PackedLinear``: oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``), elsewhere.
 
 The packed weight is a second copy, so it is made only where it pays and the plan leaves room for it: generation
 with at least ``PACK_ROWS`` rows in flight (one row's products are bound by reading the weight, packed or not),
@@ -23,6 +27,7 @@ from torch import nn
 
 from runner.config.sizes import format_bytes
 from runner.load.memory import MemoryLedger
+from runner.native import Kernels, kernels
 from runner.plan.blocks import ModelLayout
 
 log = logging.getLogger(__name__)
@@ -46,33 +51,72 @@ class PackedLinear(nn.Linear):
         return out.to(x.dtype)
 
 
+class PanelLinear(nn.Linear):
+    """An ``nn.Linear`` that multiplies against its weight in the runner's panels (same parameters, same names):
+    ``panels`` as ``Kernels.pack_dense`` holds them, ``panel_bias`` the bias in float32."""
+
+    panels: torch.Tensor
+    panel_bias: torch.Tensor | None
+    native: Kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight.dtype or x.device.type != "cpu" or torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, x.shape[-1])
+        out = self.native.dense(rows.float().contiguous(), self.panels, self.out_features)
+        if self.panel_bias is not None:
+            out += self.panel_bias
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
 def pack_linears(model: nn.Module, layout: ModelLayout, *, cpu_blocks: set[str], room: int, rows: int,
                  ledger: MemoryLedger) -> int:
-    """Pack the float32 linears of ``cpu_blocks`` (resident blocks that compute on the CPU), in forward order, while
-    their packed copies fit in ``room`` bytes; each is booked on the ledger's CPU. The bytes packed."""
-    if not torch.backends.mkldnn.is_available() or room <= 0 or rows < PACK_ROWS:
+    """Pack the float32 and bf16 linears of ``cpu_blocks`` (resident blocks that compute on the CPU), in forward
+    order, while their packed copies fit in ``room`` bytes; each is booked on the ledger's CPU. The bytes packed."""
+    if room <= 0 or rows < PACK_ROWS:
         return 0
-    packed = count = 0
+    native = kernels()
+    packed, counts = 0, {"the runner's panels": 0, "oneDNN": 0}
     for linear in _linears(model, layout, cpu_blocks):
         weight = linear.weight.detach()
-        if weight.dtype == torch.bfloat16 and not _bf16_kernels():
+        ours = native is not None and native.dense_bits(weight.dtype, weight.shape[1]) is not None
+        if not ours and weight.dtype == torch.bfloat16 and not _bf16_kernels():
             weight = weight.float()
-        size = weight.numel() * weight.element_size()
+        size = native.dense_nbytes(weight) if ours else weight.numel() * weight.element_size()
         if packed + size > room:
             break
-        try:
-            linear.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-        except RuntimeError as e:  # a torch built without oneDNN's packed linears: plain products, as before
-            log.info("Linears stay unpacked: %s", str(e).splitlines()[0])
-            return packed
-        linear.packed_bias = linear.bias.detach().to(weight.dtype) if linear.bias is not None else None
-        linear.__class__ = PackedLinear
+        if ours:
+            _into_panels(linear, native)
+        elif not _into_onednn(linear, weight, rows):
+            break
         ledger.allocate("cpu", size, "a packed linear")
         packed += size
-        count += 1
-    if count:
-        log.info("%d linear(s) packed for oneDNN: %s more on the CPU", count, format_bytes(packed))
+        counts["the runner's panels" if ours else "oneDNN"] += 1
+    if packed:
+        log.info("linear(s) packed (%s): %s more on the CPU",
+                 ", ".join(f"{n} in {form}" for form, n in counts.items() if n), format_bytes(packed))
     return packed
+
+
+def _into_panels(linear: nn.Linear, native: Kernels) -> None:
+    linear.panels = native.pack_dense(linear.weight.detach())
+    linear.panel_bias = linear.bias.detach().float().contiguous() if linear.bias is not None else None
+    linear.native = native
+    linear.__class__ = PanelLinear
+
+
+def _into_onednn(linear: nn.Linear, weight: torch.Tensor, rows: int) -> bool:
+    """Whether ``linear`` became a ``PackedLinear`` (False: this torch has no oneDNN packed linears)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        linear.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+    except RuntimeError as e:  # a torch built without oneDNN's packed linears: plain products, as before
+        log.info("Linears stay unpacked: %s", str(e).splitlines()[0])
+        return False
+    linear.packed_bias = linear.bias.detach().to(weight.dtype) if linear.bias is not None else None
+    linear.__class__ = PackedLinear
+    return True
 
 
 def _linears(model: nn.Module, layout: ModelLayout, cpu_blocks: set[str]) -> Iterator[nn.Linear]:

@@ -1,5 +1,5 @@
-"""The runner's C kernels: ``qmm.c``, matmuls over weights kept quantized, and ``decode.c``, a decoder layer's
-decode step in one call. Built with the machine's C compiler on first use, kept in the cache.
+"""The runner's C kernels: ``qmm.c``, matmuls over weights kept quantized, ``dense.c``, matmuls over float32 and
+bfloat16 weights in the runner's own panels, and ``decode.c``, a decoder layer's decode step in one call. Built with the machine's C compiler on first use, kept in the cache.
 
 Recipe (``kernels()``):
 1. the build is named by a hash of the source, the compiler's version and the flags, so an edited source, another
@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 
 from runner.config.resources import runner_cache
+from runner.plan.arithmetic import cpu_flags
 from runner.data.writes import reclaim, temp_path
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "qmm.c", HERE / "decode.c")
+SOURCES = (HERE / "qmm.c", HERE / "dense.c", HERE / "decode.c")
 HEADER = HERE / "native.h"
 HALF, LOWS = 1, 2  # qmm's flags: the scales are fp16; lows are stored
 _I64, _I32, _F32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
@@ -60,7 +61,7 @@ class QStep(ctypes.Structure):
     _fields_ = [("rows", _I64), ("cos", _PTR), ("sin", _PTR), ("rope_stride", _I64), ("rotated", _I64),
                 ("keys", _PTR), ("values", _PTR), ("capacity", _I64), ("column", _I64), ("mask", _PTR),
                 ("prefix_keys", _PTR), ("prefix_values", _PTR), ("prefix_length", _I64), ("prefix_stride", _I64),
-                ("prefix_rows", _PTR)]
+                ("prefix_rows", _PTR), ("cache_bits", _I64)]
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,11 @@ def build_for_this_cpu(portable: bool = False) -> Build | None:
     flags = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fopenmp"]
     if not portable and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma", "-mf16c"]
+        cpu = cpu_flags()
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu:  # dense.c's 32-wide panels
+            flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+            if "avx512_bf16" in cpu:  # and its bfloat16 dot products
+                flags.append("-mavx512bf16")
     return Build(compiler, tuple(flags))
 
 
@@ -99,7 +105,16 @@ class Kernels:
         self._decode_all = self._lib.runner_decode_layers
         self._decode_all.argtypes = [ctypes.POINTER(ctypes.POINTER(QLayer)), ctypes.POINTER(QStep), _I64, _PTR]
         self._decode_all.restype = ctypes.c_int
+        self._dense = self._lib.runner_dense
+        self._dense.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I32, _PTR, _I64]
+        self._dense.restype = ctypes.c_int
+        self._dense_pack = self._lib.runner_dense_pack
+        self._dense_pack.argtypes = [_PTR, _I64, _I64, _I32, _PTR]
+        self._dense_bytes = self._lib.runner_dense_bytes
+        self._dense_bytes.argtypes = [_I64, _I64, _I32]
+        self._dense_bytes.restype = _I64
         self.avx2 = bool(self._lib.runner_native_avx2())
+        self.dense_bf16 = bool(self._lib.runner_dense_bf16())  # bfloat16 panels computed (AVX-512 BF16 built in)
 
     def qmm(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, *, rows: int, bits: int,
             group: int, flags: int) -> torch.Tensor:
@@ -116,6 +131,47 @@ class Kernels:
             raise MemoryError(f"could not allocate {k * 64} bytes for a quantized matmul's panel buffer")
         return out
 
+
+    def dense_bits(self, dtype: torch.dtype, columns: int) -> int | None:
+        """The panel width in bits for a weight of ``dtype`` and ``columns`` inputs, or None where ``dense`` does not
+        compute it (bfloat16 needs AVX-512 BF16 and an even number of columns)."""
+        if dtype == torch.float32:
+            return 32
+        if dtype == torch.bfloat16 and self.dense_bf16 and columns % 2 == 0:
+            return 16
+        return None
+
+    def dense_nbytes(self, weight: torch.Tensor) -> int:
+        """The bytes ``pack_dense`` makes of ``weight`` (its last panel is padded)."""
+        n, k = weight.shape
+        bits = self.dense_bits(weight.dtype, k)
+        assert bits is not None, f"no dense panels for {weight.dtype} with {k} columns"
+        return self._dense_bytes(n, k, bits)
+
+    def pack_dense(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight [N, K]`` (float32, or bfloat16 where ``dense_bits`` allows) in ``dense.c``'s panels: a flat
+        tensor of the weight's dtype."""
+        n, k = weight.shape
+        bits = self.dense_bits(weight.dtype, k)
+        assert bits is not None, f"no dense panels for {weight.dtype} with {k} columns"
+        weight = weight.contiguous()
+        out = torch.empty(self.dense_nbytes(weight) * 8 // bits, dtype=weight.dtype)
+        self._dense_pack(weight.data_ptr(), n, k, bits, out.data_ptr())
+        return out
+
+    def dense(self, x: torch.Tensor, panels: torch.Tensor, rows: int) -> torch.Tensor:
+        """``x [M, K]`` (fp32, rows contiguous) times a weight of ``rows`` output rows held in ``panels``
+        (``pack_dense``) -> ``[M, rows]`` fp32.
+
+        Raises:
+            MemoryError: the activations' bfloat16 copy could not be allocated.
+        """
+        m, k = x.shape
+        out = torch.empty(m, rows, dtype=torch.float32)
+        bits = 32 if panels.dtype == torch.float32 else 16
+        if self._dense(x.data_ptr(), m, k, x.stride(0), panels.data_ptr(), rows, bits, out.data_ptr(), rows):
+            raise MemoryError(f"could not allocate {m * k * 2} bytes for a dense matmul's bfloat16 activations")
+        return out
 
     def decode_layer(self, layer: QLayer, step: QStep, x: torch.Tensor) -> None:
         """One decode step of a layer over ``x [M, hidden]`` (fp32, contiguous), updated in place.

@@ -1,5 +1,6 @@
-/* One decode step of a decoder layer for M rows of one new token each, its projections kept quantized: what
- * Python would dispatch as ~60 small operations per layer, in one call.
+/* One decode step of a decoder layer for M rows of one new token each, its projections kept quantized (qmm.c) or
+ * in float32 or bfloat16 panels (dense.c): what Python would dispatch as ~60 small operations per layer, in one
+ * call. The activations are float32 throughout; a bfloat16 model's cache is read and written in bfloat16.
  *
  * The layer is Llama's shape: RMSNorm, grouped-query attention with rotary embeddings (Hugging Face's
  * rotate-half form, over the first `rotated` dims of each head), a SiLU-gated MLP, residuals around both. Qwen2's
@@ -18,7 +19,7 @@ typedef struct {
     const uint8_t *scales;
     const float *bias;  /* NULL: none */
     int64_t rows, columns, group;
-    int32_t bits, flags;
+    int32_t bits, flags;                  /* bits 32 or 16: dense panels of float32 or bfloat16 (qweight) */
 } QLinear;
 
 typedef struct {
@@ -33,12 +34,13 @@ typedef struct {
     int64_t rows;                            /* M */
     const float *cos, *sin;                  /* [M or 1, rotated]: the rotary tables at each row's position */
     int64_t rope_stride, rotated;            /* the tables' row stride (0: one row for all); dims rotated */
-    float *keys, *values;                    /* the layer's cache, [>= M, kv_heads, capacity, head_dim] */
+    void *keys, *values;                     /* the layer's cache, [>= M, kv_heads, capacity, head_dim] */
     int64_t capacity, column;                /* this token's column; attention reads columns 0..column */
     const uint8_t *mask;                     /* [M, column + 1]: 1 where a row may attend; NULL: everywhere */
-    const float *prefix_keys, *prefix_values;  /* a shared prefix, [kv_heads, *, head_dim] by prefix_stride */
-    int64_t prefix_length, prefix_stride;    /* its columns; floats from one kv head to the next */
+    const void *prefix_keys, *prefix_values;   /* a shared prefix, [kv_heads, *, head_dim] by prefix_stride */
+    int64_t prefix_length, prefix_stride;    /* its columns; values from one kv head to the next */
     const uint8_t *prefix_rows;              /* [M]: 1 where the row continues the prefix */
+    int64_t cache_bits;                      /* 32: the cache and prefix are float32; 16: bfloat16 */
 } QStep;
 
 /* The calling thread's work space for a step's activations (kept_buffer) */
@@ -73,6 +75,75 @@ static inline void axpy(float a, const float *x, float *y, int64_t n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
+/* ---- a cache column in float32 or bfloat16 ------------------------------------------------------------------ */
+
+static inline float from_bf16(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* rounded to nearest even, NaN kept a quiet NaN: as torch's .to(torch.bfloat16) */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+#ifdef __AVX2__
+static inline __m256 load8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+#endif
+
+/* q . a column of n values, float32 or bfloat16 (bf16) */
+static inline float dot_column(const float *q, const void *c, int64_t n, int bf16) {
+    if (!bf16) return dot(q, (const float *)c, n);
+    const uint16_t *h = (const uint16_t *)c;
+    int64_t i = 0;
+    float s = 0.0f;
+#ifdef __AVX2__
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8_bf16(h + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), load8_bf16(h + i + 8), acc1);
+    }
+    __m256 acc = _mm256_add_ps(acc0, acc1);
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    s = _mm_cvtss_f32(r);
+#endif
+    for (; i < n; i++) s += q[i] * from_bf16(h[i]);
+    return s;
+}
+
+/* y += a * a column of n values, float32 or bfloat16 (bf16) */
+static inline void axpy_column(float a, const void *c, float *y, int64_t n, int bf16) {
+    if (!bf16) {
+        axpy(a, (const float *)c, y, n);
+        return;
+    }
+    const uint16_t *h = (const uint16_t *)c;
+    int64_t i = 0;
+#ifdef __AVX2__
+    __m256 av = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load8_bf16(h + i), _mm256_loadu_ps(y + i)));
+#endif
+    for (; i < n; i++) y[i] += a * from_bf16(h[i]);
+}
+
+/* a column of n values written to the cache, float32 or bfloat16 (bf16) */
+static inline void store_column(void *c, const float *x, int64_t n, int bf16) {
+    if (!bf16) {
+        memcpy(c, x, (size_t)n * sizeof(float));
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) ((uint16_t *)c)[i] = to_bf16(x[i]);
+}
+
 /* out = weight * (x * rsqrt(mean(x^2) + eps)), as runner.zoo.parts.RMSNorm in fp32 */
 static void rms_norm(const float *x, const float *weight, float *out, int64_t n, float eps) {
     const float r = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
@@ -80,9 +151,11 @@ static void rms_norm(const float *x, const float *weight, float *out, int64_t n,
 }
 
 static int linear(const QLinear *l, const float *x, int64_t M, float *out) {
-    if (qmm_into(x, M, l->columns, l->columns, l->qweight, l->scales, l->rows, l->bits, l->group, l->flags, out,
-                 l->rows))
-        return -1;
+    const int failed = l->bits == 32 || l->bits == 16
+        ? dense_into(x, M, l->columns, l->columns, l->qweight, l->rows, l->bits, out, l->rows)
+        : qmm_into(x, M, l->columns, l->columns, l->qweight, l->scales, l->rows, l->bits, l->group, l->flags, out,
+                   l->rows);
+    if (failed) return -1;
     if (l->bias)
         for (int64_t m = 0; m < M; m++)
             for (int64_t j = 0; j < l->rows; j++) out[m * l->rows + j] += l->bias[j];
@@ -104,16 +177,19 @@ static void attend_one(const QLayer *L, const QStep *s, int64_t m, int64_t h, co
                        float *scores) {
     const int64_t D = L->head_dim, g = h / (L->heads / L->kv_heads), S = s->column + 1;
     const int64_t P = s->prefix_keys && s->prefix_rows[m] ? s->prefix_length : 0;
-    const float *keys = s->keys + (m * L->kv_heads + g) * s->capacity * D;
-    const float *values = s->values + (m * L->kv_heads + g) * s->capacity * D;
+    const int bf16 = s->cache_bits == 16;
+    const int64_t width = bf16 ? 2 : 4, at = (m * L->kv_heads + g) * s->capacity * D * width;
+    const uint8_t *keys = (const uint8_t *)s->keys + at, *values = (const uint8_t *)s->values + at;
+    const uint8_t *prefix_keys = (const uint8_t *)s->prefix_keys + g * s->prefix_stride * width;
+    const uint8_t *prefix_values = (const uint8_t *)s->prefix_values + g * s->prefix_stride * width;
     const uint8_t *mask = s->mask ? s->mask + m * S : NULL;
     float top = -INFINITY;
     for (int64_t j = 0; j < P; j++) {
-        scores[j] = dot(q, s->prefix_keys + g * s->prefix_stride + j * D, D) * L->scale;
+        scores[j] = dot_column(q, prefix_keys + j * D * width, D, bf16) * L->scale;
         top = scores[j] > top ? scores[j] : top;
     }
     for (int64_t j = 0; j < S; j++) {
-        scores[P + j] = mask && !mask[j] ? -INFINITY : dot(q, keys + j * D, D) * L->scale;
+        scores[P + j] = mask && !mask[j] ? -INFINITY : dot_column(q, keys + j * D * width, D, bf16) * L->scale;
         top = scores[P + j] > top ? scores[P + j] : top;
     }
     memset(y, 0, (size_t)D * sizeof(float));
@@ -123,9 +199,9 @@ static void attend_one(const QLayer *L, const QStep *s, int64_t m, int64_t h, co
         scores[j] = expf(scores[j] - top);
         total += scores[j];
     }
-    for (int64_t j = 0; j < P; j++) axpy(scores[j] / total, s->prefix_values + g * s->prefix_stride + j * D, y, D);
+    for (int64_t j = 0; j < P; j++) axpy_column(scores[j] / total, prefix_values + j * D * width, y, D, bf16);
     for (int64_t j = 0; j < S; j++)
-        if (scores[P + j] != 0.0f) axpy(scores[P + j] / total, values + j * D, y, D);
+        if (scores[P + j] != 0.0f) axpy_column(scores[P + j] / total, values + j * D * width, y, D, bf16);
 }
 
 /* x [M, hidden] (updated in place: the layer's output). Returns 0, or -1 when memory ran out. */
@@ -151,9 +227,9 @@ int runner_decode_layer(const QLayer *L, const QStep *s, float *x) {
             float *kh = k + m * kw + i * D;
             if (L->k_norm) rms_norm(kh, L->k_norm, kh, D, L->eps);
             rotate(kh, cos, sin, s->rotated);
-            const int64_t at = ((m * kv + i) * s->capacity + s->column) * D;
-            memcpy(s->keys + at, kh, (size_t)D * sizeof(float));
-            memcpy(s->values + at, v + m * kw + i * D, (size_t)D * sizeof(float));
+            const int64_t at = ((m * kv + i) * s->capacity + s->column) * D * (s->cache_bits / 8);
+            store_column((uint8_t *)s->keys + at, kh, D, s->cache_bits == 16);
+            store_column((uint8_t *)s->values + at, v + m * kw + i * D, D, s->cache_bits == 16);
         }
     }
     const int64_t width = s->column + 1 + (s->prefix_keys ? s->prefix_length : 0);

@@ -1,5 +1,5 @@
-/* What the runner's C kernels share: the panel layout's constants and the quantized matmul (qmm.c), which the
- * decode step (decode.c) calls for its projections. */
+/* What the runner's C kernels share: the panel layout's constants, the quantized matmul (qmm.c) and the dense one
+ * (dense.c), which the decode step (decode.c) calls for its projections. */
 #ifndef RUNNER_NATIVE_H
 #define RUNNER_NATIVE_H
 
@@ -32,5 +32,16 @@ static inline float *kept_buffer(float **buffer, int64_t *len, int64_t floats) {
  * Returns 0, or -1 when a buffer could not be allocated. */
 int qmm_into(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *qweight, const uint8_t *scales,
              int64_t N, int32_t bits, int64_t group, int32_t flags, float *out, int64_t ldo);
+
+/* rows of x [rows, K] (row stride ldx) against one panel of 16 output rows held in fp32 [K][16]: out's first
+ * `width` columns (row stride ldo). */
+void panel_many(const float *x, int64_t rows, int64_t K, int64_t ldx, const float *buf, float *out, int64_t ldo,
+                int64_t width);
+
+/* out[M, N] (row stride ldo) = x[M, K] (row stride ldx) @ W^T, W held in dense panels of float32 (bits 32) or
+ * bfloat16 (bits 16) (dense.c describes them). Returns 0, -1 when a buffer could not be allocated, -2 for bfloat16
+ * panels in a build without AVX-512 BF16. */
+int dense_into(const float *x, int64_t M, int64_t K, int64_t ldx, const void *panels, int64_t N, int32_t bits,
+               float *out, int64_t ldo);
 
 #endif

@@ -320,7 +320,7 @@ static inline __attribute__((always_inline)) void tile(const float *x, int rows,
 #endif
 }
 
-static void panel_many(const float *x, int64_t rows, int64_t K, int64_t ldx, const float *buf, float *out,
+void panel_many(const float *x, int64_t rows, int64_t K, int64_t ldx, const float *buf, float *out,
                        int64_t ldo, int64_t width) {
     int64_t m = 0;
     for (; m + TILE <= rows; m += TILE) tile(x + m * ldx, TILE, K, ldx, buf, out + m * ldo, ldo, width);

@@ -340,6 +340,9 @@ def _compute_dtype(cfg: RunConfig, checkpoint: Checkpoint | None, hardware: Hard
     if cfg.dtype != "auto":
         return getattr(torch, cfg.dtype), f"set: dtype={cfg.dtype}"
     dtype = checkpoint.dtype if checkpoint else getattr(torch, cfg.checkpoint.dtype)
+    if checkpoint is not None and any(checkpoint.stored_type(key) for key in checkpoint.entries):
+        # a GGUF's blocks stay quantized, and their kernels compute in float32: bf16 would only round more
+        return torch.float32, "auto: float32, as the kernels of the weights kept quantized compute"
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise CheckpointError(f"dtype: auto would compute in the checkpoint's {str(dtype).removeprefix('torch.')}, "
                               "which the runner does not run; set dtype=float32, float16 or bfloat16")
