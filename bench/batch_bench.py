@@ -22,7 +22,10 @@ Jobs (``--jobs``):
    end of sequence respected, up to 32 new tokens. Target: >= 1.5x the runner before, with the prefix hit rate.
 4. bf16 greedy tokens against fp32 on job 1: how many of the 64 completions differ, and where the first does.
 
-On a CPU without native bf16 (this one: AVX2 only) both engines emulate it; the figures are reported as measured.
+``--prompts paired`` runs the jobs on another 64 prompts (two of the set asked together: longer, spread
+differently), for the issue's "and on any other set of chat prompts".
+
+On a CPU without native bf16 (AVX2 only) both engines emulate it; the figures are reported as measured.
 The exit code is 0 whatever the verdict; ``--json`` keeps every figure.
 """
 from __future__ import annotations
@@ -49,13 +52,22 @@ SYSTEM = ("You are a careful assistant for a public library. Answer the patron's
           "the reading rooms upstairs.")
 
 
-def job_prompts(job: str) -> tuple[list, int, bool]:
+def prompt_set(name: str) -> list[str]:
+    """``bench``: the 64 prompts of ``generate_prompts``; ``paired``: another 64, each two of them asked together
+    (about twice as long, and spread differently)."""
+    if name == "paired":
+        return [f"{PROMPTS[i]} Then, separately: {PROMPTS[(7 * i + 3) % 64]}" for i in range(64)]
+    return list(PROMPTS)
+
+
+def job_prompts(job: str, prompts: str = "bench") -> tuple[list, int, bool]:
     """(prompts as chat messages or texts, max new tokens, ignore end of sequence) for a job."""
+    texts = prompt_set(prompts)
     if job == "prefix":
-        messages = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{PROMPTS[i % 64]} ({i})"}]
+        messages = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{texts[i % 64]} ({i})"}]
                     for i in range(512)]
         return messages, 32, False
-    return list(PROMPTS), 64 if job == "ignore-eos" else 0, job == "ignore-eos"
+    return texts, 64 if job == "ignore-eos" else 0, job == "ignore-eos"
 
 
 # -- the sides, each in its own process -------------------------------------------------------------------------------
@@ -71,7 +83,7 @@ def runner_side(args: dict) -> dict:
 
     engine = Engine.from_overrides(["hardware=cpu", f"dtype={args['dtype']}", "runtime.batch_size=64",
                                     "runtime.seq_len=1024", "task.chat=true"])
-    prompts, new, ignore = job_prompts(args["job"])
+    prompts, new, ignore = job_prompts(args["job"], args["prompts"])
     new = new or args["eos_tokens"]
     from runner.infer.prompts import encode_prompt
 
@@ -132,7 +144,7 @@ def run_side(cmd: list[str], env: dict | None = None) -> dict:
 
 def runner_run(checkout: Path, job: str, dtype: str, args: argparse.Namespace) -> dict:
     child = {"checkout": str(checkout), "job": job, "dtype": dtype, "eos_tokens": args.eos_tokens,
-             "repeats": args.repeats}
+             "repeats": args.repeats, "prompts": args.prompts}
     return run_side([sys.executable, str(HERE / "batch_bench.py"), "--child", json.dumps(child)])
 
 
@@ -147,7 +159,7 @@ def vllm_run(job: str, dtype: str, ids: list, args: argparse.Namespace, work: Pa
     folder = smollm2_fp32_folder(hf_checkpoint.root())
     (work / "ids.json").write_text(json.dumps(ids))
     (work / "vllm_side.py").write_text(VLLM_SIDE)
-    _, new, ignore = job_prompts(job)
+    _, new, ignore = job_prompts(job, args.prompts)
     child = {"folder": str(folder), "dtype": dtype, "ids": str(work / "ids.json"), "new": new or args.eos_tokens,
              "ignore": ignore, "repeats": args.repeats}
     venv = Path(python).parent.parent
@@ -190,6 +202,8 @@ def main() -> int:
     parser.add_argument("--jobs", nargs="+", default=["ignore-eos", "eos", "prefix"],
                         choices=["ignore-eos", "eos", "prefix"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--prompts", default="bench", choices=["bench", "paired"],
+                        help="the prompt set (prompt_set); the targets hold on any")
     parser.add_argument("--eos-tokens", type=int, default=256, help="new tokens at most where end of sequence counts")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per side (the faster counts)")
     parser.add_argument("--before", default=BEFORE, help="the git ref of the runner to compare with")

@@ -9,6 +9,7 @@ from runner import Engine
 from runner.errors import PlanError
 from runner.infer.generate import GenerationStats, Request, generate
 from runner.infer.sampling import SamplingParams
+from runner.infer.slots import Slots
 from runner.load.packed import PackedLinear, PanelLinear
 from runner.plan import arithmetic
 from runner.plan.arithmetic import auto_dtype, emulated_bf16_warning
@@ -51,6 +52,32 @@ def test_a_finished_rows_place_is_taken_and_every_row_gets_the_tokens_it_gets_al
     assert len({len(c.output_tokens) for c in alone}) > 2  # rows really finish at different steps
     assert stats.refills > 0  # waiting rows joined batches already running
     assert stats.decode_rows == sum(len(c.output_tokens) - 1 for c in together)  # free rows are not counted
+
+
+def test_a_fill_holds_one_prefill_groups_cache_at_a_time(tiny, monkeypatch):
+    import weakref
+
+    prompts = ["a", "bb", "a much longer prompt than the others, by far", "ccc",
+               "and another long one, to make a second group of its own"]  # unlike lengths: several groups
+    requests = requests_of(tiny, prompts)
+    made, held = [], []
+    real_cache, real_place = type(tiny.lm).new_cache, Slots.place
+
+    def new_cache(self, capacity):
+        cache = real_cache(self, capacity)
+        made.append(weakref.ref(cache))
+        return cache
+
+    def place(self, group, slots):
+        # the group caches alive and holding keys as one is placed (the batch's own is not a group's)
+        held.append(sum(1 for c in made if c() is not None and c() is not self.cache and c().nbytes))
+        real_place(self, group, slots)
+
+    monkeypatch.setattr(type(tiny.lm), "new_cache", new_cache)
+    monkeypatch.setattr(Slots, "place", place)
+    done = generate(tiny.lm, tiny.tokenizer, requests, SamplingParams(max_new_tokens=4), batch_size=8, seed=0)
+    assert len(done) == 5 and len(held) >= 2  # two groups at least were placed
+    assert max(held) == 1
 
 
 def test_columns_are_compacted_when_a_batch_runs_past_its_cache(tiny):

@@ -208,6 +208,18 @@ class _Decoding:
             parts = like_lengths(rows, self.split_tokens) if slots else [rows]
             groups += [(b, PrefillGroup(part, cache=None if slots else b.cache)) for part in parts]
         self._prefixes(groups)
+        # Groups that share each streamed block's load (or a pipeline's stagger) run as one column, their caches
+        # all held at once; otherwise one at a time, each placed and dropped before the next is made, so a fill
+        # holds one group's cache beside the batch's.
+        together = self.schedule.stagger > 0 or (self.schedule.streams is not None and self.schedule.streams.streaming)
+        for part in [groups] if together else [[group] for group in groups]:
+            self._prefill(part)
+        self.stats.prompt_tokens += sum(len(r.request.tokens) for _, rows in fills for r in rows)
+        self.stats.prefill_s += time.perf_counter() - start
+
+    def _prefill(self, groups: list[tuple[Slots[_Row], PrefillGroup[_Row]]]) -> None:
+        """Prefill ``groups`` as one column, choose their first tokens, and put their rows in their batches (a
+        group's own cache is dropped once placed)."""
         for _, g in groups:
             if g.cache is None:
                 g.cache = self.lm.new_cache(g.width)
@@ -218,8 +230,7 @@ class _Decoding:
                 b.rows, b.mask = list(g.rows), call.attention_mask
             else:
                 b.place(g, b.slots_for(len(g.rows)))
-        self.stats.prompt_tokens += sum(len(r.request.tokens) for _, rows in fills for r in rows)
-        self.stats.prefill_s += time.perf_counter() - start
+                g.cache = None
 
     def _prefixes(self, groups: list[tuple[Slots[_Row], PrefillGroup[_Row]]]) -> None:
         """Each group's shared prefix: kept from an earlier group, or computed once now (one row) and kept."""
