@@ -22,6 +22,9 @@
 #define DENSE_WIDTH PANEL
 #define TILE_ROWS 6
 #endif
+/* k's ahead whose weights a tile asks for (8 KiB): where a step streams every weight from memory, 2 cores keep
+ * more bytes in flight than the hardware prefetcher alone does (SmolLM2's products at 64 rows: ~5% faster) */
+#define PREFETCH 64
 #define BLOCK_ROWS 96  /* rows per block when there are more: their activations stay in the core's L2 */
 
 int64_t runner_dense_width(void) { return DENSE_WIDTH; }
@@ -62,6 +65,7 @@ static inline __attribute__((always_inline)) void tile32(const float *x, int row
     __m512 acc[TILE_ROWS][2];
     for (int m = 0; m < rows; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k++) {
+        _mm_prefetch((const char *)(w + (k + PREFETCH) * DENSE_WIDTH), _MM_HINT_T0);
         const __m512 w0 = _mm512_load_ps(w + k * DENSE_WIDTH), w1 = _mm512_load_ps(w + k * DENSE_WIDTH + 16);
         for (int m = 0; m < rows; m++) {
             const __m512 xv = _mm512_set1_ps(x[m * ldx + k]);
@@ -85,6 +89,7 @@ static inline __attribute__((always_inline)) void tile16(const uint16_t *x, int 
     __m512 acc[TILE_ROWS][2];
     for (int m = 0; m < rows; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 2) {
+        _mm_prefetch((const char *)(w + (k + 2 * PREFETCH) * DENSE_WIDTH), _MM_HINT_T0);
         const __m512bh w0 = (__m512bh)_mm512_load_si512(w + k * DENSE_WIDTH);
         const __m512bh w1 = (__m512bh)_mm512_load_si512(w + k * DENSE_WIDTH + 32);
         for (int m = 0; m < rows; m++) {
