@@ -50,7 +50,15 @@ static __thread int64_t work_len;
 static inline float dot(const float *a, const float *b, int64_t n) {
     int64_t i = 0;
     float s = 0.0f;
-#ifdef __AVX2__
+#if defined(__AVX512F__)
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+    }
+    for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#elif defined(__AVX2__)
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (; i + 16 <= n; i += 16) {
         acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
@@ -68,7 +76,10 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 
 static inline void axpy(float a, const float *x, float *y, int64_t n) {
     int64_t i = 0;
-#ifdef __AVX2__
+#if defined(__AVX512F__)
+    const __m512 av = _mm512_set1_ps(a);
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+#elif defined(__AVX2__)
     __m256 av = _mm256_set1_ps(a);
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
 #endif
@@ -156,6 +167,12 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
+#ifdef __AVX512F__
+static inline __m512 load16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+#endif
+
 #ifdef __AVX2__
 static inline __m256 load8_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
@@ -168,7 +185,11 @@ static inline float dot_column(const float *q, const void *c, int64_t n, int bf1
     const uint16_t *h = (const uint16_t *)c;
     int64_t i = 0;
     float s = 0.0f;
-#ifdef __AVX2__
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16_bf16(h + i), acc);
+    s = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__)
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (; i + 16 <= n; i += 16) {
         acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8_bf16(h + i), acc0);
@@ -192,7 +213,10 @@ static inline void axpy_column(float a, const void *c, float *y, int64_t n, int 
     }
     const uint16_t *h = (const uint16_t *)c;
     int64_t i = 0;
-#ifdef __AVX2__
+#if defined(__AVX512F__)
+    const __m512 av = _mm512_set1_ps(a);
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, load16_bf16(h + i), _mm512_loadu_ps(y + i)));
+#elif defined(__AVX2__)
     __m256 av = _mm256_set1_ps(a);
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load8_bf16(h + i), _mm256_loadu_ps(y + i)));
 #endif
@@ -236,32 +260,40 @@ static void rotate(float *x, const float *cos, const float *sin, int64_t rotated
     }
 }
 
-/* one row's query head against its cache (and the prefix), into y */
-static void attend_one(const QLayer *L, const QStep *s, int64_t m, int64_t h, const float *q, float *y,
-                       float *scores) {
-    const int64_t D = L->head_dim, g = h / (L->heads / L->kv_heads), S = s->column + 1;
-    const int64_t P = s->prefix_keys && s->prefix_rows[m] ? s->prefix_length : 0;
+/* One row's query heads of one kv head g (heads / kv_heads of them, together: each key and value column is read
+ * once for all of them, from L1) against its cache and the prefix, into y [R, D]. scores: [R, P + S] floats. */
+static void attend_group(const QLayer *L, const QStep *s, int64_t m, int64_t g, const float *q, float *y,
+                         float *scores) {
+    const int64_t D = L->head_dim, R = L->heads / L->kv_heads, S = s->column + 1;
+    const int64_t P = s->prefix_keys && s->prefix_rows[m] ? s->prefix_length : 0, W = P + S;
     const int bf16 = s->cache_bits == 16;
     const int64_t width = bf16 ? 2 : 4, at = (m * L->kv_heads + g) * s->capacity * D * width;
     const uint8_t *keys = (const uint8_t *)s->keys + at, *values = (const uint8_t *)s->values + at;
     const uint8_t *prefix_keys = (const uint8_t *)s->prefix_keys + g * s->prefix_stride * width;
     const uint8_t *prefix_values = (const uint8_t *)s->prefix_values + g * s->prefix_stride * width;
     const uint8_t *mask = s->mask ? s->mask + m * S : NULL;
-    float top = -INFINITY;
-    for (int64_t j = 0; j < P; j++) {
-        scores[j] = dot_column(q, prefix_keys + j * D * width, D, bf16) * L->scale;
-        top = scores[j] > top ? scores[j] : top;
+    for (int64_t j = 0; j < W; j++) {
+        const int own = j >= P;
+        if (own && mask && !mask[j - P]) {
+            for (int64_t r = 0; r < R; r++) scores[r * W + j] = -INFINITY;
+            continue;
+        }
+        const uint8_t *key = own ? keys + (j - P) * D * width : prefix_keys + j * D * width;
+        for (int64_t r = 0; r < R; r++) scores[r * W + j] = dot_column(q + r * D, key, D, bf16) * L->scale;
     }
-    for (int64_t j = 0; j < S; j++) {
-        scores[P + j] = mask && !mask[j] ? -INFINITY : dot_column(q, keys + j * D * width, D, bf16) * L->scale;
-        top = scores[P + j] > top ? scores[P + j] : top;
+    memset(y, 0, (size_t)(R * D) * sizeof(float));
+    float weight[R];  /* each head's 1 / its softmax's total; 0: a freed row that sees nothing (never used) */
+    for (int64_t r = 0; r < R; r++) {
+        float top = -INFINITY;
+        for (int64_t j = 0; j < W; j++) top = scores[r * W + j] > top ? scores[r * W + j] : top;
+        weight[r] = top == -INFINITY ? 0.0f : 1.0f / exp_shifted(scores + r * W, W, top);
     }
-    memset(y, 0, (size_t)D * sizeof(float));
-    if (top == -INFINITY) return;  /* a freed row that sees nothing: its output is never used */
-    const float total = exp_shifted(scores, P + S, top);
-    for (int64_t j = 0; j < P; j++) axpy_column(scores[j] / total, prefix_values + j * D * width, y, D, bf16);
-    for (int64_t j = 0; j < S; j++)
-        if (scores[P + j] != 0.0f) axpy_column(scores[P + j] / total, values + j * D * width, y, D, bf16);
+    for (int64_t j = 0; j < W; j++) {
+        if (j >= P && mask && !mask[j - P]) continue;  /* masked for every head */
+        const uint8_t *value = j >= P ? values + (j - P) * D * width : prefix_values + j * D * width;
+        for (int64_t r = 0; r < R; r++)
+            if (weight[r] != 0.0f) axpy_column(scores[r * W + j] * weight[r], value, y + r * D, D, bf16);
+    }
 }
 
 /* x [M, hidden] (updated in place: the layer's output). Returns 0, or -1 when memory ran out. */
@@ -292,20 +324,20 @@ int runner_decode_layer(const QLayer *L, const QStep *s, float *x) {
             store_column((uint8_t *)s->values + at, v + m * kw + i * D, D, s->cache_bits == 16);
         }
     }
-    const int64_t width = s->column + 1 + (s->prefix_keys ? s->prefix_length : 0);
+    const int64_t width = s->column + 1 + (s->prefix_keys ? s->prefix_length : 0), R = heads / kv;
     int failed = 0;
     #pragma omp parallel
     {
-        float *scores = malloc((size_t)width * sizeof(float));
+        float *scores = malloc((size_t)(R * width) * sizeof(float));
         if (!scores) {
             #pragma omp atomic write
             failed = 1;
         }
         #pragma omp for schedule(static)
-        for (int64_t item = 0; item < M * heads; item++) {
+        for (int64_t item = 0; item < M * kv; item++) {
             if (!scores) continue;
-            const int64_t m = item / heads, i = item % heads;
-            attend_one(L, s, m, i, q + m * qw + i * D, y + m * qw + i * D, scores);
+            const int64_t m = item / kv, g = item % kv;
+            attend_group(L, s, m, g, q + m * qw + g * R * D, y + m * qw + g * R * D, scores);
         }
         free(scores);
     }
