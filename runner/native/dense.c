@@ -27,8 +27,6 @@
 #define PREFETCH 64
 #define BLOCK_ROWS 96  /* rows per block when there are more: their activations stay in the core's L2 */
 
-int64_t runner_dense_width(void) { return DENSE_WIDTH; }
-
 int runner_dense_bf16(void) {
 #ifdef __AVX512BF16__
     return 1;
@@ -143,6 +141,13 @@ static void panel_rows(const void *x, int64_t rows, int64_t K, int64_t ldx, cons
         panel_many(xm, n, K, ldx, (const float *)panel, out + m * ldo, ldo, width);
 #endif
     }
+}
+
+int64_t dense_width(void) { return DENSE_WIDTH; }
+
+void dense_rows(const float *x, int64_t rows, int64_t K, int64_t ldx, const float *panel, float *out, int64_t ldo,
+                int64_t width) {
+    panel_rows(x, rows, K, ldx, (const uint8_t *)panel, 32, out, ldo, width);
 }
 
 int dense_into(const float *x, int64_t M, int64_t K, int64_t ldx, const void *panels, int64_t N, int32_t bits,

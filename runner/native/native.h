@@ -38,6 +38,13 @@ int qmm_into(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *q
 void panel_many(const float *x, int64_t rows, int64_t K, int64_t ldx, const float *buf, float *out, int64_t ldo,
                 int64_t width);
 
+/* The output rows of one dense panel (dense.c): 32 with AVX-512, else 16 (PANEL). */
+int64_t dense_width(void);
+
+/* rows of x against one float32 dense panel [K][dense_width()]: out's first `width` columns (row stride ldo). */
+void dense_rows(const float *x, int64_t rows, int64_t K, int64_t ldx, const float *panel, float *out, int64_t ldo,
+                int64_t width);
+
 /* out[M, N] (row stride ldo) = x[M, K] (row stride ldx) @ W^T, W held in dense panels of float32 (bits 32) or
  * bfloat16 (bits 16) (dense.c describes them). Returns 0, -1 when a buffer could not be allocated, -2 for bfloat16
  * panels in a build without AVX-512 BF16. */

@@ -259,8 +259,9 @@ static inline __attribute__((always_inline)) void panel_few(const int16_t *xq, c
 
 /* ---- one panel, many rows: dequantized once, then a register tile per 6 rows ------------------------------ */
 
+/* a panel's K x 16 values as fp32 into buf, `stride` floats from one k to the next */
 static void dequantize_panel(const uint8_t *w, const uint8_t *sl, int bits, int flags, int64_t K, int64_t group,
-                             float *buf) {
+                             float *buf, int64_t stride) {
     const int64_t step = bytes_per_k(bits), sstep = scale_bytes(flags);
     for (int64_t g = 0; g < K / group; g++) {
 #ifdef __AVX2__
@@ -269,15 +270,15 @@ static void dequantize_panel(const uint8_t *w, const uint8_t *sl, int bits, int 
         for (int64_t k = g * group; k < (g + 1) * group; k++) {
             __m256 lo, hi;
             values_avx2(w + k * step, bits, &lo, &hi);
-            _mm256_store_ps(buf + k * PANEL, _mm256_fmadd_ps(lo, s0, l0));
-            _mm256_store_ps(buf + k * PANEL + 8, _mm256_fmadd_ps(hi, s1, l1));
+            _mm256_store_ps(buf + k * stride, _mm256_fmadd_ps(lo, s0, l0));
+            _mm256_store_ps(buf + k * stride + 8, _mm256_fmadd_ps(hi, s1, l1));
         }
 #else
         float v[PANEL], sc[PANEL], lo[PANEL];
         scales_plain(sl + g * sstep, flags, sc, lo);
         for (int64_t k = g * group; k < (g + 1) * group; k++) {
             values(w + k * step, bits, v);
-            for (int j = 0; j < PANEL; j++) buf[k * PANEL + j] = v[j] * sc[j] + lo[j];
+            for (int j = 0; j < PANEL; j++) buf[k * stride + j] = v[j] * sc[j] + lo[j];
         }
 #endif
     }
@@ -376,19 +377,29 @@ int qmm_into(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *q
         }
         return 0;
     }
+    /* DENSE panels of 16 rows dequantized side by side, so the rows run dense.c's register tile over them (with
+     * AVX-512: 32 rows, twice the AVX2 tile's width) */
+    const int64_t together = dense_width() / PANEL, wide = PANEL * together;
     #pragma omp parallel
     {
-        float *buf = kept_buffer(&scratch, &scratch_len, K * PANEL);
+        float *buf = kept_buffer(&scratch, &scratch_len, K * wide);
         if (!buf) {
             #pragma omp atomic write
             failed = 1;
         }
         #pragma omp for schedule(static)
-        for (int64_t p = 0; p < panels; p++) {
+        for (int64_t p = 0; p < (panels + together - 1) / together; p++) {
             if (!buf) continue;
-            const int64_t width = N - p * PANEL < PANEL ? N - p * PANEL : PANEL;
-            dequantize_panel(qweight + p * panel_bytes, scales + p * panel_scales, bits, flags, K, group, buf);
-            panel_many(x, M, K, ldx, buf, out + p * PANEL, ldo, width);
+            for (int64_t i = 0; i < together; i++) {
+                const int64_t q = p * together + i;
+                if (q < panels)
+                    dequantize_panel(qweight + q * panel_bytes, scales + q * panel_scales, bits, flags, K, group,
+                                     buf + i * PANEL, wide);
+                else
+                    for (int64_t k = 0; k < K; k++) memset(buf + k * wide + i * PANEL, 0, PANEL * sizeof(float));
+            }
+            const int64_t width = N - p * wide < wide ? N - p * wide : wide;
+            dense_rows(x, M, K, ldx, buf, out + p * wide, ldo, width);
         }
     }
     return failed ? -1 : 0;
