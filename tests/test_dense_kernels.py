@@ -40,6 +40,8 @@ def test_bfloat16_panels_give_the_product_of_rounded_activations(kernels, m):
     out = kernels.dense(x, kernels.pack_dense(w), 200)
     expected = x.bfloat16().float() @ w.float().T  # the activations rounded to bfloat16, summed in float32
     assert torch.allclose(out, expected, atol=1e-4, rtol=1e-4)
+    halves = kernels.dense_halves(x.bfloat16(), kernels.pack_dense(w), 200)  # bfloat16 in, bfloat16 out
+    assert halves.dtype == torch.bfloat16 and torch.equal(halves, out.bfloat16())  # rounded once, to nearest even
 
 
 def test_a_row_of_nan_gives_nan_in_that_row_only(kernels):

@@ -63,6 +63,9 @@ class PanelLinear(nn.Linear):
         if x.dtype != self.weight.dtype or x.device.type != "cpu" or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1])
+        if x.dtype == self.panels.dtype == torch.bfloat16 and self.panel_bias is None:
+            out = self.native.dense_halves(rows.contiguous(), self.panels, self.out_features)
+            return out.view(*x.shape[:-1], self.out_features)
         out = self.native.dense(rows.float().contiguous(), self.panels, self.out_features)
         if self.panel_bias is not None:
             out += self.panel_bias

@@ -108,6 +108,9 @@ class Kernels:
         self._dense = self._lib.runner_dense
         self._dense.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I32, _PTR, _I64]
         self._dense.restype = ctypes.c_int
+        self._dense_halves = self._lib.runner_dense_halves
+        self._dense_halves.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64]
+        self._dense_halves.restype = ctypes.c_int
         self._dense_pack = self._lib.runner_dense_pack
         self._dense_pack.argtypes = [_PTR, _I64, _I64, _I32, _PTR]
         self._dense_bytes = self._lib.runner_dense_bytes
@@ -171,6 +174,15 @@ class Kernels:
         bits = 32 if panels.dtype == torch.float32 else 16
         if self._dense(x.data_ptr(), m, k, x.stride(0), panels.data_ptr(), rows, bits, out.data_ptr(), rows):
             raise MemoryError(f"could not allocate {m * k * 2} bytes for a dense matmul's bfloat16 activations")
+        return out
+
+    def dense_halves(self, x: torch.Tensor, panels: torch.Tensor, rows: int) -> torch.Tensor:
+        """``dense`` for bfloat16 ``x [M, K]`` (rows contiguous) and bfloat16 panels -> ``[M, rows]`` bfloat16,
+        summed in float32 and rounded once, as torch's bf16 linear; neither side is widened in memory."""
+        m, k = x.shape
+        out = torch.empty(m, rows, dtype=torch.bfloat16)
+        assert panels.dtype == torch.bfloat16 and self.dense_bf16
+        self._dense_halves(x.data_ptr(), m, k, x.stride(0), panels.data_ptr(), rows, out.data_ptr(), rows)
         return out
 
     def decode_layer(self, layer: QLayer, step: QStep, x: torch.Tensor) -> None:

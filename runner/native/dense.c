@@ -81,10 +81,9 @@ static inline __attribute__((always_inline)) void tile32(const float *x, int row
 #endif
 
 #ifdef __AVX512BF16__
-/* rows (<= TILE_ROWS) of bfloat16 x against one bfloat16 panel, two k's per dot product */
-static inline __attribute__((always_inline)) void tile16(const uint16_t *x, int rows, int64_t K, int64_t ldx,
-                                                         const uint16_t *w, float *out, int64_t ldo, int64_t width) {
-    __m512 acc[TILE_ROWS][2];
+/* rows (<= TILE_ROWS) of bfloat16 x against one bfloat16 panel, two k's per dot product, into acc */
+static inline __attribute__((always_inline)) void sums16(const uint16_t *x, int rows, int64_t K, int64_t ldx,
+                                                         const uint16_t *w, __m512 acc[TILE_ROWS][2]) {
     for (int m = 0; m < rows; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 2) {
         _mm_prefetch((const char *)(w + (k + 2 * PREFETCH) * DENSE_WIDTH), _MM_HINT_T0);
@@ -98,11 +97,32 @@ static inline __attribute__((always_inline)) void tile16(const uint16_t *x, int 
             acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xv);
         }
     }
+}
+
+/* ... stored in float32 */
+static inline __attribute__((always_inline)) void tile16(const uint16_t *x, int rows, int64_t K, int64_t ldx,
+                                                         const uint16_t *w, float *out, int64_t ldo, int64_t width) {
+    __m512 acc[TILE_ROWS][2];
+    sums16(x, rows, K, ldx, w, acc);
     const __mmask16 lo = width >= 16 ? 0xFFFF : (__mmask16)((1u << width) - 1);
     const __mmask16 hi = width >= 32 ? 0xFFFF : width <= 16 ? 0 : (__mmask16)((1u << (width - 16)) - 1);
     for (int m = 0; m < rows; m++) {
         _mm512_mask_storeu_ps(out + m * ldo, lo, acc[m][0]);
         _mm512_mask_storeu_ps(out + m * ldo + 16, hi, acc[m][1]);
+    }
+}
+
+/* ... stored rounded to bfloat16 (to nearest even), as torch's bf16 linear gives them */
+static inline __attribute__((always_inline)) void tile16h(const uint16_t *x, int rows, int64_t K, int64_t ldx,
+                                                          const uint16_t *w, uint16_t *out, int64_t ldo,
+                                                          int64_t width) {
+    __m512 acc[TILE_ROWS][2];
+    sums16(x, rows, K, ldx, w, acc);
+    const __mmask16 lo = width >= 16 ? 0xFFFF : (__mmask16)((1u << width) - 1);
+    const __mmask16 hi = width >= 32 ? 0xFFFF : width <= 16 ? 0 : (__mmask16)((1u << (width - 16)) - 1);
+    for (int m = 0; m < rows; m++) {
+        _mm256_mask_storeu_epi16(out + m * ldo, lo, (__m256i)_mm512_cvtneps_pbh(acc[m][0]));
+        _mm256_mask_storeu_epi16(out + m * ldo + 16, hi, (__m256i)_mm512_cvtneps_pbh(acc[m][1]));
     }
 }
 
@@ -190,6 +210,32 @@ int dense_into(const float *x, int64_t M, int64_t K, int64_t ldx, const void *pa
                        bits, out + m * ldo + p * DENSE_WIDTH, ldo, width);
         }
     return 0;
+}
+
+/* out[M, N] (bfloat16, row stride ldo) = x[M, K] (bfloat16, row stride ldx) @ W^T, W in bfloat16 panels: a bf16
+ * model's products with neither side widened to float32 in memory. Returns 0, or -2 in a build without AVX-512
+ * BF16. */
+int runner_dense_halves(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *panels, int64_t N,
+                        uint16_t *out, int64_t ldo) {
+#ifdef __AVX512BF16__
+    const int64_t count = panels_of(N), blocks = (M + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    #pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t b = 0; b < blocks; b++)
+        for (int64_t p = 0; p < count; p++) {
+            const int64_t m0 = b * BLOCK_ROWS, rows = M - m0 < BLOCK_ROWS ? M - m0 : BLOCK_ROWS;
+            const int64_t width = N - p * DENSE_WIDTH < DENSE_WIDTH ? N - p * DENSE_WIDTH : DENSE_WIDTH;
+            const uint16_t *panel = panels + p * K * DENSE_WIDTH;
+            int64_t tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
+            for (int64_t m = m0, n; m < m0 + rows; m += n, tiles--) {
+                n = (m0 + rows - m + tiles - 1) / tiles;
+                ROWS_SWITCH(tile16h, x + m * ldx, n, K, ldx, panel, out + m * ldo + p * DENSE_WIDTH, ldo, width)
+            }
+        }
+    return 0;
+#else
+    (void)x; (void)M; (void)K; (void)ldx; (void)panels; (void)N; (void)out; (void)ldo;
+    return -2;
+#endif
 }
 
 /* The entry point for Python (runner.native.Kernels.dense). */
