@@ -43,6 +43,30 @@ def _generate(engine: Engine, native: bool, steps: list) -> list[list[int]]:
     return [list(c.output_tokens) for c in done]
 
 
+def _one_step_both_ways(engine: Engine) -> tuple[dict, dict, int]:
+    """Three prompts of unlike lengths prefilled, then one decode step, with the C step (True) and with every layer
+    on its Python path (False): each way's logits (float32) and cache, and the prompts' padded width."""
+    model = engine.model
+    tok = byte_tokenizer()
+    prompts = [tok.encode(SYSTEM + q).ids for q in QUESTIONS[:3]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    layers = [m for m in model.modules() if isinstance(m, DecoderLayer)]
+    logits, caches = {}, {}
+    for native in (True, False):
+        for layer in layers:
+            layer.native = native_layer.UNDECIDED if native else None
+        cache = caches[native] = model.new_cache(width + 4)
+        with torch.inference_mode():
+            model(ids, attention_mask=mask, cache=cache)
+            nxt = torch.tensor([[65], [66], [67]])
+            logits[native] = model(nxt, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1),
+                                   cache=cache).float()
+        assert all(isinstance(layer.native, native_layer.NativeLayer) for layer in layers) == native
+    return logits, caches, width
+
+
 @pytest.mark.parametrize("model_type, quantize, placed", [
     ("llama", "int4", ()), ("qwen3", "int8", ()), ("mistral", "int4", ()), ("qwen2", "int8", ()), ("phi3", "int4", ()),
     ("llama", "int4", ("+device_map.model.layers.1=disk",)),  # a layer streamed in: its weights move every step
@@ -95,24 +119,7 @@ def test_logits_of_a_c_step_equal_the_python_steps(tmp_path):
     write_checkpoint(folder, "qwen3", FAMILIES["qwen3"])
     engine = Engine(compose_config("checkpoint=local", f"checkpoint.path={folder}", "dtype=float32", "hardware=cpu",
                                    "quantize=int4"), tmp_path / "run")
-    model = engine.model
-    tok = byte_tokenizer()
-    prompts = [tok.encode(SYSTEM + q).ids for q in QUESTIONS[:3]]
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    layers = [m for m in model.modules() if isinstance(m, DecoderLayer)]
-    logits = {}
-    for native in (True, False):
-        for layer in layers:
-            layer.native = native_layer.UNDECIDED if native else None
-        cache = model.new_cache(width + 4)
-        with torch.inference_mode():
-            model(ids, attention_mask=mask, cache=cache)
-            nxt = torch.tensor([[65], [66], [67]])
-            logits[native] = model(nxt, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1),
-                                   cache=cache)
-        assert all(isinstance(layer.native, native_layer.NativeLayer) for layer in layers) == native
+    logits, _, _ = _one_step_both_ways(engine)
     span = logits[False].max() - logits[False].min()
     # activations are rounded to int16 for the projections (qmm.c): the C and Python norms' last-bit differences can
     # move one value by a step, 2^-16 of its block's range
@@ -127,24 +134,7 @@ def test_logits_of_a_c_step_over_packed_panels_equal_the_python_steps(dtype, tmp
     write_checkpoint(folder, "llama", FAMILIES["llama"])
     engine = Engine(compose_config("checkpoint=local", f"checkpoint.path={folder}", f"dtype={dtype}", "hardware=cpu",
                                    "runtime.batch_size=16"), tmp_path / "run")
-    model = engine.model
-    tok = byte_tokenizer()
-    prompts = [tok.encode(SYSTEM + q).ids for q in QUESTIONS[:3]]
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    layers = [m for m in model.modules() if isinstance(m, DecoderLayer)]
-    logits, caches = {}, {}
-    for native in (True, False):
-        for layer in layers:
-            layer.native = native_layer.UNDECIDED if native else None
-        cache = caches[native] = model.new_cache(width + 4)
-        with torch.inference_mode():
-            model(ids, attention_mask=mask, cache=cache)
-            nxt = torch.tensor([[65], [66], [67]])
-            logits[native] = model(nxt, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1),
-                                   cache=cache).float()
-        assert all(isinstance(layer.native, native_layer.NativeLayer) for layer in layers) == native
+    logits, caches, width = _one_step_both_ways(engine)
     span = logits[False].max() - logits[False].min()
     error = (logits[True] - logits[False]).abs().max() / span
     # float32: the same products, summed in another order; bfloat16: the C step keeps its activations in float32

@@ -47,6 +47,16 @@ typedef struct {
 static __thread float *work;
 static __thread int64_t work_len;
 
+#ifdef __AVX2__
+/* the sum of a vector's 8 lanes */
+static inline float hsum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+#endif
+
 static inline float dot(const float *a, const float *b, int64_t n) {
     int64_t i = 0;
     float s = 0.0f;
@@ -64,11 +74,7 @@ static inline float dot(const float *a, const float *b, int64_t n) {
         acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
         acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
     }
-    __m256 acc = _mm256_add_ps(acc0, acc1);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    s = _mm_cvtss_f32(h);
+    s = hsum8(_mm256_add_ps(acc0, acc1));
 #endif
     for (; i < n; i++) s += a[i] * b[i];
     return s;
@@ -124,10 +130,7 @@ static float exp_shifted(float *x, int64_t n, float shift) {
         _mm256_storeu_ps(x + i, e);
         acc = _mm256_add_ps(acc, e);
     }
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    total = _mm_cvtss_f32(h);
+    total = hsum8(acc);
 #endif
     for (; i < n; i++) {
         x[i] = expf(x[i] - shift);
@@ -195,11 +198,7 @@ static inline float dot_column(const float *q, const void *c, int64_t n, int bf1
         acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8_bf16(h + i), acc0);
         acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), load8_bf16(h + i + 8), acc1);
     }
-    __m256 acc = _mm256_add_ps(acc0, acc1);
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    s = _mm_cvtss_f32(r);
+    s = hsum8(_mm256_add_ps(acc0, acc1));
 #endif
     for (; i < n; i++) s += q[i] * from_bf16(h[i]);
     return s;
